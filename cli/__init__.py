@@ -1,0 +1,1 @@
+"""The `zoo` command line, a thin layer over the Python API in `zoo/`."""

@@ -1,0 +1,282 @@
+"""The ``zoo`` command: a thin typer layer over the Python API in ``zoo/``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from zoo.errors import ZooError
+
+from . import output
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="zoo: a registry for base models, experts, adapters, merges and protected models.")
+
+
+class State:
+    registry: Optional[Path] = None
+
+
+@app.callback()
+def _root(registry: Optional[Path] = typer.Option(
+        None, "--registry", envvar="ZOO_REGISTRY", help="Registry database (default: ./registry.db).")) -> None:
+    State.registry = registry
+
+
+def _open(create: bool = False):
+    from zoo.registry import Registry
+
+    return Registry(State.registry, create=create)
+
+
+JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+@app.command()
+def init() -> None:
+    """Create an empty registry (and its blob store) in the working directory."""
+    r = _open(create=True)
+    r.store.ensure()
+    print(f"registry: {r.path}\nstore:    {r.store.root}")
+
+
+@app.command()
+def add(
+    path: Path = typer.Argument(..., help="A model folder, PEFT adapter folder or .safetensors file."),
+    name: str = typer.Option(..., "--name", "-n", help="Registry name: letters, digits, '.', '-', '_'."),
+    kind: str = typer.Option("expert", "--kind", "-k", help="base | expert | adapter | merged | protected"),
+    base: Optional[str] = typer.Option(None, "--base", "-b", help="The base model (registry name)."),
+    task: list[str] = typer.Option([], "--task", "-t", help="A task this model is for (repeatable)."),
+    tag: list[str] = typer.Option([], "--tag", help="A tag (repeatable)."),
+    in_place: bool = typer.Option(False, "--in-place", help="Register the files where they are; do not copy."),
+    new_version: bool = typer.Option(False, "--new-version", help="Add a new version of an existing name."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Register a checkpoint, copying its files into the content-addressed store."""
+    r = _open(create=True)
+    with output.progress_bars() as progress:
+        info = r.add(path, name, kind, base=base, tasks=task, tags=tag, in_place=in_place,
+                     new_version=new_version, progress=progress)
+    if as_json:
+        output.emit_json(info)
+    else:
+        print(f"added {info['ref']} ({info['kind']}, {info['parameters']:,} parameters, "
+              f"{output.human_bytes(info['bytes'])})")
+
+
+@app.command("list")
+def list_(
+    kind: Optional[str] = typer.Option(None, "--kind", "-k"),
+    base: Optional[str] = typer.Option(None, "--base", "-b"),
+    task: Optional[str] = typer.Option(None, "--task", "-t"),
+    tag: Optional[str] = typer.Option(None, "--tag"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """List registered models."""
+    from zoo.listing import list_models
+    from zoo.paths import existing_registry
+
+    rows = list_models(existing_registry(State.registry), kind=kind, base=base, task=task, tag=tag)
+    if as_json:
+        output.emit_json(rows)
+        return
+    if not rows:
+        print("no models; add one with `zoo add PATH --name NAME --kind base`")
+        return
+    for row in rows:
+        row["size"] = output.human_bytes(row["bytes"])
+    output.table(rows, [("ref", "MODEL"), ("kind", "KIND"), ("base", "BASE"), ("model_type", "TYPE"),
+                        ("parameters", "PARAMS"), ("size", "SIZE"), ("tasks", "TASKS"), ("tags", "TAGS")])
+
+
+@app.command()
+def show(name: str, as_json: bool = JsonOpt) -> None:
+    """Everything the registry knows about one model."""
+    info = _open().show(name)
+    if as_json:
+        output.emit_json(info)
+        return
+    arch = info["architecture"]
+    t = info["tensors"]
+    print(f"{info['ref']}  ({info['kind']}, {info['form']})")
+    print(f"  base:         {info['base'] or '-'}")
+    print(f"  architecture: {arch.get('model_type', '-')}  hidden {arch.get('hidden_size', '-')}  "
+          f"layers {arch.get('num_layers', '-')}  heads {arch.get('num_heads', '-')}  "
+          f"kv heads {arch.get('num_kv_heads', '-')}  vocab {arch.get('vocab_size', '-')}")
+    print(f"  tensors:      {t['count']}  ({t['parameters']:,} parameters, {output.human_bytes(t['bytes'])}, "
+          + ", ".join(f"{k} x{v}" for k, v in t["dtypes"].items()) + ")")
+    src = info["source"]
+    where = f"{src['hub_repo']}@{src['hub_revision']}" if src["hub_repo"] else src["path"]
+    print(f"  source:       {where}{'  (in place)' if src['in_place'] else ''}")
+    print(f"  tasks:        {', '.join(info['tasks']) or '-'}")
+    print(f"  tags:         {', '.join(info['tags']) or '-'}")
+    print(f"  created:      {info['created_at']}")
+    if info["parents"]:
+        print("  parents:      " + ", ".join(f"{p['role']}={p['ref']}" for p in info["parents"]))
+    if info["recipe"]:
+        print(f"  recipe:       {info['recipe']}")
+    if info["dependents"]:
+        print(f"  used by:      {', '.join(info['dependents'])}")
+    print("  files:")
+    for f in info["files"]:
+        print(f"    {f['path']:<36} {output.human_bytes(f['size']):>10}  sha256:{f['sha256'][:16]}")
+    if info["metrics"]:
+        print("  metrics:")
+        for m in info["metrics"]:
+            print(f"    {m['task'] or '-'}: {m['metric']} = {m['value']:.4f}  ({m['split'] or '-'}, {m['measured_at']})")
+
+
+@app.command()
+def lineage(name: str, as_json: bool = JsonOpt) -> None:
+    """The tree of models a model was made from."""
+    node = _open().lineage(name)
+    if as_json:
+        output.emit_json(node)
+    else:
+        print("\n".join(output.tree(node)))
+
+
+@app.command()
+def check(
+    models: list[str] = typer.Argument(..., help="Registry names or paths."),
+    base: Optional[str] = typer.Option(None, "--base", "-b", help="Compare against this base (name or path)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Check that experts line up with their base before a merge. Exits 1 on any error."""
+    reports = _open(create=False).check(models, base=base)
+    if as_json:
+        output.emit_json([r.to_dict() for r in reports])
+    else:
+        for rep in reports:
+            status = "ok" if rep.ok else f"{len(rep.errors)} error(s)"
+            print(f"{rep.model} vs {rep.base}: {status}")
+            for f in rep.findings:
+                where = f"{f.tensor}: " if f.tensor else ""
+                print(f"  {f.severity:<7} {f.kind:<7} {where}{f.detail}")
+    if not all(r.ok for r in reports):
+        raise typer.Exit(1)
+
+
+@app.command()
+def verify(name: Optional[str] = typer.Argument(None), as_json: bool = JsonOpt) -> None:
+    """Re-hash stored files and report every file that changed or went missing."""
+    with output.progress_bars() as progress:
+        problems = _open().verify(name, progress=progress)
+    if as_json:
+        output.emit_json(problems)
+    elif not problems:
+        print("all files match their sha256")
+    else:
+        for p in problems:
+            print(f"{p['problem']:<8} {p['model']}  {p['file']}  ({p['path']})")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(name: str, dest: Path) -> None:
+    """Rebuild a model's standard Hugging Face folder from the store."""
+    with output.progress_bars() as progress:
+        out = _open().export(name, dest, progress=progress)
+    print(f"exported {name} to {out}")
+
+
+@app.command()
+def tag(name: str, tags: list[str] = typer.Argument(None),
+        remove: list[str] = typer.Option([], "--remove", "-r", help="A tag to remove (repeatable).")) -> None:
+    """Add (and with --remove, drop) tags on a model."""
+    now = _open().tag(name, add=tags or [], remove=remove)
+    print(f"{name}: {', '.join(now) or '(no tags)'}")
+
+
+@app.command()
+def rm(name: str, force: bool = typer.Option(False, "--force", help="Remove even if other models depend on it.")) -> None:
+    """Remove a model, and the stored blobs no other model uses."""
+    res = _open().remove(name, force=force)
+    extra = f"; {len(res['dependents'])} dependent(s) keep their lineage by name" if res["dependents"] else ""
+    print(f"removed {res['removed']} ({res['blobs_freed']} blob(s) freed{extra})")
+
+
+@app.command()
+def tasks(as_json: bool = JsonOpt) -> None:
+    """List registered tasks."""
+    rows = _open().tasks()
+    if as_json:
+        output.emit_json(rows)
+        return
+    for row in rows:
+        row["n_labels"] = len(row["labels"] or [])
+    output.table(rows, [("name", "TASK"), ("n_labels", "LABELS"), ("splits", "SPLITS"), ("description", "DATA")])
+
+
+@app.command("eval")
+def eval_(name: str, task: list[str] = typer.Option([], "--task", "-t", help="Task (default: the model's own)."),
+          split: str = typer.Option("test", "--split"), as_json: bool = JsonOpt) -> None:
+    """Measure a model on a task's split and record the metric."""
+    from zoo.evaluate import evaluate
+
+    results = evaluate(_open(), name, task or None, split=split)
+    if as_json:
+        output.emit_json(results)
+    else:
+        output.table(results, [("model", "MODEL"), ("task", "TASK"), ("split", "SPLIT"), ("value", "ACCURACY"),
+                               ("n", "N")])
+
+
+@app.command()
+def demo(quick: bool = typer.Option(False, "--quick", help="A tiny, fast build of the same zoo (for CI)."),
+         as_json: bool = JsonOpt) -> None:
+    """Build the demo zoo offline (cached), register it, and print each expert's accuracy."""
+    from zoo import demo as demo_mod
+
+    cfg = demo_mod.QUICK if quick else demo_mod.FULL
+    log = (lambda m: print(m, file=sys.stderr)) if as_json else print
+    res = demo_mod.run_demo(_open(create=True), cfg, log=log)
+    if as_json:
+        output.emit_json({"base": res.base, "experts": res.experts, "accuracy": res.accuracy, "built": res.built,
+                          "seconds": res.seconds, "registry": str(res.registry), "store": str(res.store)})
+        return
+    print()
+    rows = [{**r, "accuracy": f"{100 * r['accuracy']:.1f}%"} for r in res.rows]
+    avg = sum(res.accuracy.values()) / len(res.accuracy)
+    rows.append({"task": "average", "model": "", "accuracy": f"{100 * avg:.1f}%"})
+    output.table(rows, [("task", "TASK"), ("model", "EXPERT"), ("accuracy", "TEST ACCURACY")])
+    print(f"\nbase: {res.base}   ({'built' if res.built else 'cached'}; {res.seconds:.0f} s)")
+    print(f"registry: {res.registry}\nstore:    {res.store}\ncache:    {res.cache}")
+    p = res.config.prefix
+    print(f"next: `zoo list`, `zoo show {p}-parity`, `zoo check {p}-parity`, `zoo lineage {p}-hflip`")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit 1, never a traceback."""
+    try:
+        rv = app(standalone_mode=False)
+        if rv == 130:  # typer turns Ctrl-C into exit code 130
+            raise KeyboardInterrupt
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+    except ZooError as e:
+        output.error(str(e))
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        output.error("interrupted; no half-finished change was saved")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            output.error("aborted")
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Terminal output for the CLI: progress bars, JSON, tables and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+def emit_json(data: Any) -> None:
+    """Objects indented; lists of objects one per line, which stays fast for big listings."""
+    if isinstance(data, list) and len(data) > 0 and all(isinstance(x, dict) for x in data):
+        sys.stdout.write("[\n" + ",\n".join(json.dumps(x, default=str) for x in data) + "\n]\n")
+    else:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def error(message: str) -> None:
+    """One line on stderr; the message already says what to do next."""
+    first = " ".join(str(message).split())
+    sys.stderr.write(f"error: {first}\n")
+
+
+@contextmanager
+def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """A progress factory for the Python API: a bar per long operation on a terminal,
+    nothing when stderr is not one (pipes, CI)."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda _desc, _total: (lambda _n: None)
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bars:
+        def factory(desc: str, total: int) -> Callable[[int], None]:
+            task = bars.add_task(desc, total=total)
+            return lambda n: bars.advance(task, n)
+
+        yield factory
+
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> None:
+    """A plain aligned table: (key, header) columns."""
+    if not rows:
+        return
+    cells = [[_cell(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h) in enumerate(columns)]
+    line = "  ".join(h.ljust(w) for (_, h), w in zip(columns, widths))
+    sys.stdout.write(line.rstrip() + "\n")
+    for c in cells:
+        sys.stdout.write("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip() + "\n")
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v) or "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def tree(node: dict[str, Any], prefix: str = "", last: bool = True, root: bool = True) -> list[str]:
+    """Render a lineage node as box-drawing lines."""
+    label = f"{node['role']}: " if node.get("role") else ""
+    label += node["ref"]
+    extra = [x for x in (node.get("kind"), node.get("method")) if x]
+    if node.get("removed"):
+        extra.append("removed")
+    if extra:
+        label += f" ({', '.join(extra)})"
+    lines = [label if root else f"{prefix}{'└── ' if last else '├── '}{label}"]
+    kids = node.get("parents", [])
+    child_prefix = "" if root else prefix + ("    " if last else "│   ")
+    for i, kid in enumerate(kids):
+        lines += tree(kid, child_prefix, i == len(kids) - 1, root=False)
+    return lines

@@ -1,0 +1,1 @@
+"""MergeLock protection. Not built yet: see the open issue "protect/: MergeLock"."""

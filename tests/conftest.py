@@ -1,0 +1,131 @@
+"""Shared fixtures: real tiny checkpoints built from transformers configs, and a
+registry on a real SQLite file in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from zoo import Registry
+
+
+def vit(path: Path, num_labels: int = 10, seed: int = 0, hidden: int = 32) -> Path:
+    """A tiny ViT image classifier, saved as a Hugging Face folder."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    cfg = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=hidden, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=2 * hidden,
+                    id2label={i: str(i) for i in range(num_labels)}, label2id={str(i): i for i in range(num_labels)})
+    ViTForImageClassification(cfg).save_pretrained(path)
+    return path
+
+
+def llama(path: Path, seed: int = 0, vocab: int = 128, tie: bool = False, shard: str | None = None,
+          dtype: torch.dtype = torch.float32) -> Path:
+    """A tiny LLaMA with GQA; ``shard`` (e.g. "20KB") writes several shards and an index."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def lora_adapter(path: Path, base: Path, r: int = 4, seed: int = 0, targets=("q_proj", "v_proj"),
+                 bad_shape: bool = False) -> Path:
+    """A PEFT-layout LoRA adapter for a LLaMA base, written directly with safetensors."""
+    from zoo import open_checkpoint
+
+    g = torch.Generator().manual_seed(seed)
+    b = open_checkpoint(base)
+    tensors = {}
+    for name, info in b.tensors.items():
+        if name.endswith(".weight") and any(f".{t}." in name for t in targets):
+            module = name[: -len(".weight")]
+            out_f, in_f = info.shape
+            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, in_f + (1 if bad_shape else 0), generator=g)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_f, r, generator=g)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(targets),
+        "base_model_name_or_path": str(base), "task_type": "CAUSAL_LM"}))
+    return path
+
+
+def db_dump(path: Path) -> list[str]:
+    """Every row of the registry database, for before/after comparisons."""
+    if not path.exists():
+        return []
+    con = sqlite3.connect(path)
+    try:
+        return list(con.iterdump())
+    finally:
+        con.close()
+
+
+def store_listing(reg_path: Path) -> list[str]:
+    root = reg_path.with_suffix(".store") / "blobs"
+    if not root.exists():
+        return []
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    reg = Registry(tmp_path / "registry.db", create=True)
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> dict[str, Path]:
+    """A ViT base, two experts with their own heads, and a mismatched one."""
+    root = tmp_path / "models"
+    return {
+        "base": vit(root / "base", 10, seed=0),
+        "parity": vit(root / "parity", 2, seed=1),
+        "mod3": vit(root / "mod3", 3, seed=2),
+        "wide": vit(root / "wide", 2, seed=3, hidden=48),
+    }
+
+
+@pytest.fixture
+def zoo_cli(tmp_path: Path, monkeypatch, capsys):
+    """Run the real CLI entry point in-process; returns (exit code, stdout, stderr)."""
+    from cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ZOO_REGISTRY", raising=False)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["zoo", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def subprocess_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("ZOO_REGISTRY", None)
+    env["ZOO_CACHE"] = str(tmp_path / "cache")
+    return env

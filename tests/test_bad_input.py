@@ -1,0 +1,168 @@
+"""Every bad input: a one-line error, a non-zero exit, and a registry left exactly as it was."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import db_dump, store_listing
+
+ZOO = str(Path(sys.executable).with_name("zoo"))
+
+
+@pytest.fixture
+def seeded(zoo_cli, models, tmp_path):
+    """A registry with a base and one expert, through the real CLI."""
+    assert zoo_cli("add", models["base"], "--name", "base", "--kind", "base")[0] == 0
+    assert zoo_cli("add", models["parity"], "--name", "parity", "--base", "base", "--task", "parity")[0] == 0
+    return tmp_path / "registry.db"
+
+
+def assert_refused(zoo_cli, reg: Path, args, pattern: str) -> str:
+    before, blobs = db_dump(reg), store_listing(reg)
+    code, out, err = zoo_cli(*args)
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+    assert db_dump(reg) == before
+    assert store_listing(reg) == blobs
+    return lines[0]
+
+
+def test_path_that_does_not_exist(zoo_cli, seeded, tmp_path):
+    assert_refused(zoo_cli, seeded, ["add", tmp_path / "nope", "--name", "x", "--base", "base"], "no such file")
+
+
+def test_directory_without_checkpoint(zoo_cli, seeded, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hi")
+    assert_refused(zoo_cli, seeded, ["add", tmp_path / "empty", "--name", "x", "--base", "base"], "no checkpoint found")
+
+
+def _broken_copy(src: Path, dst: Path, data: bytes) -> Path:
+    shutil.copytree(src, dst)
+    (dst / "model.safetensors").write_bytes(data)
+    return dst
+
+
+def test_truncated_safetensors(zoo_cli, seeded, models, tmp_path):
+    data = (models["parity"] / "model.safetensors").read_bytes()
+    p = _broken_copy(models["parity"], tmp_path / "trunc", data[: len(data) // 2])
+    assert_refused(zoo_cli, seeded, ["add", p, "--name", "x", "--base", "base"], "truncated")
+
+
+def test_corrupt_header(zoo_cli, seeded, models, tmp_path):
+    data = bytearray((models["parity"] / "model.safetensors").read_bytes())
+    data[8:16] = b"\x00garbage"
+    p = _broken_copy(models["parity"], tmp_path / "corrupt", bytes(data))
+    assert_refused(zoo_cli, seeded, ["add", p, "--name", "x", "--base", "base"], "corrupt safetensors header")
+
+
+def test_absurd_header_length(zoo_cli, seeded, models, tmp_path):
+    data = (models["parity"] / "model.safetensors").read_bytes()
+    p = _broken_copy(models["parity"], tmp_path / "absurd", struct.pack("<Q", 2**62) + data[8:])
+    assert_refused(zoo_cli, seeded, ["add", p, "--name", "x", "--base", "base"], "claims")
+
+
+def test_duplicate_name(zoo_cli, seeded, models):
+    assert_refused(zoo_cli, seeded, ["add", models["mod3"], "--name", "parity", "--base", "base"],
+                   "already exists.*--new-version")
+
+
+def test_expert_shapes_do_not_match_base(zoo_cli, seeded, models):
+    msg = assert_refused(zoo_cli, seeded, ["add", models["wide"], "--name", "wide", "--base", "base"],
+                         "does not match base base@1: .*shape mismatches")
+    assert "zoo check" in msg
+
+
+def test_unknown_base(zoo_cli, seeded, models):
+    assert_refused(zoo_cli, seeded, ["add", models["mod3"], "--name", "mod3", "--base", "nobase"],
+                   "no model named 'nobase'")
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "../x", "a\\b", "bad\x07name", "tab\tname", "-flag", ""])
+def test_bad_names(zoo_cli, seeded, models, name):
+    assert_refused(zoo_cli, seeded, ["add", models["mod3"], "--name", name, "--base", "base"], "name")
+
+
+def test_pickle_checkpoint(zoo_cli, seeded, tmp_path):
+    (tmp_path / "pk").mkdir()
+    (tmp_path / "pk" / "pytorch_model.bin").write_bytes(b"\x80\x04...")
+    assert_refused(zoo_cli, seeded, ["add", tmp_path / "pk", "--name", "x", "--base", "base"],
+                   "never unpickles.*weights_only=True")
+
+
+def test_other_commands_fail_cleanly(zoo_cli, seeded, tmp_path):
+    assert_refused(zoo_cli, seeded, ["show", "nothing"], "no model named")
+    assert_refused(zoo_cli, seeded, ["rm", "base"], "used by 1 model.*--force")
+    assert_refused(zoo_cli, seeded, ["list", "--kind", "weird"], "unknown kind")
+    assert_refused(zoo_cli, seeded, ["eval", "base"], "has no tasks")
+    assert_refused(zoo_cli, seeded, ["export", "parity", tmp_path], "not empty")
+    assert_refused(zoo_cli, seeded, ["--registry", tmp_path / "other.db", "list"], "no registry at")
+    assert not (tmp_path / "other.db").exists()
+
+
+def _disk_full_env(big: Path, limit: int):
+    """Run `zoo add` under a file-size limit: the kernel refuses writes past it (EFBIG),
+    exactly as a full disk refuses them (ENOSPC)."""
+    import resource
+
+    def pre():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return pre
+
+
+def _big_checkpoint(path: Path, mb: int) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    save_file({"w": torch.zeros(mb * (1 << 20) // 4)}, str(path / "model.safetensors"))
+    return path
+
+
+def test_disk_fills_during_copy(seeded, tmp_path, subprocess_env):
+    big = _big_checkpoint(tmp_path / "big", 8)
+    before, blobs = db_dump(seeded), store_listing(seeded)
+    proc = subprocess.run([ZOO, "--registry", str(seeded), "add", str(big), "--name", "big", "--kind", "base"],
+                          capture_output=True, text=True, preexec_fn=_disk_full_env(big, 4 << 20), env=subprocess_env)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: disk full while copying") and proc.stderr.count("\n") == 1, proc.stderr
+    assert db_dump(seeded) == before and store_listing(seeded) == blobs
+    assert list((seeded.with_suffix(".store") / "tmp").iterdir()) == []
+
+
+def test_disk_fills_on_a_real_small_filesystem(tmp_path, models, subprocess_env):
+    """A real ENOSPC: the registry lives on a 2 MB tmpfs (skipped where mounting is not allowed)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        reg = mnt / "registry.db"
+        ok = subprocess.run([ZOO, "--registry", str(reg), "add", str(models["base"]), "--name", "b", "--kind", "base"],
+                            capture_output=True, text=True, env=subprocess_env)
+        assert ok.returncode == 0, ok.stderr
+        big = _big_checkpoint(tmp_path / "big", 4)
+        before, blobs = db_dump(reg), store_listing(reg)
+        proc = subprocess.run([ZOO, "--registry", str(reg), "add", str(big), "--name", "big", "--kind", "base"],
+                              capture_output=True, text=True, env=subprocess_env)
+        assert proc.returncode == 1
+        assert proc.stderr.startswith("error: disk full") and proc.stderr.count("\n") == 1, proc.stderr
+        assert db_dump(reg) == before and store_listing(reg) == blobs
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -1,0 +1,106 @@
+"""`zoo demo` on the reduced (--quick) size: the same pipeline, small enough for CI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zoo import Registry
+from zoo.demo import QUICK, TASKS, task_labels
+
+ZOO = str(Path(sys.executable).with_name("zoo"))
+
+
+def test_task_label_maps():
+    import torch
+
+    d = torch.arange(10)
+    assert task_labels("parity", d).tolist() == [0, 1] * 5
+    assert task_labels("ge5", d).tolist() == [0] * 5 + [1] * 5
+    assert task_labels("prime", d).tolist() == [0, 0, 1, 1, 0, 1, 0, 1, 0, 0]
+    assert task_labels("mod3", d).tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+    for t in ("digit", "rot90", "invert", "hflip"):
+        assert task_labels(t, d).tolist() == list(range(10))
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    work = tmp_path_factory.mktemp("demo")
+    env = {**__import__("os").environ, "ZOO_CACHE": str(work / "cache")}
+    env.pop("ZOO_REGISTRY", None)
+    first = subprocess.run([ZOO, "demo", "--quick"], cwd=work, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run([ZOO, "demo", "--quick", "--json"], cwd=work, capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert second.returncode == 0, second.stderr
+    return work, env, first, second
+
+
+def test_demo_builds_registers_and_reports(quick_demo):
+    work, env, first, _ = quick_demo
+    out = first.stdout
+    assert "building the demo zoo" in out and "pre-trained base" in out
+    for task in TASKS:
+        assert f"{QUICK.prefix}-{task}@1" in out
+    assert "average" in out and "registry:" in out
+    reg = Registry(work / "registry.db")
+    models = reg.list(tag="demo")
+    assert sorted(m["name"] for m in models) == sorted([f"{QUICK.prefix}-base"] + [f"{QUICK.prefix}-{t}" for t in TASKS])
+    tasks = {t["name"]: t for t in reg.tasks()}
+    assert set(tasks) == set(TASKS)
+    for name, (_, labels) in TASKS.items():
+        assert tasks[name]["labels"] == labels
+        sizes = tasks[name]["splits"]
+        assert sum(sizes.values()) == 1797
+        assert abs(sizes["test"] / 1797 - 0.30) < 0.01 and abs(sizes["val"] / 1797 - 0.105) < 0.01
+    for task in TASKS:
+        (m,) = [x for x in reg.metrics(f"{QUICK.prefix}-{task}") if x["metric"] == "accuracy"]
+        assert m["task"] == task and m["split"] == "test" and 0.0 <= m["value"] <= 1.0
+    # even the tiny build learns every task well above chance
+    accs = {m["task"]: m["value"] for m in reg.metrics() if m["metric"] == "accuracy"}
+    assert all(accs[t] > 1.5 / len(TASKS[t][1]) for t in TASKS), accs
+
+
+def test_second_run_reuses_the_cache(quick_demo):
+    work, env, first, second = quick_demo
+    res = json.loads(second.stdout)
+    assert res["built"] is False
+    assert "reusing the cached demo zoo" in second.stderr and "already registered" in second.stderr
+    reg = Registry(work / "registry.db")
+    assert len(reg.list(tag="demo")) == 1 + len(TASKS)
+    accs = {m["task"]: m["value"] for m in reg.metrics() if m["metric"] == "accuracy"}
+    assert res["accuracy"] == accs
+
+
+def test_eval_measures_the_registered_model(quick_demo):
+    """`zoo eval` loads the stored expert and reproduces the accuracy the demo recorded."""
+    work, env, _, _ = quick_demo
+    r = subprocess.run([ZOO, "eval", f"{QUICK.prefix}-parity", "--json"], cwd=work, capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    (res,) = json.loads(r.stdout)
+    reg = Registry(work / "registry.db")
+    recorded = [m for m in reg.metrics(f"{QUICK.prefix}-parity") if m["metric"] == "accuracy"]
+    assert len(recorded) == 2 and recorded[0]["value"] == recorded[1]["value"] == res["value"]
+    # and against an independent count on the raw test split
+    import torch
+    from transformers import ViTForImageClassification
+    from zoo.taskdata import load_split
+
+    model = ViTForImageClassification.from_pretrained(reg.export(f"{QUICK.prefix}-parity", work / "exported")).eval()
+    x, y = load_split(reg.task_data("parity"), "test")
+    with torch.no_grad():
+        acc = (model(pixel_values=x).logits.argmax(-1) == y).float().mean().item()
+    assert abs(acc - res["value"]) < 1e-6
+
+
+def test_eval_rejects_a_task_with_other_labels(quick_demo):
+    work, env, _, _ = quick_demo
+    r = subprocess.run([ZOO, "eval", f"{QUICK.prefix}-parity", "--task", "digit"], cwd=work, capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"error: {QUICK.prefix}-parity@1 predicts 2 labels but task 'digit' has 10"

@@ -1,0 +1,69 @@
+"""The registry database: SQLite in WAL mode, opened through SQLAlchemy.
+
+Writes take the database lock at the start of their transaction (``BEGIN IMMEDIATE``),
+so two processes adding models at once queue on the busy timeout instead of failing
+with a lock upgrade error. The schema is brought up to date by Alembic on open.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import OperationalError
+
+from .errors import ZooError
+from .migrations import SCHEMA_HEAD
+
+BUSY_TIMEOUT_MS = 60_000
+
+
+def make_engine(path: Path) -> Engine:
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:  # pragma: no cover - exercised by every test
+        dbapi_conn.isolation_level = None  # transactions are begun below, not by the driver
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("zoo_write") else "BEGIN")
+
+    return engine
+
+
+def _current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        try:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except OperationalError:
+            return None
+
+
+def upgrade(engine: Engine, path: Path) -> None:
+    """Bring the schema to ``SCHEMA_HEAD``, running Alembic only when needed."""
+    current = _current_revision(engine)
+    if current == SCHEMA_HEAD:
+        return
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+    from filelock import FileLock
+
+    cfg = Config()
+    cfg.set_main_option("script_location", "zoo:migrations")
+    known = {r.revision for r in ScriptDirectory.from_config(cfg).walk_revisions()}
+    if current is not None and current not in known:
+        raise ZooError(f"{path} was written by a newer zoo (schema {current}); upgrade zoo to use it")
+    with FileLock(str(path) + ".lock"):
+        from alembic import command
+
+        with engine.connect() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+            conn.commit()

@@ -1,0 +1,60 @@
+"""``zoo eval``: measure a registered model on a task's split and record the metric."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ZooError
+from .registry import Registry
+from .taskdata import load_split, task_info
+
+
+def load_model(registry: Registry, ref: str):
+    """Load a registered model with ``transformers``, by the class its config names."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    path = registry.model_dir(ref)
+    config = transformers.AutoConfig.from_pretrained(path)
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        raise ZooError(f"{ref}: config.json names no transformers architecture that zoo can run")
+    model = cls.from_pretrained(path)
+    model.eval()
+    return model
+
+
+def accuracy(model, x, y, input_name: str = "pixel_values", batch_size: int = 256) -> float:
+    import torch
+
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(y), batch_size):
+            logits = model(**{input_name: x[i:i + batch_size]}).logits
+            correct += int((logits.argmax(-1) == y[i:i + batch_size]).sum())
+    return correct / max(len(y), 1)
+
+
+def evaluate(registry: Registry, ref: str, tasks: list[str] | None = None, split: str = "test",
+             record: bool = True) -> list[dict[str, Any]]:
+    """Accuracy of a model on each task (default: the model's own tasks)."""
+    info = registry.show(ref)
+    tasks = tasks or info["tasks"]
+    if not tasks:
+        raise ZooError(f"{info['ref']} has no tasks; name one with --task")
+    model = load_model(registry, info["ref"])
+    results = []
+    for task in tasks:
+        path = registry.task_data(task)
+        meta = task_info(path)
+        n_out = getattr(model.config, "num_labels", None)
+        if n_out is not None and n_out != len(meta["labels"]):
+            raise ZooError(f"{info['ref']} predicts {n_out} labels but task {task!r} has {len(meta['labels'])}")
+        x, y = load_split(path, split)
+        acc = accuracy(model, x, y, meta["input"])
+        if record:
+            registry.record_metric(info["ref"], task, "accuracy", acc, split=split, dataset=f"zoo-task:{task}")
+        results.append({"model": info["ref"], "task": task, "split": split, "metric": "accuracy", "value": acc,
+                        "n": int(len(y))})
+    return results

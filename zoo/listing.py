@@ -1,0 +1,105 @@
+"""Fast read-only listing of registered models.
+
+``zoo list`` must answer in well under a second on a registry of ten thousand models,
+and importing SQLAlchemy's ORM alone takes most of that on a small machine. So the
+listing is one SQL query through the standard library's ``sqlite3``; everything that
+writes goes through the ORM in ``registry.py``, and ``Registry.list`` calls this.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from .errors import NotFound, ZooError
+from .migrations import SCHEMA_HEAD
+from .names import parse_ref
+
+KINDS = ("base", "expert", "adapter", "merged", "protected")  # as in schema.KINDS, without importing the ORM
+
+_SQL = """
+SELECT m.id, m.name, m.version, m.kind, m.form, b.name, b.version, m.model_type, m.param_count, m.total_bytes,
+       m.created_at
+FROM models m LEFT JOIN models b ON b.id = m.base_id
+"""
+_TASKS = "SELECT mt.model_id, t.name FROM model_tasks mt JOIN tasks t ON t.id = mt.task_id ORDER BY t.name"
+_TAGS = "SELECT model_id, tag FROM model_tags ORDER BY tag"
+
+
+def iso_utc(value: Any) -> str | None:
+    """Registry timestamps are UTC; SQLite keeps them without a zone."""
+    if value is None:
+        return None
+    text = value.isoformat() if hasattr(value, "isoformat") else str(value).replace(" ", "T", 1)
+    return text if text.endswith("+00:00") else text + "+00:00"
+
+
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+    con.execute("PRAGMA busy_timeout=60000")
+    return con
+
+
+def list_models(path: Path, kind: str | None = None, base: str | None = None, task: str | None = None,
+                tag: str | None = None) -> list[dict[str, Any]]:
+    """Registered models ordered by name and version, filtered by kind, base, task and tag."""
+    if kind is not None and kind not in KINDS:
+        raise ZooError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if schema_revision(path) != SCHEMA_HEAD:
+        from .registry import Registry
+
+        Registry(path).close()  # brings the schema up to date
+    where, args = [], []
+    con = connect_readonly(path)
+    try:
+        if kind:
+            where.append("m.kind = ?")
+            args.append(kind)
+        if base:
+            name, version = parse_ref(base)
+            row = con.execute("SELECT id FROM models WHERE name = ? AND (? IS NULL OR version = ?) "
+                              "ORDER BY version DESC LIMIT 1", (name, version, version)).fetchone()
+            if row is None:
+                raise NotFound(f"no model named {base!r} in {path}; `zoo list` shows what is registered")
+            where.append("m.base_id = ?")
+            args.append(row[0])
+        if task:
+            where.append("EXISTS (SELECT 1 FROM model_tasks mt JOIN tasks t ON t.id = mt.task_id "
+                         "WHERE mt.model_id = m.id AND t.name = ?)")
+            args.append(task)
+        if tag:
+            where.append("EXISTS (SELECT 1 FROM model_tags g WHERE g.model_id = m.id AND g.tag = ?)")
+            args.append(tag)
+        sql = _SQL + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY m.name, m.version"
+        rows = con.execute(sql, args).fetchall()
+        tasks: dict[int, list[str]] = {}
+        tags: dict[int, list[str]] = {}
+        for mid, name in con.execute(_TASKS):
+            tasks.setdefault(mid, []).append(name)
+        for mid, tag_ in con.execute(_TAGS):
+            tags.setdefault(mid, []).append(tag_)
+    except sqlite3.OperationalError as e:
+        raise ZooError(f"cannot read registry {path}: {e}") from None
+    finally:
+        con.close()
+    return [
+        {
+            "name": r[1], "version": r[2], "ref": f"{r[1]}@{r[2]}", "kind": r[3], "form": r[4],
+            "base": f"{r[5]}@{r[6]}" if r[5] is not None else None, "model_type": r[7],
+            "parameters": r[8], "bytes": r[9], "tasks": tasks.get(r[0], []), "tags": tags.get(r[0], []),
+            "created_at": iso_utc(r[10]),
+        }
+        for r in rows
+    ]
+
+
+def schema_revision(path: Path) -> str | None:
+    """The registry's schema revision, read without SQLAlchemy (None if it has none)."""
+    con = connect_readonly(path)
+    try:
+        return con.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+    except (sqlite3.OperationalError, TypeError):
+        return None
+    finally:
+        con.close()

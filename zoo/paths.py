@@ -1,0 +1,30 @@
+"""Where a registry lives: ``--registry``, else ``$ZOO_REGISTRY``, else ``./registry.db``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import NotFound
+
+DEFAULT_FILENAME = "registry.db"
+ENV_VAR = "ZOO_REGISTRY"
+
+
+def registry_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """The absolute registry path for an explicit path or the defaults."""
+    return Path(path if path is not None else (os.environ.get(ENV_VAR) or DEFAULT_FILENAME)).absolute()
+
+
+def existing_registry(path: str | os.PathLike[str] | None = None) -> Path:
+    """Like ``registry_path``, but the registry must exist."""
+    p = registry_path(path)
+    if not p.exists():
+        raise NotFound(f"no registry at {p}; create one with `zoo init`, or point --registry / ${ENV_VAR} "
+                       "at an existing one")
+    return p
+
+
+def store_path(registry: Path) -> Path:
+    """The blob store beside a registry: ``registry.db`` -> ``registry.store/``."""
+    return registry.with_suffix(".store")

@@ -1,0 +1,579 @@
+"""The model registry: the Python API behind every ``zoo`` command.
+
+A ``Registry`` is a SQLite database (``registry.db`` by default) plus a blob store
+beside it (``registry.store/``). Every change to the database happens in one
+transaction; files are copied into the store before that transaction starts, so an
+interrupted ``add`` leaves no half-registered model.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, selectinload
+
+from . import db
+from .checkpoint import Checkpoint, open_checkpoint
+from .compat import DEFAULT_HEAD_PATTERNS, CompatReport, compare
+from .errors import AlreadyExists, CheckpointError, IncompatibleModels, InUse, NotFound, StorageError, ZooError
+from .listing import iso_utc, list_models
+from .names import parse_ref, validate_name
+from .paths import existing_registry, registry_path, store_path
+from .schema import KINDS, File, LineageEdge, Metric, Model, ModelTag, Recipe, Task
+from .store import Advance, BlobStore, hash_file
+
+# progress(description, total_bytes) -> a function to call with each chunk's size
+ProgressFactory = Callable[[str, int], Advance]
+
+
+def _no_progress(_desc: str, _total: int) -> Advance:
+    return lambda _n: None
+
+
+def default_path() -> Path:
+    """``$ZOO_REGISTRY``, else ``registry.db`` in the working directory."""
+    return registry_path()
+
+
+class Registry:
+    """A local model registry. ``create=True`` makes the database if it is missing."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, create: bool = False):
+        self.path = registry_path(path)
+        if not self.path.exists():
+            if not create:
+                existing_registry(self.path)  # raises with the hint
+            if not self.path.parent.is_dir():
+                raise NotFound(f"cannot create a registry at {self.path}: {self.path.parent} does not exist")
+        self.store = BlobStore(store_path(self.path))
+        self.engine = db.make_engine(self.path)
+        try:
+            db.upgrade(self.engine, self.path)
+        except OperationalError as e:
+            raise ZooError(f"cannot open registry {self.path}: {e.orig}") from None
+        self.views = self.store.root / "views"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- sessions and locks --------------------------------------------------------
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            yield s
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """One write transaction, holding SQLite's write lock from its first statement."""
+        try:
+            with Session(self.engine.execution_options(zoo_write=True), expire_on_commit=False) as s:
+                with s.begin():
+                    yield s
+        except OperationalError as e:
+            raise ZooError(f"registry {self.path} is busy or unwritable: {e.orig}") from None
+
+    @contextmanager
+    def _store_lock(self, exclusive: bool) -> Iterator[None]:
+        """Adds share the store; removing blobs excludes them, so a blob never vanishes
+        between its copy and the commit that references it."""
+        self.store.ensure()
+        fd = os.open(self.store.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- lookups -------------------------------------------------------------------
+    def _resolve(self, s: Session, ref: str) -> Model:
+        name, version = parse_ref(ref)
+        q = select(Model).where(Model.name == name)
+        q = q.where(Model.version == version) if version is not None else q.order_by(Model.version.desc())
+        m = s.scalars(q.limit(1)).first()
+        if m is None:
+            hint = f" (no version {version})" if version is not None and self._exists(s, name) else ""
+            raise NotFound(f"no model named {ref!r} in {self.path}{hint}; `zoo list` shows what is registered")
+        return m
+
+    @staticmethod
+    def _exists(s: Session, name: str) -> bool:
+        return s.scalar(select(func.count()).select_from(Model).where(Model.name == name)) > 0
+
+    def _task(self, s: Session, name: str, create: bool = False) -> Task:
+        t = s.scalars(select(Task).where(Task.name == name)).first()
+        if t is None:
+            if not create:
+                raise NotFound(f"no task named {name!r}; `zoo tasks` lists the registered tasks")
+            t = Task(name=validate_name(name, "task"))
+            s.add(t)
+            s.flush()
+        return t
+
+    def file_path(self, f: File) -> Path:
+        return Path(f.external_path) if f.external_path else self.store.path(f.sha256)
+
+    def model_dir(self, ref: str) -> Path:
+        """A standard Hugging Face folder for a registered model, without copying.
+
+        In-place models are their own folder; stored models get a folder of read-only
+        symlinks into the store, made once and reused.
+        """
+        with self._read() as s:
+            m = self._resolve(s, ref)
+            files = [(f.relpath, self.file_path(f)) for f in m.files]
+            key = f"{m.id}-{m.name}@{m.version}"
+        for _, p in files:
+            if not p.exists():
+                raise StorageError(f"{p} is missing; run `zoo verify {ref}`")
+        in_place = [p for _, p in files if not str(p).startswith(str(self.store.root))]
+        if files and len(in_place) == len(files) and len({p.parent for p in in_place}) == 1 \
+                and all(p.name == rel for rel, p in files):
+            return in_place[0].parent
+        view = self.views / key
+        if view.is_dir():
+            return view
+        tmp = self.store.temp_path(".view")
+        tmp.mkdir(parents=True)
+        for rel, p in files:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(p, tmp / rel)
+        self.views.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, view)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return view
+
+    def checkpoint(self, ref: str) -> Checkpoint:
+        """Open a registered model with the checkpoint reader."""
+        return open_checkpoint(self.model_dir(ref))
+
+    # -- add -----------------------------------------------------------------------
+    def add(
+        self,
+        path: str | os.PathLike[str],
+        name: str,
+        kind: str = "expert",
+        *,
+        base: str | None = None,
+        tasks: Sequence[str] = (),
+        tags: Sequence[str] = (),
+        in_place: bool = False,
+        new_version: bool = False,
+        metadata: dict[str, Any] | None = None,
+        parents: Sequence[tuple[str, str]] = (),
+        recipe: dict[str, Any] | None = None,
+        hub_repo: str | None = None,
+        hub_revision: str | None = None,
+        head_patterns: tuple[str, ...] = DEFAULT_HEAD_PATTERNS,
+        progress: ProgressFactory | None = None,
+    ) -> dict[str, Any]:
+        """Register a checkpoint. Copies its files into the store unless ``in_place``.
+
+        ``parents`` are ``(role, ref)`` pairs and ``recipe`` the recipe that made a
+        merged or protected model; both go into the lineage.
+        """
+        validate_name(name)
+        if kind not in KINDS:
+            raise ZooError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+        for t in tasks:
+            validate_name(t, "task")
+        for t in tags:
+            _validate_tag(t)
+        progress = progress or _no_progress
+        ckpt = open_checkpoint(path)
+        if ckpt.form == "adapter" and kind != "adapter":
+            raise ZooError(f"{path} is a PEFT adapter; register it with --kind adapter")
+        if kind == "adapter" and ckpt.form != "adapter":
+            raise ZooError(f"{path} is not a PEFT adapter folder (no adapter_config.json)")
+        if kind in ("expert", "adapter") and base is None:
+            raise ZooError(f"an {kind} needs its base model: pass --base NAME")
+        if kind == "base" and base is not None:
+            raise ZooError("a base model has no base; drop --base or choose another --kind")
+
+        # Read phase: names, base and parents must exist; the expert must fit its base.
+        with self._read() as s:
+            if self._exists(s, name) and not new_version:
+                raise AlreadyExists(
+                    f"a model named {name!r} already exists; choose another --name, "
+                    "or pass --new-version to add a new version of it"
+                )
+            base_ref = self._resolve(s, base).ref if base else None
+            parent_refs = [(role, self._resolve(s, r).ref) for role, r in parents]
+        if base_ref is not None:
+            report = compare(ckpt, self.checkpoint(base_ref), name, base_ref, head_patterns)
+            if not report.ok:
+                raise IncompatibleModels(f"{report.one_line()}; run `zoo check {path} --base {base}` for the full list")
+
+        # Copy phase: outside any transaction, under a shared store lock.
+        total = sum(p.stat().st_size for p in ckpt.files.values())
+        advance = progress(f"{'hashing' if in_place else 'adding'} {name}", total)
+        with self._store_lock(exclusive=False):
+            self.store.clean_tmp()
+            rows = []
+            for rel, p in sorted(ckpt.files.items()):
+                if in_place:
+                    digest, size = hash_file(p, advance)
+                    rows.append(File(relpath=rel, sha256=digest, size=size, external_path=str(p.resolve())))
+                else:
+                    digest, size = self.store.ingest(p, advance)
+                    rows.append(File(relpath=rel, sha256=digest, size=size))
+
+            # Write phase: one transaction.
+            arch = ckpt.architecture()
+            try:
+                with self._write() as s:
+                    latest = s.scalar(select(func.max(Model.version)).where(Model.name == name))
+                    if latest is not None and not new_version:
+                        raise AlreadyExists(f"a model named {name!r} already exists; choose another --name")
+                    m = Model(
+                        name=name, version=(latest or 0) + 1, kind=kind, form=ckpt.form,
+                        base=self._resolve(s, base_ref) if base_ref else None,
+                        model_type=arch.get("model_type"), hidden_size=arch.get("hidden_size"),
+                        num_layers=arch.get("num_layers"), num_heads=arch.get("num_heads"),
+                        num_kv_heads=arch.get("num_kv_heads"), vocab_size=arch.get("vocab_size"),
+                        architecture=arch or None,
+                        tensor_count=ckpt.tensor_count, param_count=ckpt.param_count,
+                        total_bytes=ckpt.total_bytes, dtypes=ckpt.dtypes,
+                        source_type="hub" if hub_repo else "local",
+                        source_path=None if hub_repo else str(Path(path).resolve()),
+                        hub_repo=hub_repo, hub_revision=hub_revision, in_place=in_place,
+                        meta=_merge_meta(metadata, ckpt),
+                    )
+                    m.files = rows
+                    m.tags = [ModelTag(tag=t) for t in sorted(set(tags))]
+                    m.tasks = [self._task(s, t, create=True) for t in dict.fromkeys(tasks)]
+                    m.parents = [
+                        LineageEdge(parent=self._resolve(s, r), parent_ref=r, role=role, position=i)
+                        for i, (role, r) in enumerate(parent_refs)
+                    ]
+                    if recipe is not None:
+                        m.recipe = Recipe(method=str(recipe.get("merge_method") or recipe.get("method") or "?"),
+                                          recipe=recipe)
+                    s.add(m)
+                    s.flush()
+                    result = _summary(m)
+            except IntegrityError:
+                raise AlreadyExists(f"a model named {name!r} was added concurrently; choose another --name") from None
+        return result
+
+    # -- queries -------------------------------------------------------------------
+    def list(self, kind: str | None = None, base: str | None = None, task: str | None = None,
+             tag: str | None = None) -> list[dict[str, Any]]:
+        """Registered models ordered by name and version, filtered by kind, base, task and tag."""
+        return list_models(self.path, kind=kind, base=base, task=task, tag=tag)
+
+    def show(self, ref: str) -> dict[str, Any]:
+        """Everything the registry knows about one model."""
+        with self._read() as s:
+            m = self._resolve(s, ref)
+            d = _summary(m)
+            d.update(
+                architecture=m.architecture or {},
+                tensors={"count": m.tensor_count, "parameters": m.param_count, "bytes": m.total_bytes,
+                         "dtypes": m.dtypes},
+                source={"type": m.source_type, "path": m.source_path, "hub_repo": m.hub_repo,
+                        "hub_revision": m.hub_revision, "in_place": m.in_place},
+                files=[{"path": f.relpath, "sha256": f.sha256, "size": f.size,
+                        "location": str(self.file_path(f))} for f in m.files],
+                parents=[{"role": e.role, "ref": e.parent_ref, "present": e.parent_id is not None}
+                         for e in m.parents],
+                recipe=m.recipe.recipe if m.recipe else None,
+                metrics=[_metric(x) for x in m.metrics],
+                dependents=sorted(x.ref for x in self._dependents(s, m)),
+                metadata=m.meta or {},
+            )
+            return d
+
+    def lineage(self, ref: str) -> dict[str, Any]:
+        """The tree of models this one was made from: merge parents, and each one's base."""
+        with self._read() as s:
+            return self._lineage_node(s, self._resolve(s, ref), role=None, seen=set())
+
+    def _lineage_node(self, s: Session, m: Model, role: str | None, seen: set[int]) -> dict[str, Any]:
+        node: dict[str, Any] = {"ref": m.ref, "kind": m.kind, "role": role, "parents": []}
+        if m.recipe:
+            node["method"] = m.recipe.method
+        if m.id in seen:
+            return node
+        seen = seen | {m.id}
+        roles = set()
+        for e in m.parents:
+            roles.add(e.parent_id)
+            if e.parent is None:
+                node["parents"].append({"ref": e.parent_ref, "kind": None, "role": e.role, "parents": [],
+                                        "removed": True})
+            else:
+                node["parents"].append(self._lineage_node(s, e.parent, e.role, seen))
+        if m.base is not None and m.base_id not in roles:
+            node["parents"].append(self._lineage_node(s, m.base, "base", seen))
+        return node
+
+    @staticmethod
+    def _dependents(s: Session, m: Model) -> list[Model]:
+        by_base = s.scalars(select(Model).where(Model.base_id == m.id)).all()
+        by_edge = s.scalars(select(Model).join(LineageEdge, LineageEdge.child_id == Model.id)
+                            .where(LineageEdge.parent_id == m.id)).all()
+        return list({x.id: x for x in [*by_base, *by_edge]}.values())
+
+    # -- compatibility ---------------------------------------------------------------
+    def check(self, refs: Sequence[str], base: str | None = None,
+              head_patterns: tuple[str, ...] = DEFAULT_HEAD_PATTERNS) -> list[CompatReport]:
+        """Compare each model (a registry name or a path) with its base.
+
+        The base is ``base`` when given, else each model's registered base.
+        """
+        if not refs:
+            raise ZooError("name at least one model to check")
+        base_ckpt = self._open_any(base) if base else None
+        reports = []
+        for ref in refs:
+            ckpt = self._open_any(ref)
+            if base_ckpt is not None:
+                b, bname = base_ckpt, base
+            else:
+                if Path(ref).exists() and not self._is_name(ref):
+                    raise ZooError(f"{ref} is a path: say which base to check it against with --base")
+                with self._read() as s:
+                    m = self._resolve(s, ref)
+                    if m.base is None:
+                        raise ZooError(f"{m.ref} has no registered base; pass --base")
+                    bname = m.base.ref
+                b = self.checkpoint(bname)
+            reports.append(compare(ckpt, b, ref, str(bname), head_patterns))
+        return reports
+
+    def _is_name(self, ref: str) -> bool:
+        try:
+            name, _ = parse_ref(ref)
+        except ZooError:
+            return False
+        with self._read() as s:
+            return self._exists(s, name)
+
+    def _open_any(self, ref: str) -> Checkpoint:
+        """A registry name (preferred) or a path on disk."""
+        if self._is_name(ref):
+            return self.checkpoint(ref)
+        if Path(ref).exists():
+            return open_checkpoint(ref)
+        raise NotFound(f"{ref!r} is neither a registered model nor a path")
+
+    # -- integrity and export ------------------------------------------------------
+    def verify(self, ref: str | None = None, progress: ProgressFactory | None = None) -> list[dict[str, Any]]:
+        """Re-hash files and report every one that changed or went missing."""
+        progress = progress or _no_progress
+        with self._read() as s:
+            models = [self._resolve(s, ref)] if ref else s.scalars(
+                select(Model).options(selectinload(Model.files)).order_by(Model.name, Model.version)).all()
+            items = [(m.ref, f.relpath, f.sha256, f.size, self.file_path(f)) for m in models for f in m.files]
+        total = sum(size for *_, size, _p in items)
+        advance = progress("verifying", total)
+        seen: dict[Path, str | None] = {}
+        problems = []
+        for mref, rel, digest, size, p in items:
+            if p not in seen:
+                seen[p] = hash_file(p, advance)[0] if p.is_file() else None
+            actual = seen[p]
+            if actual is None:
+                problems.append({"model": mref, "file": rel, "path": str(p), "problem": "missing"})
+            elif actual != digest:
+                problems.append({"model": mref, "file": rel, "path": str(p), "problem": "changed",
+                                 "expected": digest, "actual": actual})
+        return problems
+
+    def export(self, ref: str, dest: str | os.PathLike[str], progress: ProgressFactory | None = None) -> Path:
+        """Rebuild the model's standard Hugging Face folder at ``dest`` (which must not exist)."""
+        dest = Path(dest).absolute()
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise ZooError(f"{dest} already exists and is not empty; choose a new folder")
+        if not dest.parent.is_dir():
+            raise ZooError(f"{dest.parent} does not exist")
+        with self._read() as s:
+            m = self._resolve(s, ref)
+            files = [(f.relpath, self.file_path(f), f.size) for f in m.files]
+        advance = (progress or _no_progress)(f"exporting {ref}", sum(sz for *_, sz in files))
+        tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            for rel, p, size in files:
+                if not p.is_file():
+                    raise StorageError(f"{p} is missing; run `zoo verify {ref}`")
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, tmp / rel)
+                os.chmod(tmp / rel, 0o644)
+                advance(size)
+            if dest.exists():
+                dest.rmdir()
+            os.rename(tmp, dest)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StorageError(f"cannot export to {dest}: {e.strerror or e}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dest
+
+    # -- changes ---------------------------------------------------------------------
+    def tag(self, ref: str, add: Iterable[str] = (), remove: Iterable[str] = ()) -> list[str]:
+        """Add and remove tags; returns the model's tags afterwards."""
+        add, remove = list(add), list(remove)
+        for t in add:
+            _validate_tag(t)
+        with self._write() as s:
+            m = self._resolve(s, ref)
+            have = {t.tag for t in m.tags}
+            m.tags = [ModelTag(tag=t) for t in sorted((have | set(add)) - set(remove))]
+            return [t.tag for t in m.tags]
+
+    def remove(self, ref: str, force: bool = False) -> dict[str, Any]:
+        """Remove a model and the blobs no other model uses.
+
+        Refuses while other models depend on it (as their base or merge parent)
+        unless ``force``; then those models keep their lineage by name.
+        """
+        with self._store_lock(exclusive=True):
+            with self._write() as s:
+                m = self._resolve(s, ref)
+                deps = self._dependents(s, m)
+                if deps and not force:
+                    names = ", ".join(sorted(d.ref for d in deps)[:5])
+                    raise InUse(f"{m.ref} is used by {len(deps)} model(s) ({names}); remove them first, or pass --force")
+                digests = {f.sha256 for f in m.files if not f.external_path}
+                removed = m.ref
+                key = f"{m.id}-{m.name}@{m.version}"
+                s.delete(m)
+                s.flush()
+                still = set(s.scalars(select(File.sha256).where(File.sha256.in_(digests))).all())
+                still |= set(s.scalars(select(Task.data_sha256).where(Task.data_sha256.in_(digests))).all())
+            for d in digests - still:
+                self.store.remove(d)
+            shutil.rmtree(self.views / key, ignore_errors=True)
+        return {"removed": removed, "blobs_freed": len(digests - still), "dependents": sorted(d.ref for d in deps)}
+
+    # -- tasks and metrics -----------------------------------------------------------
+    def add_task(self, name: str, labels: Sequence[str] | None = None, data: str | os.PathLike[str] | None = None,
+                 *, data_format: str | None = None, splits: dict[str, int] | None = None,
+                 description: str | None = None, metadata: dict[str, Any] | None = None,
+                 replace: bool = False) -> dict[str, Any]:
+        """Register a task, its label set and its data file (copied into the store)."""
+        validate_name(name, "task")
+        digest = None
+        with self._store_lock(exclusive=False):
+            if data is not None:
+                if not Path(data).is_file():
+                    raise NotFound(f"task data {data} does not exist")
+                digest, _ = self.store.ingest(Path(data))
+            with self._write() as s:
+                t = s.scalars(select(Task).where(Task.name == name)).first()
+                if t is None:
+                    t = Task(name=name)
+                    s.add(t)
+                elif t.data_sha256 and not replace and (digest != t.data_sha256 or list(labels or []) != t.labels):
+                    raise AlreadyExists(f"task {name!r} already exists with other data; pass replace=True")
+                t.labels = list(labels) if labels is not None else t.labels
+                t.data_sha256 = digest or t.data_sha256
+                t.data_format = data_format or t.data_format
+                t.splits = splits or t.splits
+                t.description = description or t.description
+                t.meta = metadata or t.meta
+                s.flush()
+                return _task(t)
+
+    def tasks(self) -> list[dict[str, Any]]:
+        with self._read() as s:
+            return [_task(t) for t in s.scalars(select(Task).order_by(Task.name))]
+
+    def task(self, name: str) -> dict[str, Any]:
+        with self._read() as s:
+            return _task(self._task(s, name))
+
+    def task_data(self, name: str) -> Path:
+        """The path of a task's data file in the store."""
+        with self._read() as s:
+            t = self._task(s, name)
+            if not t.data_sha256:
+                raise NotFound(f"task {name!r} has no data registered")
+            p = self.store.path(t.data_sha256)
+        if not p.is_file():
+            raise StorageError(f"data of task {name!r} is missing from the store ({p})")
+        return p
+
+    def record_metric(self, ref: str, task: str | None, metric: str, value: float, *,
+                      split: str | None = None, dataset: str | None = None) -> dict[str, Any]:
+        with self._write() as s:
+            m = self._resolve(s, ref)
+            row = Metric(model_id=m.id, task=self._task(s, task) if task else None, metric=metric,
+                         value=float(value), split=split, dataset=dataset)
+            s.add(row)
+            s.flush()
+            return _metric(row)
+
+    def metrics(self, ref: str | None = None, task: str | None = None) -> list[dict[str, Any]]:
+        """Recorded metrics, oldest first, with the model they belong to."""
+        with self._read() as s:
+            q = select(Metric, Model).join(Model, Metric.model_id == Model.id).order_by(Metric.id)
+            if ref:
+                q = q.where(Metric.model_id == self._resolve(s, ref).id)
+            if task:
+                q = q.where(Metric.task.has(Task.name == task))
+            return [{"model": m.ref, **_metric(x)} for x, m in s.execute(q)]
+
+
+def _validate_tag(tag: str) -> None:
+    if not tag or len(tag) > 128 or any(ord(c) < 32 for c in tag):
+        raise ZooError(f"bad tag {tag!r}: use up to 128 printable characters")
+
+
+def _merge_meta(meta: dict[str, Any] | None, ckpt: Checkpoint) -> dict[str, Any] | None:
+    out = dict(meta or {})
+    if ckpt.form == "adapter" and ckpt.config:
+        out.setdefault("adapter", {k: ckpt.config.get(k) for k in
+                                   ("peft_type", "r", "lora_alpha", "target_modules", "base_model_name_or_path")
+                                   if k in ckpt.config})
+    return out or None
+
+
+def _summary(m: Model) -> dict[str, Any]:
+    return {
+        "name": m.name,
+        "version": m.version,
+        "ref": m.ref,
+        "kind": m.kind,
+        "form": m.form,
+        "base": m.base.ref if m.base is not None else None,
+        "model_type": m.model_type,
+        "parameters": m.param_count,
+        "bytes": m.total_bytes,
+        "tasks": [t.name for t in m.tasks],
+        "tags": [t.tag for t in m.tags],
+        "created_at": iso_utc(m.created_at),
+    }
+
+
+def _metric(x: Metric) -> dict[str, Any]:
+    return {"task": x.task.name if x.task else None, "metric": x.metric, "value": x.value, "split": x.split,
+            "dataset": x.dataset, "measured_at": iso_utc(x.measured_at)}
+
+
+def _task(t: Task) -> dict[str, Any]:
+    return {"name": t.name, "labels": t.labels, "description": t.description, "data_sha256": t.data_sha256,
+            "data_format": t.data_format, "splits": t.splits, "metadata": t.meta or {}}
+
+
+__all__ = ["Registry", "default_path", "CheckpointError"]
