@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -24,12 +22,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from common import save
 from sqlalchemy import insert
 
 from zoo import Registry
 from zoo.schema import File, Model, ModelTag, ModelTask, Task
 
-HERE = Path(__file__).resolve().parent
 ZOO = str(Path(sys.executable).with_name("zoo"))
 FLOOR = ("import json, sqlite3, sys; con = sqlite3.connect(sys.argv[1]); cur = con.execute('select * from models'); "
          "cols = [c[0] for c in cur.description]; print(json.dumps([dict(zip(cols, r)) for r in cur], indent=2))")
@@ -85,13 +83,8 @@ def main() -> None:
             "seconds_all": {"zoo_list_json": zoo_t, "floor_sqlite3_json": floor_t},
             "ratio_to_floor": statistics.median(zoo_t) / statistics.median(floor_t),
             "target_seconds": 1.0,
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-            "date": time.strftime("%Y-%m-%d"),
         }
-        out = HERE / "results" / "list_10k.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result, indent=2))
+        save("list_10k", result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -12,7 +12,7 @@ import pytest
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from conftest import llama, lora_adapter, vit
+from conftest import llama, lora_adapter
 from zoo import Registry
 from zoo.migrations import SCHEMA_HEAD
 from zoo.errors import AlreadyExists, InUse, NotFound, ZooError

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .errors import StorageError
 
-CHUNK = 8 << 20
+CHUNK = 1 << 20  # 1 MiB: measured faster than 8 MiB for copy loops (stays in cache)
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -65,7 +65,7 @@ def _copy_and_hash(src: Path, dst_fd: int, advance: Advance) -> tuple[str, int]:
     """
     h = hashlib.sha256()
     free: queue.Queue[bytearray] = queue.Queue()
-    for _ in range(4):
+    for _ in range(8):
         free.put(bytearray(CHUNK))
     todo: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
 
