@@ -108,6 +108,7 @@ def test_other_commands_fail_cleanly(zoo_cli, seeded, tmp_path):
     assert_refused(zoo_cli, seeded, ["rm", "base"], "used by 1 model.*--force")
     assert_refused(zoo_cli, seeded, ["list", "--kind", "weird"], "unknown kind")
     assert_refused(zoo_cli, seeded, ["eval", "base"], "has no tasks")
+    assert_refused(zoo_cli, seeded, ["eval", "parity"], "task 'parity' has no data")
     assert_refused(zoo_cli, seeded, ["export", "parity", tmp_path], "not empty")
     assert_refused(zoo_cli, seeded, ["--registry", tmp_path / "other.db", "list"], "no registry at")
     assert not (tmp_path / "other.db").exists()

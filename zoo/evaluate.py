@@ -15,12 +15,18 @@ def load_model(registry: Registry, ref: str):
 
     transformers.utils.logging.disable_progress_bar()
     path = registry.model_dir(ref)
-    config = transformers.AutoConfig.from_pretrained(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ZooError(f"{ref}: transformers cannot read its config.json ({' '.join(str(e).split())[:200]})") from None
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         raise ZooError(f"{ref}: config.json names no transformers architecture that zoo can run")
-    model = cls.from_pretrained(path)
+    try:
+        model = cls.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ZooError(f"{ref}: transformers cannot load it ({' '.join(str(e).split())[:200]})") from None
     model.eval()
     return model
 
