@@ -1,0 +1,421 @@
+"""Merge methods: each one a small class in a registry, working on one tensor at a time.
+
+A method sees the base tensor and one tensor per model, already in the compute dtype
+and on the compute device, with each model's parameters resolved for that tensor.
+Formulas and defaults follow shared/specs/merging-algorithms.md; where mergekit has
+the same method, parameter names and defaults are mergekit's, so a mergekit recipe
+merges the same way here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from zoo.errors import ZooError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter: its default and the check its value must pass."""
+
+    default: Any
+    check: Callable[[Any], str | None] | None = None
+    doc: str = ""
+
+
+def _number(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "must be a number"
+    if math.isnan(v) or math.isinf(v):
+        return "must be a finite number (got NaN or infinity)"
+    return None
+
+
+def _density(v: Any) -> str | None:
+    return _number(v) or (None if 0 < v <= 1 else "must be in (0, 1]")
+
+
+def _unit(v: Any) -> str | None:
+    return _number(v) or (None if 0 <= v <= 1 else "must be in [0, 1]")
+
+
+def _bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def _choice(*options: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What a method may know about the tensor it merges."""
+
+    name: str
+    seed: int = 0
+
+    def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator seeded by (seed, model, tensor name): the same draw whatever the
+        order or device the tensors are merged in."""
+        digest = hashlib.sha256(f"{self.seed}:{model_index}:{self.name}".encode()).digest()
+        return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+class MergeMethod:
+    """Base class: ``merge`` returns the merged tensor in the compute dtype."""
+
+    name: ClassVar[str]
+    needs_base: ClassVar[bool] = True
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+    parameters: ClassVar[dict[str, Param]] = {}
+    model_parameters: ClassVar[dict[str, Param]] = {}
+
+    def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], params: list[dict[str, Any]],
+              options: dict[str, Any], ctx: TensorContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+    METHODS[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ZooError(f"unknown merge method {name!r}; choose one of {', '.join(sorted(METHODS))}") from None
+
+
+def validate_params(method: MergeMethod, options: dict[str, Any], per_model: list[dict[str, Any]]) -> None:
+    """Refuse unknown parameters and bad values, naming the parameter."""
+    for key, value in options.items():
+        if key not in method.parameters:
+            known = ", ".join(sorted(method.parameters)) or "none"
+            raise ZooError(f"{method.name}: unknown parameter {key!r} (global parameters: {known})")
+        p = method.parameters[key]
+        if p.check and (msg := p.check(value)):
+            raise ZooError(f"{method.name}: parameter {key} {msg}")
+    for params in per_model:
+        for key, value in params.items():
+            if key not in method.model_parameters:
+                known = ", ".join(sorted(method.model_parameters)) or "none"
+                raise ZooError(f"{method.name}: unknown per-model parameter {key!r} (per-model parameters: {known})")
+            p = method.model_parameters[key]
+            if p.check and (msg := p.check(value)):
+                raise ZooError(f"{method.name}: parameter {key} {msg} (got {value!r})")
+
+
+# -- sparsification --------------------------------------------------------------------
+def _kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest |x| (k >= 1), by selection rather than a full sort."""
+    flat = x.abs().flatten()
+    return flat.kthvalue(flat.numel() - k + 1).values
+
+
+def trim_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries with the largest magnitude (ties kept)."""
+    if density >= 1 or delta.numel() == 0:
+        return delta
+    k = int(density * delta.numel())
+    if k <= 0:
+        return torch.zeros_like(delta)
+    return delta * (delta.abs() >= _kth_largest_abs(delta, k))
+
+
+def trim_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs: drop the ``gamma`` fraction of largest entries, then the smallest,
+    so that a ``density`` fraction remains."""
+    if density >= 1 or delta.numel() == 0:
+        return delta
+    n = delta.numel()
+    keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = n - keep - n_top
+    if n_bot < 0:
+        n_top += n_bot
+        n_bot = 0
+    a = delta.abs()
+    mask = torch.ones_like(a, dtype=torch.bool)
+    if n_bot > 0:
+        mask &= a > a.flatten().kthvalue(n_bot).values
+    if n_top > 0:
+        mask &= a < _kth_largest_abs(delta, n_top)
+    return delta * mask
+
+
+def drop_random(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density``, then rescale by 1/density."""
+    if density >= 1:
+        return delta
+    keep = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32) < density
+    out = delta * keep
+    return out / density if rescale else out
+
+
+# -- the task-vector family ----------------------------------------------------------------
+class _TaskVectorMerge(MergeMethod):
+    """base + lambda * combine(w_i * sparsify(theta_i - base)), as mergekit computes it."""
+
+    consensus: ClassVar[bool] = False
+    sparsify: ClassVar[str | None] = None  # magnitude | random | outliers
+    default_normalize: ClassVar[bool] = False
+    default_rescale: ClassVar[bool] = False
+
+    def merge(self, base, tensors, params, options, ctx):
+        normalize = options.get("normalize", self.default_normalize)
+        rescale = options.get("rescale", self.default_rescale)
+        lam = options.get("lambda", 1.0)
+        deltas = []
+        for i, (x, p) in enumerate(zip(tensors, params)):
+            d = x - base
+            density = p.get("density", self.model_parameters["density"].default) if "density" in self.model_parameters else 1.0
+            if self.sparsify == "magnitude":
+                d = trim_magnitude(d, density)
+            elif self.sparsify == "outliers":
+                d = trim_outliers(d, density, p.get("gamma", 0.01))
+            elif self.sparsify == "random":
+                d = drop_random(d, density, rescale, ctx.generator(i, d.device))
+            deltas.append(d)
+        stacked = torch.stack(deltas, dim=0)
+        weights = torch.tensor([p.get("weight", self.model_parameters["weight"].default) for p in params],
+                               dtype=stacked.dtype, device=stacked.device)
+        while weights.dim() < stacked.dim():
+            weights = weights.unsqueeze(-1)
+        weighted = stacked * weights
+        if self.consensus:
+            majority = (weighted.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
+            mask = weighted.sign() == majority
+            mixed = (weighted * mask).sum(dim=0)
+            divisor = (weights * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = weighted.sum(dim=0)
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if normalize:
+            mixed = mixed / divisor
+        if lam != 1:
+            mixed = mixed * lam
+        return base + mixed
+
+
+_TV_PARAMS = {
+    "normalize": Param(False, _bool, "divide by the sum of the weights (for TIES: dis-mean instead of dis-sum)"),
+    "lambda": Param(1.0, _number, "scale the combined task vector"),
+}
+
+
+@register
+class TaskArithmetic(_TaskVectorMerge):
+    """theta = theta_0 + lambda * sum_i w_i tau_i; with the default weight 0.3."""
+
+    name = "task_arithmetic"
+    parameters = _TV_PARAMS
+    model_parameters = {"weight": Param(0.3, _number, "scaling of this model's task vector")}
+
+
+@register
+class Ties(_TaskVectorMerge):
+    """TIES: trim each task vector to ``density`` by magnitude, elect the sign by mass,
+    merge the agreeing entries (normalize=true: dis-mean, false: dis-sum)."""
+
+    name = "ties"
+    consensus = True
+    sparsify = "magnitude"
+    default_normalize = True
+    parameters = {**_TV_PARAMS, "normalize": Param(True, _bool, _TV_PARAMS["normalize"].doc),
+                  "rescale": Param(False, _bool), "trim": Param("per_tensor", _choice("per_tensor", "global"))}
+    model_parameters = {"weight": Param(0.3, _number), "density": Param(1.0, _density)}
+
+
+@register
+class DareLinear(_TaskVectorMerge):
+    """DARE then task arithmetic: keep each entry with probability ``density``
+    (drop probability p = 1 - density), rescale survivors by 1/density."""
+
+    name = "dare_linear"
+    sparsify = "random"
+    default_rescale = True
+    parameters = {**_TV_PARAMS, "rescale": Param(True, _bool)}
+    model_parameters = {"weight": Param(0.3, _number), "density": Param(1.0, _density)}
+
+
+@register
+class DareTies(_TaskVectorMerge):
+    """DARE then TIES' sign election and disjoint merge."""
+
+    name = "dare_ties"
+    sparsify = "random"
+    consensus = True
+    default_rescale = True
+    default_normalize = True
+    parameters = {**_TV_PARAMS, "normalize": Param(True, _bool), "rescale": Param(True, _bool)}
+    model_parameters = {"weight": Param(0.3, _number), "density": Param(1.0, _density)}
+
+
+@register
+class Breadcrumbs(_TaskVectorMerge):
+    """Model Breadcrumbs: drop the largest ``gamma`` and the smallest entries of each
+    task vector, keeping ``density``, then task arithmetic."""
+
+    name = "breadcrumbs"
+    sparsify = "outliers"
+    parameters = _TV_PARAMS
+    model_parameters = {"weight": Param(0.3, _number), "density": Param(1.0, _density),
+                        "gamma": Param(0.01, _unit)}
+
+
+@register
+class Linear(MergeMethod):
+    """Weighted average: sum_i w_i theta_i / sum_i w_i (normalize) over the listed models."""
+
+    name = "linear"
+    needs_base = False
+    parameters = {"normalize": Param(True, _bool)}
+    model_parameters = {"weight": Param(1.0, _number)}
+
+    def merge(self, base, tensors, params, options, ctx):
+        stacked = torch.stack(tensors, dim=0)
+        weights = torch.tensor([p.get("weight", 1.0) for p in params], dtype=stacked.dtype, device=stacked.device)
+        while weights.dim() < stacked.dim():
+            weights = weights.unsqueeze(-1)
+        out = (stacked * weights).sum(dim=0)
+        if options.get("normalize", True):
+            out = out / weights.sum(dim=0)
+        return out
+
+
+@register
+class Slerp(MergeMethod):
+    """Spherical interpolation from the base (t=0) to the one other model (t=1)."""
+
+    name = "slerp"
+    min_models = 1
+    max_models = 1
+    parameters = {"t": Param(0.5, _unit, "0 gives the base, 1 the other model")}
+
+    DOT_THRESHOLD = 0.9995
+
+    def merge(self, base, tensors, params, options, ctx):
+        t = options.get("t", 0.5)
+        v0, v1 = base, tensors[0]
+        n0, n1 = v0.norm(), v1.norm()
+        u0 = v0 / n0 if n0 > 1e-8 else v0
+        u1 = v1 / n1 if n1 > 1e-8 else v1
+        dot = float((u0 * u1).sum())
+        if abs(dot) > self.DOT_THRESHOLD:
+            return (1 - t) * v0 + t * v1
+        theta0 = math.acos(dot)
+        s0 = math.sin(theta0 - theta0 * t) / math.sin(theta0)
+        s1 = math.sin(theta0 * t) / math.sin(theta0)
+        return s0 * v0 + s1 * v1
+
+
+@register
+class ModelStock(MergeMethod):
+    """Model Stock: t = N cos / (1 + (N-1) cos) from the mean pairwise cosine of the task
+    vectors; theta = t * mean(theta_i) + (1 - t) * theta_0."""
+
+    name = "model_stock"
+    min_models = 2
+    parameters = {"filter_wise": Param(False, _bool, "one cosine per row instead of per tensor")}
+
+    def merge(self, base, tensors, params, options, ctx):
+        shape = base.shape
+        if options.get("filter_wise", False):
+            w0 = base.unsqueeze(0) if base.dim() == 1 else base
+            ws = [w.unsqueeze(0) if w.dim() == 1 else w for w in tensors]
+        else:
+            w0 = base.reshape(-1)
+            ws = [w.reshape(-1) for w in tensors]
+        offsets = [w - w0 for w in ws]
+        cosines = []
+        for i in range(len(offsets)):
+            for j in range(i + 1, len(offsets)):
+                norms = offsets[i].norm(dim=-1) * offsets[j].norm(dim=-1)
+                cosines.append(((offsets[i] * offsets[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+        cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+        n = len(ws)
+        t = (n * cos) / (1 + (n - 1) * cos)
+        avg = sum(ws) / n
+        return (t * avg + (1 - t) * w0).reshape(shape)
+
+
+# -- the in-memory API: one function per method over state dicts --------------------------
+def merge_state_dicts(method: str, base: dict[str, torch.Tensor] | None, models: list[dict[str, torch.Tensor]],
+                      model_params: list[dict[str, Any]] | None = None, *, seed: int = 0,
+                      dtype: torch.dtype = torch.float32, **options: Any) -> dict[str, torch.Tensor]:
+    """Merge state dicts in memory, tensor by tensor, with the same code as the streaming
+    engine. Tensors only some models have, or of other shapes than the base, are skipped
+    (those are task heads). Results are in ``dtype``."""
+    m = get_method(method)
+    model_params = model_params or [{} for _ in models]
+    if len(model_params) != len(models):
+        raise ZooError("give one parameter dict per model")
+    validate_params(m, options, model_params)
+    _check_count(m, len(models))
+    if m.needs_base and base is None:
+        raise ZooError(f"{method} needs a base model")
+    ref = base if base is not None else models[0]
+    out = {}
+    for name, b in ref.items():
+        if not b.is_floating_point() or any(name not in sd or sd[name].shape != b.shape for sd in models):
+            continue
+        tensors = [sd[name].to(dtype) for sd in models]
+        bt = base[name].to(dtype) if base is not None else None
+        out[name] = m.merge(bt, tensors, model_params, options, TensorContext(name, seed))
+    return out
+
+
+def _check_count(m: MergeMethod, n: int) -> None:
+    if n < m.min_models:
+        raise ZooError(f"{m.name} needs at least {m.min_models} model(s) besides the base, got {n}")
+    if m.max_models is not None and n > m.max_models:
+        raise ZooError(f"{m.name} takes at most {m.max_models} model(s) besides the base, got {n}")
+
+
+def task_arithmetic(base, models, weight: float = 0.3, **kw):
+    """theta_0 + sum_i weight * (theta_i - theta_0)."""
+    return merge_state_dicts("task_arithmetic", base, models, [{"weight": weight} for _ in models], **kw)
+
+
+def ties(base, models, density: float = 0.2, weight: float = 1.0, **kw):
+    """TIES with the paper's trim (density 0.2); ``normalize`` false gives dis-sum."""
+    return merge_state_dicts("ties", base, models, [{"weight": weight, "density": density} for _ in models], **kw)
+
+
+def dare_linear(base, models, density: float = 0.5, weight: float = 0.3, **kw):
+    return merge_state_dicts("dare_linear", base, models, [{"weight": weight, "density": density} for _ in models], **kw)
+
+
+def dare_ties(base, models, density: float = 0.5, weight: float = 1.0, **kw):
+    return merge_state_dicts("dare_ties", base, models, [{"weight": weight, "density": density} for _ in models], **kw)
+
+
+def breadcrumbs(base, models, density: float = 0.9, gamma: float = 0.01, weight: float = 0.3, **kw):
+    return merge_state_dicts("breadcrumbs", base, models,
+                             [{"weight": weight, "density": density, "gamma": gamma} for _ in models], **kw)
+
+
+def linear(models, weights: list[float] | None = None, **kw):
+    """Weighted average of the models (equal weights by default)."""
+    weights = weights or [1.0] * len(models)
+    return merge_state_dicts("linear", None, models, [{"weight": w} for w in weights], **kw)
+
+
+def slerp(base, other, t: float = 0.5, **kw):
+    return merge_state_dicts("slerp", base, [other], t=t, **kw)
+
+
+def model_stock(base, models, **kw):
+    return merge_state_dicts("model_stock", base, models, **kw)

@@ -1,0 +1,188 @@
+"""Each merge method against the spec's formula, on small tensors, with edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from merge import methods as M
+from zoo.errors import ZooError
+
+
+def sd(**tensors):
+    return {k: torch.as_tensor(v, dtype=torch.float32) for k, v in tensors.items()}
+
+
+@pytest.fixture
+def family():
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g)}
+    experts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    return base, experts
+
+
+def test_task_arithmetic_formula(family):
+    base, experts = family
+    out = M.task_arithmetic(base, experts, weight=0.3)
+    for k in base:
+        expect = base[k] + 0.3 * sum(e[k] - base[k] for e in experts)
+        torch.testing.assert_close(out[k], expect, rtol=0, atol=1e-6)
+
+
+def test_task_arithmetic_lambda_and_zero_vectors(family):
+    base, _ = family
+    out = M.merge_state_dicts("task_arithmetic", base, [dict(base), dict(base)], **{"lambda": 0.7})
+    for k in base:
+        assert torch.equal(out[k], base[k])  # zero task vectors give the base back exactly
+
+
+def test_linear_is_a_weighted_average(family):
+    base, experts = family
+    out = M.linear(experts, weights=[1, 2, 3])
+    for k in base:
+        torch.testing.assert_close(out[k], (experts[0][k] + 2 * experts[1][k] + 3 * experts[2][k]) / 6)
+    raw = M.merge_state_dicts("linear", None, experts, [{"weight": 0.5}] * 3, normalize=False)
+    torch.testing.assert_close(raw["b"], 0.5 * sum(e["b"] for e in experts))
+
+
+def reference_ties(base, experts, density, weights, normalize):
+    """TIES by its definition, entry by entry."""
+    out = base.clone().reshape(-1)
+    deltas = []
+    for e in experts:
+        d = (e - base).reshape(-1)
+        k = int(density * d.numel())
+        keep = set(torch.argsort(d.abs(), descending=True)[:k].tolist()) if density < 1 else set(range(d.numel()))
+        deltas.append(torch.tensor([d[i] if i in keep else 0.0 for i in range(d.numel())]))
+    for i in range(out.numel()):
+        vals = [w * d[i] for w, d in zip(weights, deltas)]
+        sign = 1.0 if sum(vals) >= 0 else -1.0
+        agree = [(w, v) for w, v in zip(weights, vals) if v != 0 and math.copysign(1, v) == sign]
+        total = sum(v for _, v in agree)
+        if normalize:
+            div = sum(w for w, _ in agree) or 1.0
+            total = total / div
+        out[i] += total
+    return out.reshape(base.shape)
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_matches_its_definition(family, density, normalize):
+    base, experts = family
+    out = M.merge_state_dicts("ties", base, experts, [{"weight": 0.3, "density": density}] * 3, normalize=normalize)
+    for k in base:
+        expect = reference_ties(base[k], [e[k] for e in experts], density, [0.3] * 3, normalize)
+        torch.testing.assert_close(out[k], expect, rtol=0, atol=1e-6)
+
+
+def test_ties_all_equal_signs_is_the_mean_or_sum():
+    base = sd(w=[0.0, 0.0, 0.0])
+    experts = [sd(w=[1.0, 2.0, 3.0]), sd(w=[3.0, 2.0, 1.0])]
+    mean = M.merge_state_dicts("ties", base, experts, [{"weight": 1.0, "density": 1.0}] * 2)
+    assert mean["w"].tolist() == [2.0, 2.0, 2.0]
+    total = M.merge_state_dicts("ties", base, experts, [{"weight": 1.0, "density": 1.0}] * 2, normalize=False)
+    assert total["w"].tolist() == [4.0, 4.0, 4.0]
+
+
+def test_ties_sign_election_by_mass():
+    base = sd(w=[0.0, 0.0])
+    experts = [sd(w=[3.0, -1.0]), sd(w=[-1.0, -1.0]), sd(w=[-1.0, 5.0])]
+    out = M.merge_state_dicts("ties", base, experts, [{"weight": 1.0, "density": 1.0}] * 3)
+    # entry 0: mass +1 -> keep only +3; entry 1: mass +3 -> keep only +5
+    assert out["w"].tolist() == [3.0, 5.0]
+
+
+def test_ties_zero_task_vectors():
+    base = sd(w=[1.0, -2.0])
+    out = M.merge_state_dicts("ties", base, [dict(base), dict(base)], [{"weight": 1.0, "density": 0.5}] * 2)
+    assert torch.equal(out["w"], base["w"])
+
+
+def test_dare_is_seeded_unbiased_and_rescaled(family):
+    base, _ = family
+    big_base = {"w": torch.zeros(200, 200)}
+    expert = {"w": torch.ones(200, 200)}
+    a = M.merge_state_dicts("dare_linear", big_base, [expert], [{"weight": 1.0, "density": 0.25}], seed=7)
+    b = M.merge_state_dicts("dare_linear", big_base, [expert], [{"weight": 1.0, "density": 0.25}], seed=7)
+    c = M.merge_state_dicts("dare_linear", big_base, [expert], [{"weight": 1.0, "density": 0.25}], seed=8)
+    assert torch.equal(a["w"], b["w"]) and not torch.equal(a["w"], c["w"])
+    kept = a["w"] != 0
+    assert torch.all(a["w"][kept] == 4.0)  # survivors rescaled by 1/density
+    assert abs(kept.float().mean().item() - 0.25) < 0.01  # drop probability p = 0.75
+    off = M.merge_state_dicts("dare_linear", big_base, [expert], [{"weight": 1.0, "density": 0.25}], seed=7,
+                              rescale=False)
+    assert torch.all(off["w"][off["w"] != 0] == 1.0)
+
+
+def test_dare_ties_with_density_one_is_ties(family):
+    base, experts = family
+    p = [{"weight": 0.3, "density": 1.0}] * 3
+    torch.testing.assert_close(M.merge_state_dicts("dare_ties", base, experts, p),
+                               M.merge_state_dicts("ties", base, experts, p))
+
+
+def test_breadcrumbs_drops_outliers_and_small_entries():
+    base = sd(w=[0.0] * 10)
+    expert = sd(w=[float(i) for i in range(1, 11)])  # magnitudes 1..10
+    out = M.merge_state_dicts("breadcrumbs", base, [expert], [{"weight": 1.0, "density": 0.5, "gamma": 0.2}])
+    # drop the top 2 (9, 10) and the bottom 3 (1, 2, 3): keep 4..8
+    assert out["w"].tolist() == [0, 0, 0, 4, 5, 6, 7, 8, 0, 0]
+
+
+def test_slerp_formula_and_endpoints():
+    base = sd(w=[1.0, 0.0])
+    other = sd(w=[0.0, 2.0])
+    mid = M.slerp(base, other, t=0.5)["w"]
+    theta = math.pi / 2
+    expect = [math.sin(theta / 2) / math.sin(theta) * 1.0, math.sin(theta / 2) / math.sin(theta) * 2.0]
+    torch.testing.assert_close(mid, torch.tensor(expect))
+    assert torch.equal(M.slerp(base, other, t=0.0)["w"], base["w"])
+    torch.testing.assert_close(M.slerp(base, other, t=1.0)["w"], other["w"])
+    colinear = M.slerp(base, sd(w=[3.0, 0.0]), t=0.5)["w"]  # falls back to lerp
+    torch.testing.assert_close(colinear, torch.tensor([2.0, 0.0]))
+
+
+def test_model_stock_formula(family):
+    base, experts = family
+    out = M.model_stock(base, experts)
+    for k in base:
+        offs = [(e[k] - base[k]).reshape(-1) for e in experts]
+        cos = [torch.dot(offs[i], offs[j]) / (offs[i].norm() * offs[j].norm()) for i in range(3) for j in range(i + 1, 3)]
+        c = sum(cos) / len(cos)
+        t = 3 * c / (1 + 2 * c)
+        expect = t * sum(e[k] for e in experts) / 3 + (1 - t) * base[k]
+        torch.testing.assert_close(out[k], expect, rtol=1e-5, atol=1e-6)
+
+
+def test_heads_and_integer_buffers_are_skipped():
+    base = {"w": torch.zeros(2), "head": torch.zeros(10, 2), "ids": torch.arange(3)}
+    e = {"w": torch.ones(2), "head": torch.zeros(3, 2), "ids": torch.arange(3)}
+    out = M.task_arithmetic(base, [e])
+    assert set(out) == {"w"}
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(method="nope"), "unknown merge method"),
+    (dict(model_params=[{"density": 0.0}]), "density must be in \\(0, 1\\]"),
+    (dict(model_params=[{"density": 1.5}]), "density must be in \\(0, 1\\]"),
+    (dict(model_params=[{"weight": float("nan")}]), "weight must be a finite number"),
+    (dict(model_params=[{"frobnicate": 1}]), "unknown per-model parameter 'frobnicate'"),
+    (dict(options={"colour": "red"}), "unknown parameter 'colour'"),
+    (dict(options={"normalize": "yes"}), "normalize must be true or false"),
+])
+def test_bad_parameters_are_refused(bad, msg):
+    base = {"w": torch.zeros(3)}
+    with pytest.raises(ZooError, match=msg):
+        M.merge_state_dicts(bad.get("method", "ties"), base, [{"w": torch.ones(3)}],
+                            bad.get("model_params", [{"density": 0.5}]), **bad.get("options", {}))
+
+
+def test_model_counts():
+    base = {"w": torch.zeros(3)}
+    with pytest.raises(ZooError, match="at most 1"):
+        M.merge_state_dicts("slerp", base, [base, base])
+    with pytest.raises(ZooError, match="at least 2"):
+        M.model_stock(base, [base])
