@@ -109,7 +109,7 @@ def show(name: str, as_json: bool = JsonOpt) -> None:
     print(f"  tensors:      {t['count']}  ({t['parameters']:,} parameters, {output.human_bytes(t['bytes'])}, "
           + ", ".join(f"{k} x{v}" for k, v in t["dtypes"].items()) + ")")
     src = info["source"]
-    where = f"{src['hub_repo']}@{src['hub_revision']}" if src["hub_repo"] else src["path"]
+    where = f"{src['hub_repo']}@{src['hub_revision']}" if src["hub_repo"] else (src["path"] or "made by zoo")
     print(f"  source:       {where}{'  (in place)' if src['in_place'] else ''}")
     print(f"  tasks:        {', '.join(info['tasks']) or '-'}")
     print(f"  tags:         {', '.join(info['tags']) or '-'}")
@@ -212,6 +212,53 @@ def tasks(as_json: bool = JsonOpt) -> None:
     output.table(rows, [("name", "TASK"), ("n_labels", "LABELS"), ("splits", "SPLITS"), ("description", "DATA")])
 
 
+@app.command()
+def merge(
+    recipe: Optional[Path] = typer.Argument(None, help="A YAML recipe (mergekit's format)."),
+    models: list[str] = typer.Argument(None, help="With --method: the models to merge (names or paths)."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="Merge method, instead of a recipe."),
+    base: Optional[str] = typer.Option(None, "--base", "-b", help="Base model (name or path), with --method."),
+    param: list[str] = typer.Option([], "--param", "-p", help="KEY=VALUE, e.g. density=0.2 (repeatable)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Register the result under this name."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Write the result to this new folder instead."),
+    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype."),
+    out_dtype: Optional[str] = typer.Option(None, "--out-dtype", help="Saved dtype (default: the base's)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for random methods (DARE)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    shard_size: int = typer.Option(5_000_000_000, "--shard-size", help="Bytes per output shard."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Merge experts into one model, streaming tensor by tensor, and register it."""
+    import merge as merge_api
+
+    if method is not None:
+        items = ([str(recipe)] if recipe is not None else []) + list(models or [])
+        rec = merge_api.from_cli(method, base, items, param, dtype=dtype, out_dtype=out_dtype, seed=seed)
+    elif recipe is not None:
+        if models:
+            raise ZooError("give either a recipe file or --method with models, not both")
+        rec = merge_api.load(recipe)
+    else:
+        raise ZooError("give a recipe file, or --method with --base and the models to merge")
+    reg = _open(create=True) if out is not None else _maybe_open()
+    with output.progress_bars() as progress:
+        info = merge_api.run(rec, out, registry=reg, out_dir=out_dir, device=device, shard_bytes=shard_size,
+                             progress=progress)
+    if as_json:
+        output.emit_json(info)
+    elif out is not None:
+        print(f"merged {len(rec.models)} model(s) with {rec.merge_method} into {info['ref']}")
+    else:
+        print(f"merged {len(rec.models)} model(s) with {rec.merge_method} into {info['path']}")
+
+
+def _maybe_open():
+    """The registry if there is one (to resolve names), else None (paths only)."""
+    from zoo.paths import registry_path
+
+    return _open() if registry_path(State.registry).exists() else None
+
+
 @app.command("eval")
 def eval_(name: str, task: list[str] = typer.Option([], "--task", "-t", help="Task (default: the model's own)."),
           split: str = typer.Option("test", "--split"), as_json: bool = JsonOpt) -> None:
@@ -232,22 +279,27 @@ def demo(quick: bool = typer.Option(False, "--quick", help="A tiny, fast build o
     """Build the demo zoo offline (cached), register it, and print each expert's accuracy."""
     from zoo import demo as demo_mod
 
+    from merge.demo import merge_demo
+
     cfg = demo_mod.QUICK if quick else demo_mod.FULL
     log = (lambda m: print(m, file=sys.stderr)) if as_json else print
-    res = demo_mod.run_demo(_open(create=True), cfg, log=log)
+    reg = _open(create=True)
+    res = demo_mod.run_demo(reg, cfg, log=log)
+    rows = merge_demo(reg, res, log=log)
     if as_json:
         output.emit_json({"base": res.base, "experts": res.experts, "accuracy": res.accuracy, "built": res.built,
-                          "seconds": res.seconds, "registry": str(res.registry), "store": str(res.store)})
+                          "seconds": res.seconds, "registry": str(res.registry), "store": str(res.store),
+                          "table": rows})
         return
     print()
-    rows = [{**r, "accuracy": f"{100 * r['accuracy']:.1f}%"} for r in res.rows]
-    avg = sum(res.accuracy.values()) / len(res.accuracy)
-    rows.append({"task": "average", "model": "", "accuracy": f"{100 * avg:.1f}%"})
-    output.table(rows, [("task", "TASK"), ("model", "EXPERT"), ("accuracy", "TEST ACCURACY")])
-    print(f"\nbase: {res.base}   ({'built' if res.built else 'cached'}; {res.seconds:.0f} s)")
+    tasks = list(res.experts)
+    table = [{"method": r["method"], **{t: f"{100 * r[t]:.1f}" for t in [*tasks, "avg"]}} for r in rows]
+    output.table(table, [("method", "TEST ACCURACY %")] + [(t, t) for t in tasks] + [("avg", "AVG")])
+    print(f"\nbase: {res.base}   experts: {', '.join(res.experts.values())}")
+    print(f"({'built' if res.built else 'cached'}; {res.seconds:.0f} s)")
     print(f"registry: {res.registry}\nstore:    {res.store}\ncache:    {res.cache}")
     p = res.config.prefix
-    print(f"next: `zoo list`, `zoo show {p}-parity`, `zoo check {p}-parity`, `zoo lineage {p}-hflip`")
+    print(f"next: `zoo list`, `zoo lineage {p}-ties`, `zoo check {p}-parity`, `zoo eval {p}-ta --task hflip`")
 
 
 def main() -> None:

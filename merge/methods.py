@@ -32,7 +32,7 @@ def _number(v: Any) -> str | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return "must be a number"
     if math.isnan(v) or math.isinf(v):
-        return "must be a finite number (got NaN or infinity)"
+        return "must be a finite number"
     return None
 
 

@@ -46,7 +46,9 @@ def test_demo_builds_registers_and_reports(quick_demo):
     assert "building the demo zoo" in out and "pre-trained base" in out
     for task in TASKS:
         assert f"{QUICK.prefix}-{task}@1" in out
-    assert "average" in out and "registry:" in out
+    for row in ("individual experts", "base + expert heads", "task arithmetic", "TIES"):
+        assert row in out
+    assert "AVG" in out and "registry:" in out
     reg = Registry(work / "registry.db")
     models = reg.list(tag="demo")
     assert sorted(m["name"] for m in models) == sorted([f"{QUICK.prefix}-base"] + [f"{QUICK.prefix}-{t}" for t in TASKS])
@@ -61,7 +63,7 @@ def test_demo_builds_registers_and_reports(quick_demo):
         (m,) = [x for x in reg.metrics(f"{QUICK.prefix}-{task}") if x["metric"] == "accuracy"]
         assert m["task"] == task and m["split"] == "test" and 0.0 <= m["value"] <= 1.0
     # even the tiny build learns every task well above chance
-    accs = {m["task"]: m["value"] for m in reg.metrics() if m["metric"] == "accuracy"}
+    accs = {t: reg.metrics(f"{QUICK.prefix}-{t}")[0]["value"] for t in TASKS}
     assert all(accs[t] > 1.5 / len(TASKS[t][1]) for t in TASKS), accs
 
 
@@ -72,8 +74,13 @@ def test_second_run_reuses_the_cache(quick_demo):
     assert "reusing the cached demo zoo" in second.stderr and "already registered" in second.stderr
     reg = Registry(work / "registry.db")
     assert len(reg.list(tag="demo")) == 1 + len(TASKS)
-    accs = {m["task"]: m["value"] for m in reg.metrics() if m["metric"] == "accuracy"}
+    accs = {t: reg.metrics(f"{QUICK.prefix}-{t}")[0]["value"] for t in TASKS}
     assert res["accuracy"] == accs
+    # the merges were reused too, with their recorded metrics
+    assert sorted(m["name"] for m in reg.list(kind="merged")) == [f"{QUICK.prefix}-ta", f"{QUICK.prefix}-ties"]
+    assert len(reg.metrics(f"{QUICK.prefix}-ta")) == len(TASKS)
+    rows = {r["method"]: r for r in res["table"]}
+    assert rows["individual experts"]["avg"] == pytest.approx(sum(accs.values()) / len(accs))
 
 
 def test_eval_measures_the_registered_model(quick_demo):

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from .checkpoint import read_task_heads
 from .errors import ZooError
 from .registry import Registry
 from .taskdata import load_split, task_info
 
 
-def load_model(registry: Registry, ref: str):
-    """Load a registered model with ``transformers``, by the class its config names."""
+def load_model(registry: Registry, ref: str, task: str | None = None):
+    """Load a registered model with ``transformers``, by the class its config names.
+
+    For a merged model that keeps its experts' task heads, ``task`` picks the head:
+    the merged body with the head of the expert made for that task.
+    """
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -23,10 +28,28 @@ def load_model(registry: Registry, ref: str):
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         raise ZooError(f"{ref}: config.json names no transformers architecture that zoo can run")
+    head = next((e for e in read_task_heads(path).values() if task in e["tasks"]), None) if task else None
+    kwargs = {}
+    if head is not None and head.get("id2label"):
+        labels = {int(k): v for k, v in head["id2label"].items()}
+        config.id2label, config.label2id = labels, {v: k for k, v in labels.items()}
+        kwargs = {"config": config, "ignore_mismatched_sizes": True}
     try:
-        model = cls.from_pretrained(path)
+        verbosity = transformers.utils.logging.get_verbosity()
+        transformers.utils.logging.set_verbosity_error()
+        try:
+            model = cls.from_pretrained(path, **kwargs)
+        finally:
+            transformers.utils.logging.set_verbosity(verbosity)
     except (OSError, ValueError, RuntimeError) as e:
         raise ZooError(f"{ref}: transformers cannot load it ({' '.join(str(e).split())[:200]})") from None
+    if head is not None:
+        ckpt = head["checkpoint"]
+        state = {n: ckpt.read_tensor(head["prefix"] + n) for n in head["tensors"]}
+        missing = set(state) - set(model.state_dict())
+        if missing:
+            raise ZooError(f"{ref}: task head tensors {sorted(missing)} do not fit {archs[0]}")
+        model.load_state_dict(state, strict=False)
     model.eval()
     return model
 
@@ -49,9 +72,9 @@ def evaluate(registry: Registry, ref: str, tasks: list[str] | None = None, split
     tasks = tasks or info["tasks"]
     if not tasks:
         raise ZooError(f"{info['ref']} has no tasks; name one with --task")
-    model = load_model(registry, info["ref"])
     results = []
     for task in tasks:
+        model = load_model(registry, info["ref"], task)
         path = registry.task_data(task)
         meta = task_info(path)
         n_out = getattr(model.config, "num_labels", None)

@@ -181,11 +181,15 @@ class Registry:
         hub_revision: str | None = None,
         head_patterns: tuple[str, ...] = DEFAULT_HEAD_PATTERNS,
         progress: ProgressFactory | None = None,
+        adopt: dict[str, str] | None = None,
+        check_base: bool = True,
     ) -> dict[str, Any]:
         """Register a checkpoint. Copies its files into the store unless ``in_place``.
 
         ``parents`` are ``(role, ref)`` pairs and ``recipe`` the recipe that made a
-        merged or protected model; both go into the lineage.
+        merged or protected model; both go into the lineage. ``adopt`` is for zoo's
+        own writers: a folder made in the store's temp area whose files are moved
+        into the store, with the digests computed while writing them.
         """
         validate_name(name)
         if kind not in KINDS:
@@ -214,7 +218,7 @@ class Registry:
                 )
             base_ref = self._resolve(s, base).ref if base else None
             parent_refs = [(role, self._resolve(s, r).ref) for role, r in parents]
-        if base_ref is not None:
+        if base_ref is not None and check_base:
             report = compare(ckpt, self.checkpoint(base_ref), name, base_ref, head_patterns)
             if not report.ok:
                 raise IncompatibleModels(f"{report.one_line()}; run `zoo check {path} --base {base}` for the full list")
@@ -229,6 +233,9 @@ class Registry:
                 if in_place:
                     digest, size = hash_file(p, advance)
                     rows.append(File(relpath=rel, sha256=digest, size=size, external_path=str(p.resolve())))
+                elif adopt is not None:
+                    digest, size = self.store.adopt(p, adopt.get(rel), advance)
+                    rows.append(File(relpath=rel, sha256=digest, size=size))
                 else:
                     digest, size = self.store.ingest(p, advance)
                     rows.append(File(relpath=rel, sha256=digest, size=size))
@@ -249,8 +256,8 @@ class Registry:
                         architecture=arch or None,
                         tensor_count=ckpt.tensor_count, param_count=ckpt.param_count,
                         total_bytes=ckpt.total_bytes, dtypes=ckpt.dtypes,
-                        source_type="hub" if hub_repo else "local",
-                        source_path=None if hub_repo else str(Path(path).resolve()),
+                        source_type="hub" if hub_repo else ("zoo" if adopt is not None else "local"),
+                        source_path=None if hub_repo or adopt is not None else str(Path(path).resolve()),
                         hub_repo=hub_repo, hub_revision=hub_revision, in_place=in_place,
                         meta=_merge_meta(metadata, ckpt),
                     )

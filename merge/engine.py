@@ -1,0 +1,159 @@
+"""Running a merge plan: stream tensor by tensor from the inputs to sharded output.
+
+Reading the next tensor's inputs (a background thread), the arithmetic (torch, on the
+CPU's cores or on CUDA) and writing (the shard writer's thread) overlap. Memory holds
+a few copies of the current tensors and the writer's small queue, whatever the model
+size. Output goes to a temporary folder that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zoo.checkpoint import DTYPE_SIZES, HEADS_FILE
+from zoo.errors import ZooError
+
+from .methods import TensorContext
+from .plan import Plan, read_input
+from .writer import OutTensor, ShardWriter, plan_shards, write_file
+
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+COMPUTE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DEFAULT_SHARD_BYTES = 5 * 1000**3
+SKIP_SIDECARS = {"README.md", "model.safetensors.index.json"}
+
+Advance = Callable[[int], None]
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ZooError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise ZooError(f"--device must be auto, cpu or cuda, not {device!r}")
+    return torch.device(device)
+
+
+def _to_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's raw little-endian bytes, without a copy where possible."""
+    t = t.contiguous().cpu().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    if t.dtype == torch.bool:
+        return memoryview(t.numpy().tobytes())
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def execute(plan: Plan, folder: Path, *, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_BYTES,
+            advance: Advance = lambda n: None) -> dict[str, str]:
+    """Write the merged model into ``folder`` (which must exist and be empty).
+
+    Returns the sha256 of every file written, keyed by its name in the folder.
+    """
+    dev = pick_device(device)
+    compute = COMPUTE[plan.recipe.dtype]
+    shards = plan_shards([s.out for s in plan.steps], shard_bytes)
+    writer = ShardWriter(folder, shards)
+    steps = plan.steps
+    base_ckpt = plan.base.ckpt if plan.base is not None else plan.models[0].ckpt
+
+    def load(i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        step = steps[i]
+        name = step.out.name
+        b = base_ckpt.read_tensor(name)
+        if not step.merge:
+            return b, []
+        return b, [read_input(m, name, b) for m in plan.models]
+
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoo-read") as pool:
+            nxt = pool.submit(load, 0) if steps else None
+            for i, step in enumerate(steps):
+                base_t, inputs = nxt.result()
+                nxt = pool.submit(load, i + 1) if i + 1 < len(steps) else None
+                out_dtype = TORCH_DTYPES.get(step.out.dtype)
+                if step.merge:
+                    name = step.out.name
+                    b = base_t.to(dev, compute) if plan.base is not None else None
+                    xs = [x.to(dev, compute) for x in inputs]
+                    merged = plan.method.merge(b, xs, plan.model_params(name), plan.options(name),
+                                               TensorContext(name, plan.recipe.seed))
+                    result = merged.to(out_dtype)
+                    del b, xs, merged
+                else:
+                    result = base_t
+                writer.put(_to_bytes(result))
+                advance(step.out.nbytes)
+        digests = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    digests.update(_write_heads(plan, folder))
+    return digests
+
+
+def _write_heads(plan: Plan, folder: Path) -> dict[str, str]:
+    """Each model's task head, kept unmerged, so the merge can be evaluated per task."""
+    entries: dict[str, Any] = {}
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for i, m in enumerate(plan.models):
+        names = plan.heads.get(i) or []
+        if not names:
+            continue
+        key = m.ref.split("@")[0] if m.ref else f"model{i}"
+        cfg = m.ckpt.config if m.ckpt.form == "model" else None
+        entries[key] = {"model": m.ref or m.label, "tasks": m.tasks, "tensors": names,
+                        "id2label": (cfg or {}).get("id2label")}
+        for n in names:
+            src = m.overrides.get(n, n) if m.is_adapter else n
+            tensors.append((f"{key}/{n}", m.ckpt.read_tensor(src)))
+    if not tensors:
+        return {}
+    from .writer import header_bytes
+
+    outs = [OutTensor(n, _st_dtype(t), tuple(t.shape)) for n, t in tensors]
+    data = header_bytes(outs, {"format": "pt", "zoo_heads": json.dumps(entries, sort_keys=True)})
+    data += b"".join(bytes(_to_bytes(t)) for _, t in tensors)
+    return {HEADS_FILE: write_file(folder / HEADS_FILE, data)}
+
+
+def _st_dtype(t: torch.Tensor) -> str:
+    for k, v in TORCH_DTYPES.items():
+        if v == t.dtype:
+            return k
+    raise ZooError(f"cannot store a {t.dtype} head tensor")
+
+
+def copy_sidecars(plan: Plan, folder: Path) -> dict[str, str]:
+    """config.json and the tokenizer files come from the base (or the tokenizer_source)."""
+    src = plan.base if plan.base is not None else plan.models[0]
+    out = {}
+    for name, path in src.ckpt.files.items():
+        if name in SKIP_SIDECARS or name.endswith(".safetensors"):
+            continue
+        out[name] = write_file(folder / name, path.read_bytes())
+    return out
+
+
+def nbytes_total(plan: Plan) -> int:
+    return sum(s.out.nbytes for s in plan.steps)
+
+
+def temp_folder(parent: Path, name: str) -> Path:
+    path = parent / f".{name}.{os.getpid()}.merging"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+__all__ = ["DEFAULT_SHARD_BYTES", "DTYPE_SIZES", "HEADS_FILE", "copy_sidecars", "execute", "nbytes_total",
+           "pick_device", "temp_folder"]

@@ -1,0 +1,211 @@
+"""Merge recipes: mergekit's YAML format, and the same recipe built from CLI flags.
+
+Accepted mergekit fields: ``merge_method``, ``base_model``, ``models[].model``,
+``models[].parameters`` (``weight``, ``density``, ...), global ``parameters``, ``dtype``
+(the compute dtype) and ``out_dtype`` (the saved dtype). A parameter is a number, or a
+list of ``{filter: SUBSTRING, value: V}`` conditionals where the first whose filter is
+in the tensor name wins (a conditional without ``filter`` matches every tensor).
+zoo adds ``seed`` (for DARE) and ``heads`` (patterns of task-specific tensors).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zoo.compat import DEFAULT_HEAD_PATTERNS
+from zoo.errors import ZooError
+
+from .methods import get_method, validate_params
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+UNSUPPORTED = ("slices", "modules", "tokenizer", "chat_template")
+
+
+@dataclass
+class ModelSpec:
+    model: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    merge_method: str
+    models: list[ModelSpec]
+    base_model: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+    out_dtype: str | None = None  # None: each tensor keeps the base's dtype
+    seed: int = 0
+    heads: list[str] = field(default_factory=lambda: list(DEFAULT_HEAD_PATTERNS))
+    tokenizer_source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["models"] = [{"model": m.model, "parameters": m.parameters} for m in self.models]
+        return d
+
+    def validate(self) -> None:
+        """Refuse unknown methods and parameters and bad values before any work."""
+        method = get_method(self.merge_method)
+        if self.dtype not in DTYPES:
+            raise ZooError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.out_dtype is not None and self.out_dtype not in DTYPES:
+            raise ZooError(f"out_dtype {self.out_dtype!r} is not one of {', '.join(DTYPES)}")
+        if method.needs_base and not self.base_model:
+            raise ZooError(f"{self.merge_method} needs a base model (base_model / --base)")
+        if not self.models:
+            raise ZooError("the recipe names no models to merge")
+        n = len(self.models)
+        if n < method.min_models:
+            raise ZooError(f"{method.name} needs at least {method.min_models} model(s) besides the base, got {n}")
+        if method.max_models is not None and n > method.max_models:
+            raise ZooError(f"{method.name} takes at most {method.max_models} model(s) besides the base, got {n}")
+        validate_params(method, _all_values(self.parameters, "parameters"),
+                        [_all_values(m.parameters, f"parameters of {m.model}") for m in self.models])
+        # Conditionals: check every value they can take.
+        for spec in [self.parameters, *(m.parameters for m in self.models)]:
+            for key, value in spec.items():
+                if isinstance(value, list):
+                    for cond in value:
+                        probe = {key: cond["value"]}
+                        if spec is self.parameters:
+                            validate_params(method, probe, [])
+                        else:
+                            validate_params(method, {}, [probe])
+
+
+def _all_values(params: dict[str, Any], where: str) -> dict[str, Any]:
+    """Parameters with conditionals reduced to their first value, for validation."""
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, list):
+            if not value:
+                raise ZooError(f"{where}: {key} is an empty list")
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise ZooError(f"{where}: {key} is a gradient (a list of numbers over layers); zoo does not "
+                               "support gradients yet: give a number or {filter, value} conditionals")
+            for cond in value:
+                if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"filter", "value"}:
+                    raise ZooError(f"{where}: {key} conditionals must be {{filter: SUBSTRING, value: V}} items")
+            out[key] = value[0]["value"]
+        else:
+            out[key] = value
+    return out
+
+
+def resolve(params: dict[str, Any], tensor: str) -> dict[str, Any]:
+    """The value each parameter takes for one tensor."""
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, list):
+            for cond in value:
+                f = cond.get("filter")
+                if f is None or f in tensor:
+                    out[key] = cond["value"]
+                    break
+        else:
+            out[key] = value
+    return out
+
+
+def _model_ref(entry: Any) -> str:
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, dict) and isinstance(entry.get("model"), str):
+        return entry["model"]
+    raise ZooError(f"cannot read model reference {entry!r}: expected a name or path")
+
+
+def from_dict(data: dict[str, Any]) -> Recipe:
+    if not isinstance(data, dict):
+        raise ZooError("a recipe must be a YAML mapping")
+    for key in UNSUPPORTED:
+        if key in data:
+            raise ZooError(f"recipe field {key!r} is not supported yet; use merge_method, base_model and models")
+    known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed", "heads",
+             "tokenizer_source", "name"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ZooError(f"unknown recipe field(s): {', '.join(unknown)}")
+    if "merge_method" not in data:
+        raise ZooError("the recipe has no merge_method")
+    models = []
+    for entry in data.get("models") or []:
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ZooError(f"each models entry needs a 'model' key, got {entry!r}")
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ZooError(f"parameters of {entry['model']} must be a mapping")
+        models.append(ModelSpec(_model_ref(entry["model"]), dict(params)))
+    base = data.get("base_model")
+    # mergekit lets the base appear in the model list; its parameters do not apply to a base.
+    if base is not None:
+        base = _model_ref(base)
+        models = [m for m in models if m.model != base]
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ZooError("seed must be an integer")
+    recipe = Recipe(
+        merge_method=str(data["merge_method"]), models=models, base_model=base,
+        parameters=dict(data.get("parameters") or {}), dtype=str(data.get("dtype") or "float32"),
+        out_dtype=data.get("out_dtype"), seed=seed,
+        heads=list(data.get("heads") or DEFAULT_HEAD_PATTERNS), tokenizer_source=data.get("tokenizer_source"),
+    )
+    recipe.validate()
+    return recipe
+
+
+def load(path: str | Path) -> Recipe:
+    """Read a YAML (or JSON) recipe file."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ZooError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ZooError(f"{path}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
+    return from_dict(data)
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``key=value`` from the command line; the value is read as YAML (numbers, booleans)."""
+    import yaml
+
+    if "=" not in text:
+        raise ZooError(f"--param {text!r}: expected KEY=VALUE")
+    key, _, raw = text.partition("=")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def from_cli(method: str, base: str | None, models: list[str], params: list[str], *, dtype: str = "float32",
+             out_dtype: str | None = None, seed: int = 0) -> Recipe:
+    """A recipe from flags: ``--param`` values that are per-model parameters apply to every model."""
+    m = get_method(method)
+    global_p, model_p = {}, {}
+    for text in params:
+        key, value = parse_param(text)
+        if key in m.model_parameters:
+            model_p[key] = value
+        elif key in m.parameters:
+            global_p[key] = value
+        else:
+            known = ", ".join(sorted({*m.parameters, *m.model_parameters})) or "none"
+            raise ZooError(f"{method}: unknown parameter {key!r} (parameters: {known})")
+    recipe = Recipe(merge_method=method, models=[ModelSpec(x, dict(model_p)) for x in models], base_model=base,
+                    parameters=global_p, dtype=dtype, out_dtype=out_dtype, seed=seed)
+    recipe.validate()
+    return recipe
+
+
+def dumps(recipe: Recipe) -> str:
+    return json.dumps(recipe.to_dict(), sort_keys=True)

@@ -1,0 +1,108 @@
+"""``merge.run``: plan, stream to disk, and register the result with its lineage."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from zoo.errors import AlreadyExists, ZooError
+from zoo.names import validate_name
+
+from . import engine
+from .plan import Plan, make_plan
+from .recipe import Recipe
+
+if TYPE_CHECKING:
+    from zoo.registry import ProgressFactory, Registry
+
+
+def resolved_recipe(plan: Plan) -> dict[str, Any]:
+    """The recipe with every model pinned: registry refs at their version, paths as given."""
+    d = plan.recipe.to_dict()
+    if plan.base is not None:
+        d["base_model"] = plan.base.ref or plan.base.label
+    for spec, inp in zip(d["models"], plan.models):
+        spec["model"] = inp.ref or inp.label
+    return d
+
+
+def model_card(name: str, plan: Plan, recipe: dict[str, Any]) -> str:
+    parents = ([plan.base] if plan.base is not None else []) + plan.models
+    front = {
+        "base_model": [p.ref or p.label for p in parents],
+        "base_model_relation": "merge",
+        "library_name": "transformers",
+        "tags": ["merge", "zoo"],
+    }
+    body = yaml.safe_dump(recipe, sort_keys=True)
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+        f"# {name}", "",
+        f"Merged with zoo using `{plan.recipe.merge_method}`"
+        + (f" on top of `{front['base_model'][0]}`." if plan.base is not None else "."), "",
+        "Models merged:", "",
+        *[f"- `{m.ref or m.label}`" for m in plan.models], "",
+        "## Recipe", "", "```yaml", body.rstrip(), "```", "",
+    ]
+    if plan.heads and any(plan.heads.values()):
+        lines += ["Each expert's task head is kept unmerged in `task_heads.safetensors`.", ""]
+    return "\n".join(lines)
+
+
+def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" = None,
+        out_dir: str | Path | None = None, device: str = "auto", shard_bytes: int = engine.DEFAULT_SHARD_BYTES,
+        progress: "ProgressFactory | None" = None) -> dict[str, Any]:
+    """Merge to disk, tensor by tensor.
+
+    With ``out`` (a name) the result is registered in ``registry`` as a ``merged``
+    model with its lineage; with ``out_dir`` it is written to that folder. Either way
+    it appears only when complete.
+    """
+    if (out is None) == (out_dir is None):
+        raise ZooError("give either a registry name (--out) or a folder (--out-dir) for the merged model")
+    if out is not None:
+        validate_name(out)
+        if registry is None:
+            raise ZooError("registering a merge needs a registry")
+        if registry._is_name(out):
+            raise AlreadyExists(f"a model named {out!r} already exists; choose another --out")
+    if shard_bytes <= 0:
+        raise ZooError("--shard-size must be a positive number of bytes")
+    if out_dir is not None:
+        out_dir = Path(out_dir).absolute()
+        if out_dir.exists():
+            raise AlreadyExists(f"{out_dir} already exists; choose a new folder")
+        if not out_dir.parent.is_dir():
+            raise ZooError(f"{out_dir.parent} does not exist")
+    plan = make_plan(recipe, registry)
+    name = out or out_dir.name
+    recipe_d = resolved_recipe(plan)
+    if out is not None:
+        folder = registry.store.temp_path(".merge")
+        folder.mkdir(parents=True)
+    else:
+        folder = engine.temp_folder(out_dir.parent, out_dir.name)
+    try:
+        total = engine.nbytes_total(plan)
+        advance = (progress or (lambda d, t: (lambda n: None)))(f"merging {name}", total)
+        digests = engine.execute(plan, folder, device=device, shard_bytes=shard_bytes, advance=advance)
+        digests.update(engine.copy_sidecars(plan, folder))
+        from .writer import write_file
+
+        digests["README.md"] = write_file(folder / "README.md", model_card(name, plan, recipe_d).encode())
+        if out is not None:
+            parents = ([("base", plan.base.ref)] if plan.base is not None and plan.base.ref else []) + \
+                      [("expert", m.ref) for m in plan.models if m.ref]
+            tasks = sorted({t for m in plan.models for t in m.tasks})
+            info = registry.add(folder, out, "merged", base=plan.base.ref if plan.base is not None else None,
+                                parents=parents, recipe=recipe_d, tasks=tasks, adopt=digests, check_base=False,
+                                head_patterns=tuple(plan.recipe.heads),
+                                metadata={"heads": {str(k): v for k, v in plan.heads.items() if v}})
+            return info
+        folder.rename(out_dir)
+        return {"path": str(out_dir), "files": sorted(digests)}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,160 @@
+"""A streaming safetensors writer for a planned set of tensors.
+
+Every tensor's name, dtype and shape are known before the merge starts, so each
+shard's header is written first and tensor bytes are appended as they are produced;
+no shard is ever held in memory. Each file is hashed as it is written, so the result
+can enter the blob store without being read again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from zoo.checkpoint import DTYPE_SIZES
+from zoo.errors import StorageError
+from zoo.store import DISK_FULL
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def plan_shards(tensors: list[OutTensor], shard_bytes: int) -> list[list[OutTensor]]:
+    """Split tensors, in order, into shards of at most ``shard_bytes`` (a tensor larger
+    than that gets a shard of its own)."""
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return [s for s in shards if s]
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def header_bytes(tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> bytes:
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class ShardWriter:
+    """Writes planned shards into ``folder`` from a background thread.
+
+    ``put(bytes)`` hands over the next tensor's bytes in plan order; ``close()`` waits,
+    writes the index and returns each file's sha256.
+    """
+
+    def __init__(self, folder: Path, shards: list[list[OutTensor]], depth: int = 4):
+        self.folder = folder
+        self.shards = shards
+        self.names = shard_names(len(shards))
+        self.digests: dict[str, str] = {}
+        self._q: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for name, tensors in zip(self.names, self.shards):
+                h = hashlib.sha256()
+                with open(self.folder / name, "wb", buffering=0) as f:
+                    head = header_bytes(tensors)
+                    f.write(head)
+                    h.update(head)
+                    for t in tensors:
+                        data = self._q.get()
+                        if data is None:
+                            return
+                        if len(data) != t.nbytes:
+                            raise RuntimeError(f"{t.name}: got {len(data)} bytes, planned {t.nbytes}")
+                        view = memoryview(data)
+                        done = 0
+                        while done < len(view):
+                            done += f.write(view[done:])
+                        h.update(view)
+                self.digests[name] = h.hexdigest()
+        except BaseException as e:  # reported by put/close in the caller's thread
+            self._error = e
+            while self._q.get() is not None:  # drain until the producer aborts
+                pass
+
+    def _raise(self) -> None:
+        e = self._error
+        if e is None:
+            return
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            raise StorageError(f"disk full while writing the merged model into {self.folder}; "
+                               "free some space and run the merge again") from None
+        if isinstance(e, OSError):
+            raise StorageError(f"cannot write the merged model: {e.strerror or e}") from None
+        raise e
+
+    def put(self, data: bytes | memoryview) -> None:
+        self._raise()
+        while True:
+            try:
+                self._q.put(data, timeout=0.5)
+                return
+            except queue.Full:
+                self._raise()
+
+    def abort(self) -> None:
+        try:
+            self._q.put_nowait(None)
+        except queue.Full:
+            pass
+        self._thread.join(timeout=5)
+
+    def close(self) -> dict[str, str]:
+        self._q.put(None)  # ends the drain loop if the writer failed; unused otherwise
+        self._thread.join()
+        self._raise()
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": sum(t.nbytes for s in self.shards for t in s)},
+                     "weight_map": {t.name: n for n, s in zip(self.names, self.shards) for t in s}}
+            data = (json.dumps(index, indent=2) + "\n").encode()
+            (self.folder / "model.safetensors.index.json").write_bytes(data)
+            self.digests["model.safetensors.index.json"] = hashlib.sha256(data).hexdigest()
+        return dict(self.digests)
+
+
+def write_file(path: Path, data: bytes) -> str:
+    """Write a small file and return its sha256."""
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise StorageError(f"disk full while writing {path}") from None
+        raise
+    return hashlib.sha256(data).hexdigest()
+
+
