@@ -21,3 +21,51 @@ def save(name: str, result: dict[str, Any]) -> Path:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return out
+
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _rss(pid: int) -> tuple[int, int]:
+    anon = file = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    anon = int(line.split()[1])
+                elif line.startswith("RssFile:"):
+                    file = int(line.split()[1])
+    except OSError:
+        pass
+    return anon, file
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a command; wall time and the peaks of anonymous and file-backed memory of its
+    process tree, sampled every 20 ms (file-backed pages are mapped inputs, which the
+    page cache holds anyway; anonymous memory is what the program itself allocated)."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    peak_anon = peak_file = 0
+    while proc.poll() is None:
+        samples = [_rss(p) for p in _tree(proc.pid)]
+        peak_anon = max(peak_anon, sum(s[0] for s in samples))
+        peak_file = max(peak_file, sum(s[1] for s in samples))
+        time.sleep(0.02)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {err[-2000:]}")
+    return {"wall_s": wall, "peak_anon_mib": peak_anon / 1024, "peak_file_mib": peak_file / 1024}

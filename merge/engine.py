@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,24 @@ DEFAULT_SHARD_BYTES = 5 * 1000**3
 SKIP_SIDECARS = {"README.md", "model.safetensors.index.json"}
 
 Advance = Callable[[int], None]
+
+
+def keep_freed_memory() -> None:
+    """Let glibc reuse freed tensor memory instead of unmapping it.
+
+    A merge allocates and frees buffers of the same few sizes millions of times; by
+    default glibc serves each large one with a fresh mmap, so every chunk pays page
+    faults and zero-filling. A fixed mmap threshold and trim threshold keep the freed
+    blocks for reuse. Best effort: other C libraries are left alone.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def pick_device(device: str) -> torch.device:
@@ -53,52 +70,89 @@ def _to_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
+CHUNK_ELEMS = 1 << 20  # elements per piece when a tensor is streamed in chunks
+
+
 def execute(plan: Plan, folder: Path, *, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_BYTES,
-            advance: Advance = lambda n: None) -> dict[str, str]:
+            advance: Advance = lambda n: None, chunk_elems: int | None = None) -> dict[str, str]:
     """Write the merged model into ``folder`` (which must exist and be empty).
 
-    Returns the sha256 of every file written, keyed by its name in the folder.
+    Tensors are copied, merged whole, or (for elementwise methods) streamed in pieces
+    of ``chunk_elems`` so memory stays small whatever the tensor size. Returns the
+    sha256 of every file written, keyed by its name in the folder.
     """
     dev = pick_device(device)
-    compute = COMPUTE[plan.recipe.dtype]
+    keep_freed_memory()
     shards = plan_shards([s.out for s in plan.steps], shard_bytes)
     writer = ShardWriter(folder, shards)
-    steps = plan.steps
-    base_ckpt = plan.base.ckpt if plan.base is not None else plan.models[0].ckpt
-
-    def load(i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        step = steps[i]
-        name = step.out.name
-        b = base_ckpt.read_tensor(name)
-        if not step.merge:
-            return b, []
-        return b, [read_input(m, name, b) for m in plan.models]
-
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoo-read") as pool:
-            nxt = pool.submit(load, 0) if steps else None
-            for i, step in enumerate(steps):
-                base_t, inputs = nxt.result()
-                nxt = pool.submit(load, i + 1) if i + 1 < len(steps) else None
-                out_dtype = TORCH_DTYPES.get(step.out.dtype)
-                if step.merge:
-                    name = step.out.name
-                    b = base_t.to(dev, compute) if plan.base is not None else None
-                    xs = [x.to(dev, compute) for x in inputs]
-                    merged = plan.method.merge(b, xs, plan.model_params(name), plan.options(name),
-                                               TensorContext(name, plan.recipe.seed))
-                    result = merged.to(out_dtype)
-                    del b, xs, merged
-                else:
-                    result = base_t
-                writer.put(_to_bytes(result))
-                advance(step.out.nbytes)
+        for step in plan.steps:
+            name = step.out.name
+            if not step.merge:
+                writer.put(_base_ckpt(plan).read_bytes(name))
+            elif plan.method.elementwise and not any(m.is_adapter and name in m.lora for m in plan.models):
+                _merge_chunked(plan, step.out, dev, writer, chunk_elems or CHUNK_ELEMS)
+            else:
+                _merge_whole(plan, step.out, dev, writer)
+            advance(step.out.nbytes)
         digests = writer.close()
     except BaseException:
         writer.abort()
         raise
     digests.update(_write_heads(plan, folder))
     return digests
+
+
+def _base_ckpt(plan: Plan):
+    return plan.base.ckpt if plan.base is not None else plan.models[0].ckpt
+
+
+def _read(inp, name: str, start: int, count: int):
+    """A piece of one model's tensor (adapters only reach here for tensors they leave alone)."""
+    if inp.is_adapter:
+        src = inp.overrides.get(name)
+        return None if src is None else inp.ckpt.read_range(src, start, count)
+    return inp.ckpt.read_range(name, start, count)
+
+
+def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardWriter, chunk: int) -> None:
+    name = out.name
+    compute = COMPUTE[plan.recipe.dtype]
+    base_ck = _base_ckpt(plan)
+    numel = base_ck.tensors[name].numel
+    params, options = plan.model_params(name), plan.options(name)
+    has_base = plan.base is not None
+
+    def pieces():
+        for start in range(0, numel, chunk):
+            n = min(chunk, numel - start)
+            b = base_ck.read_range(name, start, n).to(dev, compute)
+            xs = [(x if (x := _read(m, name, start, n)) is not None else b).to(dev, compute) for m in plan.models]
+            yield start, n, (b if has_base else None), xs
+
+    stats = None
+    collector = plan.method.stats_collector(numel, params, options)
+    if collector is not None:
+        for p in range(collector.passes):
+            for _, _, b, xs in pieces():
+                collector.update(p, b, xs)
+            collector.end_pass(p)
+        stats = collector.result()
+    ctx = TensorContext(name, plan.recipe.seed, stats)
+    out_dtype = TORCH_DTYPES[out.dtype]
+    for _, _, b, xs in pieces():
+        writer.put(_to_bytes(plan.method.merge(b, xs, params, options, ctx).to(out_dtype)))
+
+
+def _merge_whole(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardWriter) -> None:
+    name = out.name
+    compute = COMPUTE[plan.recipe.dtype]
+    b_raw = _base_ckpt(plan).read_tensor(name)
+    xs = [read_input(m, name, b_raw).to(dev, compute) for m in plan.models]
+    b = b_raw.to(dev, compute) if plan.base is not None else None
+    merged = plan.method.merge(b, xs, plan.model_params(name), plan.options(name),
+                               TensorContext(name, plan.recipe.seed))
+    writer.put(_to_bytes(merged.to(TORCH_DTYPES[out.dtype])))
 
 
 def _write_heads(plan: Plan, folder: Path) -> dict[str, str]:

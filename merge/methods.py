@@ -58,6 +58,9 @@ class TensorContext:
 
     name: str
     seed: int = 0
+    # Whole-tensor statistics computed by the engine in a first pass over chunks,
+    # e.g. TIES' trim thresholds; None when the method sees the whole tensor.
+    stats: dict[str, Any] | None = None
 
     def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded by (seed, model, tensor name): the same draw whatever the
@@ -75,9 +78,32 @@ class MergeMethod:
     max_models: ClassVar[int | None] = None
     parameters: ClassVar[dict[str, Param]] = {}
     model_parameters: ClassVar[dict[str, Param]] = {}
+    # True when merge() can run on any slice of a tensor independently, given the
+    # statistics from stats_passes(); the engine then streams large tensors in chunks.
+    elementwise: ClassVar[bool] = False
 
     def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], params: list[dict[str, Any]],
               options: dict[str, Any], ctx: TensorContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stats_collector(self, numel: int, params: list[dict[str, Any]], options: dict[str, Any]) \
+            -> "StatsCollector | None":
+        """What to gather over a whole tensor before merging it in chunks (None: nothing)."""
+        return None
+
+
+class StatsCollector:
+    """Gathers whole-tensor statistics over chunks, in one or more passes."""
+
+    passes: int = 1
+
+    def update(self, pass_no: int, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def end_pass(self, pass_no: int) -> None:
+        pass
+
+    def result(self) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -116,20 +142,71 @@ def validate_params(method: MergeMethod, options: dict[str, Any], per_model: lis
 
 
 # -- sparsification --------------------------------------------------------------------
-def _kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest |x| (k >= 1), by selection rather than a full sort."""
-    flat = x.abs().flatten()
-    return flat.kthvalue(flat.numel() - k + 1).values
+class TopKThreshold:
+    """The exact k-th largest |x| of a tensor seen in chunks, in two passes.
+
+    Non-negative float32 values order like their bit patterns, so a radix select on
+    the bits finds the value: pass 1 histograms the high 16 bits, pass 2 the low 16
+    bits inside the one high bin that holds the k-th value. Same answer as a sort,
+    in linear time and a few hundred kB, whatever the chunking.
+    """
+
+    def __init__(self, k: int):
+        self.k = k
+        self.hi = torch.zeros(1 << 15, dtype=torch.int64)
+        self.lo = torch.zeros(1 << 16, dtype=torch.int64)
+        self.bin = -1
+        self.above = 0
+
+    @staticmethod
+    def _bits(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
+
+    def update(self, pass_no: int, x: torch.Tensor) -> None:
+        bits = self._bits(x)
+        if pass_no == 0:
+            self.hi += torch.bincount(bits >> 16, minlength=1 << 15)[: 1 << 15]
+        else:
+            sel = bits[(bits >> 16) == self.bin] & 0xFFFF
+            self.lo += torch.bincount(sel, minlength=1 << 16)
+
+    def end_pass(self, pass_no: int) -> None:
+        if pass_no == 0:
+            from_top = self.hi.flip(0).cumsum(0)
+            i = int(torch.searchsorted(from_top, torch.tensor(self.k)))
+            self.bin = (1 << 15) - 1 - i
+            self.above = int(from_top[i - 1]) if i > 0 else 0
+
+    def value(self) -> float:
+        from_top = self.lo.flip(0).cumsum(0)
+        i = int(torch.searchsorted(from_top, torch.tensor(self.k - self.above)))
+        bits = (self.bin << 16) | ((1 << 16) - 1 - i)
+        return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
 
 
-def trim_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries with the largest magnitude (ties kept)."""
+def kth_largest_abs(x: torch.Tensor, k: int) -> float:
+    """The k-th largest |x| (k >= 1) of a whole tensor."""
+    sel = TopKThreshold(k)
+    for p in (0, 1):
+        sel.update(p, x)
+        sel.end_pass(p)
+    return sel.value()
+
+
+def trim_magnitude(delta: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries with the largest magnitude (ties kept).
+
+    ``threshold`` is the k-th largest magnitude when the caller computed it over the
+    whole tensor (chunked merges); otherwise it is computed here.
+    """
     if density >= 1 or delta.numel() == 0:
         return delta
-    k = int(density * delta.numel())
-    if k <= 0:
-        return torch.zeros_like(delta)
-    return delta * (delta.abs() >= _kth_largest_abs(delta, k))
+    if threshold is None:
+        k = int(density * delta.numel())
+        if k <= 0:
+            return torch.zeros_like(delta)
+        threshold = kth_largest_abs(delta, k)
+    return delta * (delta.abs() >= threshold)
 
 
 def trim_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -149,7 +226,7 @@ def trim_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Te
     if n_bot > 0:
         mask &= a > a.flatten().kthvalue(n_bot).values
     if n_top > 0:
-        mask &= a < _kth_largest_abs(delta, n_top)
+        mask &= a < kth_largest_abs(delta, n_top)
     return delta * mask
 
 
@@ -175,12 +252,18 @@ class _TaskVectorMerge(MergeMethod):
         normalize = options.get("normalize", self.default_normalize)
         rescale = options.get("rescale", self.default_rescale)
         lam = options.get("lambda", 1.0)
+        if not self.consensus and self.sparsify is None:
+            return self._plain(base, tensors, params, normalize, lam)
         deltas = []
+        thresholds = (ctx.stats or {}).get("thresholds")
         for i, (x, p) in enumerate(zip(tensors, params)):
             d = x - base
             density = p.get("density", self.model_parameters["density"].default) if "density" in self.model_parameters else 1.0
             if self.sparsify == "magnitude":
-                d = trim_magnitude(d, density)
+                if thresholds is not None and thresholds[i] is None:  # k == 0: nothing survives
+                    d = torch.zeros_like(d)
+                else:
+                    d = trim_magnitude(d, density, thresholds[i] if thresholds is not None else None)
             elif self.sparsify == "outliers":
                 d = trim_outliers(d, density, p.get("gamma", 0.01))
             elif self.sparsify == "random":
@@ -209,10 +292,52 @@ class _TaskVectorMerge(MergeMethod):
         return base + mixed
 
 
+    def _plain(self, base, tensors, params, normalize, lam):
+        """Task arithmetic without a stacked copy: the same float32 operations in the same
+        order as stack-multiply-sum (so bit for bit equal to it), in place."""
+        weights = [float(p.get("weight", self.model_parameters["weight"].default)) for p in params]
+        acc = torch.sub(tensors[0], base).mul_(weights[0])
+        buf = torch.empty_like(acc) if len(tensors) > 1 else None
+        for x, w in zip(tensors[1:], weights[1:]):
+            acc.add_(torch.sub(x, base, out=buf).mul_(w))
+        if normalize:
+            divisor = torch.tensor(weights, dtype=acc.dtype).sum()
+            if divisor.abs() >= 1e-8:
+                acc.div_(divisor.to(acc.device))
+        if lam != 1:
+            acc.mul_(lam)
+        return acc.add_(base)
+
+
 _TV_PARAMS = {
     "normalize": Param(False, _bool, "divide by the sum of the weights (for TIES: dis-mean instead of dis-sum)"),
     "lambda": Param(1.0, _number, "scale the combined task vector"),
 }
+
+
+class _TrimThresholds(StatsCollector):
+    """Each model's trim threshold over the whole tensor (TIES)."""
+
+    passes = 2
+
+    def __init__(self, numel: int, densities: list[float]):
+        self.sel = [TopKThreshold(int(d * numel)) if d < 1 and int(d * numel) > 0 else None for d in densities]
+        self.none = [d < 1 and int(d * numel) <= 0 for d in densities]
+
+    def update(self, pass_no, base, tensors):
+        for s, x in zip(self.sel, tensors):
+            if s is not None:
+                s.update(pass_no, x - base)
+
+    def end_pass(self, pass_no):
+        for s in self.sel:
+            if s is not None:
+                s.end_pass(pass_no)
+
+    def result(self):
+        # float('inf') keeps nothing below it but 0 * inf is avoided by trim_magnitude's mask
+        return {"thresholds": [None if none else (s.value() if s is not None else 0.0)
+                               for s, none in zip(self.sel, self.none)]}
 
 
 @register
@@ -220,6 +345,7 @@ class TaskArithmetic(_TaskVectorMerge):
     """theta = theta_0 + lambda * sum_i w_i tau_i; with the default weight 0.3."""
 
     name = "task_arithmetic"
+    elementwise = True
     parameters = _TV_PARAMS
     model_parameters = {"weight": Param(0.3, _number, "scaling of this model's task vector")}
 
@@ -233,6 +359,11 @@ class Ties(_TaskVectorMerge):
     consensus = True
     sparsify = "magnitude"
     default_normalize = True
+    elementwise = True
+
+    def stats_collector(self, numel, params, options):
+        densities = [p.get("density", 1.0) for p in params]
+        return _TrimThresholds(numel, densities) if any(d < 1 for d in densities) else None
     parameters = {**_TV_PARAMS, "normalize": Param(True, _bool, _TV_PARAMS["normalize"].doc),
                   "rescale": Param(False, _bool), "trim": Param("per_tensor", _choice("per_tensor", "global"))}
     model_parameters = {"weight": Param(0.3, _number), "density": Param(1.0, _density)}
@@ -281,17 +412,17 @@ class Linear(MergeMethod):
 
     name = "linear"
     needs_base = False
+    elementwise = True
     parameters = {"normalize": Param(True, _bool)}
     model_parameters = {"weight": Param(1.0, _number)}
 
     def merge(self, base, tensors, params, options, ctx):
-        stacked = torch.stack(tensors, dim=0)
-        weights = torch.tensor([p.get("weight", 1.0) for p in params], dtype=stacked.dtype, device=stacked.device)
-        while weights.dim() < stacked.dim():
-            weights = weights.unsqueeze(-1)
-        out = (stacked * weights).sum(dim=0)
+        weights = [float(p.get("weight", 1.0)) for p in params]
+        out = torch.mul(tensors[0], weights[0])
+        for x, w in zip(tensors[1:], weights[1:]):
+            out.add_(torch.mul(x, w))
         if options.get("normalize", True):
-            out = out / weights.sum(dim=0)
+            out.div_(torch.tensor(weights, dtype=out.dtype).sum().to(out.device))
         return out
 
 

@@ -68,8 +68,8 @@ def header_bytes(tensors: list[OutTensor], metadata: dict[str, str] | None = Non
 class ShardWriter:
     """Writes planned shards into ``folder`` from a background thread.
 
-    ``put(bytes)`` hands over the next tensor's bytes in plan order; ``close()`` waits,
-    writes the index and returns each file's sha256.
+    ``put(bytes)`` hands over the next bytes in plan order; ``close()`` waits, writes
+    the index and returns each file's sha256.
     """
 
     def __init__(self, folder: Path, shards: list[list[OutTensor]], depth: int = 4):
@@ -91,16 +91,19 @@ class ShardWriter:
                     f.write(head)
                     h.update(head)
                     for t in tensors:
-                        data = self._q.get()
-                        if data is None:
-                            return
-                        if len(data) != t.nbytes:
-                            raise RuntimeError(f"{t.name}: got {len(data)} bytes, planned {t.nbytes}")
-                        view = memoryview(data)
-                        done = 0
-                        while done < len(view):
-                            done += f.write(view[done:])
-                        h.update(view)
+                        left = t.nbytes  # a tensor may arrive in several pieces
+                        while left > 0:
+                            data = self._q.get()
+                            if data is None:
+                                return
+                            if len(data) > left:
+                                raise RuntimeError(f"{t.name}: got {len(data)} bytes, {left} left to write")
+                            view = memoryview(data)
+                            done = 0
+                            while done < len(view):
+                                done += f.write(view[done:])
+                            h.update(view)
+                            left -= len(view)
                 self.digests[name] = h.hexdigest()
         except BaseException as e:  # reported by put/close in the caller's thread
             self._error = e
@@ -119,7 +122,10 @@ class ShardWriter:
         raise e
 
     def put(self, data: bytes | memoryview) -> None:
+        """Hand over the next bytes, in plan order: a whole tensor or a piece of one."""
         self._raise()
+        if len(data) == 0:
+            return
         while True:
             try:
                 self._q.put(data, timeout=0.5)

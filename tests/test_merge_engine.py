@@ -56,7 +56,13 @@ def llama_family(tmp_path, registry):
     ("model_stock", {}, {}),
     ("linear", {"weight": 1.0}, {}),
 ])
-def test_streaming_equals_in_memory(registry, llama_family, method, params, options):
+@pytest.mark.parametrize("chunk", [None, 100])
+def test_streaming_equals_in_memory(registry, llama_family, method, params, options, chunk, monkeypatch):
+    """Whole tensors, and (chunk=100) every elementwise tensor streamed in pieces of 100."""
+    from merge import engine
+
+    if chunk:
+        monkeypatch.setattr(engine, "CHUNK_ELEMS", chunk)
     base, experts = llama_family
     recipe = merge.from_dict({"merge_method": method, "base_model": "base", "parameters": options, "seed": 3,
                               "models": [{"model": f"e{i}", "parameters": params} for i in range(3)]})

@@ -186,3 +186,28 @@ def test_model_counts():
         M.merge_state_dicts("slerp", base, [base, base])
     with pytest.raises(ZooError, match="at least 2"):
         M.model_stock(base, [base])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_in_place_task_arithmetic_is_bit_identical_to_stack_sum(n, dtype):
+    """The in-place path must equal mergekit's order of operations exactly:
+    base + (stack(x_i - base) * w).sum(0), with normalize and lambda. (torch reduces
+    up to 4 rows in order; for 5 or more it may not, on sizes that are not a multiple
+    of the vector width, and then zoo keeps its sequential order.)"""
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(1000, generator=g, dtype=dtype)
+    xs = [base + 0.01 * torch.randn(1000, generator=g, dtype=dtype) for _ in range(n)]
+    ws = [0.3, 0.7, 1.3, 0.1, 2.0][:n]
+    for normalize, lam in ((False, 1.0), (True, 1.0), (False, 0.5)):
+        stacked = torch.stack([x - base for x in xs])
+        w = torch.tensor(ws, dtype=dtype).unsqueeze(-1)
+        mixed = (stacked * w).sum(dim=0)
+        if normalize:
+            mixed = mixed / w.sum(dim=0)
+        if lam != 1:
+            mixed = mixed * lam
+        expect = base + mixed
+        got = M.TaskArithmetic().merge(base, xs, [{"weight": x} for x in ws],
+                                       {"normalize": normalize, "lambda": lam}, M.TensorContext("t"))
+        assert torch.equal(got, expect)

@@ -204,25 +204,48 @@ class Checkpoint:
     # -- data ----------------------------------------------------------------------
     def read_tensor(self, name: str) -> "torch.Tensor":
         """Read one tensor from disk with ``pread``; nothing else is loaded."""
+        info = self.tensors[name]
+        return self.read_range(name, 0, info.numel).reshape(info.shape)
+
+    def read_range(self, name: str, start: int, count: int) -> "torch.Tensor":
+        """Elements ``[start, start + count)`` of a tensor, flattened, read with ``pread``.
+
+        The merge engine streams large tensors in such pieces.
+        """
         import torch
 
         info = self.tensors[name]
-        buf = bytearray(info.nbytes)
+        size = DTYPE_SIZES[info.dtype]
+        if start < 0 or count < 0 or start + count > info.numel:
+            raise IndexError(f"{name}: elements {start}..{start + count} outside {info.numel}")
+        nbytes = count * size
+        dtype = _torch_dtype(info.dtype)
+        if nbytes == 0:
+            return torch.empty(0, dtype=dtype)
+        buf = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled, unlike bytearray
+        view = memoryview(buf.numpy())
+        offset = info.start + start * size
         fd = os.open(info.file, os.O_RDONLY)
         try:
-            view = memoryview(buf)
             done = 0
-            while done < info.nbytes:
-                n = os.preadv(fd, [view[done:]], info.start + done)
+            while done < nbytes:
+                n = os.preadv(fd, [view[done:]], offset + done)
                 if n == 0:
                     raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
                 done += n
         finally:
             os.close(fd)
-        dtype = _torch_dtype(info.dtype)
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+        return buf.view(dtype)
+
+    def read_bytes(self, name: str) -> bytes:
+        """A tensor's raw bytes, for copying it unchanged."""
+        info = self.tensors[name]
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            data = f.read(info.nbytes)
+        if len(data) != info.nbytes:
+            raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
+        return data
 
 
 def _torch_dtype(name: str) -> "torch.dtype":
