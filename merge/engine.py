@@ -70,7 +70,10 @@ def _to_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
-CHUNK_ELEMS = 1 << 20  # elements per piece when a tensor is streamed in chunks
+CHUNK_ELEMS = 1 << 18  # elements per piece: float32 work buffers that stay in the CPU cache
+# Tensors up to this size are read once and kept whole when a method needs whole-tensor
+# statistics (TIES thresholds); bounds memory at about 10 copies of it in float32.
+STATS_WHOLE_ELEMS = 1 << 24
 
 
 def execute(plan: Plan, folder: Path, *, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -85,13 +88,14 @@ def execute(plan: Plan, folder: Path, *, device: str = "auto", shard_bytes: int 
     keep_freed_memory()
     shards = plan_shards([s.out for s in plan.steps], shard_bytes)
     writer = ShardWriter(folder, shards)
+    bufs = None
     try:
         for step in plan.steps:
             name = step.out.name
             if not step.merge:
                 writer.put(_base_ckpt(plan).read_bytes(name))
             elif plan.method.elementwise and not any(m.is_adapter and name in m.lora for m in plan.models):
-                _merge_chunked(plan, step.out, dev, writer, chunk_elems or CHUNK_ELEMS)
+                bufs = _merge_chunked(plan, step.out, dev, writer, chunk_elems or CHUNK_ELEMS, bufs)
             else:
                 _merge_whole(plan, step.out, dev, writer)
             advance(step.out.nbytes)
@@ -115,33 +119,86 @@ def _read(inp, name: str, start: int, count: int):
     return inp.ckpt.read_range(name, start, count)
 
 
-def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardWriter, chunk: int) -> None:
+class _Buffers:
+    """Reused per-piece buffers: raw bytes and compute copies of each input, and a ring
+    of output buffers long enough that the writer is done with one before it is reused."""
+
+    def __init__(self, n_inputs: int, size: int, compute: torch.dtype, dev: torch.device, ring: int,
+                 in_bytes: int):
+        self.raw = [torch.empty(size * in_bytes, dtype=torch.uint8) for _ in range(n_inputs)]
+        self.work = [torch.empty(size, dtype=compute, device=dev) for _ in range(n_inputs)]
+        self.out = [torch.empty(CHUNK_ELEMS * 8, dtype=torch.uint8) for _ in range(ring)]
+        self.next_out = 0
+        self.in_bytes = in_bytes
+
+    def output(self, t: torch.Tensor, dtype: torch.dtype):
+        """``t`` cast to ``dtype``, piece by piece through the ring, as bytes for the writer."""
+        item = torch.empty(0, dtype=dtype).element_size()
+        t = t.reshape(-1)
+        for off in range(0, t.numel(), CHUNK_ELEMS):
+            part = t[off:off + CHUNK_ELEMS]
+            buf = self.out[self.next_out]
+            self.next_out = (self.next_out + 1) % len(self.out)
+            n = part.numel() * item
+            buf[:n].view(dtype).copy_(part)
+            yield memoryview(buf[:n].numpy())
+
+
+def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardWriter, chunk: int,
+                   bufs: "_Buffers | None" = None) -> "_Buffers":
+    """Merge one tensor piece by piece; returns the buffers for the next tensor to reuse."""
     name = out.name
     compute = COMPUTE[plan.recipe.dtype]
     base_ck = _base_ckpt(plan)
     numel = base_ck.tensors[name].numel
     params, options = plan.model_params(name), plan.options(name)
     has_base = plan.base is not None
+    inputs = [base_ck, *[m.ckpt for m in plan.models]]
+    names = [name, *[(m.overrides.get(name) if m.is_adapter else name) for m in plan.models]]
+    collector = plan.method.stats_collector(numel, params, options)
+    # A tensor whose statistics need extra passes is read once and kept whole when it is
+    # small enough; only the largest (embeddings) are streamed again for each pass.
+    whole = collector is not None and numel <= STATS_WHOLE_ELEMS
+    size = max(chunk, numel) if whole else chunk
+    in_bytes = max(DTYPE_SIZES[ck.tensors[n].dtype] for ck, n in zip(inputs, names) if n is not None)
+    if bufs is None or len(bufs.work) != len(inputs) or bufs.work[0].numel() < size or bufs.in_bytes < in_bytes:
+        bufs = _Buffers(len(inputs), size, compute, dev, writer.depth + 2, in_bytes)
+    chunk = size
 
     def pieces():
+        if whole and cached:
+            yield cached[0]
+            return
         for start in range(0, numel, chunk):
             n = min(chunk, numel - start)
-            b = base_ck.read_range(name, start, n).to(dev, compute)
-            xs = [(x if (x := _read(m, name, start, n)) is not None else b).to(dev, compute) for m in plan.models]
-            yield start, n, (b if has_base else None), xs
+            work = []
+            for i, (ck, src) in enumerate(zip(inputs, names)):
+                w = bufs.work[i][:n]
+                if src is None:  # an adapter that leaves this tensor alone: the base's value
+                    w.copy_(work[0])
+                else:
+                    w.copy_(ck.read_range(src, start, n, out=bufs.raw[i]))
+                work.append(w)
+            piece = ((work[0] if has_base else None), work[1:])
+            if whole:
+                cached.append(piece)
+            yield piece
 
+    cached: list = []
     stats = None
-    collector = plan.method.stats_collector(numel, params, options)
     if collector is not None:
         for p in range(collector.passes):
-            for _, _, b, xs in pieces():
+            for b, xs in pieces():
                 collector.update(p, b, xs)
             collector.end_pass(p)
         stats = collector.result()
-    ctx = TensorContext(name, plan.recipe.seed, stats)
+    ctx = TensorContext(name, plan.recipe.seed, stats, scratch=True)
     out_dtype = TORCH_DTYPES[out.dtype]
-    for _, _, b, xs in pieces():
-        writer.put(_to_bytes(plan.method.merge(b, xs, params, options, ctx).to(out_dtype)))
+    for b, xs in pieces():
+        merged = plan.method.merge(b, xs, params, options, ctx)
+        for data in bufs.output(merged, out_dtype):
+            writer.put(data)
+    return bufs
 
 
 def _merge_whole(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardWriter) -> None:

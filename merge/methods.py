@@ -61,6 +61,9 @@ class TensorContext:
     # Whole-tensor statistics computed by the engine in a first pass over chunks,
     # e.g. TIES' trim thresholds; None when the method sees the whole tensor.
     stats: dict[str, Any] | None = None
+    # True when the input tensors are the engine's scratch buffers, which the method
+    # may overwrite (saves an allocation per piece on the hot path).
+    scratch: bool = False
 
     def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded by (seed, model, tensor name): the same draw whatever the
@@ -160,14 +163,17 @@ class TopKThreshold:
 
     @staticmethod
     def _bits(x: torch.Tensor) -> torch.Tensor:
-        return x.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
+        x = x.detach().reshape(-1)
+        x = x.abs() if x.dtype != torch.float32 else x.abs_() if x.is_contiguous() else x.abs()
+        return x.to(torch.float32).view(torch.int32)
 
     def update(self, pass_no: int, x: torch.Tensor) -> None:
+        """Count one piece; may overwrite ``x`` with its magnitudes."""
         bits = self._bits(x)
         if pass_no == 0:
-            self.hi += torch.bincount(bits >> 16, minlength=1 << 15)[: 1 << 15]
+            self.hi += torch.bincount(bits.bitwise_right_shift_(16), minlength=1 << 15)[: 1 << 15]
         else:
-            sel = bits[(bits >> 16) == self.bin] & 0xFFFF
+            sel = bits[(bits >> 16) == self.bin].bitwise_and_(0xFFFF)
             self.lo += torch.bincount(sel, minlength=1 << 16)
 
     def end_pass(self, pass_no: int) -> None:
@@ -184,11 +190,22 @@ class TopKThreshold:
         return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
 
 
+def _below(value: float, dtype: torch.dtype) -> float:
+    """The largest number of ``dtype`` below ``value`` (value > 0)."""
+    import numpy as np
+
+    if dtype == torch.bfloat16:  # numpy has no bfloat16: step its bit pattern down by one
+        bits = torch.tensor([value], dtype=torch.bfloat16).view(torch.int16) - 1
+        return float(bits.view(torch.bfloat16))
+    np_dtype = {torch.float64: np.float64, torch.float16: np.float16}.get(dtype, np.float32)
+    return float(np.nextafter(np_dtype(value), np_dtype(0)))
+
+
 def kth_largest_abs(x: torch.Tensor, k: int) -> float:
     """The k-th largest |x| (k >= 1) of a whole tensor."""
     sel = TopKThreshold(k)
     for p in (0, 1):
-        sel.update(p, x)
+        sel.update(p, x.detach().to(torch.float32, copy=True))  # update() overwrites its input
         sel.end_pass(p)
     return sel.value()
 
@@ -253,7 +270,9 @@ class _TaskVectorMerge(MergeMethod):
         rescale = options.get("rescale", self.default_rescale)
         lam = options.get("lambda", 1.0)
         if not self.consensus and self.sparsify is None:
-            return self._plain(base, tensors, params, normalize, lam)
+            return self._plain(base, tensors, params, normalize, lam, ctx.scratch)
+        if ctx.scratch and self.consensus and self.sparsify == "magnitude" and ctx.stats is not None:
+            return self._ties_in_place(base, tensors, params, normalize, lam, ctx.stats["thresholds"])
         deltas = []
         thresholds = (ctx.stats or {}).get("thresholds")
         for i, (x, p) in enumerate(zip(tensors, params)):
@@ -292,14 +311,19 @@ class _TaskVectorMerge(MergeMethod):
         return base + mixed
 
 
-    def _plain(self, base, tensors, params, normalize, lam):
+    def _plain(self, base, tensors, params, normalize, lam, scratch=False):
         """Task arithmetic without a stacked copy: the same float32 operations in the same
         order as stack-multiply-sum (so bit for bit equal to it), in place."""
         weights = [float(p.get("weight", self.model_parameters["weight"].default)) for p in params]
-        acc = torch.sub(tensors[0], base).mul_(weights[0])
-        buf = torch.empty_like(acc) if len(tensors) > 1 else None
-        for x, w in zip(tensors[1:], weights[1:]):
-            acc.add_(torch.sub(x, base, out=buf).mul_(w))
+        if scratch:  # overwrite the engine's buffers: no allocation at all
+            acc = tensors[0].sub_(base).mul_(weights[0])
+            for x, w in zip(tensors[1:], weights[1:]):
+                acc.add_(x.sub_(base).mul_(w))
+        else:
+            acc = torch.sub(tensors[0], base).mul_(weights[0])
+            buf = torch.empty_like(acc) if len(tensors) > 1 else None
+            for x, w in zip(tensors[1:], weights[1:]):
+                acc.add_(torch.sub(x, base, out=buf).mul_(w))
         if normalize:
             divisor = torch.tensor(weights, dtype=acc.dtype).sum()
             if divisor.abs() >= 1e-8:
@@ -307,6 +331,41 @@ class _TaskVectorMerge(MergeMethod):
         if lam != 1:
             acc.mul_(lam)
         return acc.add_(base)
+
+
+    def _ties_in_place(self, base, tensors, params, normalize, lam, thresholds):
+        """TIES on the engine's scratch buffers with thresholds known: the same result as
+        the stacked version above, without allocating a tensor per step."""
+        weights = [float(p.get("weight", self.model_parameters["weight"].default)) for p in params]
+        n = base.numel()
+        a = torch.empty(n, dtype=base.dtype, device=base.device)
+        keep = torch.empty(n, dtype=torch.bool, device=base.device)
+        for x, w, thr in zip(tensors, weights, thresholds):
+            x.sub_(base)
+            if thr is None:
+                x.zero_()
+            elif thr > 0:
+                # zero |x| < thr in one fused pass: hardshrink zeroes |x| <= lambda, and
+                # lambda is the float just below thr
+                torch.hardshrink(x, _below(thr, x.dtype), out=x)
+            x.mul_(w)
+        total = torch.empty_like(a)
+        total.copy_(tensors[0])
+        for x in tensors[1:]:
+            total.add_(x)
+        positive = torch.ge(total, 0)  # the elected sign: + where the mass is >= 0
+        mixed = total.zero_()
+        divisor = a.zero_()
+        for x, w in zip(tensors, weights):
+            torch.eq(torch.gt(x, 0, out=keep), positive, out=keep)  # same sign as elected...
+            keep.logical_and_(x != 0)  # ...and not trimmed
+            mixed.add_(x.mul_(keep))
+            divisor.add_(keep, alpha=w)
+        if normalize:
+            mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+        if lam != 1:
+            mixed.mul_(lam)
+        return mixed.add_(base)
 
 
 _TV_PARAMS = {
@@ -325,9 +384,11 @@ class _TrimThresholds(StatsCollector):
         self.none = [d < 1 and int(d * numel) <= 0 for d in densities]
 
     def update(self, pass_no, base, tensors):
+        buf = None
         for s, x in zip(self.sel, tensors):
             if s is not None:
-                s.update(pass_no, x - base)
+                buf = torch.sub(x, base, out=buf)
+                s.update(pass_no, buf)
 
     def end_pass(self, pass_no):
         for s in self.sel:
@@ -335,7 +396,6 @@ class _TrimThresholds(StatsCollector):
                 s.end_pass(pass_no)
 
     def result(self):
-        # float('inf') keeps nothing below it but 0 * inf is avoided by trim_magnitude's mask
         return {"thresholds": [None if none else (s.value() if s is not None else 0.0)
                                for s, none in zip(self.sel, self.none)]}
 

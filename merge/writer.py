@@ -77,6 +77,7 @@ class ShardWriter:
         self.shards = shards
         self.names = shard_names(len(shards))
         self.digests: dict[str, str] = {}
+        self.depth = depth
         self._q: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -61,8 +61,9 @@ def test_streaming_equals_in_memory(registry, llama_family, method, params, opti
     """Whole tensors, and (chunk=100) every elementwise tensor streamed in pieces of 100."""
     from merge import engine
 
-    if chunk:
+    if chunk:  # every tensor streamed in pieces, statistics gathered over pieces
         monkeypatch.setattr(engine, "CHUNK_ELEMS", chunk)
+        monkeypatch.setattr(engine, "STATS_WHOLE_ELEMS", 0)
     base, experts = llama_family
     recipe = merge.from_dict({"merge_method": method, "base_model": "base", "parameters": options, "seed": 3,
                               "models": [{"model": f"e{i}", "parameters": params} for i in range(3)]})

@@ -211,3 +211,19 @@ def test_in_place_task_arithmetic_is_bit_identical_to_stack_sum(n, dtype):
         got = M.TaskArithmetic().merge(base, xs, [{"weight": x} for x in ws],
                                        {"normalize": normalize, "lambda": lam}, M.TensorContext("t"))
         assert torch.equal(got, expect)
+
+
+@pytest.mark.parametrize("kind", ["normal", "clustered", "zeros"])
+def test_radix_threshold_is_exact(kind):
+    """The radix select agrees with a sort, on spread, tied and mostly-zero values."""
+    g = torch.Generator().manual_seed(1)
+    n = 300_000
+    if kind == "normal":
+        a = torch.randn(n, generator=g)
+    elif kind == "clustered":
+        a = torch.randint(-4, 5, (n,), generator=g).float()
+    else:
+        a = torch.zeros(n)
+        a[:1000] = torch.rand(1000, generator=g)
+    for k in (1, 7, n // 5, n // 2, n - 1):
+        assert M.kth_largest_abs(a, k) == float(a.abs().sort(descending=True).values[k - 1])

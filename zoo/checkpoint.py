@@ -207,10 +207,11 @@ class Checkpoint:
         info = self.tensors[name]
         return self.read_range(name, 0, info.numel).reshape(info.shape)
 
-    def read_range(self, name: str, start: int, count: int) -> "torch.Tensor":
+    def read_range(self, name: str, start: int, count: int, out: "torch.Tensor | None" = None) -> "torch.Tensor":
         """Elements ``[start, start + count)`` of a tensor, flattened, read with ``pread``.
 
-        The merge engine streams large tensors in such pieces.
+        The merge engine streams large tensors in such pieces; ``out`` (a uint8 tensor of
+        at least the piece's bytes) is a reused buffer to read into.
         """
         import torch
 
@@ -222,20 +223,34 @@ class Checkpoint:
         dtype = _torch_dtype(info.dtype)
         if nbytes == 0:
             return torch.empty(0, dtype=dtype)
-        buf = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled, unlike bytearray
+        buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]  # never zero-filled
         view = memoryview(buf.numpy())
         offset = info.start + start * size
-        fd = os.open(info.file, os.O_RDONLY)
-        try:
-            done = 0
-            while done < nbytes:
-                n = os.preadv(fd, [view[done:]], offset + done)
-                if n == 0:
-                    raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
-                done += n
-        finally:
-            os.close(fd)
+        fd = self._fd(info.file)
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
+            done += n
         return buf.view(dtype)
+
+    def _fd(self, path: Path) -> int:
+        """One read-only descriptor per file, opened on first use (see ``close``)."""
+        fds = self.__dict__.setdefault("_fds", {})
+        if path not in fds:
+            fds[path] = os.open(path, os.O_RDONLY)
+        return fds[path]
+
+    def close(self) -> None:
+        for fd in self.__dict__.pop("_fds", {}).values():
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def read_bytes(self, name: str) -> bytes:
         """A tensor's raw bytes, for copying it unchanged."""
