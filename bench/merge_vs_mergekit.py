@@ -113,6 +113,11 @@ def main() -> None:
             for d in (f"zoo_{case}", f"mk_{case}"):
                 shutil.rmtree(work / d, ignore_errors=True)
         params = sum(t.numel for t in open_checkpoint(args.family / "base").tensors.values())
+        previous = HERE / "results" / "merge_vs_mergekit.json"
+        if previous.is_file():  # a run of some cases keeps the others' last results
+            import json
+
+            results = {**json.loads(previous.read_text()).get("cases", {}), **results}
         save("merge_vs_mergekit", {"family": str(args.family), "parameters_per_model": params,
                                    "targets": {"task_arithmetic_over_mergekit": 0.25, "task_arithmetic_over_floor": 2.0,
                                                "ties_over_mergekit": 0.1, "peak_anon_mib": 1024, "max_ulp": 0},

@@ -48,8 +48,13 @@ def _bool(v: Any) -> str | None:
     return None if isinstance(v, bool) else "must be true or false"
 
 
-def _choice(*options: str) -> Callable[[Any], str | None]:
-    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
+def _trim_scope(v: Any) -> str | None:
+    if v == "per_tensor":
+        return None
+    if v == "global":
+        return ("global (one threshold per model over all tensors, as in the TIES paper) is not "
+                "implemented yet; use per_tensor")
+    return "must be per_tensor"
 
 
 @dataclass(frozen=True)
@@ -171,10 +176,10 @@ class TopKThreshold:
         """Count one piece; may overwrite ``x`` with its magnitudes."""
         bits = self._bits(x)
         if pass_no == 0:
-            self.hi += torch.bincount(bits.bitwise_right_shift_(16), minlength=1 << 15)[: 1 << 15]
+            self.hi += torch.bincount(bits.bitwise_right_shift_(16), minlength=1 << 15)[: 1 << 15].cpu()
         else:
             sel = bits[(bits >> 16) == self.bin].bitwise_and_(0xFFFF)
-            self.lo += torch.bincount(sel, minlength=1 << 16)
+            self.lo += torch.bincount(sel, minlength=1 << 16).cpu()
 
     def end_pass(self, pass_no: int) -> None:
         if pass_no == 0:
@@ -425,7 +430,7 @@ class Ties(_TaskVectorMerge):
         densities = [p.get("density", 1.0) for p in params]
         return _TrimThresholds(numel, densities) if any(d < 1 for d in densities) else None
     parameters = {**_TV_PARAMS, "normalize": Param(True, _bool, _TV_PARAMS["normalize"].doc),
-                  "rescale": Param(False, _bool), "trim": Param("per_tensor", _choice("per_tensor", "global"))}
+                  "rescale": Param(False, _bool), "trim": Param("per_tensor", _trim_scope)}
     model_parameters = {"weight": Param(0.3, _number), "density": Param(1.0, _density)}
 
 

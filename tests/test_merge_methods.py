@@ -172,6 +172,7 @@ def test_heads_and_integer_buffers_are_skipped():
     (dict(model_params=[{"frobnicate": 1}]), "unknown per-model parameter 'frobnicate'"),
     (dict(options={"colour": "red"}), "unknown parameter 'colour'"),
     (dict(options={"normalize": "yes"}), "normalize must be true or false"),
+    (dict(options={"trim": "global"}), "global .* not implemented yet"),
 ])
 def test_bad_parameters_are_refused(bad, msg):
     base = {"w": torch.zeros(3)}
