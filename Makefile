@@ -23,9 +23,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# merge_vs_mergekit.py needs the 1B family and a mergekit venv: see bench/RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python bench/add_throughput.py
 	$(BIN)/python bench/list_10k.py
+	$(BIN)/python bench/demo_interference.py
 
 clean:
 	rm -rf $(VENV) registry.db registry.db-* registry.store

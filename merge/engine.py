@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,6 +130,9 @@ class _Buffers:
                  in_bytes: int):
         self.raw = [torch.empty(size * in_bytes, dtype=torch.uint8) for _ in range(n_inputs)]
         self.work = [torch.empty(size, dtype=compute, device=dev) for _ in range(n_inputs)]
+        # a second set, filled by the reader thread while the first is merged
+        self.raw2 = [torch.empty(size * in_bytes, dtype=torch.uint8) for _ in range(n_inputs)]
+        self.work2 = [torch.empty(size, dtype=compute, device=dev) for _ in range(n_inputs)]
         self.out = [torch.empty(CHUNK_ELEMS * 8, dtype=torch.uint8) for _ in range(ring)]
         self.next_out = 0
         self.in_bytes = in_bytes
@@ -166,24 +171,28 @@ def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardW
         bufs = _Buffers(len(inputs), size, compute, dev, writer.depth + 2, in_bytes)
     chunk = size
 
+    sets = [(bufs.raw, bufs.work), (bufs.raw2, bufs.work2)]
+
+    def load(k: int, start: int):
+        raw, work_bufs = sets[k]
+        n = min(chunk, numel - start)
+        work = []
+        for i, (ck, src) in enumerate(zip(inputs, names)):
+            w = work_bufs[i][:n]
+            if src is None:  # an adapter that leaves this tensor alone: the base's value
+                w.copy_(work[0])
+            else:
+                w.copy_(ck.read_range(src, start, n, out=raw[i]))
+            work.append(w)
+        return (work[0] if has_base else None), work[1:]
+
     def pieces():
-        if whole and cached:
+        if whole:
+            if not cached:
+                cached.append(load(0, 0))
             yield cached[0]
             return
-        for start in range(0, numel, chunk):
-            n = min(chunk, numel - start)
-            work = []
-            for i, (ck, src) in enumerate(zip(inputs, names)):
-                w = bufs.work[i][:n]
-                if src is None:  # an adapter that leaves this tensor alone: the base's value
-                    w.copy_(work[0])
-                else:
-                    w.copy_(ck.read_range(src, start, n, out=bufs.raw[i]))
-                work.append(w)
-            piece = ((work[0] if has_base else None), work[1:])
-            if whole:
-                cached.append(piece)
-            yield piece
+        yield from _prefetched(load, range(0, numel, chunk))
 
     cached: list = []
     stats = None
@@ -201,6 +210,42 @@ def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardW
             for data in bufs.output(merged, out_dtype):
                 writer.put(data)
     return bufs
+
+
+def _prefetched(load, starts):
+    """Yield ``load(set, start)`` for each start, reading the next piece in a background
+    thread (pread and the dtype conversion release the GIL) while the caller merges this
+    one. Two buffer sets alternate; a set is refilled only after its piece is consumed."""
+    free: queue.Queue[int] = queue.Queue()
+    ready: queue.Queue = queue.Queue()
+    free.put(0)
+    free.put(1)
+    stop = threading.Event()
+
+    def fill() -> None:
+        try:
+            for start in starts:
+                k = free.get()
+                if stop.is_set():
+                    return
+                ready.put((k, load(k, start)))
+            ready.put(None)
+        except BaseException as e:  # handed to the consumer
+            ready.put(e)
+
+    t = threading.Thread(target=fill, daemon=True, name="zoo-read")
+    t.start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            k, piece = item
+            yield piece
+            free.put(k)
+    finally:
+        stop.set()
+        free.put(0)
+        t.join()
 
 
 @contextmanager
