@@ -80,7 +80,7 @@ class Plan:
 
 
 def _open_input(label: str, registry: "Registry | None") -> Input:
-    if registry is not None and registry._is_name(label):
+    if registry is not None and registry.has(label):
         info = registry.show(label)
         return Input(label, info["ref"], registry.checkpoint(info["ref"]), tasks=info["tasks"])
     if Path(label).exists():

@@ -67,7 +67,7 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
         validate_name(out)
         if registry is None:
             raise ZooError("registering a merge needs a registry")
-        if registry._is_name(out):
+        if registry.has(out):
             raise AlreadyExists(f"a model named {out!r} already exists; choose another --out")
     if shard_bytes <= 0:
         raise ZooError("--shard-size must be a positive number of bytes")

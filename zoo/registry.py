@@ -364,6 +364,18 @@ class Registry:
             reports.append(compare(ckpt, b, ref, str(bname), head_patterns))
         return reports
 
+    def has(self, ref: str) -> bool:
+        """Whether ``ref`` (NAME or NAME@N) names a registered model."""
+        return self._is_name(ref) and (parse_ref(ref)[1] is None or self._has_version(ref))
+
+    def _has_version(self, ref: str) -> bool:
+        try:
+            with self._read() as s:
+                self._resolve(s, ref)
+            return True
+        except NotFound:
+            return False
+
     def _is_name(self, ref: str) -> bool:
         try:
             name, _ = parse_ref(ref)

@@ -161,13 +161,7 @@ class BlobStore:
                     digest, size = _copy_and_hash(src, fd, advance)
             finally:
                 os.close(fd)
-            os.chmod(tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-            dest = self.path(digest)
-            if dest.exists():
-                tmp.unlink()
-            else:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, dest)
+            self._seal(tmp, digest)
             return digest, size
         except OSError as e:
             tmp.unlink(missing_ok=True)
@@ -194,6 +188,12 @@ class BlobStore:
             digest, size = hash_file(path, advance)
         else:
             advance(size)
+        self._seal(path, digest)
+        return digest, size
+
+    def _seal(self, path: Path, digest: str) -> None:
+        """Make a complete file read-only and rename it to its blob name (or drop it
+        when that blob is already stored)."""
         os.chmod(path, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
         dest = self.path(digest)
         if dest.exists():
@@ -201,7 +201,6 @@ class BlobStore:
         else:
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, dest)
-        return digest, size
 
     def remove(self, sha256: str) -> None:
         p = self.path(sha256)
