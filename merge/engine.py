@@ -327,7 +327,3 @@ def temp_folder(parent: Path, name: str) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
-
-
-__all__ = ["DEFAULT_SHARD_BYTES", "DTYPE_SIZES", "HEADS_FILE", "copy_sidecars", "execute", "nbytes_total",
-           "pick_device", "temp_folder"]

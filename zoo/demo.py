@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +250,7 @@ def run_demo(registry: Registry, cfg: DemoConfig = FULL, log: Callable[[str], No
         for task in cfg.tasks:
             experts[task] = registry.add(folder / "experts" / task, f"{cfg.prefix}-{task}", "expert",
                                          base=base_ref, tasks=[task], tags=["demo"], metadata=meta,
-                                         new_version=renew or registry_has(registry, f"{cfg.prefix}-{task}"))["ref"]
+                                         new_version=renew or registry.has(f"{cfg.prefix}-{task}"))["ref"]
         log(f"registered {base_ref} and {len(experts)} experts in {registry.path}")
 
     acc: dict[str, float] = {}
@@ -266,14 +266,10 @@ def run_demo(registry: Registry, cfg: DemoConfig = FULL, log: Callable[[str], No
                       registry.path, registry.store.root, rows)
 
 
-def registry_has(registry: Registry, name: str) -> bool:
-    return any(m["name"] == name for m in registry.list())
-
-
 def _split_sizes(path: Path) -> dict[str, int]:
     from .taskdata import task_info
 
     return task_info(path)["splits"]
 
 
-__all__ = ["DemoConfig", "DemoResult", "FULL", "QUICK", "TASKS", "build", "run_demo", "replace"]
+__all__ = ["DemoConfig", "DemoResult", "FULL", "QUICK", "TASKS", "build", "run_demo"]

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, selectinload
 from . import db
 from .checkpoint import Checkpoint, open_checkpoint
 from .compat import DEFAULT_HEAD_PATTERNS, CompatReport, compare
-from .errors import AlreadyExists, CheckpointError, IncompatibleModels, InUse, NotFound, StorageError, ZooError
+from .errors import AlreadyExists, IncompatibleModels, InUse, NotFound, StorageError, ZooError
 from .listing import iso_utc, list_models
 from .names import parse_ref, validate_name
 from .paths import existing_registry, registry_path, store_path
@@ -353,7 +353,7 @@ class Registry:
             if base_ckpt is not None:
                 b, bname = base_ckpt, base
             else:
-                if Path(ref).exists() and not self._is_name(ref):
+                if Path(ref).exists() and not self.has(ref):
                     raise ZooError(f"{ref} is a path: say which base to check it against with --base")
                 with self._read() as s:
                     m = self._resolve(s, ref)
@@ -366,27 +366,16 @@ class Registry:
 
     def has(self, ref: str) -> bool:
         """Whether ``ref`` (NAME or NAME@N) names a registered model."""
-        return self._is_name(ref) and (parse_ref(ref)[1] is None or self._has_version(ref))
-
-    def _has_version(self, ref: str) -> bool:
         try:
             with self._read() as s:
                 self._resolve(s, ref)
             return True
-        except NotFound:
-            return False
-
-    def _is_name(self, ref: str) -> bool:
-        try:
-            name, _ = parse_ref(ref)
         except ZooError:
             return False
-        with self._read() as s:
-            return self._exists(s, name)
 
     def _open_any(self, ref: str) -> Checkpoint:
         """A registry name (preferred) or a path on disk."""
-        if self._is_name(ref):
+        if self.has(ref):
             return self.checkpoint(ref)
         if Path(ref).exists():
             return open_checkpoint(ref)
@@ -595,4 +584,4 @@ def _task(t: Task) -> dict[str, Any]:
             "data_format": t.data_format, "splits": t.splits, "metadata": t.meta or {}}
 
 
-__all__ = ["Registry", "default_path", "CheckpointError"]
+__all__ = ["Registry", "default_path"]
