@@ -14,6 +14,7 @@ from zoo.names import validate_name
 from . import engine
 from .plan import Plan, make_plan
 from .recipe import Recipe
+from .writer import write_file
 
 if TYPE_CHECKING:
     from zoo.registry import ProgressFactory, Registry
@@ -90,8 +91,6 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
         advance = (progress or (lambda d, t: (lambda n: None)))(f"merging {name}", total)
         digests = engine.execute(plan, folder, device=device, shard_bytes=shard_bytes, advance=advance)
         digests.update(engine.copy_sidecars(plan, folder))
-        from .writer import write_file
-
         digests["README.md"] = write_file(folder / "README.md", model_card(name, plan, recipe_d).encode())
         if out is not None:
             parents = ([("base", plan.base.ref)] if plan.base is not None and plan.base.ref else []) + \
