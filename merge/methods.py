@@ -133,20 +133,19 @@ def get_method(name: str) -> MergeMethod:
 def validate_params(method: MergeMethod, options: dict[str, Any], per_model: list[dict[str, Any]]) -> None:
     """Refuse unknown parameters and bad values, naming the parameter."""
     for key, value in options.items():
-        if key not in method.parameters:
-            known = ", ".join(sorted(method.parameters)) or "none"
-            raise ZooError(f"{method.name}: unknown parameter {key!r} (global parameters: {known})")
-        p = method.parameters[key]
-        if p.check and (msg := p.check(value)):
-            raise ZooError(f"{method.name}: parameter {key} {msg}")
+        _check_param(method, method.parameters, "parameter", "global parameters", key, value)
     for params in per_model:
         for key, value in params.items():
-            if key not in method.model_parameters:
-                known = ", ".join(sorted(method.model_parameters)) or "none"
-                raise ZooError(f"{method.name}: unknown per-model parameter {key!r} (per-model parameters: {known})")
-            p = method.model_parameters[key]
-            if p.check and (msg := p.check(value)):
-                raise ZooError(f"{method.name}: parameter {key} {msg} (got {value!r})")
+            _check_param(method, method.model_parameters, "per-model parameter", "per-model parameters", key, value)
+
+
+def _check_param(method: MergeMethod, table: dict[str, Param], what: str, listing: str, key: str, value: Any) -> None:
+    if key not in table:
+        known = ", ".join(sorted(table)) or "none"
+        raise ZooError(f"{method.name}: unknown {what} {key!r} ({listing}: {known})")
+    p = table[key]
+    if p.check and (msg := p.check(value)):
+        raise ZooError(f"{method.name}: parameter {key} {msg} (got {value!r})")
 
 
 # -- sparsification --------------------------------------------------------------------
