@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from zoo.progress import Advance, ProgressFactory, no_progress
 
 
 def emit_json(data: Any) -> None:
@@ -24,20 +26,31 @@ def error(message: str) -> None:
 
 
 @contextmanager
-def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+def progress_bars(enabled: bool = True) -> Iterator[ProgressFactory]:
     """A progress factory for the Python API: a bar per long operation on a terminal,
-    nothing when stderr is not one (pipes, CI)."""
+    in bytes and, where the operation counts them, items (tensors); nothing when stderr
+    is not a terminal (pipes, CI)."""
     if not enabled or not sys.stderr.isatty():
-        yield lambda _desc, _total: (lambda _n: None)
+        yield no_progress
         return
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bars:
-        def factory(desc: str, total: int) -> Callable[[int], None]:
-            task = bars.add_task(desc, total=total)
-            return lambda n: bars.advance(task, n)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[items]}"),
+                  DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                  transient=True) as bars:
+        def factory(desc: str, total: int, total_items: int = 0, /) -> Advance:
+            task = bars.add_task(desc, total=total, items="")
+            done = [0]
+
+            def advance(n: int, items: int = 0, /) -> None:
+                if items and total_items:
+                    done[0] += items
+                    bars.update(task, advance=n, items=f"{done[0]}/{total_items} tensors")
+                else:
+                    bars.advance(task, n)
+
+            return advance
 
         yield factory
 

@@ -13,7 +13,6 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 
 from zoo.checkpoint import DTYPE_SIZES, HEADS_FILE
 from zoo.errors import ZooError
+from zoo.progress import ProgressFactory, no_progress
 
 from .methods import TensorContext
 from .plan import Plan, read_input
@@ -31,9 +31,6 @@ TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat
 COMPUTE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 SKIP_SIDECARS = {"README.md", "model.safetensors.index.json"}
-
-Advance = Callable[[int], None]
-
 
 def keep_freed_memory() -> None:
     """Let glibc reuse freed tensor memory instead of unmapping it.
@@ -80,34 +77,78 @@ STATS_WHOLE_ELEMS = 1 << 24
 
 
 def execute(plan: Plan, folder: Path, *, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_BYTES,
-            advance: Advance = lambda n: None, chunk_elems: int | None = None) -> dict[str, str]:
+            progress: ProgressFactory = no_progress, label: str = "model",
+            chunk_elems: int | None = None) -> dict[str, str]:
     """Write the merged model into ``folder`` (which must exist and be empty).
 
     Tensors are copied, merged whole, or (for elementwise methods) streamed in pieces
-    of ``chunk_elems`` so memory stays small whatever the tensor size. Returns the
-    sha256 of every file written, keyed by its name in the folder.
+    of ``chunk_elems`` so memory stays small whatever the tensor size. A method that
+    needs statistics over the whole model (TIES with ``trim: global``) first gets its
+    own streaming passes over every merged tensor. ``progress`` gets a bar for those
+    passes and one for the merge, in bytes and tensors. Returns the sha256 of every
+    file written, keyed by its name in the folder.
     """
     dev = pick_device(device)
     keep_freed_memory()
+    chunk = chunk_elems or CHUNK_ELEMS
+    model_stats, bufs = _model_stats(plan, dev, chunk, progress, label)
+    advance = progress(f"merging {label}", nbytes_total(plan), len(plan.steps))
     shards = plan_shards([s.out for s in plan.steps], shard_bytes)
     writer = ShardWriter(folder, shards)
-    bufs = None
     try:
         for step in plan.steps:
             name = step.out.name
             if not step.merge:
                 writer.put(_base_ckpt(plan).read_bytes(name))
-            elif plan.method.elementwise and not any(m.is_adapter and name in m.lora for m in plan.models):
-                bufs = _merge_chunked(plan, step.out, dev, writer, chunk_elems or CHUNK_ELEMS, bufs)
+            elif _streamable(plan, name):
+                bufs = _merge_chunked(plan, step.out, dev, writer, chunk, bufs, model_stats)
             else:
-                _merge_whole(plan, step.out, dev, writer)
-            advance(step.out.nbytes)
+                _merge_whole(plan, step.out, dev, writer, model_stats)
+            advance(step.out.nbytes, 1)
         digests = writer.close()
     except BaseException:
         writer.abort()
         raise
     digests.update(_write_heads(plan, folder))
     return digests
+
+
+def _streamable(plan: Plan, name: str) -> bool:
+    """Elementwise methods stream in pieces, except over LoRA tensors (B·A is made whole)."""
+    return plan.method.elementwise and not any(m.is_adapter and name in m.lora for m in plan.models)
+
+
+def _model_stats(plan: Plan, dev: torch.device, chunk: int, progress: ProgressFactory,
+                 label: str) -> "tuple[dict | None, _Buffers | None]":
+    """Statistics over all merged tensors together, gathered in streaming passes before
+    anything is written (None when the method needs none)."""
+    merged = [s.out for s in plan.steps if s.merge]
+    collector = plan.method.model_collector(
+        [(plan.model_params(o.name), plan.options(o.name), _numel(o.shape)) for o in merged])
+    if collector is None:
+        return None, None
+    scan = progress(f"scanning {label} ({collector.passes} passes)",
+                    collector.passes * sum(o.nbytes for o in merged), collector.passes * len(merged))
+    bufs = None
+    for p in range(collector.passes):
+        for o in merged:
+            if _streamable(plan, o.name):
+                pieces, bufs = _pieces(plan, o.name, dev, chunk, bufs, whole=False)
+                for b, xs in pieces():
+                    collector.update(p, b, xs)
+            else:
+                b, xs = _whole_inputs(plan, o.name, dev)
+                collector.update(p, b, xs)
+            scan(o.nbytes, 1)
+        collector.end_pass(p)
+    return collector.result(), bufs
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _base_ckpt(plan: Plan):
@@ -150,32 +191,26 @@ class _Buffers:
             yield memoryview(buf[:n].numpy())
 
 
-def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardWriter, chunk: int,
-                   bufs: "_Buffers | None" = None) -> "_Buffers":
-    """Merge one tensor piece by piece; returns the buffers for the next tensor to reuse."""
-    name = out.name
+def _pieces(plan: Plan, name: str, dev: torch.device, chunk: int, bufs: "_Buffers | None", whole: bool):
+    """A function that yields (base, [model tensors]) piece by piece for one tensor, in
+    the compute dtype, each piece prefetched while the previous one is worked on; with
+    ``whole`` the tensor is read once as one piece and every call yields it again.
+    Also returns the buffers, for the next tensor to reuse."""
     compute = COMPUTE[plan.recipe.dtype]
     base_ck = _base_ckpt(plan)
     numel = base_ck.tensors[name].numel
-    params, options = plan.model_params(name), plan.options(name)
     has_base = plan.base is not None
     inputs = [base_ck, *[m.ckpt for m in plan.models]]
     names = [name, *[(m.overrides.get(name) if m.is_adapter else name) for m in plan.models]]
-    collector = plan.method.stats_collector(numel, params, options)
-    # A tensor whose statistics need extra passes is read once and kept whole when it is
-    # small enough; only the largest (embeddings) are streamed again for each pass.
-    whole = collector is not None and numel <= STATS_WHOLE_ELEMS
     size = max(chunk, numel) if whole else chunk
     in_bytes = max(DTYPE_SIZES[ck.tensors[n].dtype] for ck, n in zip(inputs, names) if n is not None)
     if bufs is None or len(bufs.work) != len(inputs) or bufs.work[0].numel() < size or bufs.in_bytes < in_bytes:
-        bufs = _Buffers(len(inputs), size, compute, dev, writer.depth + 2, in_bytes)
-    chunk = size
-
+        bufs = _Buffers(len(inputs), size, compute, dev, ShardWriter.QUEUE_DEPTH + 2, in_bytes)
     sets = [(bufs.raw, bufs.work), (bufs.raw2, bufs.work2)]
 
     def load(k: int, start: int):
         raw, work_bufs = sets[k]
-        n = min(chunk, numel - start)
+        n = min(size, numel - start)
         work = []
         for i, (ck, src) in enumerate(zip(inputs, names)):
             w = work_bufs[i][:n]
@@ -186,16 +221,31 @@ def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardW
             work.append(w)
         return (work[0] if has_base else None), work[1:]
 
+    cached: list = []
+
     def pieces():
         if whole:
             if not cached:
                 cached.append(load(0, 0))
             yield cached[0]
             return
-        yield from _prefetched(load, range(0, numel, chunk))
+        yield from _prefetched(load, range(0, numel, size))
 
-    cached: list = []
-    stats = None
+    return pieces, bufs
+
+
+def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardWriter, chunk: int,
+                   bufs: "_Buffers | None" = None, model_stats: dict | None = None) -> "_Buffers":
+    """Merge one tensor piece by piece; returns the buffers for the next tensor to reuse."""
+    name = out.name
+    numel = _numel(out.shape)
+    params, options = plan.model_params(name), plan.options(name)
+    collector = None if model_stats is not None else plan.method.stats_collector(numel, params, options)
+    # A tensor whose statistics need extra passes is read once and kept whole when it is
+    # small enough; only the largest (embeddings) are streamed again for each pass.
+    whole = collector is not None and numel <= STATS_WHOLE_ELEMS
+    pieces, bufs = _pieces(plan, name, dev, chunk, bufs, whole)
+    stats = model_stats
     if collector is not None:
         for p in range(collector.passes):
             for b, xs in pieces():
@@ -264,14 +314,20 @@ def _single_thread(on: bool):
         torch.set_num_threads(before)
 
 
-def _merge_whole(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardWriter) -> None:
-    name = out.name
+def _whole_inputs(plan: Plan, name: str, dev: torch.device):
+    """The base's and each model's whole tensor, in the compute dtype on ``dev``."""
     compute = COMPUTE[plan.recipe.dtype]
     b_raw = _base_ckpt(plan).read_tensor(name)
     xs = [read_input(m, name, b_raw).to(dev, compute) for m in plan.models]
-    b = b_raw.to(dev, compute) if plan.base is not None else None
+    return (b_raw.to(dev, compute) if plan.base is not None else None), xs
+
+
+def _merge_whole(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardWriter,
+                 model_stats: dict | None = None) -> None:
+    name = out.name
+    b, xs = _whole_inputs(plan, name, dev)
     merged = plan.method.merge(b, xs, plan.model_params(name), plan.options(name),
-                               TensorContext(name, plan.recipe.seed))
+                               TensorContext(name, plan.recipe.seed, model_stats))
     writer.put(_to_bytes(merged.to(TORCH_DTYPES[out.dtype])))
 
 

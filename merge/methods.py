@@ -49,12 +49,7 @@ def _bool(v: Any) -> str | None:
 
 
 def _trim_scope(v: Any) -> str | None:
-    if v == "per_tensor":
-        return None
-    if v == "global":
-        return ("global (one threshold per model over all tensors, as in the TIES paper) is not "
-                "implemented yet; use per_tensor")
-    return "must be per_tensor"
+    return None if v in ("per_tensor", "global") else "must be per_tensor or global"
 
 
 @dataclass(frozen=True)
@@ -97,6 +92,13 @@ class MergeMethod:
     def stats_collector(self, numel: int, params: list[dict[str, Any]], options: dict[str, Any]) \
             -> "StatsCollector | None":
         """What to gather over a whole tensor before merging it in chunks (None: nothing)."""
+        return None
+
+    def model_collector(self, tensors: list[tuple[list[dict[str, Any]], dict[str, Any], int]]) \
+            -> "StatsCollector | None":
+        """What to gather over all merged tensors together before merging any of them
+        (None: nothing). ``tensors`` holds each merged tensor's (per-model parameters,
+        options, number of elements); the result reaches merge() as ``ctx.stats``."""
         return None
 
 
@@ -425,11 +427,34 @@ class Ties(_TaskVectorMerge):
     default_normalize = True
     elementwise = True
 
+    parameters = {**_TV_PARAMS, "normalize": Param(True, _bool, _TV_PARAMS["normalize"].doc),
+                  "rescale": Param(False, _bool),
+                  "trim": Param("per_tensor", _trim_scope,
+                                "per_tensor: each tensor keeps its top density (mergekit); global: one "
+                                "threshold per model over the whole flattened model (the TIES paper)")}
+
     def stats_collector(self, numel, params, options):
+        if options.get("trim", "per_tensor") == "global":
+            return None  # thresholds come from model_collector
         densities = [p.get("density", 1.0) for p in params]
         return _TrimThresholds(numel, densities) if any(d < 1 for d in densities) else None
-    parameters = {**_TV_PARAMS, "normalize": Param(True, _bool, _TV_PARAMS["normalize"].doc),
-                  "rescale": Param(False, _bool), "trim": Param("per_tensor", _trim_scope)}
+
+    def model_collector(self, tensors):
+        scopes = {o.get("trim", "per_tensor") for _, o, _ in tensors}
+        if "global" not in scopes:
+            return None
+        if len(scopes) > 1:
+            raise ZooError("trim: global must apply to every merged tensor; set it once in the global parameters")
+        densities = None
+        for params, _, _ in tensors:
+            d = [p.get("density", 1.0) for p in params]
+            if densities is not None and d != densities:
+                raise ZooError("trim: global needs one density per model for the whole model; "
+                               "drop the per-tensor density filters or use trim: per_tensor")
+            densities = d
+        if densities is None or all(d >= 1 for d in densities):
+            return None
+        return _TrimThresholds(sum(n for _, _, n in tensors), densities)
     model_parameters = {"weight": Param(0.3, _number), "density": Param(1.0, _density)}
 
 
@@ -562,14 +587,21 @@ def merge_state_dicts(method: str, base: dict[str, torch.Tensor] | None, models:
     if m.needs_base and base is None:
         raise ZooError(f"{method} needs a base model")
     ref = base if base is not None else models[0]
-    out = {}
-    for name, b in ref.items():
-        if not b.is_floating_point() or any(name not in sd or sd[name].shape != b.shape for sd in models):
-            continue
-        tensors = [sd[name].to(dtype) for sd in models]
-        bt = base[name].to(dtype) if base is not None else None
-        out[name] = m.merge(bt, tensors, model_params, options, TensorContext(name, seed))
-    return out
+    names = [name for name, b in ref.items()
+             if b.is_floating_point() and all(name in sd and sd[name].shape == b.shape for sd in models)]
+
+    def inputs(name: str):
+        return (base[name].to(dtype) if base is not None else None), [sd[name].to(dtype) for sd in models]
+
+    stats = None
+    collector = m.model_collector([(model_params, options, ref[n].numel()) for n in names])
+    if collector is not None:
+        for p in range(collector.passes):
+            for name in names:
+                collector.update(p, *inputs(name))
+            collector.end_pass(p)
+        stats = collector.result()
+    return {name: m.merge(*inputs(name), model_params, options, TensorContext(name, seed, stats)) for name in names}
 
 
 def _check_count(m: MergeMethod, n: int) -> None:

@@ -10,6 +10,7 @@ import yaml
 
 from zoo.errors import AlreadyExists, ZooError
 from zoo.names import validate_name
+from zoo.progress import no_progress
 
 from . import engine
 from .plan import Plan, make_plan
@@ -17,7 +18,8 @@ from .recipe import Recipe
 from .writer import write_file
 
 if TYPE_CHECKING:
-    from zoo.registry import ProgressFactory, Registry
+    from zoo.progress import ProgressFactory
+    from zoo.registry import Registry
 
 
 def resolved_recipe(plan: Plan) -> dict[str, Any]:
@@ -87,9 +89,8 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
     else:
         folder = engine.temp_folder(out_dir.parent, out_dir.name)
     try:
-        total = engine.nbytes_total(plan)
-        advance = (progress or (lambda d, t: (lambda n: None)))(f"merging {name}", total)
-        digests = engine.execute(plan, folder, device=device, shard_bytes=shard_bytes, advance=advance)
+        digests = engine.execute(plan, folder, device=device, shard_bytes=shard_bytes,
+                                 progress=progress or no_progress, label=name)
         digests.update(engine.copy_sidecars(plan, folder))
         digests["README.md"] = write_file(folder / "README.md", model_card(name, plan, recipe_d).encode())
         if out is not None:

@@ -72,7 +72,9 @@ class ShardWriter:
     the index and returns each file's sha256.
     """
 
-    def __init__(self, folder: Path, shards: list[list[OutTensor]], depth: int = 4):
+    QUEUE_DEPTH = 4  # pieces handed over but not yet written
+
+    def __init__(self, folder: Path, shards: list[list[OutTensor]], depth: int = QUEUE_DEPTH):
         self.folder = folder
         self.shards = shards
         self.names = shard_names(len(shards))

@@ -51,6 +51,7 @@ def llama_family(tmp_path, registry):
     ("task_arithmetic", {"weight": 0.3}, {}),
     ("ties", {"weight": 0.3, "density": 0.2}, {}),
     ("ties", {"weight": 1.0, "density": 0.5}, {"normalize": False, "lambda": 0.5}),
+    ("ties", {"weight": 0.3, "density": 0.2}, {"trim": "global"}),
     ("dare_ties", {"weight": 1.0, "density": 0.5}, {}),
     ("breadcrumbs", {"weight": 0.3, "density": 0.8, "gamma": 0.05}, {}),
     ("model_stock", {}, {}),
@@ -263,3 +264,27 @@ def test_disk_full_leaves_nothing(tmp_path, subprocess_env):
     assert full.stderr.count("\n") == 1
     assert db_dump(reg) == before and store_listing(reg) == blobs
     assert list((reg.with_suffix(".store") / "tmp").iterdir()) == []
+
+
+def test_progress_counts_tensors_and_bytes(registry, llama_family):
+    """Every tensor and byte of the output is reported once; trim: global adds a
+    scanning bar for its two passes over the merged tensors."""
+    bars: dict[str, list] = {}
+
+    def factory(desc, total, total_items=0):
+        rec = bars.setdefault(desc, [total, total_items, 0, 0])
+
+        def advance(n, items=0):
+            rec[2] += n
+            rec[3] += items
+        return advance
+
+    recipe = merge.from_dict({"merge_method": "ties", "base_model": "base", "parameters": {"trim": "global"},
+                              "models": [{"model": f"e{i}", "parameters": {"density": 0.2}} for i in range(3)]})
+    info = merge.run(recipe, "m", registry=registry, progress=factory)
+    out = registry.checkpoint(info["ref"])
+    merging = bars.pop("merging m")
+    assert merging == [merging[0], len(out.tensors), merging[0], len(out.tensors)]
+    assert merging[0] == sum(t.nbytes for t in out.tensors.values())
+    (desc, scan), = bars.items()
+    assert desc.startswith("scanning m") and scan[0] == scan[2] > 0 and scan[1] == scan[3] > 0

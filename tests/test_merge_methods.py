@@ -157,6 +157,34 @@ def test_model_stock_formula(family):
         torch.testing.assert_close(out[k], expect, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_global_trim_uses_one_threshold_per_model(family, normalize):
+    """trim: global ranks each task vector over the whole flattened model (the TIES
+    paper): the same as per-tensor TIES on one concatenated tensor."""
+    base, experts = family
+    names = list(base)
+    flat = lambda sd_: torch.cat([sd_[k].reshape(-1) for k in names])  # noqa: E731
+    expect = reference_ties(flat(base), [flat(e) for e in experts], 0.2, [0.3] * 3, normalize)
+    out = M.merge_state_dicts("ties", base, experts, [{"weight": 0.3, "density": 0.2}] * 3,
+                              normalize=normalize, trim="global")
+    torch.testing.assert_close(flat(out), expect, rtol=0, atol=1e-6)
+    # and it differs from the per-tensor trim on this family (the test can fail)
+    per_tensor = M.ties(base, experts, density=0.2, weight=0.3, normalize=normalize)
+    assert not torch.equal(flat(per_tensor), flat(out))
+
+
+def test_ties_global_trim_needs_one_density_and_scope_for_the_model():
+    """Per-tensor filters can give tensors other densities or trims; a global threshold
+    cannot honour those, so they are refused."""
+    ties = M.get_method("ties")
+    g = {"trim": "global"}
+    with pytest.raises(ZooError, match="one density per model"):
+        ties.model_collector([([{"density": 0.2}], g, 10), ([{"density": 0.5}], g, 10)])
+    with pytest.raises(ZooError, match="every merged tensor"):
+        ties.model_collector([([{"density": 0.2}], g, 10), ([{"density": 0.2}], {}, 10)])
+    assert ties.model_collector([([{"density": 0.2}], {}, 10)]) is None  # per tensor: nothing global
+
+
 def test_heads_and_integer_buffers_are_skipped():
     base = {"w": torch.zeros(2), "head": torch.zeros(10, 2), "ids": torch.arange(3)}
     e = {"w": torch.ones(2), "head": torch.zeros(3, 2), "ids": torch.arange(3)}
@@ -172,7 +200,7 @@ def test_heads_and_integer_buffers_are_skipped():
     (dict(model_params=[{"frobnicate": 1}]), "unknown per-model parameter 'frobnicate'"),
     (dict(options={"colour": "red"}), "unknown parameter 'colour'"),
     (dict(options={"normalize": "yes"}), "normalize must be true or false"),
-    (dict(options={"trim": "global"}), "global .* not implemented yet"),
+    (dict(options={"trim": "layer"}), "trim must be per_tensor or global"),
 ])
 def test_bad_parameters_are_refused(bad, msg):
     base = {"w": torch.zeros(3)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,8 @@ from .listing import iso_utc, list_models
 from .names import parse_ref, validate_name
 from .paths import existing_registry, registry_path, store_path
 from .schema import KINDS, File, LineageEdge, Metric, Model, ModelTag, Recipe, Task
-from .store import Advance, BlobStore, hash_file
-
-# progress(description, total_bytes) -> a function to call with each chunk's size
-ProgressFactory = Callable[[str, int], Advance]
-
-
-def _no_progress(_desc: str, _total: int) -> Advance:
-    return lambda _n: None
+from .progress import ProgressFactory, no_progress
+from .store import BlobStore, hash_file
 
 
 def default_path() -> Path:
@@ -198,7 +192,7 @@ class Registry:
             validate_name(t, "task")
         for t in tags:
             _validate_tag(t)
-        progress = progress or _no_progress
+        progress = progress or no_progress
         ckpt = open_checkpoint(path)
         if ckpt.form == "adapter" and kind != "adapter":
             raise ZooError(f"{path} is a PEFT adapter; register it with --kind adapter")
@@ -384,7 +378,7 @@ class Registry:
     # -- integrity and export ------------------------------------------------------
     def verify(self, ref: str | None = None, progress: ProgressFactory | None = None) -> list[dict[str, Any]]:
         """Re-hash files and report every one that changed or went missing."""
-        progress = progress or _no_progress
+        progress = progress or no_progress
         with self._read() as s:
             models = [self._resolve(s, ref)] if ref else s.scalars(
                 select(Model).options(selectinload(Model.files)).order_by(Model.name, Model.version)).all()
@@ -414,7 +408,7 @@ class Registry:
         with self._read() as s:
             m = self._resolve(s, ref)
             files = [(f.relpath, self.file_path(f), f.size) for f in m.files]
-        advance = (progress or _no_progress)(f"exporting {ref}", sum(sz for *_, sz in files))
+        advance = (progress or no_progress)(f"exporting {ref}", sum(sz for *_, sz in files))
         tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()

@@ -18,23 +18,17 @@ import secrets
 import shutil
 import stat
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 from .errors import StorageError
+from .progress import Advance, ignore
 
 CHUNK = 1 << 20  # 1 MiB: measured faster than 8 MiB for copy loops (stays in cache)
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
-Advance = Callable[[int], None]
 
-
-def _noop(_: int) -> None:
-    pass
-
-
-def hash_file(path: Path, advance: Advance = _noop) -> tuple[str, int]:
+def hash_file(path: Path, advance: Advance = ignore) -> tuple[str, int]:
     """sha256 and size of a file, read in large chunks."""
     h = hashlib.sha256()
     size = 0
@@ -146,7 +140,7 @@ class BlobStore:
         self.ensure()
         return self.tmp / f"{os.getpid()}-{secrets.token_hex(8)}{suffix}"
 
-    def ingest(self, src: Path, advance: Advance = _noop) -> tuple[str, int]:
+    def ingest(self, src: Path, advance: Advance = ignore) -> tuple[str, int]:
         """Copy ``src`` into the store. Returns its sha256 and size."""
         self.ensure()
         tmp = self.temp_path()
@@ -177,7 +171,7 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
             raise
 
-    def adopt(self, path: Path, digest: str | None = None, advance: Advance = _noop) -> tuple[str, int]:
+    def adopt(self, path: Path, digest: str | None = None, advance: Advance = ignore) -> tuple[str, int]:
         """Move a file that is already in this store's filesystem into the store.
 
         ``digest`` may be given when the writer hashed the file as it wrote it; it is
