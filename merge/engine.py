@@ -224,10 +224,12 @@ def _pieces(plan: Plan, name: str, dev: torch.device, chunk: int, bufs: "_Buffer
     cached: list = []
 
     def pieces():
-        if whole:
+        if whole:  # read once; then walked in cache-sized slices, much faster than whole-tensor ops
             if not cached:
                 cached.append(load(0, 0))
-            yield cached[0]
+            b, xs = cached[0]
+            for off in range(0, numel, chunk):
+                yield (b[off:off + chunk] if b is not None else None), [x[off:off + chunk] for x in xs]
             return
         yield from _prefetched(load, range(0, numel, size))
 

@@ -341,11 +341,13 @@ class _TaskVectorMerge(MergeMethod):
 
     def _ties_in_place(self, base, tensors, params, normalize, lam, thresholds):
         """TIES on the engine's scratch buffers with thresholds known: the same result as
-        the stacked version above, without allocating a tensor per step."""
+        the stacked version above, bit for bit, in fewer passes over memory.
+
+        With s = ±1 the elected sign, an entry of x agrees when x·s > 0, so the agreeing
+        sum is s · Σ relu(x·s); negation is exact, so this equals summing the agreeing
+        entries themselves in the same order.
+        """
         weights = [float(p.get("weight", self.model_parameters["weight"].default)) for p in params]
-        n = base.numel()
-        a = torch.empty(n, dtype=base.dtype, device=base.device)
-        keep = torch.empty(n, dtype=torch.bool, device=base.device)
         for x, w, thr in zip(tensors, weights, thresholds):
             x.sub_(base)
             if thr is None:
@@ -355,19 +357,19 @@ class _TaskVectorMerge(MergeMethod):
                 # lambda is the float just below thr
                 torch.hardshrink(x, _below(thr, x.dtype), out=x)
             x.mul_(w)
-        total = torch.empty_like(a)
-        total.copy_(tensors[0])
-        for x in tensors[1:]:
-            total.add_(x)
-        positive = torch.ge(total, 0)  # the elected sign: + where the mass is >= 0
-        mixed = total.zero_()
-        divisor = a.zero_()
+        sign = torch.add(tensors[0], tensors[1]) if len(tensors) > 1 else tensors[0].clone()
+        for x in tensors[2:]:
+            sign.add_(x)
+        sign.ge_(0).mul_(2).sub_(1)  # the elected sign: + where the mass is >= 0
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base) if normalize else None
         for x, w in zip(tensors, weights):
-            torch.eq(torch.gt(x, 0, out=keep), positive, out=keep)  # same sign as elected...
-            keep.logical_and_(x != 0)  # ...and not trimmed
-            mixed.add_(x.mul_(keep))
-            divisor.add_(keep, alpha=w)
-        if normalize:
+            x.mul_(sign).clamp_(min=0)  # |x| where x agrees with the elected sign, else 0
+            mixed.add_(x)
+            if divisor is not None:
+                divisor.add_(x.sign_(), alpha=w)
+        mixed.mul_(sign)
+        if divisor is not None:
             mixed.div_(divisor.masked_fill_(divisor == 0, 1))
         if lam != 1:
             mixed.mul_(lam)

@@ -57,13 +57,17 @@ def llama_family(tmp_path, registry):
     ("model_stock", {}, {}),
     ("linear", {"weight": 1.0}, {}),
 ])
-@pytest.mark.parametrize("chunk", [None, 100])
-def test_streaming_equals_in_memory(registry, llama_family, method, params, options, chunk, monkeypatch):
-    """Whole tensors, and (chunk=100) every elementwise tensor streamed in pieces of 100."""
+@pytest.mark.parametrize("chunk, keep_whole", [(None, True), (100, False), (100, True)])
+def test_streaming_equals_in_memory(registry, llama_family, method, params, options, chunk, keep_whole,
+                                    monkeypatch):
+    """Whole tensors; (100, False) every elementwise tensor streamed in pieces of 100,
+    statistics gathered over pieces; (100, True) tensors that need statistics read whole
+    and then walked in slices of 100."""
     from merge import engine
 
-    if chunk:  # every tensor streamed in pieces, statistics gathered over pieces
+    if chunk:
         monkeypatch.setattr(engine, "CHUNK_ELEMS", chunk)
+    if not keep_whole:
         monkeypatch.setattr(engine, "STATS_WHOLE_ELEMS", 0)
     base, experts = llama_family
     recipe = merge.from_dict({"merge_method": method, "base_model": "base", "parameters": options, "seed": 3,
