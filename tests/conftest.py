@@ -64,6 +64,22 @@ def lora_adapter(path: Path, base: Path, r: int = 4, seed: int = 0, targets=("q_
     return path
 
 
+def expert_family(root: Path, n: int = 3, dtype=torch.bfloat16, scale: float = 0.02) -> tuple[Path, list[Path]]:
+    """A tiny LLaMA base (sharded) and ``n`` experts: the base plus seeded noise."""
+    from safetensors.torch import load_file, save_file
+
+    base = llama(root / "base", seed=0, dtype=dtype, shard="30KB")
+    experts = []
+    for i in range(n):
+        p = llama(root / f"e{i}", seed=0, dtype=dtype)
+        sd = load_file(str(p / "model.safetensors"))
+        g = torch.Generator().manual_seed(10 + i)
+        save_file({k: (v.float() + scale * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in sd.items()},
+                  str(p / "model.safetensors"), metadata={"format": "pt"})
+        experts.append(p)
+    return base, experts
+
+
 def db_dump(path: Path) -> list[str]:
     """Every row of the registry database, for before/after comparisons."""
     if not path.exists():

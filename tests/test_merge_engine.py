@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 import merge
-from conftest import db_dump, llama, lora_adapter, store_listing, vit
+from conftest import db_dump, expert_family, llama, lora_adapter, store_listing, vit
 from merge.methods import merge_state_dicts
 from zoo import open_checkpoint
 from zoo.errors import AlreadyExists, IncompatibleModels, NotFound, ZooError
@@ -30,17 +30,7 @@ def state(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def llama_family(tmp_path, registry):
-    base = llama(tmp_path / "base", seed=0, dtype=torch.bfloat16, shard="30KB")
-    experts = []
-    for i in range(3):
-        p = llama(tmp_path / f"e{i}", seed=0, dtype=torch.bfloat16)
-        sd = load_file(str(p / "model.safetensors"))
-        g = torch.Generator().manual_seed(10 + i)
-        from safetensors.torch import save_file
-
-        save_file({k: (v.float() + 0.02 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in sd.items()},
-                  str(p / "model.safetensors"), metadata={"format": "pt"})
-        experts.append(p)
+    base, experts = expert_family(tmp_path)
     registry.add(base, "base", "base")
     for i, p in enumerate(experts):
         registry.add(p, f"e{i}", "expert", base="base", tasks=[f"t{i}"])
