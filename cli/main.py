@@ -223,27 +223,36 @@ def merge(
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Write the result to this new folder instead."),
     dtype: str = typer.Option("float32", "--dtype", help="Compute dtype."),
     out_dtype: Optional[str] = typer.Option(None, "--out-dtype", help="Saved dtype (default: the base's)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for random methods (DARE)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for DARE and learned merges (default 0)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     shard_size: int = typer.Option(5_000_000_000, "--shard-size", help="Bytes per output shard."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Learned merges: optimisation steps."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learned merges: learning rate."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Learned merges: examples per task per step."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Merge experts into one model, streaming tensor by tensor, and register it."""
+    """Merge experts into one model, streaming tensor by tensor, and register it.
+
+    Learned methods (adamerging, concrete_ta, concrete_adamerging) first run the model
+    on each task's data; --steps, --lr and --batch-size set their loop."""
     import merge as merge_api
 
+    loop = [f"{k}={v}" for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size)) if v is not None]
     if method is not None:
         items = ([str(recipe)] if recipe is not None else []) + list(models or [])
-        rec = merge_api.from_cli(method, base, items, param, dtype=dtype, out_dtype=out_dtype, seed=seed)
+        rec = merge_api.from_cli(method, base, items, [*param, *loop], dtype=dtype, out_dtype=out_dtype,
+                                 seed=seed or 0)
     elif recipe is not None:
         if models:
             raise ZooError("give either a recipe file or --method with models, not both")
         rec = merge_api.load(recipe)
+        rec = merge_api.with_overrides(rec, [*param, *loop], seed=seed)
     else:
         raise ZooError("give a recipe file, or --method with --base and the models to merge")
     reg = _open(create=True) if out is not None else _maybe_open()
-    with output.progress_bars() as progress:
+    with output.progress_bars() as progress, output.training_bar(f"learning {out or out_dir}") as report:
         info = merge_api.run(rec, out, registry=reg, out_dir=out_dir, device=device, shard_bytes=shard_size,
-                             progress=progress)
+                             progress=progress, report=report)
     if as_json:
         output.emit_json(info)
     elif out is not None:

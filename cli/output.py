@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -53,6 +53,30 @@ def progress_bars(enabled: bool = True) -> Iterator[ProgressFactory]:
             return advance
 
         yield factory
+
+
+@contextmanager
+def training_bar(desc: str, enabled: bool = True) -> Iterator[Callable[[int, int, float, float], None]]:
+    """A report(step, steps, loss, steps/s) for learned merges: one bar with the step,
+    the loss and the throughput, on a terminal only."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda *_: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} steps/s"),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bars:
+        task = None
+
+        def report(step: int, steps: int, loss: float, rate: float) -> None:
+            nonlocal task
+            if task is None:
+                task = bars.add_task(desc, total=steps, loss="-", rate="-")
+            bars.update(task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:.1f}")
+
+        yield report
 
 
 def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> None:

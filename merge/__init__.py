@@ -6,7 +6,7 @@ per method over state dicts.
 """
 
 from .methods import METHODS, merge_state_dicts
-from .recipe import Recipe, from_cli, from_dict, load
+from .recipe import Recipe, from_cli, from_dict, load, with_overrides
 from .run import run
 
-__all__ = ["METHODS", "Recipe", "from_cli", "from_dict", "load", "merge_state_dicts", "run"]
+__all__ = ["METHODS", "Recipe", "from_cli", "from_dict", "load", "merge_state_dicts", "run", "with_overrides"]

@@ -78,7 +78,7 @@ STATS_WHOLE_ELEMS = 1 << 24
 
 def execute(plan: Plan, folder: Path, *, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_BYTES,
             progress: ProgressFactory = no_progress, label: str = "model",
-            chunk_elems: int | None = None) -> dict[str, str]:
+            chunk_elems: int | None = None, merged: "dict[str, torch.Tensor] | None" = None) -> dict[str, str]:
     """Write the merged model into ``folder`` (which must exist and be empty).
 
     Tensors are copied, merged whole, or (for elementwise methods) streamed in pieces
@@ -86,12 +86,13 @@ def execute(plan: Plan, folder: Path, *, device: str = "auto", shard_bytes: int 
     needs statistics over the whole model (TIES with ``trim: global``) first gets its
     own streaming passes over every merged tensor. ``progress`` gets a bar for those
     passes and one for the merge, in bytes and tensors. Returns the sha256 of every
-    file written, keyed by its name in the folder.
+    file written, keyed by its name in the folder. ``merged`` gives merged tensors
+    already computed (a learned merge's), written in place of the method's.
     """
     dev = pick_device(device)
     keep_freed_memory()
     chunk = chunk_elems or CHUNK_ELEMS
-    model_stats, bufs = _model_stats(plan, dev, chunk, progress, label)
+    model_stats, bufs = (None, None) if merged is not None else _model_stats(plan, dev, chunk, progress, label)
     advance = progress(f"merging {label}", nbytes_total(plan), len(plan.steps))
     shards = plan_shards([s.out for s in plan.steps], shard_bytes)
     writer = ShardWriter(folder, shards)
@@ -100,6 +101,8 @@ def execute(plan: Plan, folder: Path, *, device: str = "auto", shard_bytes: int 
             name = step.out.name
             if not step.merge:
                 writer.put(_base_ckpt(plan).read_bytes(name))
+            elif merged is not None:
+                writer.put(_to_bytes(merged[name].to(TORCH_DTYPES[step.out.dtype])))
             elif _streamable(plan, name):
                 bufs = _merge_chunked(plan, step.out, dev, writer, chunk, bufs, model_stats)
             else:
@@ -248,13 +251,19 @@ def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardW
     whole = collector is not None and numel <= STATS_WHOLE_ELEMS
     pieces, bufs = _pieces(plan, name, dev, chunk, bufs, whole)
     stats = model_stats
+    # a tensor held whole becomes task vectors once, for every pass and the merge
+    deltas = whole and plan.method.accepts_deltas and plan.base is not None
+    if deltas:
+        for b, xs in pieces():
+            for x in xs:
+                x.sub_(b)
     if collector is not None:
         for p in range(collector.passes):
             for b, xs in pieces():
-                collector.update(p, b, xs)
+                collector.update(p, b, xs, deltas)
             collector.end_pass(p)
         stats = collector.result()
-    ctx = TensorContext(name, plan.recipe.seed, stats, scratch=True)
+    ctx = TensorContext(name, plan.recipe.seed, stats, scratch=True, deltas=deltas)
     out_dtype = TORCH_DTYPES[out.dtype]
     with _single_thread(dev.type == "cpu" and not whole):
         for b, xs in pieces():

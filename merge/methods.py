@@ -64,12 +64,15 @@ class TensorContext:
     # True when the input tensors are the engine's scratch buffers, which the method
     # may overwrite (saves an allocation per piece on the hot path).
     scratch: bool = False
+    # True when the model tensors already have the base subtracted (task vectors); the
+    # engine does this once for methods with ``accepts_deltas``.
+    deltas: bool = False
 
-    def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
-        """A generator seeded by (seed, model, tensor name): the same draw whatever the
-        order or device the tensors are merged in."""
+    def generator(self, model_index: int) -> torch.Generator:
+        """A CPU generator seeded by (seed, model, tensor name): the same draw whatever
+        the order the tensors are merged in, and (drawn on the CPU) whatever the device."""
         digest = hashlib.sha256(f"{self.seed}:{model_index}:{self.name}".encode()).digest()
-        return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 class MergeMethod:
@@ -84,6 +87,10 @@ class MergeMethod:
     # True when merge() can run on any slice of a tensor independently, given the
     # statistics from stats_passes(); the engine then streams large tensors in chunks.
     elementwise: ClassVar[bool] = False
+    # True for merges learned by running the model (merge.learned); they have no merge().
+    learned: ClassVar[bool] = False
+    # True when merge() and the stats collectors accept task vectors (ctx.deltas).
+    accepts_deltas: ClassVar[bool] = False
 
     def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], params: list[dict[str, Any]],
               options: dict[str, Any], ctx: TensorContext) -> torch.Tensor:
@@ -107,7 +114,9 @@ class StatsCollector:
 
     passes: int = 1
 
-    def update(self, pass_no: int, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> None:
+    def update(self, pass_no: int, base: torch.Tensor | None, tensors: list[torch.Tensor],
+               deltas: bool = False) -> None:
+        """Count one piece of every model (``deltas``: already minus the base)."""
         raise NotImplementedError
 
     def end_pass(self, pass_no: int) -> None:
@@ -167,20 +176,21 @@ class TopKThreshold:
         self.bin = -1
         self.above = 0
 
-    @staticmethod
-    def _bits(x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().reshape(-1)
-        x = x.abs() if x.dtype != torch.float32 else x.abs_() if x.is_contiguous() else x.abs()
-        return x.to(torch.float32).view(torch.int32)
-
     def update(self, pass_no: int, x: torch.Tensor) -> None:
-        """Count one piece; may overwrite ``x`` with its magnitudes."""
-        bits = self._bits(x)
+        """Count one piece (``x`` is left as it is)."""
+        x = x.detach().reshape(-1)
+        if x.dtype != torch.float32:
+            x = x.to(torch.float32)
         if pass_no == 0:
-            self.hi += torch.bincount(bits.bitwise_right_shift_(16), minlength=1 << 15)[: 1 << 15].cpu()
+            # the high 16 bits of |x|: the odd int16 words of little-endian float32,
+            # sign bit cleared; half the memory traffic of shifting int32s
+            hi = x.view(torch.int16)[1::2] & 0x7FFF
+            self.hi += torch.bincount(hi, minlength=1 << 15)[: 1 << 15].cpu()
         else:
-            sel = bits[(bits >> 16) == self.bin].bitwise_and_(0xFFFF)
-            self.lo += torch.bincount(sel, minlength=1 << 16).cpu()
+            # low 16 bits of the values inside the chosen high bin, as bin + 1 (1..65536);
+            # everything below goes to 0 and above to 65537, so no compaction is needed
+            rel = (x.view(torch.int32) & 0x7FFFFFFF).sub_((self.bin << 16) - 1).clamp_(0, (1 << 16) + 1)
+            self.lo += torch.bincount(rel, minlength=(1 << 16) + 2)[1:(1 << 16) + 1].cpu()
 
     def end_pass(self, pass_no: int) -> None:
         if pass_no == 0:
@@ -211,7 +221,7 @@ def kth_largest_abs(x: torch.Tensor, k: int) -> float:
     """The k-th largest |x| (k >= 1) of a whole tensor."""
     sel = TopKThreshold(k)
     for p in (0, 1):
-        sel.update(p, x.detach().to(torch.float32, copy=True))  # update() overwrites its input
+        sel.update(p, x)
         sel.end_pass(p)
     return sel.value()
 
@@ -257,7 +267,8 @@ def drop_random(delta: torch.Tensor, density: float, rescale: bool, generator: t
     """DARE: keep each entry with probability ``density``, then rescale by 1/density."""
     if density >= 1:
         return delta
-    keep = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32) < density
+    # drawn on the CPU: CUDA's generator gives other numbers for the same seed
+    keep = (torch.rand(delta.shape, generator=generator, dtype=torch.float32) < density).to(delta.device)
     out = delta * keep
     return out / density if rescale else out
 
@@ -278,11 +289,13 @@ class _TaskVectorMerge(MergeMethod):
         if not self.consensus and self.sparsify is None:
             return self._plain(base, tensors, params, normalize, lam, ctx.scratch)
         if ctx.scratch and self.consensus and self.sparsify == "magnitude" and ctx.stats is not None:
-            return self._ties_in_place(base, tensors, params, normalize, lam, ctx.stats["thresholds"])
+            return self._ties_in_place(base, tensors, params, normalize, lam, ctx.stats["thresholds"], ctx.deltas)
+        if ctx.deltas and not self.accepts_deltas:
+            raise ValueError(f"{self.name} does not take task vectors")
         deltas = []
         thresholds = (ctx.stats or {}).get("thresholds")
         for i, (x, p) in enumerate(zip(tensors, params)):
-            d = x - base
+            d = x if ctx.deltas else x - base
             density = p.get("density", self.model_parameters["density"].default) if "density" in self.model_parameters else 1.0
             if self.sparsify == "magnitude":
                 if thresholds is not None and thresholds[i] is None:  # k == 0: nothing survives
@@ -292,7 +305,7 @@ class _TaskVectorMerge(MergeMethod):
             elif self.sparsify == "outliers":
                 d = trim_outliers(d, density, p.get("gamma", 0.01))
             elif self.sparsify == "random":
-                d = drop_random(d, density, rescale, ctx.generator(i, d.device))
+                d = drop_random(d, density, rescale, ctx.generator(i))
             deltas.append(d)
         stacked = torch.stack(deltas, dim=0)
         weights = torch.tensor([p.get("weight", self.model_parameters["weight"].default) for p in params],
@@ -339,7 +352,7 @@ class _TaskVectorMerge(MergeMethod):
         return acc.add_(base)
 
 
-    def _ties_in_place(self, base, tensors, params, normalize, lam, thresholds):
+    def _ties_in_place(self, base, tensors, params, normalize, lam, thresholds, deltas=False):
         """TIES on the engine's scratch buffers with thresholds known: the same result as
         the stacked version above, bit for bit, in fewer passes over memory.
 
@@ -349,7 +362,8 @@ class _TaskVectorMerge(MergeMethod):
         """
         weights = [float(p.get("weight", self.model_parameters["weight"].default)) for p in params]
         for x, w, thr in zip(tensors, weights, thresholds):
-            x.sub_(base)
+            if not deltas:
+                x.sub_(base)
             if thr is None:
                 x.zero_()
             elif thr > 0:
@@ -391,12 +405,13 @@ class _TrimThresholds(StatsCollector):
         self.sel = [TopKThreshold(int(d * numel)) if d < 1 and int(d * numel) > 0 else None for d in densities]
         self.none = [d < 1 and int(d * numel) <= 0 for d in densities]
 
-    def update(self, pass_no, base, tensors):
+    def update(self, pass_no, base, tensors, deltas=False):
         buf = None
         for s, x in zip(self.sel, tensors):
             if s is not None:
-                buf = torch.sub(x, base, out=buf)
-                s.update(pass_no, buf)
+                if not deltas:
+                    x = buf = torch.sub(x, base, out=buf)
+                s.update(pass_no, x)
 
     def end_pass(self, pass_no):
         for s in self.sel:
@@ -428,6 +443,7 @@ class Ties(_TaskVectorMerge):
     sparsify = "magnitude"
     default_normalize = True
     elementwise = True
+    accepts_deltas = True
 
     parameters = {**_TV_PARAMS, "normalize": Param(True, _bool, _TV_PARAMS["normalize"].doc),
                   "rescale": Param(False, _bool),
@@ -648,3 +664,7 @@ def slerp(base, other, t: float = 0.5, **kw):
 
 def model_stock(base, models, **kw):
     return merge_state_dicts("model_stock", base, models, **kw)
+
+
+# The learned merges register themselves in METHODS (they run through merge.learned).
+from .learned import methods as _learned_methods  # noqa: E402,F401

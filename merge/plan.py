@@ -49,6 +49,7 @@ class Input:
     ref: str | None  # registry ref (name@version), None for a path
     ckpt: Checkpoint
     tasks: list[str] = field(default_factory=list)
+    base_ref: str | None = None  # the base it was registered with
     lora: dict[str, Lora] = field(default_factory=dict)  # base tensor name -> pair
     overrides: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter tensor
 
@@ -82,7 +83,7 @@ class Plan:
 def _open_input(label: str, registry: "Registry | None") -> Input:
     if registry is not None and registry.has(label):
         info = registry.show(label)
-        return Input(label, info["ref"], registry.checkpoint(info["ref"]), tasks=info["tasks"])
+        return Input(label, info["ref"], registry.checkpoint(info["ref"]), tasks=info["tasks"], base_ref=info["base"])
     if Path(label).exists():
         return Input(label, None, open_checkpoint(label))
     raise NotFound(f"{label!r} is neither a registered model nor a path")
@@ -128,6 +129,10 @@ def make_plan(recipe: Recipe, registry: "Registry | None" = None) -> Plan:
     models = [_open_input(m.model, registry) for m in recipe.models]
     if base is not None and base.is_adapter:
         raise ZooError(f"the base {base.label} is a LoRA adapter; name the full model it adapts")
+    for m in models:
+        if base is not None and base.ref and m.base_ref and m.base_ref != base.ref:
+            raise IncompatibleModels(f"{m.label} was fine-tuned from {m.base_ref}, not from the base {base.ref}; "
+                                     "task vectors from different bases do not merge")
     ref = base.ckpt if base is not None else models[0].ckpt
     if any(m.is_adapter for m in models) and base is None:
         raise ZooError("merging LoRA adapters needs the base model they adapt")

@@ -190,19 +190,28 @@ def parse_param(text: str) -> tuple[str, Any]:
 def from_cli(method: str, base: str | None, models: list[str], params: list[str], *, dtype: str = "float32",
              out_dtype: str | None = None, seed: int = 0) -> Recipe:
     """A recipe from flags: ``--param`` values that are per-model parameters apply to every model."""
-    m = get_method(method)
-    global_p, model_p = {}, {}
+    get_method(method)
+    recipe = Recipe(merge_method=method, models=[ModelSpec(x, {}) for x in models], base_model=base,
+                    parameters={}, dtype=dtype, out_dtype=out_dtype, seed=seed)
+    return with_overrides(recipe, params)
+
+
+def with_overrides(recipe: Recipe, params: list[str], seed: int | None = None) -> Recipe:
+    """A recipe file's recipe with ``KEY=VALUE`` flags on top: per-model parameters set
+    for every model, the others globally; checked again."""
+    m = get_method(recipe.merge_method)
     for text in params:
         key, value = parse_param(text)
         if key in m.model_parameters:
-            model_p[key] = value
+            for spec in recipe.models:
+                spec.parameters[key] = value
         elif key in m.parameters:
-            global_p[key] = value
+            recipe.parameters[key] = value
         else:
             known = ", ".join(sorted({*m.parameters, *m.model_parameters})) or "none"
-            raise ZooError(f"{method}: unknown parameter {key!r} (parameters: {known})")
-    recipe = Recipe(merge_method=method, models=[ModelSpec(x, dict(model_p)) for x in models], base_model=base,
-                    parameters=global_p, dtype=dtype, out_dtype=out_dtype, seed=seed)
+            raise ZooError(f"{recipe.merge_method}: unknown parameter {key!r} (parameters: {known})")
+    if seed is not None:
+        recipe.seed = seed
     recipe.validate()
     return recipe
 

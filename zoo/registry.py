@@ -177,13 +177,16 @@ class Registry:
         progress: ProgressFactory | None = None,
         adopt: dict[str, str] | None = None,
         check_base: bool = True,
+        artifacts: dict[str, Path] | None = None,
     ) -> dict[str, Any]:
         """Register a checkpoint. Copies its files into the store unless ``in_place``.
 
         ``parents`` are ``(role, ref)`` pairs and ``recipe`` the recipe that made a
         merged or protected model; both go into the lineage. ``adopt`` is for zoo's
         own writers: a folder made in the store's temp area whose files are moved
-        into the store, with the digests computed while writing them.
+        into the store, with the digests computed while writing them. ``artifacts``
+        are files that belong to the lineage rather than to the checkpoint (a learned
+        merge's mask): stored as blobs and listed in the recipe under ``artifacts``.
         """
         validate_name(name)
         if kind not in KINDS:
@@ -233,6 +236,13 @@ class Registry:
                 else:
                     digest, size = self.store.ingest(p, advance)
                     rows.append(File(relpath=rel, sha256=digest, size=size))
+            if artifacts:
+                if recipe is None:
+                    raise ZooError("artifacts belong to a recipe; pass one")
+                recipe = {**recipe, "artifacts": {}}
+                for key, path in sorted(artifacts.items()):
+                    digest, size = self.store.ingest(Path(path))
+                    recipe["artifacts"][key] = {"sha256": digest, "size": size, "file": Path(path).name}
 
             # Write phase: one transaction.
             arch = ckpt.architecture()
@@ -299,6 +309,18 @@ class Registry:
                 metadata=m.meta or {},
             )
             return d
+
+    def artifact(self, ref: str, key: str) -> Path:
+        """The stored file of one of a model's lineage artifacts (e.g. ``mask``)."""
+        with self._read() as s:
+            m = self._resolve(s, ref)
+            entry = ((m.recipe.recipe if m.recipe else None) or {}).get("artifacts", {}).get(key)
+            if entry is None:
+                raise NotFound(f"{m.ref} has no {key!r} artifact")
+            p = self.store.path(entry["sha256"])
+        if not p.is_file():
+            raise StorageError(f"the {key!r} artifact of {ref} is missing from the store ({p})")
+        return p
 
     def lineage(self, ref: str) -> dict[str, Any]:
         """The tree of models this one was made from: merge parents, and each one's base."""
@@ -456,13 +478,17 @@ class Registry:
                 if deps and not force:
                     names = ", ".join(sorted(d.ref for d in deps)[:5])
                     raise InUse(f"{m.ref} is used by {len(deps)} model(s) ({names}); remove them first, or pass --force")
-                digests = {f.sha256 for f in m.files if not f.external_path}
+                digests = {f.sha256 for f in m.files if not f.external_path} | \
+                    _artifact_digests(m.recipe.recipe if m.recipe else None)
                 removed = m.ref
                 key = f"{m.id}-{m.name}@{m.version}"
                 s.delete(m)
                 s.flush()
                 still = set(s.scalars(select(File.sha256).where(File.sha256.in_(digests))).all())
                 still |= set(s.scalars(select(Task.data_sha256).where(Task.data_sha256.in_(digests))).all())
+                if digests - still:  # artifacts of other models' recipes (rare: a few rows)
+                    for other in s.scalars(select(Recipe.recipe)):
+                        still |= _artifact_digests(other) & digests
             for d in digests - still:
                 self.store.remove(d)
             shutil.rmtree(self.views / key, ignore_errors=True)
@@ -549,6 +575,10 @@ def _merge_meta(meta: dict[str, Any] | None, ckpt: Checkpoint) -> dict[str, Any]
                                    ("peft_type", "r", "lora_alpha", "target_modules", "base_model_name_or_path")
                                    if k in ckpt.config})
     return out or None
+
+
+def _artifact_digests(recipe: dict[str, Any] | None) -> set[str]:
+    return {a["sha256"] for a in ((recipe or {}).get("artifacts") or {}).values()}
 
 
 def _summary(m: Model) -> dict[str, Any]:

@@ -1,0 +1,104 @@
+"""Each task's examples for a learned merge: from the registry's task records, or from
+files (a .safetensors file of input tensors, a folder of images, a JSONL file of texts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from zoo.checkpoint import open_safetensors
+from zoo.errors import NotFound, ZooError
+from zoo.taskdata import FORMAT as TASK_FORMAT
+from zoo.taskdata import load_split, task_info
+
+from .train import TaskData
+
+if TYPE_CHECKING:
+    from zoo.registry import Registry
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+LABEL_KEYS = ("labels", "label", "y")
+
+
+def from_registry(registry: "Registry", task: str, split: str, labelled: bool) -> TaskData:
+    """A registered task's split: its inputs, and its labels when ``labelled``."""
+    path = registry.task_data(task)
+    return from_task_file(path, task, split, labelled)
+
+
+def from_task_file(path: Path, task: str, split: str, labelled: bool) -> TaskData:
+    info = task_info(path)
+    x, y = load_split(path, split)
+    return TaskData(task, {info["input"]: x}, y if labelled else None)
+
+
+def from_path(path: str | Path, task: str, base_dir: Path | None, split: str, labelled: bool,
+              max_length: int = 128) -> TaskData:
+    """Examples from a file or folder; ``base_dir`` (the base model's folder) supplies the
+    tokenizer for texts and the image processor for images."""
+    p = Path(path)
+    if not p.exists():
+        raise NotFound(f"data for task {task!r}: {p} does not exist")
+    if p.is_dir():
+        return _images(p, task, base_dir)
+    if p.suffix == ".safetensors":
+        ck = open_safetensors(p)
+        if ck.metadata.get("format") == TASK_FORMAT:
+            return from_task_file(p, task, split, labelled)
+        tensors = {n: ck.read_tensor(n) for n in ck.tensors}
+        labels = next((tensors.pop(k) for k in LABEL_KEYS if k in tensors), None)
+        if not tensors:
+            raise ZooError(f"{p} holds no input tensors (name them as the model's inputs, e.g. pixel_values)")
+        sizes = {t.shape[0] if t.dim() else 0 for t in tensors.values()}
+        if len(sizes) != 1:
+            raise ZooError(f"{p}: input tensors disagree on the number of examples ({sorted(sizes)})")
+        return TaskData(task, tensors, labels if labelled else None)
+    if p.suffix == ".jsonl":
+        return _texts(p, task, base_dir, labelled, max_length)
+    raise ZooError(f"data for task {task!r}: {p} is not a .safetensors file, a .jsonl file or a folder of images")
+
+
+def _texts(p: Path, task: str, base_dir: Path | None, labelled: bool, max_length: int) -> TaskData:
+    texts, labels = [], []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ZooError(f"{p}:{i}: not a JSON object") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ZooError(f"{p}:{i}: each line needs a \"text\" string")
+        texts.append(row["text"])
+        labels.append(row.get("label"))
+    if base_dir is None or not any((base_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                        "vocab.txt")):
+        raise ZooError(f"texts in {p} need the base model's tokenizer files, and the base has none")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    enc = tok(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    y = None
+    if labelled:
+        if any(v is None for v in labels):
+            raise ZooError(f"objective ce needs a \"label\" on every line of {p}")
+        y = torch.tensor(labels, dtype=torch.long)
+    return TaskData(task, inputs, y)
+
+
+def _images(folder: Path, task: str, base_dir: Path | None) -> TaskData:
+    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ZooError(f"task {task!r} has no data: {folder} holds no images")
+    if base_dir is None or not (base_dir / "preprocessor_config.json").is_file():
+        raise ZooError(f"images in {folder} need the base model's preprocessor_config.json, and the base has none")
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    proc = AutoImageProcessor.from_pretrained(str(base_dir))
+    images = [Image.open(f).convert("RGB") for f in files]
+    return TaskData(task, {"pixel_values": proc(images=images, return_tensors="pt")["pixel_values"]})

@@ -1,0 +1,228 @@
+"""The optimisation loops of the learned merges: AdaMerging, Concrete task arithmetic
+and Concrete AdaMerging (spec: shared/specs/merging-algorithms.md §1, §2, §5).
+
+Everything here works on tensors and callables, not on files: a ``forward(task, params,
+batch)`` that returns logits, and per-task data. The registry-level pipeline
+(``merge.learned.run``) builds those from checkpoints; research code can pass its own,
+e.g. a CLIP image encoder with zero-shot text heads.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from zoo.errors import ZooError
+
+from .merger import MaskSample, Merger, rescale
+from .objectives import cross_entropy, entropy
+
+# forward(task index, merged parameters, batch of model inputs) -> logits
+Forward = Callable[[int, dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
+# report(step, total steps, loss, steps per second)
+Report = Callable[[int, int, float, float], None]
+
+
+@dataclass
+class TaskData:
+    """One task's examples: model inputs (first dimension = examples) and, for the
+    supervised objective, labels."""
+
+    name: str
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return next(iter(self.inputs.values())).shape[0]
+
+
+@dataclass
+class Settings:
+    method: str  # adamerging | concrete_ta | concrete_adamerging
+    objective: str = "entropy"
+    coefficients: str = "layer"  # task | layer (concrete_ta: fixed)
+    steps: int = 500
+    stage2_steps: int = 1000
+    lr: float = 1e-3
+    inner_lr: float = 1.0
+    init: float = 0.3
+    clamp: bool = False
+    mask: str = ".*"
+    temperature: float = 0.5
+    batch_size: int = 16
+    seed: int = 0
+    autocast: bool = False  # bf16 forward (CUDA)
+
+
+@dataclass
+class Result:
+    merged: dict[str, torch.Tensor]  # the final merged parameters (float32, CPU)
+    coefficients: list[list[float]]  # [task][tensor]
+    mask_bits: dict[str, torch.Tensor] | None  # the final binary mask (concrete methods)
+    mask_logits: dict[str, torch.Tensor] | None = None  # the learned logits it was drawn from
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    steps_done: int = 0
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps_done / self.seconds if self.seconds else 0.0
+
+
+class Batches:
+    """Shuffled, cycled batches per task, from one seeded generator."""
+
+    def __init__(self, data: list[TaskData], batch_size: int, generator: torch.Generator, device):
+        self.data, self.bs, self.gen, self.device = data, batch_size, generator, device
+        self.order = [torch.empty(0, dtype=torch.long) for _ in data]
+        self.pos = [0] * len(data)
+
+    def next(self, t: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        d = self.data[t]
+        if self.pos[t] + self.bs > len(self.order[t]):
+            self.order[t] = torch.randperm(len(d), generator=self.gen)
+            self.pos[t] = 0
+        idx = self.order[t][self.pos[t]:self.pos[t] + self.bs]
+        self.pos[t] += self.bs
+        inputs = {k: v[idx].to(self.device, non_blocking=True) for k, v in d.inputs.items()}
+        labels = d.labels[idx].to(self.device) if d.labels is not None else None
+        return inputs, labels
+
+
+def validate(data: list[TaskData], objective: str, batch_size: int) -> None:
+    for d in data:
+        if len(d.inputs) == 0 or len(d) == 0:
+            raise ZooError(f"task {d.name!r} has no data; give it unlabeled inputs")
+        if objective == "ce" and d.labels is None:
+            raise ZooError(f"objective ce needs labels, and task {d.name!r} has none; use objective entropy")
+    if batch_size < 1:
+        raise ZooError("batch size must be at least 1")
+
+
+def _loss(merger_params: dict[str, torch.Tensor], forward: Forward, batches: Batches, objective: str,
+          autocast: bool) -> torch.Tensor:
+    """Σ over tasks of the objective on one batch each."""
+    total = None
+    for t in range(len(batches.data)):
+        inputs, labels = batches.next(t)
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
+        with ctx:
+            logits = forward(t, merger_params, inputs)
+        loss = cross_entropy(logits, labels) if objective == "ce" else entropy(logits)
+        total = loss if total is None else total + loss
+    assert total is not None
+    return total
+
+
+def _check(loss: torch.Tensor, step: int, what: str) -> float:
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise ZooError(f"the {what} loss became {value} at step {step}; nothing was written. "
+                       "Try a lower lr, objective ce, or fewer masked tensors")
+    return value
+
+
+def learn(merger: Merger, forward: Forward, data: list[TaskData], s: Settings,
+          report: Report | None = None) -> Result:
+    """Run one learned merge and return its final parameters."""
+    validate(data, s.objective, s.batch_size)
+    if len(data) != merger.n_tasks:
+        raise ZooError(f"{merger.n_tasks} experts but data for {len(data)} tasks")
+    device = merger.base[merger.names[0]].device
+    gen = torch.Generator().manual_seed(s.seed)
+    torch.manual_seed(s.seed)
+    batches = Batches(data, s.batch_size, gen, device)
+    report = report or (lambda *a: None)
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    done = 0
+
+    def tick(step: int, total: int, loss: float, **extra: float) -> None:
+        nonlocal done
+        done += 1
+        history.append({"step": step, "loss": loss, **extra})
+        report(step, total, loss, done / max(time.perf_counter() - t0, 1e-9))
+
+    mask_bits = None
+    if s.method == "adamerging":
+        opt = torch.optim.Adam([merger.weights], lr=s.lr, betas=(0.9, 0.999))
+        for step in range(1, s.steps + 1):
+            loss = _loss(merger.merged(), forward, batches, s.objective, s.autocast)
+            value = _check(loss, step, s.objective)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tick(step, s.steps, value)
+        final_mask: MaskSample | None = None
+    elif s.method == "concrete_ta":
+        opt = torch.optim.Adam(merger.logits.parameters(), lr=s.lr, betas=(0.9, 0.999))
+        for step in range(1, s.steps + 1):
+            loss = _loss(merger.merged(merger.sample(gen)), forward, batches, s.objective, s.autocast)
+            value = _check(loss, step, s.objective)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tick(step, s.steps, value)
+        mask_bits = merger.draw_bits(gen)
+        final_mask = rescale(mask_bits)
+    elif s.method == "concrete_adamerging":
+        # Stage 1: alternate one inner Adam step on the coefficients (reset to init each
+        # time, state kept) on a detached mask sample, and one Adam step on the mask
+        # logits through the same sample; first order only (spec §1.5, fusion_bench).
+        inner = torch.optim.Adam([merger.weights], lr=s.inner_lr, betas=(0.9, 0.999))
+        outer = torch.optim.Adam(merger.logits.parameters(), lr=s.lr, betas=(0.9, 0.999))
+        total = s.steps + s.stage2_steps
+        for step in range(1, s.steps + 1):
+            merger.reset_coefficients()
+            sample = merger.sample(gen)
+            detached = MaskSample({n: v.detach() for n, v in sample.values.items()})
+            loss_w = _loss(merger.merged(detached), forward, batches, s.objective, s.autocast)
+            _check(loss_w, step, s.objective)
+            inner.zero_grad(set_to_none=True)
+            loss_w.backward()
+            inner.step()
+            loss_m = _loss(merger.merged(sample), forward, batches, s.objective, s.autocast)
+            value = _check(loss_m, step, s.objective)
+            outer.zero_grad(set_to_none=True)
+            merger.weights.grad = None
+            loss_m.backward()
+            outer.step()
+            tick(step, total, value, stage=1)
+        # Stage 2: freeze one mask draw; AdaMerging inside it from the initial coefficients.
+        mask_bits = merger.draw_bits(gen)
+        final_mask = rescale(mask_bits)
+        merger.reset_coefficients()
+        opt = torch.optim.Adam([merger.weights], lr=s.lr, betas=(0.9, 0.999))
+        for step in range(s.steps + 1, total + 1):
+            loss = _loss(merger.merged(final_mask), forward, batches, s.objective, s.autocast)
+            value = _check(loss, step, s.objective)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tick(step, total, value, stage=2)
+    else:
+        raise ZooError(f"unknown learned merge {s.method!r}")
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        merged = {n: t.detach().float().cpu() for n, t in merger.merged(final_mask).items()}
+    for n, t in merged.items():
+        if not torch.isfinite(t).all():
+            raise ZooError(f"the merged tensor {n} has NaN or infinite values; nothing was written")
+    return Result(merged, merger.coefficients_list(), mask_bits and {n: b.cpu() for n, b in mask_bits.items()},
+                  {n: x.cpu() for n, x in merger.logits_dict().items()} if mask_bits else None,
+                  history, seconds, done)
+
+
+def settings_from(options: dict[str, Any], method: str, seed: int) -> Settings:
+    """Settings from a recipe's resolved global parameters."""
+    keys = Settings.__dataclass_fields__
+    s = Settings(method=method, seed=seed, **{k: v for k, v in options.items() if k in keys and k != "method"})
+    if method == "concrete_ta":
+        s.coefficients = "fixed"
+    return s

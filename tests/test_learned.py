@@ -1,0 +1,260 @@
+"""Learned merges (AdaMerging, Concrete TA, Concrete AdaMerging) on tiny ViT experts:
+the formulas, determinism, that learning lowers the loss, the saved model, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import merge
+from conftest import vit
+from merge.learned import objectives, train
+from merge.learned.merger import Merger, load_mask, rescale
+from merge.learned.pipeline import learn_from_plan
+from merge.methods import merge_state_dicts
+from merge.plan import make_plan
+from zoo import open_checkpoint
+from zoo.errors import IncompatibleModels, ZooError
+from zoo.taskdata import save_task_data
+
+LABELS = [2, 3, 4]
+
+
+def perturbed_expert(base_dir, out, num_labels: int, seed: int):
+    from transformers import ViTForImageClassification
+
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    m = ViTForImageClassification.from_pretrained(base_dir, num_labels=num_labels, ignore_mismatched_sizes=True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    m.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny(tmp_path, registry):
+    """A tiny ViT base and three experts (heads of 2, 3, 4 labels), each task registered
+    with data (train / val / test splits of random 8x8 images)."""
+    base = vit(tmp_path / "base", num_labels=10, seed=0)
+    registry.add(base, "base", "base")
+    experts = []
+    g = torch.Generator().manual_seed(1)
+    for i, k in enumerate(LABELS):
+        e = perturbed_expert(base, tmp_path / f"e{i}", k, seed=100 + i)
+        splits = {s: (torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, k, (n,), generator=g))
+                  for s, n in (("train", 48), ("val", 32), ("test", 32))}
+        save_task_data(tmp_path / f"t{i}.safetensors", splits, [str(j) for j in range(k)])
+        registry.add_task(f"t{i}", [str(j) for j in range(k)], data=tmp_path / f"t{i}.safetensors")
+        registry.add(e, f"e{i}", "expert", base="base", tasks=[f"t{i}"])
+        experts.append(e)
+    return base, experts
+
+
+def recipe(method: str, **params):
+    return merge.from_dict({"merge_method": method, "base_model": "base", "seed": params.pop("seed", 0),
+                            "models": [{"model": f"e{i}"} for i in range(len(LABELS))], "parameters": params})
+
+
+def family(n: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randn(5, 4, generator=g), "b": torch.randn(4, generator=g)}
+    experts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(n)]
+    return base, experts
+
+
+def task_vectors(base, experts):
+    return [{k: e[k] - base[k] for k in base} for e in experts]
+
+
+# -- formulas -------------------------------------------------------------------------------
+def test_entropy_matches_its_formula():
+    from scipy.stats import entropy as scipy_entropy
+
+    logits = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+    p = torch.softmax(logits.double(), -1).numpy()
+    expect = scipy_entropy(p, axis=-1).mean()  # -Σ p log p, natural log
+    assert abs(float(objectives.entropy(logits)) - expect) < 1e-5
+    uniform = torch.zeros(3, 4)
+    assert abs(float(objectives.entropy(uniform)) - math.log(4)) < 1e-5
+
+
+def test_all_ones_mask_with_fixed_lambda_is_task_arithmetic_exactly():
+    base, experts = family()
+    merger = Merger(base, task_vectors(base, experts), coefficients="fixed", init=0.3, mask=".*")
+    ones = rescale({n: torch.ones_like(t) for n, t in base.items()})
+    got = merger.merged(ones)
+    ta = merge_state_dicts("task_arithmetic", base, experts, [{"weight": 0.3}] * 3)
+    for k in base:
+        assert torch.equal(got[k], ta[k]), k
+
+
+def test_gradients_reach_the_mask_logits():
+    base, experts = family()
+    merger = Merger(base, task_vectors(base, experts), coefficients="fixed", mask=".*")
+    sample = merger.sample(torch.Generator().manual_seed(0))
+    loss = sum((t ** 2).sum() for t in merger.merged(sample).values())
+    loss.backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in merger.logits)
+
+
+def test_mask_sample_is_relaxed_bernoulli_rescaled_by_its_mean():
+    base, experts = family()
+    merger = Merger(base, task_vectors(base, experts), coefficients="fixed", mask="^w$", temperature=0.5)
+    with torch.no_grad():
+        merger.logits[0].normal_()
+    gen = torch.Generator().manual_seed(3)
+    u = torch.rand(base["w"].shape, generator=torch.Generator().manual_seed(3))
+    m = torch.sigmoid((merger.logits[0] + torch.log(u) - torch.log1p(-u)) / 0.5)
+    sample = merger.sample(gen)
+    assert set(sample.values) == {"w"}
+    torch.testing.assert_close(sample.values["w"], m / m.mean())
+
+
+def test_layer_wise_coefficients_are_one_per_task_and_tensor():
+    base, experts = family()
+    tvs = task_vectors(base, experts)
+    merger = Merger(base, tvs, coefficients="layer", init=0.3)
+    with torch.no_grad():
+        merger.weights.copy_(torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]))
+    got = merger.merged()
+    for j, k in enumerate(merger.names):
+        expect = base[k] + sum(merger.weights[i, j].item() * tvs[i][k] for i in range(3))
+        torch.testing.assert_close(got[k], expect)
+
+
+# -- learning on a tiny model ----------------------------------------------------------------
+def test_twenty_steps_lower_the_loss(registry, tiny):
+    plan = make_plan(recipe("adamerging", steps=20, lr=0.05, batch_size=48), registry)
+    result, _ = learn_from_plan(plan, registry, torch.device("cpu"))
+    first, last = result.history[0]["loss"], result.history[-1]["loss"]
+    assert len(result.history) == 20
+    assert last < first  # full-batch entropy: the same inputs every step
+
+
+@pytest.mark.parametrize("method", ["adamerging", "concrete_ta", "concrete_adamerging"])
+def test_a_seed_makes_runs_deterministic(registry, tiny, method):
+    extra = {"stage2_steps": 2} if method == "concrete_adamerging" else {}
+
+    def once(seed):
+        plan = make_plan(recipe(method, steps=3, lr=0.01, seed=seed, **extra), registry)
+        return learn_from_plan(plan, registry, torch.device("cpu"))[0]
+
+    a, b, c = once(1), once(1), once(2)
+    assert all(torch.equal(a.merged[k], b.merged[k]) for k in a.merged)
+    assert any(not torch.equal(a.merged[k], c.merged[k]) for k in a.merged)
+
+
+def test_ce_objective_uses_labels_and_says_so(registry, tiny):
+    info = merge.run(recipe("adamerging", steps=3, objective="ce", coefficients="task"), "ce-merge",
+                     registry=registry)
+    learned = registry.show(info["ref"])["recipe"]["learned"]
+    assert learned["supervised"] is True and learned["split"] == "val"
+    assert "supervised" in (registry.model_dir(info["ref"]) / "README.md").read_text()
+
+
+def test_saved_model_equals_the_in_memory_merge_and_the_stored_mask_rebuilds_it(registry, tiny):
+    rec = recipe("concrete_ta", steps=4, lr=0.05, seed=7)
+    result, _ = learn_from_plan(make_plan(rec, registry), registry, torch.device("cpu"))
+    info = merge.run(rec, "cta", registry=registry)
+    out = open_checkpoint(registry.model_dir(info["ref"]))
+    for name, t in result.merged.items():
+        assert torch.equal(out.read_tensor(name), t), name  # float32 base: stored as is
+    # the packed mask in the lineage gives the same weights back: θ0 + 0.3 Σ τ ⊙ m / mean(m)
+    bits, logits = load_mask(registry.artifact(info["ref"], "mask"))
+    assert set(bits) == set(result.mask_bits) and all(torch.equal(bits[n], result.mask_bits[n]) for n in bits)
+    assert set(logits) == set(bits)
+    base = open_checkpoint(registry.model_dir("base"))
+    experts = [open_checkpoint(registry.model_dir(f"e{i}")) for i in range(3)]
+    b = {n: base.read_tensor(n) for n in bits}
+    tvs = [{n: e.read_tensor(n) - b[n] for n in bits} for e in experts]
+    rebuilt = Merger(b, tvs, coefficients="fixed", init=0.3, mask=".*").merged(rescale(bits))
+    for n in bits:
+        assert torch.equal(rebuilt[n], out.read_tensor(n)), n
+    # each task keeps its own head
+    assert out.tensors["vit.embeddings.cls_token"].shape == base.tensors["vit.embeddings.cls_token"].shape
+
+
+def test_mask_pattern_restricts_the_mask(registry, tiny):
+    plan = make_plan(recipe("concrete_ta", steps=1, mask=r"attention\.attention\.query"), registry)
+    result, _ = learn_from_plan(plan, registry, torch.device("cpu"))
+    assert result.mask_bits and all("query" in n for n in result.mask_bits)
+
+
+# -- bad input -------------------------------------------------------------------------------
+def test_mask_pattern_that_matches_nothing(registry, tiny):
+    with pytest.raises(ZooError, match="matches none"):
+        merge.run(recipe("concrete_ta", steps=1, mask="no_such_tensor"), "x", registry=registry)
+    assert not registry.has("x")
+
+
+def test_task_without_data(registry, tiny, tmp_path):
+    registry.add(tiny[1][0], "lonely", "expert", base="base")  # no task, no data
+    rec = merge.from_dict({"merge_method": "adamerging", "base_model": "base", "models": [{"model": "lonely"}]})
+    with pytest.raises(ZooError, match="has no task data"):
+        merge.run(rec, "x", registry=registry)
+    empty = tmp_path / "empty.safetensors"
+    save_file({"pixel_values": torch.zeros(0, 1, 8, 8)}, str(empty))
+    rec = merge.from_dict({"merge_method": "adamerging", "base_model": "base",
+                           "models": [{"model": "lonely", "parameters": {"data": str(empty)}}]})
+    with pytest.raises(ZooError, match="has no data"):
+        merge.run(rec, "x", registry=registry)
+    assert not registry.has("x")
+
+
+def test_ce_without_labels_is_refused(registry, tiny, tmp_path):
+    unlabeled = tmp_path / "u.safetensors"
+    save_file({"pixel_values": torch.randn(8, 1, 8, 8)}, str(unlabeled))
+    rec = merge.from_dict({"merge_method": "adamerging", "base_model": "base", "parameters": {"objective": "ce"},
+                           "models": [{"model": "e0", "parameters": {"data": str(unlabeled)}}]})
+    with pytest.raises(ZooError, match="needs labels"):
+        merge.run(rec, "x", registry=registry)
+
+
+def test_missing_head_is_refused(registry, tiny, tmp_path):
+    """An expert without its task head: each task must run through its own head."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    headless = tmp_path / "headless"
+    shutil.copytree(tiny[1][0], headless)
+    sd = load_file(str(headless / "model.safetensors"))
+    save_file({k: v for k, v in sd.items() if not k.startswith("classifier.")}, str(headless / "model.safetensors"),
+              metadata={"format": "pt"})
+    rec = merge.from_dict({"merge_method": "adamerging", "base_model": "base",
+                           "models": [{"model": str(headless), "parameters": {"task": "t0"}}]})
+    with pytest.raises(ZooError, match="head"):
+        merge.run(rec, "x", registry=registry)
+    assert not registry.has("x")
+
+
+def test_experts_from_different_bases(registry, tiny, tmp_path):
+    other = vit(tmp_path / "other-base", num_labels=10, seed=5)
+    registry.add(other, "other-base", "base")
+    registry.add(tiny[1][0], "stranger", "expert", base="other-base", tasks=["t0"])
+    rec = merge.from_dict({"merge_method": "adamerging", "base_model": "base",
+                           "models": [{"model": "e1"}, {"model": "stranger"}]})
+    with pytest.raises(IncompatibleModels, match="different bases"):
+        merge.run(rec, "x", registry=registry)
+
+
+def test_nan_loss_stops_with_the_step_and_writes_nothing(registry, tiny):
+    base, experts = family()
+    merger = Merger(base, task_vectors(base, experts), coefficients="task")
+    data = [train.TaskData(f"t{i}", {"x": torch.randn(4, 4)}) for i in range(3)]
+    calls = {"n": 0}
+
+    def forward(t, params, batch):
+        calls["n"] += 1
+        out = batch["x"] @ params["w"].T
+        return out * float("nan") if calls["n"] > 6 else out  # step 3 goes bad
+
+    with pytest.raises(ZooError, match="at step 3"):
+        train.learn(merger, forward, data, train.Settings("adamerging", steps=5, batch_size=2))
