@@ -284,8 +284,11 @@ def eval_(name: str, task: list[str] = typer.Option([], "--task", "-t", help="Ta
 
 @app.command()
 def demo(quick: bool = typer.Option(False, "--quick", help="A tiny, fast build of the same zoo (for CI)."),
+         learned: Optional[bool] = typer.Option(None, "--learned/--no-learned",
+                                                help="Also the learned merges (default: on, off with --quick)."),
          as_json: bool = JsonOpt) -> None:
-    """Build the demo zoo offline (cached), register it, and print each expert's accuracy."""
+    """Build the demo zoo offline (cached), register it, merge it, and print the accuracy
+    of each expert and each merge per task."""
     from zoo import demo as demo_mod
 
     from merge.demo import merge_demo
@@ -294,7 +297,8 @@ def demo(quick: bool = typer.Option(False, "--quick", help="A tiny, fast build o
     log = (lambda m: print(m, file=sys.stderr)) if as_json else print
     reg = _open(create=True)
     res = demo_mod.run_demo(reg, cfg, log=log)
-    rows = merge_demo(reg, res, log=log)
+    with output.training_bar("learning") as report:
+        rows = merge_demo(reg, res, log=log, learned=not quick if learned is None else learned, report=report)
     if as_json:
         output.emit_json({"base": res.base, "experts": res.experts, "accuracy": res.accuracy, "built": res.built,
                           "seconds": res.seconds, "registry": str(res.registry), "store": str(res.store),

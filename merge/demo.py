@@ -22,6 +22,27 @@ MERGES = {
     "ta": {"merge_method": "task_arithmetic", "weight": 0.3, "parameters": {}},
     "ties": {"merge_method": "ties", "weight": 0.3, "density": 0.2, "parameters": {"normalize": False}},
 }
+LABELS = {"ta": "task arithmetic (weight 0.3)", "ties": "TIES (density 0.2, weight 0.3, dis-sum)"}
+
+# The learned merges, on the demo's short CPU schedule: the papers' batch of 16 per task,
+# lr 1e-2 (10x theirs) for a fifth of their steps or less, so the whole table takes a
+# few minutes on two cores. ``ce`` rows use labelled validation data: supervised.
+SCHEDULE = {"adamerging": {"steps": 100}, "concrete_ta": {"steps": 100},
+            "concrete_adamerging": {"steps": 50, "stage2_steps": 50}}
+LEARNED = {
+    f"{key}-{objective}": {"merge_method": method, "parameters": {**SCHEDULE[method], "lr": 1e-2,
+                                                                  "objective": objective, **extra}}
+    for objective in ("entropy", "ce")
+    for key, method, extra in (("am-task", "adamerging", {"coefficients": "task"}),
+                               ("am-layer", "adamerging", {"coefficients": "layer"}),
+                               ("concrete-ta", "concrete_ta", {}),
+                               ("concrete-am-layer", "concrete_adamerging", {"coefficients": "layer"}))
+}
+for _key, _spec in LEARNED.items():
+    _kind = {"am-task": "AdaMerging task-wise", "am-layer": "AdaMerging layer-wise", "concrete-ta": "Concrete TA",
+             "concrete-am-layer": "Concrete AdaMerging layer-wise"}[_key.rsplit("-", 1)[0]]
+    _obj = _spec["parameters"]["objective"]
+    LABELS[_key] = f"{_kind}, {_obj}" + (" (supervised)" if _obj == "ce" else "")
 
 
 def base_with_heads(registry: Registry, demo: DemoResult) -> dict[str, float]:
@@ -37,31 +58,41 @@ def base_with_heads(registry: Registry, demo: DemoResult) -> dict[str, float]:
     return out
 
 
-def merge_demo(registry: Registry, demo: DemoResult, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Merge the demo experts and return one accuracy row per method."""
+def merge_demo(registry: Registry, demo: DemoResult, log: Callable[[str], None] = print,
+               learned: bool = False, steps_scale: float = 1.0, report=None) -> list[dict[str, Any]]:
+    """Merge the demo experts and return one accuracy row per method (with ``learned``,
+    also the learned merges, their step counts multiplied by ``steps_scale``)."""
     prefix = demo.config.prefix
     rows = [{"method": "individual experts", **demo.accuracy},
             {"method": "base + expert heads", **base_with_heads(registry, demo)}]
-    for key, spec in MERGES.items():
+    specs = {**MERGES, **(LEARNED if learned else {})}
+    for key, spec in specs.items():
         name = f"{prefix}-{key}"
-        known = {m["name"] for m in registry.list(kind="merged")}
-        if name not in known:
+        if not registry.has(name):
+            params = dict(spec["parameters"])
+            for k in ("steps", "stage2_steps"):
+                if k in params:
+                    params[k] = max(1, round(params[k] * steps_scale))
             recipe = from_dict({
-                "merge_method": spec["merge_method"], "base_model": demo.base, "parameters": spec["parameters"],
+                "merge_method": spec["merge_method"], "base_model": demo.base, "parameters": params,
                 "models": [{"model": ref, "parameters": {k: v for k, v in spec.items()
                                                           if k in ("weight", "density")}}
                            for ref in demo.experts.values()],
             })
-            run(recipe, name, registry=registry, device="cpu")
+            run(recipe, name, registry=registry, device="cpu", report=report)
             log(f"merged the experts with {spec['merge_method']} into {name}")
-        recorded = {m["task"]: m["value"] for m in registry.metrics(name)
-                    if m["metric"] == "accuracy" and m["split"] == "test"}
-        missing = [t for t in demo.experts if t not in recorded]
-        if missing:
-            recorded.update({r["task"]: r["value"] for r in evaluate(registry, name, missing)})
-        label = "task arithmetic (weight 0.3)" if key == "ta" else "TIES (density 0.2, weight 0.3, dis-sum)"
-        rows.append({"method": label, **{t: recorded[t] for t in demo.experts}})
+        rows.append({"method": LABELS[key], "model": name, **measure(registry, name, list(demo.experts))})
     for row in rows:
         vals = [row[t] for t in demo.experts]
         row["avg"] = sum(vals) / len(vals)
     return rows
+
+
+def measure(registry: Registry, name: str, tasks: list[str], split: str = "test") -> dict[str, float]:
+    """Accuracy per task, from the recorded metrics where there are some."""
+    recorded = {m["task"]: m["value"] for m in registry.metrics(name)
+                if m["metric"] == "accuracy" and m["split"] == split}
+    missing = [t for t in tasks if t not in recorded]
+    if missing:
+        recorded.update({r["task"]: r["value"] for r in evaluate(registry, name, missing, split=split)})
+    return {t: recorded[t] for t in tasks}

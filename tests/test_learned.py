@@ -110,7 +110,7 @@ def test_mask_sample_is_relaxed_bernoulli_rescaled_by_its_mean():
     with torch.no_grad():
         merger.logits[0].normal_()
     gen = torch.Generator().manual_seed(3)
-    u = torch.rand(base["w"].shape, generator=torch.Generator().manual_seed(3))
+    u = torch.rand(base["w"].shape, generator=torch.Generator().manual_seed(3))  # the same CPU stream
     m = torch.sigmoid((merger.logits[0] + torch.log(u) - torch.log1p(-u)) / 0.5)
     sample = merger.sample(gen)
     assert set(sample.values) == {"w"}
@@ -258,3 +258,18 @@ def test_nan_loss_stops_with_the_step_and_writes_nothing(registry, tiny):
 
     with pytest.raises(ZooError, match="at step 3"):
         train.learn(merger, forward, data, train.Settings("adamerging", steps=5, batch_size=2))
+
+
+def test_temperature_scaling_recovers_the_temperature():
+    """Labels drawn from softmax(z), logits given as 3z: the fitted temperature is ~3."""
+    g = torch.Generator().manual_seed(0)
+    z = 2 * torch.randn(4000, 5, generator=g)
+    y = torch.multinomial(torch.softmax(z, -1), 1, generator=g).squeeze(1)
+    assert abs(train.fit_temperature(3 * z, y) - 3) < 0.3
+
+
+def test_calibrated_entropy_records_the_temperatures(registry, tiny):
+    info = merge.run(recipe("adamerging", steps=2, calibrate=True), "cal", registry=registry)
+    learned = registry.show(info["ref"])["recipe"]["learned"]
+    assert len(learned["temperatures"]) == 3 and all(t > 0 for t in learned["temperatures"])
+    assert learned["calibration_split"] == "val"

@@ -1,3 +1,43 @@
 """Learned merges: coefficients and Concrete masks fitted by running the model on
-unlabeled (or, supervised, labelled) data. See ``train`` for the loops and ``run`` for
-the pipeline from registry or paths to a registered model."""
+unlabeled (or, supervised, labelled) data.
+
+``merge.run`` runs them from recipes (methods ``adamerging``, ``concrete_ta``,
+``concrete_adamerging``); ``learn_merge`` is the API for research code that brings
+its own module, heads and data (e.g. a CLIP image encoder with zero-shot heads).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .merger import Merger
+from .runtime import Body, make_forward
+from .train import Forward, Result, Settings, TaskData, learn
+
+__all__ = ["Forward", "Merger", "Result", "Settings", "TaskData", "learn", "learn_merge"]
+
+
+def learn_merge(module: nn.Module, base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]],
+                heads: list[dict[str, torch.Tensor]], data: list[TaskData], method: str = "concrete_ta", *,
+                forward: Forward | None = None, device: str | torch.device = "cpu", **settings: Any) -> Result:
+    """Learn a merge of ``experts`` (state dicts named as ``module``'s parameters) over
+    ``base``. Task t runs ``module`` with the merged parameters plus ``heads[t]`` on
+    ``data[t]``, unless ``forward(t, params, batch) -> logits`` is given. ``settings``
+    are ``Settings`` fields: objective, coefficients, steps, lr, mask, batch_size, seed...
+    """
+    device = torch.device(device)
+    s = Settings(method=method, **settings)
+    if method == "concrete_ta":
+        s.coefficients = "fixed"
+    names = [n for n in base if base[n].is_floating_point() and all(n in e for e in experts)]
+    tvs = [{n: e[n].to(device, torch.float32) - base[n].to(device, torch.float32) for n in names} for e in experts]
+    merger = Merger({n: base[n] for n in names}, tvs, coefficients=s.coefficients, init=s.init, clamp=s.clamp,
+                    mask=s.mask if method != "adamerging" else None, temperature=s.temperature, device=device)
+    del tvs
+    if forward is None:
+        module = module.to(device).eval().requires_grad_(False)
+        forward = make_forward(Body(module, {}), [{k: v.to(device) for k, v in h.items()} for h in heads])
+    return learn(merger, forward, data, s)

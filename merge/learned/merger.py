@@ -80,11 +80,11 @@ class Merger(nn.Module):
     # -- the mask -------------------------------------------------------------------------
     def sample(self, generator: torch.Generator) -> MaskSample:
         """A RelaxedBernoulli(temperature, logits) draw, reparameterised so gradients reach
-        the logits, each tensor divided by its mean. Noise is drawn on the CPU so a seed
-        means the same on any device."""
+        the logits, each tensor divided by its mean. ``generator`` lives on the logits'
+        device (drawing a model's worth of noise on the CPU would dominate a GPU step)."""
         out = {}
         for name, x in zip(self.mask_names, self.logits):
-            u = torch.rand(x.shape, generator=generator).to(x.device)
+            u = torch.rand(x.shape, generator=generator, device=x.device)
             u = u.clamp(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps)
             m = torch.sigmoid((x + u.log() - (-u).log1p()) / self.temperature)
             out[name] = m / m.mean().clamp_min(torch.finfo(m.dtype).tiny)
@@ -95,7 +95,7 @@ class Merger(nn.Module):
         (fusion_bench's ``discrete`` evaluation mask), so it can be stored as bits."""
         out = {}
         for name, x in zip(self.mask_names, self.logits):
-            u = torch.rand(x.shape, generator=generator).to(x.device)
+            u = torch.rand(x.shape, generator=generator, device=x.device)
             out[name] = (u < torch.sigmoid(x.detach())).to(torch.float32)
         return out
 

@@ -55,6 +55,9 @@ COMMON = {
                                   "(default: train for entropy, val for ce)"),
     "precision": Param("auto", _choice("auto", "fp32", "bf16"),
                        "forward precision: auto = bf16 autocast on CUDA, fp32 on CPU"),
+    "calibrate": Param(False, _bool, "temperature-scale each head on its expert and labelled validation data "
+                                     "before learning (uses labels)"),
+    "calibration_split": Param(None, _string, "split to calibrate on (default val)"),
 }
 MODEL = {
     "task": Param(None, _string, "the task this expert serves (default: its registered task)"),

@@ -16,7 +16,7 @@ from ..plan import Plan, read_input
 from .data import from_path, from_registry
 from .merger import Merger
 from .runtime import build_body, make_forward
-from .train import Report, Result, TaskData, learn, settings_from
+from .train import Report, Result, TaskData, calibrated, learn, settings_from
 
 if TYPE_CHECKING:
     from zoo.registry import Registry
@@ -81,9 +81,16 @@ def learn_from_plan(plan: Plan, registry: "Registry | None", device: torch.devic
             raise ZooError(f"{m.label} has no task head ({', '.join(base_heads[:2])}...); each task runs through "
                            "its own expert's head")
         heads.append({n: read_input(m, n, None).to(device) for n in names_i})
-    result = learn(merger, make_forward(body, heads), data, s, report)
+    forward = make_forward(body, heads)
+    temps = None
+    if options.get("calibrate"):
+        forward, temps = calibrated(forward, merger, task_data(plan, registry, "ce", options.get("calibration_split")))
+    result = learn(merger, forward, data, s, report)
     used = {"objective": s.objective, "supervised": s.objective == "ce",
             "split": options.get("split") or ("val" if s.objective == "ce" else "train"),
             "coefficients": s.coefficients, "steps": result.steps_done, "seconds": round(result.seconds, 3),
             "tasks": [d.name for d in data]}
+    if temps is not None:
+        used["temperatures"] = temps  # fitted on labelled validation data
+        used["calibration_split"] = options.get("calibration_split") or "val"
     return result, used

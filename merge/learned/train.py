@@ -79,6 +79,9 @@ class Batches:
     """Shuffled, cycled batches per task, from one seeded generator."""
 
     def __init__(self, data: list[TaskData], batch_size: int, generator: torch.Generator, device):
+        if sum(t.nbytes for d in data for t in d.inputs.values()) <= 1 << 30:  # small: move once
+            data = [TaskData(d.name, {k: v.to(device) for k, v in d.inputs.items()},
+                             d.labels.to(device) if d.labels is not None else None) for d in data]
         self.data, self.bs, self.gen, self.device = data, batch_size, generator, device
         self.order = [torch.empty(0, dtype=torch.long) for _ in data]
         self.pos = [0] * len(data)
@@ -88,7 +91,7 @@ class Batches:
         if self.pos[t] + self.bs > len(self.order[t]):
             self.order[t] = torch.randperm(len(d), generator=self.gen)
             self.pos[t] = 0
-        idx = self.order[t][self.pos[t]:self.pos[t] + self.bs]
+        idx = self.order[t][self.pos[t]:self.pos[t] + self.bs].to(next(iter(d.inputs.values())).device)
         self.pos[t] += self.bs
         inputs = {k: v[idx].to(self.device, non_blocking=True) for k, v in d.inputs.items()}
         labels = d.labels[idx].to(self.device) if d.labels is not None else None
@@ -135,7 +138,8 @@ def learn(merger: Merger, forward: Forward, data: list[TaskData], s: Settings,
     if len(data) != merger.n_tasks:
         raise ZooError(f"{merger.n_tasks} experts but data for {len(data)} tasks")
     device = merger.base[merger.names[0]].device
-    gen = torch.Generator().manual_seed(s.seed)
+    gen = torch.Generator().manual_seed(s.seed)  # batches
+    noise = torch.Generator(device=device).manual_seed(s.seed)  # mask draws, on the mask's device
     torch.manual_seed(s.seed)
     batches = Batches(data, s.batch_size, gen, device)
     report = report or (lambda *a: None)
@@ -163,13 +167,13 @@ def learn(merger: Merger, forward: Forward, data: list[TaskData], s: Settings,
     elif s.method == "concrete_ta":
         opt = torch.optim.Adam(merger.logits.parameters(), lr=s.lr, betas=(0.9, 0.999))
         for step in range(1, s.steps + 1):
-            loss = _loss(merger.merged(merger.sample(gen)), forward, batches, s.objective, s.autocast)
+            loss = _loss(merger.merged(merger.sample(noise)), forward, batches, s.objective, s.autocast)
             value = _check(loss, step, s.objective)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             tick(step, s.steps, value)
-        mask_bits = merger.draw_bits(gen)
+        mask_bits = merger.draw_bits(noise)
         final_mask = rescale(mask_bits)
     elif s.method == "concrete_adamerging":
         # Stage 1: alternate one inner Adam step on the coefficients (reset to init each
@@ -180,7 +184,7 @@ def learn(merger: Merger, forward: Forward, data: list[TaskData], s: Settings,
         total = s.steps + s.stage2_steps
         for step in range(1, s.steps + 1):
             merger.reset_coefficients()
-            sample = merger.sample(gen)
+            sample = merger.sample(noise)
             detached = MaskSample({n: v.detach() for n, v in sample.values.items()})
             loss_w = _loss(merger.merged(detached), forward, batches, s.objective, s.autocast)
             _check(loss_w, step, s.objective)
@@ -195,7 +199,7 @@ def learn(merger: Merger, forward: Forward, data: list[TaskData], s: Settings,
             outer.step()
             tick(step, total, value, stage=1)
         # Stage 2: freeze one mask draw; AdaMerging inside it from the initial coefficients.
-        mask_bits = merger.draw_bits(gen)
+        mask_bits = merger.draw_bits(noise)
         final_mask = rescale(mask_bits)
         merger.reset_coefficients()
         opt = torch.optim.Adam([merger.weights], lr=s.lr, betas=(0.9, 0.999))
@@ -217,6 +221,42 @@ def learn(merger: Merger, forward: Forward, data: list[TaskData], s: Settings,
     return Result(merged, merger.coefficients_list(), mask_bits and {n: b.cpu() for n, b in mask_bits.items()},
                   {n: x.cpu() for n, x in merger.logits_dict().items()} if mask_bits else None,
                   history, seconds, done)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> float:
+    """The temperature T minimising the cross-entropy of softmax(logits / T) (temperature
+    scaling, Guo et al. 2017), fitted by L-BFGS on log T."""
+    logits, labels = logits.detach().float(), labels.detach()
+    log_t = torch.zeros((), requires_grad=True, device=logits.device)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp())
+
+
+def calibrated(forward: Forward, merger: Merger, data: list[TaskData]) -> tuple[Forward, list[float]]:
+    """Each task's head, temperature-scaled on its own expert (θ₀ + τ_t) and labelled
+    data, so that prediction entropy means the same thing for every task."""
+    temps = []
+    with torch.no_grad():
+        for t, d in enumerate(data):
+            if d.labels is None:
+                raise ZooError(f"calibrating task {d.name!r} needs labels (a validation split)")
+            params = {n: merger.base[n] + merger.tv[n][t] for n in merger.names}
+            device = merger.base[merger.names[0]].device
+            logits = torch.cat([forward(t, params, {k: v[i:i + 256].to(device) for k, v in d.inputs.items()})
+                                for i in range(0, len(d), 256)])
+            temps.append(fit_temperature(logits, d.labels.to(device)))
+
+    def scaled(task: int, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return forward(task, params, batch) / temps[task]
+    return scaled, temps
 
 
 def settings_from(options: dict[str, Any], method: str, seed: int) -> Settings:
