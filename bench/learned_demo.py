@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated learned keys, e.g. am-layer-entropy")
     ap.add_argument("--result", default=None, help="results file name (default learned_demo[_paper])")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (smoke tests)")
+    ap.add_argument("--skip-baselines", action="store_true", help="no averaging row and no λ sweep")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="zoo-learned-demo-"))
     reg = Registry(work / "registry.db", create=True)
@@ -63,17 +64,20 @@ def main() -> None:
     timings: dict[str, dict] = {}
 
     # weight averaging and task arithmetic at the best λ on validation
-    timings["averaging"] = merge_into(reg, "avg", "linear", experts, demo.base, {})
-    rows.insert(2, {"method": "weight averaging", "model": "avg", **measure(reg, "avg", tasks)})
-    val = {}
-    for lam in LAMBDAS:
+    val: dict[float, float] = {}
+    best = None
+    if not args.skip_baselines:
+        timings["averaging"] = merge_into(reg, "avg", "linear", experts, demo.base, {})
+        rows.insert(2, {"method": "weight averaging", "model": "avg", **measure(reg, "avg", tasks)})
+    for lam in [] if args.skip_baselines else LAMBDAS:
         name = f"ta-{lam}"
         merge_into(reg, name, "task_arithmetic", experts, demo.base, {}, {"weight": lam})
         v = measure(reg, name, tasks, "val")
         val[lam] = sum(v.values()) / len(v)
-    best = max(LAMBDAS, key=lambda lam: val[lam])
-    rows.insert(4, {"method": f"task arithmetic, best λ on validation ({best})", "model": f"ta-{best}",
-                    **measure(reg, f"ta-{best}", tasks)})
+    if val:
+        best = max(LAMBDAS, key=lambda lam: val[lam])
+        rows.insert(4, {"method": f"task arithmetic, best λ on validation ({best})", "model": f"ta-{best}",
+                        **measure(reg, f"ta-{best}", tasks)})
 
     specs = dict(LEARNED)
     if args.investigate:

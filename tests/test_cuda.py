@@ -36,9 +36,10 @@ def test_cuda_merge_writes_the_cpu_bytes(tmp_path, method, params, options, chun
     base, experts = expert_family(tmp_path / "family")
     recipe = {"merge_method": method, "base_model": str(base), "parameters": options, "seed": 5,
               "models": [{"model": str(e), "parameters": params} for e in experts]}
-    merge.run(merge.from_dict(recipe), out_dir=tmp_path / "cpu", device="cpu", shard_bytes=40_000)
-    merge.run(merge.from_dict(recipe), out_dir=tmp_path / "cuda", device="cuda", shard_bytes=40_000)
-    assert digests(tmp_path / "cpu") == digests(tmp_path / "cuda")
+    for dev in ("cpu", "cuda"):  # the same folder name: the model card names it
+        (tmp_path / dev).mkdir()
+        merge.run(merge.from_dict(recipe), out_dir=tmp_path / dev / "m", device=dev, shard_bytes=40_000)
+    assert digests(tmp_path / "cpu" / "m") == digests(tmp_path / "cuda" / "m")
 
 
 @pytest.mark.parametrize("method", ["slerp", "model_stock"])

@@ -2,8 +2,10 @@
 frozen task vectors, producing merged parameters for ``torch.func.functional_call``.
 
 θ = θ₀ + Σᵢ wᵢ · (m ⊙ τᵢ) / mean(m), per tensor. The mask m is shared by every task
-(spec §1.1), so the sum is computed as m ⊙ Σᵢ wᵢτᵢ. With no mask and fixed weights the
-arithmetic is task arithmetic's, in the same order, so it gives the same bits.
+(spec §1.1), so the sum is computed as m ⊙ Σᵢ wᵢτᵢ. Every tensor lives in one flat
+vector (masked tensors first), so a step is a few large operations, not a few per
+tensor: that is what keeps a GPU busy. With fixed weights Σᵢ wᵢτᵢ is computed once,
+in task arithmetic's order, so an all-ones mask gives task arithmetic's bits.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from zoo.errors import ZooError
 COEFFICIENTS = ("fixed", "task", "layer")
 
 
-@dataclass(frozen=True)
+@dataclass
 class MaskSample:
-    """One draw of the mask, already divided by its per-tensor mean."""
+    """One draw of the mask, already divided by its per-tensor mean: per tensor in
+    ``values``, and as one vector over the masked tensors in ``flat`` when known."""
 
     values: dict[str, torch.Tensor]
+    flat: torch.Tensor | None = None
 
 
 class Merger(nn.Module):
@@ -44,9 +48,26 @@ class Merger(nn.Module):
             raise ZooError(f"coefficients must be one of {', '.join(COEFFICIENTS)}, not {coefficients!r}")
         if not task_vectors:
             raise ZooError("a learned merge needs at least one expert")
-        self.names = list(base)
-        self.base = {n: t.to(device, torch.float32) for n, t in base.items()}
-        self.tv = {n: [tv[n].to(device, torch.float32) for tv in task_vectors] for n in self.names}
+        names = list(base)
+        self.mask_names: list[str] = []
+        if mask is not None:
+            try:
+                pattern = re.compile(mask)
+            except re.error as e:
+                raise ZooError(f"mask pattern {mask!r} is not a valid regular expression: {e}") from None
+            self.mask_names = [n for n in names if pattern.search(n)]
+            if not self.mask_names:
+                raise ZooError(f"mask pattern {mask!r} matches none of the {len(names)} merged tensors "
+                               f"(e.g. {', '.join(names[:3])})")
+        masked = set(self.mask_names)
+        self.names = self.mask_names + [n for n in names if n not in masked]  # flat layout order
+        self.shapes = [tuple(base[n].shape) for n in self.names]
+        self.sizes = [base[n].numel() for n in self.names]
+        self.total = sum(self.sizes)
+        self.masked_total = sum(self.sizes[:len(self.mask_names)])
+        self.base_flat = torch.cat([base[n].reshape(-1).to(device, torch.float32) for n in self.names])
+        self.tv_flat = [torch.cat([tv[n].reshape(-1).to(device, torch.float32) for n in self.names])
+                        for tv in task_vectors]
         self.n_tasks = len(task_vectors)
         self.mode, self.init, self.clamp, self.temperature = coefficients, init, clamp, temperature
         shape = {"fixed": (self.n_tasks, 1), "task": (self.n_tasks, 1), "layer": (self.n_tasks, len(self.names))}
@@ -55,17 +76,29 @@ class Merger(nn.Module):
             self.register_buffer("weights", w)
         else:
             self.weights = nn.Parameter(w)
-        self.mask_names: list[str] = []
-        if mask is not None:
-            try:
-                pattern = re.compile(mask)
-            except re.error as e:
-                raise ZooError(f"mask pattern {mask!r} is not a valid regular expression: {e}") from None
-            self.mask_names = [n for n in self.names if pattern.search(n)]
-            if not self.mask_names:
-                raise ZooError(f"mask pattern {mask!r} matches none of the {len(self.names)} merged tensors "
-                               f"(e.g. {', '.join(self.names[:3])})")
-        self.logits = nn.ParameterList([nn.Parameter(torch.zeros_like(self.base[n])) for n in self.mask_names])
+        self.logit_flat = nn.Parameter(torch.zeros(self.masked_total, device=device))
+        self._sizes_t = torch.tensor(self.sizes, device=device)
+        self._fixed_delta: torch.Tensor | None = None
+
+    # -- per-tensor views ------------------------------------------------------------------
+    @property
+    def base(self) -> dict[str, torch.Tensor]:
+        return self._views(self.base_flat)
+
+    @property
+    def tv(self) -> dict[str, list[torch.Tensor]]:
+        views = [self._views(t) for t in self.tv_flat]
+        return {n: [v[n] for v in views] for n in self.names}
+
+    def _views(self, flat: torch.Tensor, masked_only: bool = False) -> dict[str, torch.Tensor]:
+        """Per-tensor views of a flat vector over all tensors (or the masked ones)."""
+        k = len(self.mask_names) if masked_only else len(self.names)
+        parts = flat.split(self.sizes[:k])
+        return {n: p.view(shape) for n, p, shape in zip(self.names[:k], parts, self.shapes)}
+
+    @property
+    def logits(self) -> list[torch.Tensor]:
+        return list(self._views(self.logit_flat, masked_only=True).values())
 
     # -- coefficients -------------------------------------------------------------------
     def coefficient_matrix(self) -> torch.Tensor:
@@ -78,46 +111,62 @@ class Merger(nn.Module):
             self.weights.fill_(self.init)
 
     # -- the mask -------------------------------------------------------------------------
+    def _per_tensor_mean(self, m: torch.Tensor) -> torch.Tensor:
+        k = len(self.mask_names)
+        means = torch.stack([part.mean() for part in m.split(self.sizes[:k])])
+        return means.repeat_interleave(self._sizes_t[:k], output_size=self.masked_total)
+
     def sample(self, generator: torch.Generator) -> MaskSample:
         """A RelaxedBernoulli(temperature, logits) draw, reparameterised so gradients reach
         the logits, each tensor divided by its mean. ``generator`` lives on the logits'
         device (drawing a model's worth of noise on the CPU would dominate a GPU step)."""
-        out = {}
-        for name, x in zip(self.mask_names, self.logits):
-            u = torch.rand(x.shape, generator=generator, device=x.device)
-            u = u.clamp(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps)
-            m = torch.sigmoid((x + u.log() - (-u).log1p()) / self.temperature)
-            out[name] = m / m.mean().clamp_min(torch.finfo(m.dtype).tiny)
-        return MaskSample(out)
+        x = self.logit_flat
+        u = torch.rand(x.shape, generator=generator, device=x.device)
+        u = u.clamp_(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps)
+        m = torch.sigmoid((x + (u.log() - (-u).log1p())) / self.temperature)
+        m = m / self._per_tensor_mean(m).clamp_min(torch.finfo(m.dtype).tiny)
+        return MaskSample(self._views(m, masked_only=True), m)
 
     def draw_bits(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """One Bernoulli(σ(logit)) draw per element: the binary mask the final model uses
         (fusion_bench's ``discrete`` evaluation mask), so it can be stored as bits."""
-        out = {}
-        for name, x in zip(self.mask_names, self.logits):
-            u = torch.rand(x.shape, generator=generator, device=x.device)
-            out[name] = (u < torch.sigmoid(x.detach())).to(torch.float32)
-        return out
+        x = self.logit_flat.detach()
+        u = torch.rand(x.shape, generator=generator, device=x.device)
+        bits = (u < torch.sigmoid(x)).to(torch.float32)
+        return {n: v.clone() for n, v in self._views(bits, masked_only=True).items()}
 
     def logits_dict(self) -> dict[str, torch.Tensor]:
-        return {n: x.detach() for n, x in zip(self.mask_names, self.logits)}
+        return {n: v.detach() for n, v in self._views(self.logit_flat, masked_only=True).items()}
 
     # -- the merged parameters ------------------------------------------------------------
+    def _delta(self) -> torch.Tensor:
+        """Σᵢ wᵢτᵢ over the flat vector, in task order (differentiable in w)."""
+        if self.mode == "fixed" and self._fixed_delta is not None:
+            return self._fixed_delta
+        w = self.weights.clamp(0, 1) if self.clamp else self.weights
+        acc = None
+        for i, tv in enumerate(self.tv_flat):
+            wi = w[i, 0] if w.shape[1] == 1 else w[i].repeat_interleave(self._sizes_t, output_size=self.total)
+            term = tv * wi
+            acc = term if acc is None else acc + term
+        if self.mode == "fixed":
+            self._fixed_delta = acc.detach()
+        return acc
+
     def merged(self, mask: MaskSample | None = None) -> dict[str, torch.Tensor]:
         """θ₀ + m ⊙ Σᵢ wᵢτᵢ for every merged tensor (differentiable in w and the logits)."""
-        w = self.coefficient_matrix()
-        out = {}
-        for j, name in enumerate(self.names):
-            tvs = self.tv[name]
-            acc = tvs[0] * w[0, j]
-            for i in range(1, self.n_tasks):
-                acc = acc + tvs[i] * w[i, j]
-            if mask is not None and name in mask.values:
-                acc = acc * mask.values[name]
-            out[name] = self.base[name] + acc
-        return out
+        delta = self._delta()
+        if mask is not None and self.mask_names:
+            m = mask.flat if mask.flat is not None else \
+                torch.cat([mask.values[n].reshape(-1) for n in self.mask_names]).to(delta.device)
+            k = self.masked_total
+            flat = torch.cat([self.base_flat[:k] + delta[:k] * m, self.base_flat[k:] + delta[k:]])
+        else:
+            flat = self.base_flat + delta
+        return self._views(flat)
 
     def coefficients_list(self) -> list[list[float]]:
+        """[task][tensor] coefficients, tensors in the merger's name order (``names``)."""
         return self.coefficient_matrix().detach().cpu().tolist()
 
 

@@ -89,7 +89,7 @@ def learn_from_plan(plan: Plan, registry: "Registry | None", device: torch.devic
     used = {"objective": s.objective, "supervised": s.objective == "ce",
             "split": options.get("split") or ("val" if s.objective == "ce" else "train"),
             "coefficients": s.coefficients, "steps": result.steps_done, "seconds": round(result.seconds, 3),
-            "tasks": [d.name for d in data]}
+            "tasks": [d.name for d in data], "coefficient_tensors": merger.names}
     if temps is not None:
         used["temperatures"] = temps  # fitted on labelled validation data
         used["calibration_split"] = options.get("calibration_split") or "val"

@@ -165,7 +165,7 @@ def learn(merger: Merger, forward: Forward, data: list[TaskData], s: Settings,
             tick(step, s.steps, value)
         final_mask: MaskSample | None = None
     elif s.method == "concrete_ta":
-        opt = torch.optim.Adam(merger.logits.parameters(), lr=s.lr, betas=(0.9, 0.999))
+        opt = torch.optim.Adam([merger.logit_flat], lr=s.lr, betas=(0.9, 0.999))
         for step in range(1, s.steps + 1):
             loss = _loss(merger.merged(merger.sample(noise)), forward, batches, s.objective, s.autocast)
             value = _check(loss, step, s.objective)
@@ -180,7 +180,7 @@ def learn(merger: Merger, forward: Forward, data: list[TaskData], s: Settings,
         # time, state kept) on a detached mask sample, and one Adam step on the mask
         # logits through the same sample; first order only (spec §1.5, fusion_bench).
         inner = torch.optim.Adam([merger.weights], lr=s.inner_lr, betas=(0.9, 0.999))
-        outer = torch.optim.Adam(merger.logits.parameters(), lr=s.lr, betas=(0.9, 0.999))
+        outer = torch.optim.Adam([merger.logit_flat], lr=s.lr, betas=(0.9, 0.999))
         total = s.steps + s.stage2_steps
         for step in range(1, s.steps + 1):
             merger.reset_coefficients()
