@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/add_throughput.py
 	$(BIN)/python bench/list_10k.py
 	$(BIN)/python bench/demo_interference.py
+	$(BIN)/python bench/learned_demo.py --investigate
 
 clean:
 	rm -rf $(VENV) registry.db registry.db-* registry.store

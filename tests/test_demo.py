@@ -111,3 +111,25 @@ def test_eval_rejects_a_task_with_other_labels(quick_demo):
                        text=True, env=env)
     assert r.returncode == 1
     assert r.stderr.strip() == f"error: {QUICK.prefix}-parity@1 predicts 2 labels but task 'digit' has 10"
+
+
+def test_learned_rows_of_the_demo(quick_demo):
+    """The demo's learned merges, on a few steps each: registered with their lineage,
+    measured per task, the ce rows marked supervised. Runs after the tests above (the
+    module's registry gains merged models here)."""
+    from merge.demo import LEARNED, merge_demo
+    from zoo.demo import run_demo
+
+    work, env, _, _ = quick_demo
+    reg = Registry(work / "registry.db")
+    res = run_demo(reg, QUICK, log=lambda m: None, cache=Path(env["ZOO_CACHE"]) / "demo")
+    rows = merge_demo(reg, res, log=lambda m: None, learned=True, steps_scale=0.02)
+    by_model = {r.get("model"): r for r in rows}
+    for key, spec in LEARNED.items():
+        row = by_model[f"{QUICK.prefix}-{key}"]
+        assert all(0.0 <= row[t] <= 1.0 for t in TASKS)
+        info = reg.show(f"{QUICK.prefix}-{key}")
+        learned = info["recipe"]["learned"]
+        assert info["kind"] == "merged" and learned["objective"] == spec["parameters"]["objective"]
+        assert ("supervised" in row["method"]) == (learned["supervised"] is True)
+        assert ("mask" in (info["recipe"].get("artifacts") or {})) == key.startswith("concrete")

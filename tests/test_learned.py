@@ -178,8 +178,10 @@ def test_saved_model_equals_the_in_memory_merge_and_the_stored_mask_rebuilds_it(
     rebuilt = Merger(b, tvs, coefficients="fixed", init=0.3, mask=".*").merged(rescale(bits))
     for n in bits:
         assert torch.equal(rebuilt[n], out.read_tensor(n)), n
-    # each task keeps its own head
-    assert out.tensors["vit.embeddings.cls_token"].shape == base.tensors["vit.embeddings.cls_token"].shape
+    # removing the merge frees its mask blob too
+    mask_blob = registry.artifact(info["ref"], "mask")
+    registry.remove(info["ref"])
+    assert not mask_blob.exists()
 
 
 def test_mask_pattern_restricts_the_mask(registry, tiny):
@@ -274,3 +276,86 @@ def test_calibrated_entropy_records_the_temperatures(registry, tiny):
     learned = registry.show(info["ref"])["recipe"]["learned"]
     assert len(learned["temperatures"]) == 3 and all(t > 0 for t in learned["temperatures"])
     assert learned["calibration_split"] == "val"
+
+
+# -- data from files ----------------------------------------------------------------------------
+def test_ties_prestep_keeps_the_entries_that_agree_with_the_elected_sign():
+    from merge.learned.pipeline import ties_prestep
+
+    base, experts = family()
+    tvs = task_vectors(base, experts)
+    out = ties_prestep(tvs, 0.4)
+    for k in base:
+        trimmed = [M_trim(tv[k], 0.4) for tv in tvs]
+        sign = torch.stack(trimmed).sum(0) >= 0
+        for t, o in zip(trimmed, out):
+            expect = torch.where((t != 0) & ((t > 0) == sign), t, torch.zeros_like(t))
+            assert torch.equal(o[k], expect)
+        assert all((o[k] != 0).sum() <= int(0.4 * base[k].numel()) + 1 for o in out)
+
+
+def M_trim(t, density):
+    from merge.methods import trim_magnitude
+
+    return trim_magnitude(t, density)
+
+
+def test_image_folder_data(registry, tiny, tmp_path):
+    """A folder of images, read with the base's image processor."""
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    ViTImageProcessor(size={"height": 8, "width": 8}, do_normalize=True, image_mean=[0.5], image_std=[0.5]) \
+        .save_pretrained(tiny[0])
+    # the registry holds a copy of the base: register one with the processor beside it
+    registry.add(tiny[0], "base-img", "base")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        arr = (torch.rand(8, 8, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr, mode="L").save(folder / f"{i}.png")
+    from merge.learned.data import from_path
+
+    data = from_path(folder, "t0", registry.model_dir("base-img"), "train", labelled=False)
+    assert data.inputs["pixel_values"].shape[0] == 6 and len(data) == 6
+    with pytest.raises(ZooError, match="preprocessor_config.json"):
+        from_path(folder, "t0", registry.model_dir("base"), "train", labelled=False)
+
+
+def test_jsonl_texts_with_the_base_tokenizer(tmp_path, registry):
+    """A text classifier (tiny BERT) learns from a JSONL file through the base's tokenizer."""
+    import json
+
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    words = ["good", "bad", "fine", "awful", "great", "poor", "ok", "nice"]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(vocab))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(words) + 5, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, num_labels=2)
+    base = tmp_path / "bert"
+    BertForSequenceClassification(cfg).save_pretrained(base)
+    tok.save_pretrained(base)
+    expert = tmp_path / "bert-e"
+    m = BertForSequenceClassification.from_pretrained(base)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    m.save_pretrained(expert)
+    texts = tmp_path / "sst.jsonl"
+    texts.write_text("\n".join(json.dumps({"text": f"{a} {b}", "label": int(a in ("good", "great", "nice"))})
+                               for a in words for b in words[:3]) + "\n")
+    rec = merge.from_dict({"merge_method": "adamerging", "base_model": str(base), "seed": 1,
+                           "parameters": {"objective": "ce", "steps": 3, "batch_size": 8},
+                           "models": [{"model": str(expert), "parameters": {"data": str(texts)}}]})
+    out = merge.run(rec, out_dir=tmp_path / "merged")
+    assert (tmp_path / "merged" / "model.safetensors").is_file() and out["path"].endswith("merged")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"txt": "no"}\n')
+    rec.models[0].parameters["data"] = str(bad)
+    with pytest.raises(ZooError, match="needs a .text. string"):
+        merge.run(rec, out_dir=tmp_path / "merged2")
+    assert not (tmp_path / "merged2").exists()

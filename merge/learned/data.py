@@ -80,7 +80,12 @@ def _texts(p: Path, task: str, base_dir: Path | None, labelled: bool, max_length
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(base_dir))
-    enc = tok(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    try:  # never longer than the model's positions
+        positions = json.loads((base_dir / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        positions = None
+    enc = tok(texts, padding=True, truncation=True, max_length=min(max_length, positions or max_length),
+              return_tensors="pt")
     inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     y = None
     if labelled:
@@ -100,5 +105,9 @@ def _images(folder: Path, task: str, base_dir: Path | None) -> TaskData:
     from transformers import AutoImageProcessor
 
     proc = AutoImageProcessor.from_pretrained(str(base_dir))
-    images = [Image.open(f).convert("RGB") for f in files]
+    try:
+        channels = json.loads((base_dir / "config.json").read_text()).get("num_channels", 3)
+    except (OSError, ValueError):
+        channels = 3
+    images = [Image.open(f).convert("L" if channels == 1 else "RGB") for f in files]
     return TaskData(task, {"pixel_values": proc(images=images, return_tensors="pt")["pixel_values"]})
