@@ -178,8 +178,14 @@ def test_saved_model_equals_the_in_memory_merge_and_the_stored_mask_rebuilds_it(
     rebuilt = Merger(b, tvs, coefficients="fixed", init=0.3, mask=".*").merged(rescale(bits))
     for n in bits:
         assert torch.equal(rebuilt[n], out.read_tensor(n)), n
-    # removing the merge frees its mask blob too
+    # verify re-hashes the artifact; removing the merge frees its blob
     mask_blob = registry.artifact(info["ref"], "mask")
+    assert registry.verify(info["ref"]) == []
+    mask_blob.chmod(0o644)
+    data = mask_blob.read_bytes()
+    mask_blob.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # one byte flipped
+    (problem,) = registry.verify(info["ref"])
+    assert problem["file"] == "artifact:mask" and problem["problem"] == "changed"
     registry.remove(info["ref"])
     assert not mask_blob.exists()
 

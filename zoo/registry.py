@@ -399,12 +399,15 @@ class Registry:
 
     # -- integrity and export ------------------------------------------------------
     def verify(self, ref: str | None = None, progress: ProgressFactory | None = None) -> list[dict[str, Any]]:
-        """Re-hash files and report every one that changed or went missing."""
+        """Re-hash files (and lineage artifacts) and report every one that changed or went missing."""
         progress = progress or no_progress
         with self._read() as s:
             models = [self._resolve(s, ref)] if ref else s.scalars(
                 select(Model).options(selectinload(Model.files)).order_by(Model.name, Model.version)).all()
             items = [(m.ref, f.relpath, f.sha256, f.size, self.file_path(f)) for m in models for f in m.files]
+            for m in models:  # lineage artifacts (a learned merge's mask) are checked too
+                for key, a in (((m.recipe.recipe if m.recipe else None) or {}).get("artifacts") or {}).items():
+                    items.append((m.ref, f"artifact:{key}", a["sha256"], a["size"], self.store.path(a["sha256"])))
         total = sum(size for *_, size, _p in items)
         advance = progress("verifying", total)
         seen: dict[Path, str | None] = {}
