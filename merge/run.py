@@ -42,7 +42,10 @@ def model_card(name: str, plan: Plan, recipe: dict[str, Any]) -> str:
         "library_name": "transformers",
         "tags": ["merge", "zoo"],
     }
-    body = yaml.safe_dump(recipe, sort_keys=True)
+    shown = dict(recipe)
+    if "learned" in shown:  # the per-tensor coefficients stay in the registry's lineage
+        shown["learned"] = {k: v for k, v in shown["learned"].items() if k not in ("coefficients", "coefficient_tensors")}
+    body = yaml.safe_dump(shown, sort_keys=True)
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
         f"# {name}", "",

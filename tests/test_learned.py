@@ -157,7 +157,9 @@ def test_ce_objective_uses_labels_and_says_so(registry, tiny):
                      registry=registry)
     learned = registry.show(info["ref"])["recipe"]["learned"]
     assert learned["supervised"] is True and learned["split"] == "val"
-    assert "supervised" in (registry.model_dir(info["ref"]) / "README.md").read_text()
+    assert learned["coefficient_scope"] == "task" and len(learned["coefficients"]) == len(LABELS)
+    card = (registry.model_dir(info["ref"]) / "README.md").read_text()
+    assert "supervised" in card and "coefficient_scope: task" in card and "coefficient_tensors" not in card
 
 
 def test_saved_model_equals_the_in_memory_merge_and_the_stored_mask_rebuilds_it(registry, tiny):

@@ -242,7 +242,7 @@ class Registry:
                 recipe = {**recipe, "artifacts": {}}
                 for key, path in sorted(artifacts.items()):
                     digest, size = self.store.ingest(Path(path))
-                    recipe["artifacts"][key] = {"sha256": digest, "size": size, "file": Path(path).name}
+                    recipe["artifacts"][key] = {"sha256": digest, "size": size, "file": f"{key}{Path(path).suffix}"}
 
             # Write phase: one transaction.
             arch = ckpt.architecture()

@@ -88,7 +88,7 @@ def learn_from_plan(plan: Plan, registry: "Registry | None", device: torch.devic
     result = learn(merger, forward, data, s, report)
     used = {"objective": s.objective, "supervised": s.objective == "ce",
             "split": options.get("split") or ("val" if s.objective == "ce" else "train"),
-            "coefficients": s.coefficients, "steps": result.steps_done, "seconds": round(result.seconds, 3),
+            "coefficient_scope": s.coefficients, "steps": result.steps_done, "seconds": round(result.seconds, 3),
             "tasks": [d.name for d in data], "coefficient_tensors": merger.names}
     if temps is not None:
         used["temperatures"] = temps  # fitted on labelled validation data
