@@ -314,7 +314,7 @@ class Registry:
         """The stored file of one of a model's lineage artifacts (e.g. ``mask``)."""
         with self._read() as s:
             m = self._resolve(s, ref)
-            entry = ((m.recipe.recipe if m.recipe else None) or {}).get("artifacts", {}).get(key)
+            entry = _artifacts(m).get(key)
             if entry is None:
                 raise NotFound(f"{m.ref} has no {key!r} artifact")
             p = self.store.path(entry["sha256"])
@@ -406,7 +406,7 @@ class Registry:
                 select(Model).options(selectinload(Model.files)).order_by(Model.name, Model.version)).all()
             items = [(m.ref, f.relpath, f.sha256, f.size, self.file_path(f)) for m in models for f in m.files]
             for m in models:  # lineage artifacts (a learned merge's mask) are checked too
-                for key, a in (((m.recipe.recipe if m.recipe else None) or {}).get("artifacts") or {}).items():
+                for key, a in _artifacts(m).items():
                     items.append((m.ref, f"artifact:{key}", a["sha256"], a["size"], self.store.path(a["sha256"])))
         total = sum(size for *_, size, _p in items)
         advance = progress("verifying", total)
@@ -481,17 +481,17 @@ class Registry:
                 if deps and not force:
                     names = ", ".join(sorted(d.ref for d in deps)[:5])
                     raise InUse(f"{m.ref} is used by {len(deps)} model(s) ({names}); remove them first, or pass --force")
-                digests = {f.sha256 for f in m.files if not f.external_path} | \
-                    _artifact_digests(m.recipe.recipe if m.recipe else None)
+                own_artifacts = {a["sha256"] for a in _artifacts(m).values()}
+                digests = {f.sha256 for f in m.files if not f.external_path} | own_artifacts
                 removed = m.ref
                 key = f"{m.id}-{m.name}@{m.version}"
                 s.delete(m)
                 s.flush()
                 still = set(s.scalars(select(File.sha256).where(File.sha256.in_(digests))).all())
                 still |= set(s.scalars(select(Task.data_sha256).where(Task.data_sha256.in_(digests))).all())
-                if digests - still:  # artifacts of other models' recipes (rare: a few rows)
+                if own_artifacts - still:  # shared with another merge's artifacts? (only then scan recipes)
                     for other in s.scalars(select(Recipe.recipe)):
-                        still |= _artifact_digests(other) & digests
+                        still |= {a["sha256"] for a in ((other or {}).get("artifacts") or {}).values()} & digests
             for d in digests - still:
                 self.store.remove(d)
             shutil.rmtree(self.views / key, ignore_errors=True)
@@ -580,8 +580,9 @@ def _merge_meta(meta: dict[str, Any] | None, ckpt: Checkpoint) -> dict[str, Any]
     return out or None
 
 
-def _artifact_digests(recipe: dict[str, Any] | None) -> set[str]:
-    return {a["sha256"] for a in ((recipe or {}).get("artifacts") or {}).values()}
+def _artifacts(m: Model) -> dict[str, dict[str, Any]]:
+    """A model's lineage artifacts, by key, as its recipe lists them."""
+    return ((m.recipe.recipe if m.recipe else None) or {}).get("artifacts") or {}
 
 
 def _summary(m: Model) -> dict[str, Any]:
