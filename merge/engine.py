@@ -9,6 +9,7 @@ size. Output goes to a temporary folder that is renamed into place only when com
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import shutil
@@ -127,31 +128,24 @@ def _model_stats(plan: Plan, dev: torch.device, chunk: int, progress: ProgressFa
     anything is written (None when the method needs none)."""
     merged = [s.out for s in plan.steps if s.merge]
     collector = plan.method.model_collector(
-        [(plan.model_params(o.name), plan.options(o.name), _numel(o.shape)) for o in merged])
+        [(plan.model_params(o.name), plan.options(o.name), math.prod(o.shape)) for o in merged])
     if collector is None:
         return None, None
     scan = progress(f"scanning {label} ({collector.passes} passes)",
                     collector.passes * sum(o.nbytes for o in merged), collector.passes * len(merged))
     bufs = None
-    for p in range(collector.passes):
+
+    def every_piece():
+        nonlocal bufs
         for o in merged:
             if _streamable(plan, o.name):
                 pieces, bufs = _pieces(plan, o.name, dev, chunk, bufs, whole=False)
-                for b, xs in pieces():
-                    collector.update(p, b, xs)
+                yield from pieces()
             else:
-                b, xs = _whole_inputs(plan, o.name, dev)
-                collector.update(p, b, xs)
+                yield _whole_inputs(plan, o.name, dev)
             scan(o.nbytes, 1)
-        collector.end_pass(p)
-    return collector.result(), bufs
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return collector.gather(every_piece), bufs
 
 
 def _base_ckpt(plan: Plan):
@@ -243,7 +237,7 @@ def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardW
                    bufs: "_Buffers | None" = None, model_stats: dict | None = None) -> "_Buffers":
     """Merge one tensor piece by piece; returns the buffers for the next tensor to reuse."""
     name = out.name
-    numel = _numel(out.shape)
+    numel = math.prod(out.shape)
     params, options = plan.model_params(name), plan.options(name)
     collector = None if model_stats is not None else plan.method.stats_collector(numel, params, options)
     # A tensor whose statistics need extra passes is read once and kept whole when it is
@@ -258,11 +252,7 @@ def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardW
             for x in xs:
                 x.sub_(b)
     if collector is not None:
-        for p in range(collector.passes):
-            for b, xs in pieces():
-                collector.update(p, b, xs, deltas)
-            collector.end_pass(p)
-        stats = collector.result()
+        stats = collector.gather(pieces, deltas)
     ctx = TensorContext(name, plan.recipe.seed, stats, scratch=True, deltas=deltas)
     out_dtype = TORCH_DTYPES[out.dtype]
     with _single_thread(dev.type == "cpu" and not whole):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import torch
 
@@ -124,6 +125,15 @@ class StatsCollector:
 
     def result(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def gather(self, pieces: Callable[[], Iterable[tuple[torch.Tensor | None, list[torch.Tensor]]]],
+               deltas: bool = False) -> dict[str, Any]:
+        """Run every pass over ``pieces()`` (base, model tensors) and return the result."""
+        for p in range(self.passes):
+            for base, tensors in pieces():
+                self.update(p, base, tensors, deltas)
+            self.end_pass(p)
+        return self.result()
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -611,14 +621,8 @@ def merge_state_dicts(method: str, base: dict[str, torch.Tensor] | None, models:
     def inputs(name: str):
         return (base[name].to(dtype) if base is not None else None), [sd[name].to(dtype) for sd in models]
 
-    stats = None
     collector = m.model_collector([(model_params, options, ref[n].numel()) for n in names])
-    if collector is not None:
-        for p in range(collector.passes):
-            for name in names:
-                collector.update(p, *inputs(name))
-            collector.end_pass(p)
-        stats = collector.result()
+    stats = collector.gather(lambda: map(inputs, names)) if collector is not None else None
     return {name: m.merge(*inputs(name), model_params, options, TensorContext(name, seed, stats)) for name in names}
 
 
