@@ -30,12 +30,9 @@ def learn_merge(module: nn.Module, base: dict[str, torch.Tensor], experts: list[
     """
     device = torch.device(device)
     s = Settings(method=method, **settings)
-    if method == "concrete_ta":
-        s.coefficients = "fixed"
     names = [n for n in base if base[n].is_floating_point() and all(n in e for e in experts)]
     tvs = [{n: e[n].to(device, torch.float32) - base[n].to(device, torch.float32) for n in names} for e in experts]
-    merger = Merger({n: base[n] for n in names}, tvs, coefficients=s.coefficients, init=s.init, clamp=s.clamp,
-                    mask=s.mask if method != "adamerging" else None, temperature=s.temperature, device=device)
+    merger = s.merger({n: base[n] for n in names}, tvs, device)
     del tvs
     if forward is None:
         module = module.to(device).eval().requires_grad_(False)

@@ -2,7 +2,7 @@
 --method`` and parameter checks treat them like any other method.
 
 They do not merge tensor by tensor: ``merge.run`` hands them to
-``merge.learned.run``, which runs the model on each task's data.
+``merge.learned.pipeline``, which runs the model on each task's data.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..methods import MergeMethod, Param, _bool, _number, register
+from ..methods import MergeMethod, Param, _bool, _density, _number, register
 from .objectives import OBJECTIVES
 
 
@@ -89,8 +89,7 @@ class AdaMerging(LearnedMethod):
     name = "adamerging"
     parameters = {**COMMON, **COEF, "steps": Param(500, _positive_int, "optimisation steps"),
                   "ties": Param(False, _bool, "AdaMerging++: TIES-trim and sign-elect the task vectors first"),
-                  "ties_density": Param(0.2, lambda v: _number(v) or (None if 0 < v <= 1 else "must be in (0, 1]"),
-                                        "TIES pre-step density (K = 20%)")}
+                  "ties_density": Param(0.2, _density, "TIES pre-step density (K = 20%)")}
     model_parameters = MODEL
 
 

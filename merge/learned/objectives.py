@@ -25,3 +25,9 @@ OBJECTIVES = {"entropy": "label-free: mean prediction entropy on unlabeled input
 
 def supervised(objective: str) -> bool:
     return objective == "ce"
+
+
+def default_split(objective: str) -> str:
+    """Which split of a registered task to learn from: labelled validation data for the
+    supervised objective, the unlabeled training inputs for entropy."""
+    return "val" if supervised(objective) else "train"

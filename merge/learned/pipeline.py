@@ -14,7 +14,7 @@ from zoo.errors import ZooError
 from ..methods import trim_magnitude
 from ..plan import Plan, read_input
 from .data import from_path, from_registry
-from .merger import Merger
+from .objectives import default_split, supervised
 from .runtime import build_body, make_forward
 from .train import Report, Result, TaskData, calibrated, learn, settings_from
 
@@ -35,8 +35,8 @@ def ties_prestep(task_vectors: list[dict[str, torch.Tensor]], density: float) ->
 
 
 def task_data(plan: Plan, registry: "Registry | None", objective: str, split: str | None) -> list[TaskData]:
-    labelled = objective == "ce"
-    split = split or ("val" if labelled else "train")
+    labelled = supervised(objective)
+    split = split or default_split(objective)
     base_dir = next(iter(plan.base.ckpt.files.values())).parent if plan.base is not None else None
     data = []
     for spec, inp in zip(plan.recipe.models, plan.models):
@@ -68,9 +68,7 @@ def learn_from_plan(plan: Plan, registry: "Registry | None", device: torch.devic
     tvs = [{n: read_input(m, n, base_sd[n]).float() - base_sd[n].float() for n in names} for m in plan.models]
     if options.get("ties"):
         tvs = ties_prestep(tvs, float(options.get("ties_density", 0.2)))
-    concrete = s.method in ("concrete_ta", "concrete_adamerging")
-    merger = Merger(base_sd, tvs, coefficients=s.coefficients, init=s.init, clamp=s.clamp,
-                    mask=s.mask if concrete else None, temperature=s.temperature, device=device)
+    merger = s.merger(base_sd, tvs, device)
     del tvs
     body = build_body(plan.base.ckpt, device)
     base_heads = [n for n in plan.base.ckpt.tensors if is_head(n, tuple(plan.recipe.heads))]
@@ -86,11 +84,11 @@ def learn_from_plan(plan: Plan, registry: "Registry | None", device: torch.devic
     if options.get("calibrate"):
         forward, temps = calibrated(forward, merger, task_data(plan, registry, "ce", options.get("calibration_split")))
     result = learn(merger, forward, data, s, report)
-    used = {"objective": s.objective, "supervised": s.objective == "ce",
-            "split": options.get("split") or ("val" if s.objective == "ce" else "train"),
+    used = {"objective": s.objective, "supervised": supervised(s.objective),
+            "split": options.get("split") or default_split(s.objective),
             "coefficient_scope": s.coefficients, "steps": result.steps_done, "seconds": round(result.seconds, 3),
             "tasks": [d.name for d in data], "coefficient_tensors": merger.names}
     if temps is not None:
         used["temperatures"] = temps  # fitted on labelled validation data
-        used["calibration_split"] = options.get("calibration_split") or "val"
+        used["calibration_split"] = options.get("calibration_split") or default_split("ce")
     return result, used

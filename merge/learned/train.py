@@ -21,7 +21,7 @@ import torch
 from zoo.errors import ZooError
 
 from .merger import MaskSample, Merger, rescale
-from .objectives import cross_entropy, entropy
+from .objectives import cross_entropy, entropy, supervised
 
 # forward(task index, merged parameters, batch of model inputs) -> logits
 Forward = Callable[[int, dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
@@ -58,6 +58,20 @@ class Settings:
     batch_size: int = 16
     seed: int = 0
     autocast: bool = False  # bf16 forward (CUDA)
+
+    def __post_init__(self) -> None:
+        if self.method == "concrete_ta":  # the coefficients stay at init (λ); only the mask learns
+            self.coefficients = "fixed"
+
+    @property
+    def masked(self) -> bool:
+        return self.method in ("concrete_ta", "concrete_adamerging")
+
+    def merger(self, base: dict[str, torch.Tensor], task_vectors: list[dict[str, torch.Tensor]],
+               device: torch.device | str) -> Merger:
+        """The trainable merge these settings describe."""
+        return Merger(base, task_vectors, coefficients=self.coefficients, init=self.init, clamp=self.clamp,
+                      mask=self.mask if self.masked else None, temperature=self.temperature, device=device)
 
 
 @dataclass
@@ -102,7 +116,7 @@ def validate(data: list[TaskData], objective: str, batch_size: int) -> None:
     for d in data:
         if len(d.inputs) == 0 or len(d) == 0:
             raise ZooError(f"task {d.name!r} has no data; give it unlabeled inputs")
-        if objective == "ce" and d.labels is None:
+        if supervised(objective) and d.labels is None:
             raise ZooError(f"objective ce needs labels, and task {d.name!r} has none; use objective entropy")
     if batch_size < 1:
         raise ZooError("batch size must be at least 1")
@@ -117,7 +131,7 @@ def _loss(merger_params: dict[str, torch.Tensor], forward: Forward, batches: Bat
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
         with ctx:
             logits = forward(t, merger_params, inputs)
-        loss = cross_entropy(logits, labels) if objective == "ce" else entropy(logits)
+        loss = cross_entropy(logits, labels) if supervised(objective) else entropy(logits)
         total = loss if total is None else total + loss
     assert total is not None
     return total
@@ -262,7 +276,4 @@ def calibrated(forward: Forward, merger: Merger, data: list[TaskData]) -> tuple[
 def settings_from(options: dict[str, Any], method: str, seed: int) -> Settings:
     """Settings from a recipe's resolved global parameters."""
     keys = Settings.__dataclass_fields__
-    s = Settings(method=method, seed=seed, **{k: v for k, v in options.items() if k in keys and k != "method"})
-    if method == "concrete_ta":
-        s.coefficients = "fixed"
-    return s
+    return Settings(method=method, seed=seed, **{k: v for k, v in options.items() if k in keys and k != "method"})
