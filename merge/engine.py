@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import queue
-import shutil
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,12 +24,11 @@ from zoo.progress import ProgressFactory, no_progress
 
 from .methods import TensorContext
 from .plan import Plan, read_input
-from .writer import OutTensor, ShardWriter, plan_shards, write_file
+from zoo.writer import OutTensor, ShardWriter, plan_shards, write_file
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 COMPUTE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DEFAULT_SHARD_BYTES = 5 * 1000**3
-SKIP_SIDECARS = {"README.md", "model.safetensors.index.json"}
 
 def keep_freed_memory() -> None:
     """Let glibc reuse freed tensor memory instead of unmapping it.
@@ -349,7 +346,7 @@ def _write_heads(plan: Plan, folder: Path) -> dict[str, str]:
             tensors.append((f"{key}/{n}", m.ckpt.read_tensor(src)))
     if not tensors:
         return {}
-    from .writer import header_bytes
+    from zoo.writer import header_bytes
 
     outs = [OutTensor(n, _st_dtype(t), tuple(t.shape)) for n, t in tensors]
     data = header_bytes(outs, {"format": "pt", "zoo_heads": json.dumps(entries, sort_keys=True)})
@@ -364,23 +361,7 @@ def _st_dtype(t: torch.Tensor) -> str:
     raise ZooError(f"cannot store a {t.dtype} head tensor")
 
 
-def copy_sidecars(plan: Plan, folder: Path) -> dict[str, str]:
-    """config.json and the tokenizer files come from the base (or the tokenizer_source)."""
-    src = plan.base if plan.base is not None else plan.models[0]
-    out = {}
-    for name, path in src.ckpt.files.items():
-        if name in SKIP_SIDECARS or name.endswith(".safetensors"):
-            continue
-        out[name] = write_file(folder / name, path.read_bytes())
-    return out
-
 
 def nbytes_total(plan: Plan) -> int:
     return sum(s.out.nbytes for s in plan.steps)
 
-
-def temp_folder(parent: Path, name: str) -> Path:
-    path = parent / f".{name}.{os.getpid()}.merging"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path

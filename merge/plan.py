@@ -19,7 +19,7 @@ from zoo.errors import IncompatibleModels, NotFound, ZooError
 
 from .methods import MergeMethod, get_method
 from .recipe import Recipe, resolve
-from .writer import OutTensor
+from zoo.writer import OutTensor
 
 if TYPE_CHECKING:
     import torch

@@ -15,7 +15,7 @@ from zoo.progress import no_progress
 from . import engine
 from .plan import Plan, make_plan
 from .recipe import Recipe
-from .writer import write_file
+from zoo.writer import copy_sidecars, temp_folder, write_file
 
 if TYPE_CHECKING:
     from zoo.progress import ProgressFactory
@@ -108,7 +108,7 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
         folder = registry.store.temp_path(".merge")
         folder.mkdir(parents=True)
     else:
-        folder = engine.temp_folder(out_dir.parent, out_dir.name)
+        folder = temp_folder(out_dir.parent, out_dir.name)
     mask_tmp = folder.with_name(folder.name + ".mask.safetensors")
     try:
         if learned is not None and result.mask_bits is not None:
@@ -117,7 +117,7 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
             artifacts["mask"] = save_mask(result.mask_bits, result.mask_logits or {}, mask_tmp)
         digests = engine.execute(plan, folder, device=device, shard_bytes=shard_bytes,
                                  progress=progress or no_progress, label=name, merged=learned)
-        digests.update(engine.copy_sidecars(plan, folder))
+        digests.update(copy_sidecars((plan.base if plan.base is not None else plan.models[0]).ckpt, folder))
         digests["README.md"] = write_file(folder / "README.md", model_card(name, plan, recipe_d).encode())
         if out is not None:
             parents = ([("base", plan.base.ref)] if plan.base is not None and plan.base.ref else []) + \

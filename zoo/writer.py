@@ -1,4 +1,4 @@
-"""A streaming safetensors writer for a planned set of tensors.
+"""Writing checkpoints: a streaming safetensors writer for a planned set of tensors.
 
 Every tensor's name, dtype and shape are known before the merge starts, so each
 shard's header is written first and tensor bytes are appended as they are produced;
@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from zoo.checkpoint import DTYPE_SIZES
-from zoo.errors import StorageError
-from zoo.store import DISK_FULL
+from .checkpoint import DTYPE_SIZES, Checkpoint
+from .errors import StorageError
+from .store import DISK_FULL
+
+SKIP_SIDECARS = {"README.md", "model.safetensors.index.json"}
 
 
 @dataclass(frozen=True)
@@ -167,3 +171,20 @@ def write_file(path: Path, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def copy_sidecars(src: Checkpoint, folder: Path) -> dict[str, str]:
+    """Copy ``config.json``, the tokenizer files and the like (not the weights, their
+    index or the model card) from ``src`` into ``folder``; return their sha256."""
+    out = {}
+    for name, path in src.files.items():
+        if name in SKIP_SIDECARS or name.endswith(".safetensors"):
+            continue
+        out[name] = write_file(folder / name, path.read_bytes())
+    return out
+
+
+def temp_folder(parent: Path, name: str) -> Path:
+    """A fresh hidden folder beside the final one, renamed into place when complete."""
+    path = parent / f".{name}.{os.getpid()}.writing"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
