@@ -268,6 +268,103 @@ def _maybe_open():
     return _open() if registry_path(State.registry).exists() else None
 
 
+@app.command()
+def protect(
+    source: str = typer.Argument(..., help="The model to protect (registry name or model folder)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Register the protected model under this name."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Write it to this new folder instead."),
+    key_file: Optional[Path] = typer.Option(None, "--key-file",
+                                            help="Where to write the key (default: registry.keys/NAME@1.key)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Key seed, for reproducible output (default: 128 "
+                                                             "random bits; a small seed can be guessed)."),
+    max_cond: Optional[float] = typer.Option(None, "--max-cond",
+                                             help="Bound on each transform's condition number "
+                                                  "(default 1000 for float32, 100 for bf16/fp16)."),
+    verify: bool = typer.Option(False, "--verify", help="Run both models with transformers and refuse a result "
+                                                        "whose outputs differ past the tolerance."),
+    shard_size: int = typer.Option(5_000_000_000, "--shard-size", help="Bytes per output shard."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Make a model unmergeable without changing what it computes (MergeLock)."""
+    import protect as protect_api
+
+    reg = _open(create=True) if out is not None else _maybe_open()
+    with output.progress_bars() as progress:
+        info = protect_api.protect(source, out, registry=reg, out_dir=out_dir, seed=seed, max_cond=max_cond,
+                                   key_file=key_file, verify=verify, shard_bytes=shard_size, progress=progress)
+    if as_json:
+        output.emit_json(info)
+        return
+    lock = info["lock"]
+    print(f"protected {source} into {info.get('ref') or info['path']}: {lock['attention_layers']} attention "
+          f"layers ({lock['model_type']}), cond QK ≤ {lock['max_cond_qk']:.3g}, VO ≤ {lock['max_cond_vo']:.3g}")
+    if "verify" in info:
+        v = info["verify"]
+        print(f"verified on {v['input_shape']}: max abs error {v['max_abs_error']:.2e}, max relative "
+              f"{v['max_rel_error']:.2e}, top-1 agreement {100 * v['top1_agreement']:.1f}%, KL {v['kl']:.2e}")
+    print(f"key {info['key_id']} written to {info['key_file']} (mode 0600); keep it: it is what unlocks the model")
+
+
+@app.command()
+def unlock(
+    source: str = typer.Argument(..., help="The protected model (registry name or model folder)."),
+    key: Optional[Path] = typer.Option(None, "--key", help="Key file (default: the registry's key)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Register the restored model under this name."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Write it to this new folder instead."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Kind to register (default: the source's original)."),
+    shard_size: int = typer.Option(5_000_000_000, "--shard-size", help="Bytes per output shard."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Restore a protected model's original weights with its key."""
+    import protect as protect_api
+
+    reg = _open(create=True) if out is not None else _maybe_open()
+    with output.progress_bars() as progress:
+        info = protect_api.unlock(source, out, registry=reg, out_dir=out_dir, key_file=key, kind=kind,
+                                  shard_bytes=shard_size, progress=progress)
+    if as_json:
+        output.emit_json(info)
+        return
+    u = info["unlock"]
+    err = (f"; largest relative error against {u['compared_with']}: {u['max_rel_error']:.2e} ({u['dtype']})"
+           if u.get("compared_with") else "")
+    print(f"unlocked {source} into {info.get('ref') or info['path']} ({u['tensors_transformed']} tensors){err}")
+
+
+key_app = typer.Typer(no_args_is_help=True, help="Move protection keys between machines.")
+app.add_typer(key_app, name="key")
+
+
+@key_app.command("export")
+def key_export(name: str = typer.Argument(..., help="The protected model."),
+               out: Optional[Path] = typer.Option(None, "--out", "-o", help="Key file (default: NAME@V.key)."),
+               as_json: bool = JsonOpt) -> None:
+    """Write a protected model's key from the registry to a key file (mode 0600)."""
+    import protect as protect_api
+
+    path = protect_api.export_key(_open(), name, out)
+    if as_json:
+        output.emit_json({"model": name, "key_file": str(path)})
+    else:
+        print(f"wrote the key of {name} to {path} (mode 0600)")
+
+
+@key_app.command("import")
+def key_import(file: Path = typer.Argument(..., help="A key file from `zoo key export` or `zoo protect`."),
+               model: Optional[str] = typer.Option(None, "--model", "-m", help="The protected model (default: "
+                                                                                "the one the file names)."),
+               replace: bool = typer.Option(False, "--replace", help="Replace a different stored key."),
+               as_json: bool = JsonOpt) -> None:
+    """Store a key file's key in the registry, for the protected model it belongs to."""
+    import protect as protect_api
+
+    info = protect_api.import_key(_open(), file, model, replace=replace)
+    if as_json:
+        output.emit_json(info)
+    else:
+        print(f"stored key {info['key_id']} for {info['model']}")
+
+
 @app.command("eval")
 def eval_(name: str, task: list[str] = typer.Option([], "--task", "-t", help="Task (default: the model's own)."),
           split: str = typer.Option("test", "--split"), as_json: bool = JsonOpt) -> None:
@@ -286,12 +383,16 @@ def eval_(name: str, task: list[str] = typer.Option([], "--task", "-t", help="Ta
 def demo(quick: bool = typer.Option(False, "--quick", help="A tiny, fast build of the same zoo (for CI)."),
          learned: Optional[bool] = typer.Option(None, "--learned/--no-learned",
                                                 help="Also the learned merges (default: on, off with --quick)."),
+         protection: bool = typer.Option(True, "--protect/--no-protect",
+                                         help="Also protect one expert with MergeLock and merge with it."),
          as_json: bool = JsonOpt) -> None:
     """Build the demo zoo offline (cached), register it, merge it, and print the accuracy
-    of each expert and each merge per task."""
+    of each expert and each merge per task; then protect one expert, merge with it and
+    attack it."""
     from zoo import demo as demo_mod
 
     from merge.demo import merge_demo
+    from protect.demo import protect_demo
 
     cfg = demo_mod.QUICK if quick else demo_mod.FULL
     log = (lambda m: print(m, file=sys.stderr)) if as_json else print
@@ -299,20 +400,44 @@ def demo(quick: bool = typer.Option(False, "--quick", help="A tiny, fast build o
     res = demo_mod.run_demo(reg, cfg, log=log)
     with output.training_bar("learning") as report:
         rows = merge_demo(reg, res, log=log, learned=not quick if learned is None else learned, report=report)
+    locked = protect_demo(reg, res, rows, log=log) if protection else None
     if as_json:
         output.emit_json({"base": res.base, "experts": res.experts, "accuracy": res.accuracy, "built": res.built,
                           "seconds": res.seconds, "registry": str(res.registry), "store": str(res.store),
-                          "table": rows})
+                          "table": rows, "protection": locked})
         return
     print()
     tasks = list(res.experts)
     table = [{"method": r["method"], **{t: f"{100 * r[t]:.1f}" for t in [*tasks, "avg"]}} for r in rows]
     output.table(table, [("method", "TEST ACCURACY %")] + [(t, t) for t in tasks] + [("avg", "AVG")])
+    if locked is not None:
+        print()
+        _print_protection(locked, tasks)
     print(f"\nbase: {res.base}   experts: {', '.join(res.experts.values())}")
     print(f"({'built' if res.built else 'cached'}; {res.seconds:.0f} s)")
     print(f"registry: {res.registry}\nstore:    {res.store}\ncache:    {res.cache}")
     p = res.config.prefix
     print(f"next: `zoo list`, `zoo lineage {p}-ties`, `zoo check {p}-parity`, `zoo eval {p}-ta --task hflip`")
+
+
+def _print_protection(locked: dict, tasks: list[str]) -> None:
+    s = locked["summary"]
+    victim = s["victim"]
+    table = [{"method": r["method"], **{t: f"{100 * r[t]:.1f}" if t in r else "" for t in tasks}}
+             for r in locked["rows"]]
+    output.table(table, [("method", f"MERGELOCK ({victim} protected) %")] + [(t, t) for t in tasks])
+    v = s["verify"]
+    print(f"\nprotected {victim} expert vs original: max relative logit error {v['max_rel_error']:.1e}, "
+          f"top-1 agreement {100 * v['top1_agreement']:.0f}% (cond QK ≤ {v['max_cond_qk']:.0f}, "
+          f"VO ≤ {v['max_cond_vo']:.0f}); chance on {victim}: {100 * s['chance']:.1f}%")
+    for key, label in (("ta", "task arithmetic"), ("ties", "TIES")):
+        m = s[key]
+        lost = "n/a" if m["advantage_lost"] is None else f"{100 * m['advantage_lost']:.0f}%"
+        back = "n/a" if m["recovered"] is None else f"{100 * m['recovered']:.0f}%"
+        print(f"{label}: protection removes {lost} of the merge's advantage over chance on {victim} "
+              f"(target ≥ 80%); the realignment attack recovers {back} of what it removed")
+    print("MergeLock stops naive merging only: the data-free attack above undoes much of it, and outputs are "
+          "unchanged, so distillation is unaffected.")
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from zoo.progress import ProgressFactory, no_progress
 
 from .methods import TensorContext
 from .plan import Plan, read_input
-from zoo.writer import OutTensor, ShardWriter, plan_shards, write_file
+from zoo.writer import OutTensor, ShardWriter, plan_shards, tensor_bytes, write_file
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 COMPUTE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -57,15 +57,6 @@ def pick_device(device: str) -> torch.device:
         raise ZooError(f"--device must be auto, cpu or cuda, not {device!r}")
     return torch.device(device)
 
-
-def _to_bytes(t: torch.Tensor) -> memoryview:
-    """The tensor's raw little-endian bytes, without a copy where possible."""
-    t = t.contiguous().cpu().reshape(-1)
-    if t.numel() == 0:
-        return memoryview(b"")
-    if t.dtype == torch.bool:
-        return memoryview(t.numpy().tobytes())
-    return memoryview(t.view(torch.uint8).numpy())
 
 
 CHUNK_ELEMS = 1 << 18  # elements per piece: float32 work buffers that stay in the CPU cache
@@ -100,7 +91,7 @@ def execute(plan: Plan, folder: Path, *, device: str = "auto", shard_bytes: int 
             if not step.merge:
                 writer.put(_base_ckpt(plan).read_bytes(name))
             elif merged is not None:
-                writer.put(_to_bytes(merged[name].to(TORCH_DTYPES[step.out.dtype])))
+                writer.put(tensor_bytes(merged[name].to(TORCH_DTYPES[step.out.dtype])))
             elif _streamable(plan, name):
                 bufs = _merge_chunked(plan, step.out, dev, writer, chunk, bufs, model_stats)
             else:
@@ -326,7 +317,7 @@ def _merge_whole(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardWri
     b, xs = _whole_inputs(plan, name, dev)
     merged = plan.method.merge(b, xs, plan.model_params(name), plan.options(name),
                                TensorContext(name, plan.recipe.seed, model_stats))
-    writer.put(_to_bytes(merged.to(TORCH_DTYPES[out.dtype])))
+    writer.put(tensor_bytes(merged.to(TORCH_DTYPES[out.dtype])))
 
 
 def _write_heads(plan: Plan, folder: Path) -> dict[str, str]:
@@ -350,7 +341,7 @@ def _write_heads(plan: Plan, folder: Path) -> dict[str, str]:
 
     outs = [OutTensor(n, _st_dtype(t), tuple(t.shape)) for n, t in tensors]
     data = header_bytes(outs, {"format": "pt", "zoo_heads": json.dumps(entries, sort_keys=True)})
-    data += b"".join(bytes(_to_bytes(t)) for _, t in tensors)
+    data += b"".join(bytes(tensor_bytes(t)) for _, t in tensors)
     return {HEADS_FILE: write_file(folder / HEADS_FILE, data)}
 
 

@@ -28,3 +28,8 @@ def existing_registry(path: str | os.PathLike[str] | None = None) -> Path:
 def store_path(registry: Path) -> Path:
     """The blob store beside a registry: ``registry.db`` -> ``registry.store/``."""
     return registry.with_suffix(".store")
+
+
+def keys_path(registry: Path) -> Path:
+    """Key files beside a registry: ``registry.db`` -> ``registry.keys/``."""
+    return registry.with_suffix(".keys")

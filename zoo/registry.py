@@ -26,8 +26,8 @@ from .compat import DEFAULT_HEAD_PATTERNS, CompatReport, compare
 from .errors import AlreadyExists, IncompatibleModels, InUse, NotFound, StorageError, ZooError
 from .listing import iso_utc, list_models
 from .names import parse_ref, validate_name
-from .paths import existing_registry, registry_path, store_path
-from .schema import KINDS, File, LineageEdge, Metric, Model, ModelTag, Recipe, Task
+from .paths import existing_registry, keys_path, registry_path, store_path
+from .schema import KINDS, File, LineageEdge, Metric, Model, ModelTag, ProtectionKey, Recipe, Task
 from .progress import ProgressFactory, no_progress
 from .store import BlobStore, hash_file
 
@@ -178,6 +178,7 @@ class Registry:
         adopt: dict[str, str] | None = None,
         check_base: bool = True,
         artifacts: dict[str, Path] | None = None,
+        key: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Register a checkpoint. Copies its files into the store unless ``in_place``.
 
@@ -187,6 +188,8 @@ class Registry:
         into the store, with the digests computed while writing them. ``artifacts``
         are files that belong to the lineage rather than to the checkpoint (a learned
         merge's mask): stored as blobs and listed in the recipe under ``artifacts``.
+        ``key`` is a protected model's key (with its public ``key_id``), stored in the
+        same transaction.
         """
         validate_name(name)
         if kind not in KINDS:
@@ -205,6 +208,8 @@ class Registry:
             raise ZooError(f"an {kind} needs its base model: pass --base NAME")
         if kind == "base" and base is not None:
             raise ZooError("a base model has no base; drop --base or choose another --kind")
+        if key is not None and "key_id" not in key:
+            raise ZooError("a protection key needs its key_id")
 
         # Read phase: names, base and parents must exist; the expert must fit its base.
         with self._read() as s:
@@ -275,6 +280,8 @@ class Registry:
                     if recipe is not None:
                         m.recipe = Recipe(method=str(recipe.get("merge_method") or recipe.get("method") or "?"),
                                           recipe=recipe)
+                    if key is not None:
+                        m.key = ProtectionKey(key_id=str(key["key_id"]), key=key)
                     s.add(m)
                     s.flush()
                     result = _summary(m)
@@ -307,6 +314,7 @@ class Registry:
                 metrics=[_metric(x) for x in m.metrics],
                 dependents=sorted(x.ref for x in self._dependents(s, m)),
                 metadata=m.meta or {},
+                key_id=m.key.key_id if m.key is not None else None,
             )
             return d
 
@@ -321,6 +329,35 @@ class Registry:
         if not p.is_file():
             raise StorageError(f"the {key!r} artifact of {ref} is missing from the store ({p})")
         return p
+
+    # -- protection keys -----------------------------------------------------------
+    @property
+    def keys_dir(self) -> Path:
+        """Where key files are written by default: ``registry.keys/`` beside the database."""
+        return keys_path(self.path)
+
+    def key(self, ref: str) -> dict[str, Any] | None:
+        """The key stored for a protected model, or None."""
+        with self._read() as s:
+            m = self._resolve(s, ref)
+            return dict(m.key.key) if m.key is not None else None
+
+    def set_key(self, ref: str, key: dict[str, Any], replace: bool = False) -> str:
+        """Store a protected model's key (``zoo key import``); returns the model's ref."""
+        if "key_id" not in key:
+            raise ZooError("a protection key needs its key_id")
+        with self._write() as s:
+            m = self._resolve(s, ref)
+            if m.kind != "protected":
+                raise ZooError(f"{m.ref} is a {m.kind} model; keys belong to protected models")
+            if m.key is not None and m.key.key_id != key["key_id"] and not replace:
+                raise AlreadyExists(f"{m.ref} already has key {m.key.key_id}; pass --replace to store key "
+                                    f"{key['key_id']} instead")
+            if m.key is None:
+                m.key = ProtectionKey(key_id=str(key["key_id"]), key=key)
+            else:
+                m.key.key_id, m.key.key = str(key["key_id"]), key
+            return m.ref
 
     def lineage(self, ref: str) -> dict[str, Any]:
         """The tree of models this one was made from: merge parents, and each one's base."""

@@ -99,6 +99,7 @@ class Model(Base):
         back_populates="child")
     recipe: Mapped["Recipe | None"] = relationship(cascade="all, delete-orphan", uselist=False)
     metrics: Mapped[list["Metric"]] = relationship(cascade="all, delete-orphan", order_by="Metric.id")
+    key: Mapped["ProtectionKey | None"] = relationship(cascade="all, delete-orphan", uselist=False)
 
     @property
     def ref(self) -> str:
@@ -160,6 +161,21 @@ class Recipe(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
     method: Mapped[str] = mapped_column(String(64))
     recipe: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class ProtectionKey(Base):
+    """The key that unlocks a protected model (a seed and the algorithm's parameters).
+
+    zoo/ stores it as given; ``protect/`` knows what it means. It is never written into
+    the model's files.
+    """
+
+    __tablename__ = "protection_keys"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(64))
+    key: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Metric(Base):

@@ -16,10 +16,14 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .checkpoint import DTYPE_SIZES, Checkpoint
 from .errors import StorageError
 from .store import DISK_FULL
+
+if TYPE_CHECKING:
+    import torch
 
 SKIP_SIDECARS = {"README.md", "model.safetensors.index.json"}
 
@@ -158,6 +162,18 @@ class ShardWriter:
             (self.folder / "model.safetensors.index.json").write_bytes(data)
             self.digests["model.safetensors.index.json"] = hashlib.sha256(data).hexdigest()
         return dict(self.digests)
+
+
+def tensor_bytes(t: "torch.Tensor") -> memoryview:
+    """A tensor's raw little-endian bytes, as the writer takes them, without a copy where possible."""
+    import torch
+
+    t = t.contiguous().cpu().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    if t.dtype == torch.bool:
+        return memoryview(t.numpy().tobytes())
+    return memoryview(t.view(torch.uint8).numpy())
 
 
 def write_file(path: Path, data: bytes) -> str:

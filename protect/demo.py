@@ -1,0 +1,88 @@
+"""The demo's protection step: does MergeLock stop a merge, and does the attack undo it?
+
+One demo expert (the victim) is protected and merged with the other experts by task
+arithmetic and by TIES, exactly as the unprotected merges were. The table has each
+task's accuracy for the merge without protection, with the protected expert, and with
+the expert the realignment attack recovers from the protected one and the public base;
+and the victim alone, before and after protection. This is where protection meets the
+merge engine, so it imports ``merge``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from zoo.demo import DemoResult
+from zoo.registry import Registry
+from zoo.taskdata import load_split
+
+from .attack import realign
+from .run import protect
+
+VICTIM = "digit"  # the task whose expert is protected: the one the other tasks merge best with
+SEED = 0
+
+
+def chance(registry: Registry, task: str) -> float:
+    """Accuracy of always predicting the test split's most common label."""
+    _, y = load_split(registry.task_data(task), "test")
+    return torch.bincount(y.long()).max().item() / len(y)
+
+
+def protect_demo(registry: Registry, demo: DemoResult, merge_rows: list[dict[str, Any]],
+                 log: Callable[[str], None] = print, victim: str = VICTIM) -> dict[str, Any]:
+    """Protect ``victim``'s expert, merge with it, attack it; return the table and the
+    headline numbers."""
+    from merge.demo import LABELS, MERGES, measure
+    from merge.recipe import from_dict
+    from merge.run import run
+
+    prefix, tasks = demo.config.prefix, list(demo.experts)
+    locked, realigned = f"{prefix}-{victim}-locked", f"{prefix}-{victim}-realigned"
+    if not registry.has(locked):
+        info = protect(demo.experts[victim], locked, registry=registry, seed=SEED, verify=True)
+        log(f"protected {demo.experts[victim]} into {locked} (key id {info['key_id']}, "
+            f"max relative logit error {info['verify']['max_rel_error']:.1e})")
+    if not registry.has(realigned):
+        realign(registry, locked, realigned)
+        log(f"ran the least-squares realignment attack on {locked} against {demo.base} into {realigned}")
+    check = registry.show(locked)["recipe"]["verify"]
+    by_method = {r.get("model"): r for r in merge_rows}
+    rows = []
+    for key, spec in MERGES.items():
+        plain = by_method[f"{prefix}-{key}"]
+        rows.append({"method": LABELS[key], **{t: plain[t] for t in tasks}})
+        for tag, swap in (("protected", locked), ("realigned", realigned)):
+            name = f"{prefix}-{key}-{tag}-{victim}"
+            experts = {**demo.experts, victim: swap}
+            if not registry.has(name):
+                recipe = from_dict({
+                    "merge_method": spec["merge_method"], "base_model": demo.base, "parameters": spec["parameters"],
+                    "models": [{"model": ref, "parameters": {k: v for k, v in spec.items()
+                                                              if k in ("weight", "density")}}
+                               for ref in experts.values()]})
+                run(recipe, name, registry=registry, device="cpu")
+                log(f"merged with {swap} in place of {demo.experts[victim]} into {name}")
+            label = f"  … with {victim} {'protected' if tag == 'protected' else 'realigned by the attack'}"
+            rows.append({"method": label, "model": name, **measure(registry, name, tasks)})
+    alone = {"method": f"{victim} expert alone", victim: demo.accuracy[victim]}
+    alone_locked = {"method": f"{victim} expert alone, protected", **measure(registry, locked, [victim])}
+    rows += [alone, alone_locked]
+    base = chance(registry, victim)
+    summary = {"victim": victim, "chance": base, "verify": check}
+    for key in MERGES:
+        plain = by_method[f"{prefix}-{key}"][victim]
+        got = {tag: next(r for r in rows if r.get("model") == f"{prefix}-{key}-{tag}-{victim}")[victim]
+               for tag in ("protected", "realigned")}
+        summary[key] = {
+            "unprotected": plain, "protected": got["protected"], "realigned": got["realigned"],
+            # share of the merge's advantage over chance on the victim's task that protection removes
+            "advantage_lost": 1 - (got["protected"] - base) / (plain - base) if plain > base else None,
+            # share of what protection removed that the attack brings back
+            "recovered": (got["realigned"] - got["protected"]) / (plain - got["protected"])
+            if plain > got["protected"] else None,
+        }
+    return {"rows": rows, "summary": summary}

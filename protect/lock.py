@@ -1,0 +1,137 @@
+"""Streaming MergeLock over a checkpoint: read, transform the attention tensors, write.
+
+Every tensor is handled on its own: an attention tensor's transform depends only on
+the key and its sublayer, so the checkpoint streams in its own order. A background
+thread reads the next tensors while this one transforms and the shard writer's thread
+writes; memory holds a few tensors and the writer's queue, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from zoo.checkpoint import Checkpoint
+from zoo.progress import ProgressFactory, no_progress
+from zoo.writer import OutTensor, ShardWriter, plan_shards, tensor_bytes
+
+from .layouts import Attention, Layout, layout_for
+from .transform import Key, apply, draw
+
+DEFAULT_SHARD_BYTES = 5 * 1000**3
+READ_AHEAD = 2  # tensors read but not yet transformed
+
+
+@dataclass
+class LockStats:
+    """What a lock or unlock pass did: the sublayers and tensors it changed, and the
+    largest condition numbers it used."""
+
+    model_type: str
+    layers: int
+    tensors: int
+    cond_qk: float
+    cond_vo: float
+    digests: dict[str, str] = field(default_factory=dict)
+    max_rel_error: float | None = None  # against a reference checkpoint, when given
+
+    def to_dict(self) -> dict[str, object]:
+        d: dict[str, object] = {"model_type": self.model_type, "attention_layers": self.layers,
+                                "tensors_transformed": self.tensors, "max_cond_qk": self.cond_qk,
+                                "max_cond_vo": self.cond_vo}
+        if self.max_rel_error is not None:
+            d["max_rel_error"] = self.max_rel_error
+        return d
+
+
+def _reader(ckpt: Checkpoint, names: list[str], out: "queue.Queue[tuple[str, torch.Tensor] | BaseException | None]",
+            stop: threading.Event) -> None:
+    try:
+        for name in names:
+            if stop.is_set():
+                return
+            info = ckpt.tensors[name]
+            out.put((name, ckpt.read_range(name, 0, info.numel).reshape(info.shape)))
+        out.put(None)
+    except BaseException as e:  # handed to the consumer, which raises it
+        out.put(e)
+
+
+TensorFn = Callable[[Attention, str, str, torch.Tensor], torch.Tensor]
+
+
+def stream_attention(ckpt: Checkpoint, folder: Path, fn: TensorFn, layout: Layout, *,
+                     shard_bytes: int = DEFAULT_SHARD_BYTES, progress: ProgressFactory = no_progress,
+                     desc: str = "writing", reference: Checkpoint | None = None) -> tuple[dict[str, str], int, float]:
+    """Copy ``ckpt`` into ``folder`` (existing, empty), replacing each attention tensor
+    ``t`` by ``fn(sublayer, role, name, t)``. Names, dtypes and order are kept.
+
+    Returns the files' sha256, the number of tensors changed, and (with ``reference``)
+    the largest max|Δ| / max|reference| over them.
+    """
+    names = list(ckpt.tensors)
+    outs = [OutTensor(n, ckpt.tensors[n].dtype, tuple(ckpt.tensors[n].shape)) for n in names]
+    advance = progress(desc, sum(o.nbytes for o in outs), len(outs))
+    writer = ShardWriter(folder, plan_shards(outs, shard_bytes))
+    pending: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+    stop = threading.Event()
+    thread = threading.Thread(target=_reader, args=(ckpt, names, pending, stop), daemon=True)
+    thread.start()
+    changed, worst = 0, 0.0
+    try:
+        while (item := pending.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            name, tensor = item
+            role = layout.roles.get(name)
+            if role is not None:
+                tensor = fn(role[0], role[1], name, tensor)
+                changed += 1
+                if reference is not None and name in reference.tensors:
+                    worst = max(worst, _rel_error(reference.read_tensor(name), tensor))
+            writer.put(tensor_bytes(tensor))
+            advance(tensor.numel() * tensor.element_size(), 1)
+        digests = writer.close()
+    except BaseException:
+        stop.set()
+        writer.abort()
+        while thread.is_alive():  # let the reader see ``stop``
+            try:
+                pending.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        raise
+    return digests, changed, worst
+
+
+def lock_checkpoint(ckpt: Checkpoint, key: Key, folder: Path, *, unlock: bool = False,
+                    layout: Layout | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
+                    progress: ProgressFactory = no_progress, label: str = "model",
+                    reference: Checkpoint | None = None) -> LockStats:
+    """Write ``ckpt`` into ``folder`` (existing, empty), locked with ``key`` (or, with
+    ``unlock``, unlocked). With ``reference`` (the original, when unlocking), each
+    restored tensor is compared with it (``max_rel_error``)."""
+    layout = layout or layout_for(ckpt)
+    transforms = {att.unit: draw(key, att) for att in layout.units}  # two d×d matrices per KV group
+
+    def transform(att: Attention, role: str, name: str, t: torch.Tensor) -> torch.Tensor:
+        return apply(transforms[att.unit], att, role, t, unlock=unlock)
+
+    digests, changed, worst = stream_attention(
+        ckpt, folder, transform, layout, shard_bytes=shard_bytes, progress=progress,
+        desc=f"{'unlocking' if unlock else 'protecting'} {label}", reference=reference)
+    conds = list(transforms.values())
+    return LockStats(layout.model_type, len(layout.units), changed,
+                     max((t.qk.cond for t in conds), default=1.0), max((t.vo.cond for t in conds), default=1.0),
+                     digests, worst if reference is not None else None)
+
+
+def _rel_error(ref: torch.Tensor, got: torch.Tensor) -> float:
+    ref, got = ref.to(torch.float64), got.to(torch.float64)
+    scale = ref.abs().max().item()
+    return (ref - got).abs().max().item() / scale if scale else float((ref != got).any())

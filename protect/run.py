@@ -1,0 +1,231 @@
+"""``protect`` and ``unlock``: stream a model through MergeLock and register the result.
+
+A protected model is registered as kind ``protected`` with its source in the lineage
+and its key in the registry (same transaction), and the key is also written to a key
+file with mode 0600. Key material never enters the model's files: the card and the
+recipe carry only the public ``key_id``. Output appears only when complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from zoo.checkpoint import Checkpoint, open_checkpoint
+from zoo.errors import AlreadyExists, NotFound, ZooError
+from zoo.names import validate_name
+from zoo.progress import ProgressFactory, no_progress
+from zoo.writer import copy_sidecars, temp_folder, write_file
+
+from .keys import key_record, read_key_file, write_key_file
+from .layouts import Layout, layout_for
+from .lock import DEFAULT_SHARD_BYTES, LockStats, lock_checkpoint
+from .transform import ALGORITHM, DEFAULT_MAX_COND, VERSION, Key
+
+if TYPE_CHECKING:
+    from zoo.registry import Registry
+
+
+@dataclass
+class Source:
+    label: str
+    ckpt: Checkpoint
+    folder: Path
+    info: dict[str, Any] | None  # the registry's record, when registered
+
+
+def _open(label: str, registry: "Registry | None") -> Source:
+    if registry is not None and registry.has(label):
+        info = registry.show(label)
+        folder = registry.model_dir(info["ref"])
+        return Source(info["ref"], open_checkpoint(folder), folder, info)
+    if Path(label).exists():
+        ckpt = open_checkpoint(label)
+        return Source(label, ckpt, ckpt.path if ckpt.path.is_dir() else ckpt.path.parent, None)
+    raise NotFound(f"{label!r} is neither a registered model nor a path")
+
+
+def _check_outputs(out: str | None, out_dir: str | Path | None, registry: "Registry | None",
+                   shard_bytes: int) -> Path | None:
+    if (out is None) == (out_dir is None):
+        raise ZooError("give either a registry name (--out) or a folder (--out-dir) for the result")
+    if shard_bytes <= 0:
+        raise ZooError("--shard-size must be a positive number of bytes")
+    if out is not None:
+        validate_name(out)
+        if registry is None:
+            raise ZooError("registering the result needs a registry")
+        if registry.has(out):
+            raise AlreadyExists(f"a model named {out!r} already exists; choose another --out")
+        return None
+    path = Path(out_dir).absolute()
+    if path.exists():
+        raise AlreadyExists(f"{path} already exists; choose a new folder")
+    if not path.parent.is_dir():
+        raise ZooError(f"{path.parent} does not exist")
+    return path
+
+
+def _dtype(ckpt: Checkpoint, layout: Layout) -> str:
+    """The dtype most attention tensors have; it picks the default bound and the gate."""
+    return Counter(ckpt.tensors[n].dtype for n in layout.roles).most_common(1)[0][0]
+
+
+def _workspace(registry: "Registry | None", out_dir: Path | None, suffix: str) -> Path:
+    if out_dir is None:
+        folder = registry.store.temp_path(suffix)
+        folder.mkdir(parents=True)
+        return folder
+    return temp_folder(out_dir.parent, out_dir.name)
+
+
+def protected_card(name: str, source: Source, key: Key, stats: LockStats, check: dict[str, Any] | None) -> str:
+    """The protected model's card: what was done and the public key id, never the key."""
+    base = (source.info or {}).get("base")
+    front = {**({"base_model": [base]} if base else {}), "library_name": "transformers",
+             "tags": ["zoo", "mergelock", "protected"]}
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+        f"# {name}", "",
+        f"Protected with zoo's MergeLock (version {VERSION}). Every attention layer's query-key and "
+        "value-output branches carry per-head invertible transforms, so this model computes the same "
+        "outputs as the model it was made from, but merging its weights with other fine-tuned models "
+        "(task arithmetic, TIES and the like) gives a broken model.", "",
+        f"- attention layers: {stats.layers} ({stats.model_type}); tensors transformed: {stats.tensors}",
+        f"- condition numbers: QK ≤ {stats.cond_qk:.3g}, VO ≤ {stats.cond_vo:.3g} (bound {key.max_cond:g})",
+        f"- key id: `{key.key_id}` (the key itself is not in this repository)",
+    ]
+    if check is not None:
+        lines.append(f"- verified: max relative logit error {check['max_rel_error']:.2e}, top-1 agreement "
+                     f"{100 * check['top1_agreement']:.1f}%, KL {check['kl']:.2e} on a {check['input_shape']} probe")
+    lines += ["", "MergeLock protects the weights against naive merging only: the outputs are unchanged, so "
+              "distilling from this model works as well as from the original, and a least-squares realignment "
+              "against the public base model can undo much of the transform.", ""]
+    return "\n".join(lines)
+
+
+def protect(source: str, out: str | None = None, *, registry: "Registry | None" = None,
+            out_dir: str | Path | None = None, seed: int | None = None, max_cond: float | None = None,
+            key_file: str | Path | None = None, verify: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
+            progress: ProgressFactory = no_progress) -> dict[str, Any]:
+    """Protect ``source`` (a registry name or a model folder) with a fresh key.
+
+    With ``out`` the result is registered as a ``protected`` model; with ``out_dir``
+    it is written to that folder. The key goes into the registry (with ``out``) and
+    into ``key_file`` (default: ``registry.keys/NAME@V.key``, or ``DIR.key`` beside an
+    ``out_dir``). ``verify`` runs both models with ``transformers`` before anything is
+    kept and refuses a result outside the tolerance. ``seed`` makes the key (and so the
+    bytes) reproducible; without it the seed is 128 random bits.
+    """
+    out_path = _check_outputs(out, out_dir, registry, shard_bytes)
+    src = _open(source, registry)
+    if src.info is not None and src.info["kind"] == "protected":
+        raise ZooError(f"{src.label} is already protected; protect its source instead")
+    layout = layout_for(src.ckpt)
+    dtype = _dtype(src.ckpt, layout)
+    key = Key.new(DEFAULT_MAX_COND.get(dtype, 1e2) if max_cond is None else max_cond, seed)
+    if out is not None:  # a new name, so its first version
+        key_path = Path(key_file) if key_file else registry.keys_dir / f"{out}@1.key"
+    else:
+        key_path = Path(key_file) if key_file else out_path.with_name(out_path.name + ".key")
+    if key_path.exists():
+        raise AlreadyExists(f"{key_path} already exists; choose another --key-file")
+    name = out or out_path.name
+    folder = _workspace(registry, out_path, ".protect")
+    key_written = None
+    try:
+        stats = lock_checkpoint(src.ckpt, key, folder, layout=layout, shard_bytes=shard_bytes,
+                                progress=progress, label=name)
+        digests = {**stats.digests, **copy_sidecars(src.ckpt, folder)}
+        check = None
+        if verify:
+            from .verify import compare
+
+            check = compare(src.folder, folder, dtype, {"max_cond_qk": stats.cond_qk, "max_cond_vo": stats.cond_vo})
+            if not check["passed"]:
+                raise ZooError(f"verification failed: max relative error {check['max_rel_error']:.2e}, top-1 "
+                               f"agreement {100 * check['top1_agreement']:.1f}%, KL {check['kl']:.2e} "
+                               f"(gate: {check['gate']}); nothing was written. Try a smaller --max-cond")
+        digests["README.md"] = write_file(folder / "README.md", protected_card(name, src, key, stats, check).encode())
+        recipe = {"method": ALGORITHM, "version": VERSION, "max_cond": key.max_cond, "key_id": key.key_id,
+                  "source": src.label, "source_kind": (src.info or {}).get("kind"), "lock": stats.to_dict(),
+                  **({"verify": check} if check is not None else {})}
+        key_written = write_key_file(key_path, key, f"{out}@1" if out is not None else name)
+        if out is not None:
+            info = src.info or {}
+            result = registry.add(folder, out, "protected", base=info.get("base"),
+                                  parents=[("source", src.label)] if src.info else [], recipe=recipe,
+                                  tasks=info.get("tasks", ()), adopt=digests, check_base=False,
+                                  metadata=info.get("metadata") or None, key=key_record(key))
+        else:
+            folder.rename(out_path)
+            result = {"path": str(out_path)}
+        key_written, kept = None, key_written
+        return {**result, "key_file": str(kept), "key_id": key.key_id, "lock": stats.to_dict(),
+                **({"verify": check} if check is not None else {})}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if key_written is not None:  # the model was not kept, so neither is its key
+            key_written.unlink(missing_ok=True)
+
+
+def _key_for(src: Source, registry: "Registry | None", key_file: str | Path | None) -> Key:
+    recorded = ((src.info or {}).get("recipe") or {}).get("key_id") if src.info else None
+    if key_file is not None:
+        key, _ = read_key_file(key_file)
+    else:
+        stored = registry.key(src.label) if registry is not None and src.info else None
+        if stored is None:
+            raise NotFound(f"no key for {src.label} in the registry; pass --key FILE")
+        key = Key.from_dict(stored)
+    if recorded is not None and key.key_id != recorded:
+        raise ZooError(f"key {key.key_id} does not unlock {src.label}, which was locked with key {recorded}")
+    return key
+
+
+def unlock(source: str, out: str | None = None, *, registry: "Registry | None" = None,
+           out_dir: str | Path | None = None, key_file: str | Path | None = None, kind: str | None = None,
+           shard_bytes: int = DEFAULT_SHARD_BYTES, progress: ProgressFactory = no_progress) -> dict[str, Any]:
+    """Undo the lock of ``source`` with its key (from ``key_file``, else the registry).
+
+    The result is registered (kind ``kind``, default the source's original kind) or
+    written to ``out_dir``. When the original model is still registered, every
+    restored tensor is compared with it and the largest relative error is reported.
+    """
+    out_path = _check_outputs(out, out_dir, registry, shard_bytes)
+    src = _open(source, registry)
+    key = _key_for(src, registry, key_file)
+    layout = layout_for(src.ckpt)
+    recipe_src = ((src.info or {}).get("recipe") or {})
+    original = recipe_src.get("source")
+    reference = registry.checkpoint(original) if registry is not None and original and registry.has(original) else None
+    name = out or out_path.name
+    folder = _workspace(registry, out_path, ".unlock")
+    try:
+        stats = lock_checkpoint(src.ckpt, key, folder, unlock=True, layout=layout, shard_bytes=shard_bytes,
+                                progress=progress, label=name, reference=reference)
+        digests = {**stats.digests, **copy_sidecars(src.ckpt, folder)}
+        lines = ["---", yaml.safe_dump({"library_name": "transformers", "tags": ["zoo"]}).rstrip(), "---", "",
+                 f"# {name}", "", f"Unlocked from `{src.label}` with MergeLock key `{key.key_id}`.", ""]
+        digests["README.md"] = write_file(folder / "README.md", "\n".join(lines).encode())
+        report = {**stats.to_dict(), "dtype": _dtype(src.ckpt, layout),
+                  "compared_with": original if reference is not None else None}
+        if out is not None:
+            info = src.info or {}
+            kind = kind or recipe_src.get("source_kind") or "expert"
+            result = registry.add(folder, out, kind, base=None if kind == "base" else info.get("base"), parents=[("source", src.label)] if src.info else [],
+                                  recipe={"method": f"{ALGORITHM}-unlock", "version": VERSION, "key_id": key.key_id,
+                                          "source": src.label, "unlock": report},
+                                  tasks=info.get("tasks", ()), adopt=digests, check_base=False,
+                                  metadata=info.get("metadata") or None)
+        else:
+            folder.rename(out_path)
+            result = {"path": str(out_path)}
+        return {**result, "unlock": report}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

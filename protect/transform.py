@@ -1,0 +1,211 @@
+"""The MergeLock transform: per-head invertible matrices on the QK and VO branches.
+
+For each attention sublayer and each KV group g it draws two independent matrices:
+A_g for the QK pair (A on W_Q, A^-T on W_K, biases included) and B_g for the VO pair
+(B on W_V and its bias, B^-1 on W_O's input columns; the O bias stays). Then
+q'ᵀk' = qᵀk and W_O'v' = W_O v, so the model computes the same function while its
+weights leave the basin the other experts share (spec A.3).
+
+- Sampling bounds the condition number exactly: U·diag(s)·Vᵀ with Haar-orthogonal
+  U and V and log-uniform s in [κ^-1/2, κ^1/2], so cond ≤ κ.
+- Under RoPE the QK matrix may only be a per-frequency-pair scaled rotation, in the
+  model's ``rotate_half`` pair layout (dims j and j + d/2); the q pair is scaled by s_j
+  and the k pair by 1/s_j (spec A.4). V is untouched by RoPE, so B stays general.
+- Under GQA every query head of a KV group shares its group's matrices (spec A.5).
+- Matrices are drawn from the key's seed with a counter-based stream per sublayer and
+  branch (PCG64 raw bits, turned into numbers here), so they depend on the key and the
+  sublayer's name only, not on numpy's distribution code or the order of the tensors.
+- The arithmetic is float64; results are cast back to the checkpoint's dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from zoo.errors import ZooError
+
+from .layouts import Attention
+
+ALGORITHM = "mergelock"
+VERSION = 1
+DEFAULT_MAX_COND = {"F32": 1e3, "F64": 1e3, "BF16": 1e2, "F16": 1e2}  # spec A.3; measured in bench/RESULTS.md
+
+
+@dataclass(frozen=True)
+class Key:
+    """What unlocks a protected model: a seed plus the algorithm, its version and parameters.
+
+    The matrices themselves are never stored; they are drawn again from the seed.
+    """
+
+    seed: int
+    max_cond: float
+    algorithm: str = ALGORITHM
+    version: int = VERSION
+
+    @classmethod
+    def new(cls, max_cond: float, seed: int | None = None) -> "Key":
+        """A fresh key with a random 128-bit seed (or the given one, for reproducible runs)."""
+        if not (math.isfinite(max_cond) and max_cond >= 1.0):
+            raise ZooError(f"--max-cond must be a number ≥ 1, not {max_cond}")
+        if seed is not None and seed < 0:
+            raise ZooError("--seed must be a non-negative integer")
+        return cls(secrets.randbits(128) if seed is None else seed, float(max_cond))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"algorithm": self.algorithm, "version": self.version, "seed": f"{self.seed:x}",
+                "max_cond": self.max_cond}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Key":
+        try:
+            if d["algorithm"] != ALGORITHM:
+                raise ZooError(f"this is a {d['algorithm']!r} key, not a {ALGORITHM} key")
+            if int(d["version"]) != VERSION:
+                raise ZooError(f"this key is for {ALGORITHM} version {d['version']}; this zoo has version {VERSION}")
+            return cls(int(str(d["seed"]), 16), float(d["max_cond"]), ALGORITHM, VERSION)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ZooError(f"not a valid {ALGORITHM} key ({e.__class__.__name__}: {e})") from None
+
+    @property
+    def key_id(self) -> str:
+        """A public fingerprint naming the key. It reveals nothing of a random seed, but a
+        small chosen seed can be found from it by trying seeds, as from the weights."""
+        raw = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(b"zoo-mergelock-key-id\0" + raw).hexdigest()[:16]
+
+
+class _Stream:
+    """Numbers from PCG64's raw 64-bit output (stable across numpy versions)."""
+
+    def __init__(self, seed: int, unit: str, branch: str):
+        words = np.frombuffer(hashlib.sha256(f"{unit}\0{branch}".encode()).digest(), dtype="<u4")
+        seq = np.random.SeedSequence(entropy=seed, spawn_key=tuple(int(w) for w in words))
+        self._bits = np.random.PCG64(seq)
+
+    def uniform(self, *shape: int) -> np.ndarray:
+        """Uniform in (0, 1), 53 random bits each."""
+        raw = self._bits.random_raw(math.prod(shape))
+        return (((raw >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53).reshape(shape)
+
+    def normal(self, *shape: int) -> np.ndarray:
+        """Standard normal, by the Box-Muller transform."""
+        n = math.prod(shape)
+        u1, u2 = self.uniform(n), self.uniform(n)
+        return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).reshape(shape)
+
+
+def _haar(stream: _Stream, n: int) -> np.ndarray:
+    """A Haar-distributed orthogonal matrix: QR of a Gaussian with R's signs fixed."""
+    q, r = np.linalg.qr(stream.normal(n, n))
+    return q * np.sign(np.diag(r))
+
+
+def _log_uniform(stream: _Stream, n: int, max_cond: float) -> np.ndarray:
+    half = 0.5 * math.log(max_cond)
+    return np.exp((2.0 * stream.uniform(n) - 1.0) * half)
+
+
+@dataclass
+class Pair:
+    """A matrix per KV group and its inverse: [groups, d, d], float64."""
+
+    fwd: torch.Tensor
+    inv: torch.Tensor
+    cond: float
+
+
+def _general(stream: _Stream, groups: int, d: int, max_cond: float) -> Pair:
+    fwd, inv, conds = [], [], []
+    for _ in range(groups):
+        u, v, s = _haar(stream, d), _haar(stream, d), _log_uniform(stream, d, max_cond)
+        fwd.append((u * s) @ v.T)
+        inv.append((v / s) @ u.T)
+        conds.append(s.max() / s.min())
+    return Pair(torch.from_numpy(np.stack(fwd)), torch.from_numpy(np.stack(inv)), float(max(conds)))
+
+
+def _rope(stream: _Stream, groups: int, d: int, max_cond: float) -> Pair:
+    """M = ⊕_j s_j·Rot(φ_j) on the pairs (j, j + d/2); its inverse is ⊕_j Rot(-φ_j)/s_j."""
+    half = d // 2
+    fwd, inv, conds = [], [], []
+    for _ in range(groups):
+        s, phi = _log_uniform(stream, half, max_cond), 2.0 * np.pi * stream.uniform(half)
+        c, sn = np.cos(phi), np.sin(phi)
+        m, mi = np.zeros((d, d)), np.zeros((d, d))
+        j = np.arange(half)
+        # [x_j, x_{j+h}] -> s·[c x_j - sn x_{j+h}, sn x_j + c x_{j+h}]
+        m[j, j], m[j, j + half], m[j + half, j], m[j + half, j + half] = s * c, -s * sn, s * sn, s * c
+        mi[j, j], mi[j, j + half], mi[j + half, j], mi[j + half, j + half] = c / s, sn / s, -sn / s, c / s
+        fwd.append(m)
+        inv.append(mi)
+        conds.append(s.max() / s.min())
+    return Pair(torch.from_numpy(np.stack(fwd)), torch.from_numpy(np.stack(inv)), float(max(conds)))
+
+
+@dataclass
+class Transforms:
+    """One sublayer's matrices: ``qk`` is A (q side), ``vo`` is B."""
+
+    qk: Pair
+    vo: Pair
+
+
+def draw(key: Key, att: Attention) -> Transforms:
+    """The sublayer's matrices, drawn from the key and the sublayer's name."""
+    qk_stream, vo_stream = _Stream(key.seed, att.unit, "qk"), _Stream(key.seed, att.unit, "vo")
+    qk = (_rope if att.rope else _general)(qk_stream, att.kv_heads, att.head_dim, key.max_cond)
+    vo = _general(vo_stream, att.kv_heads, att.head_dim, key.max_cond)
+    return Transforms(qk, vo)
+
+
+def _per_head(m: torch.Tensor, att: Attention) -> torch.Tensor:
+    """Group matrices repeated for each query head (query head h uses KV group h // G)."""
+    return m.repeat_interleave(att.group_size, dim=0) if att.group_size > 1 else m
+
+
+def left_blocks(w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Multiply each head's block of rows (or of a bias) by its matrix: [n·d, ...] by [n, d, d]."""
+    n, d = m.shape[0], m.shape[1]
+    return torch.matmul(m, w.reshape(n, d, -1)).reshape(w.shape)
+
+
+def right_blocks(w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Multiply each head's block of columns by its matrix: [out, n·d] by [n, d, d]."""
+    n, d = m.shape[0], m.shape[1]
+    out = w.shape[0]
+    return torch.matmul(w.reshape(out, n, d).transpose(0, 1), m).transpose(0, 1).reshape(out, n * d)
+
+
+def _branch_matrices(t: Transforms, att: Attention, unlock: bool) -> dict[str, torch.Tensor]:
+    """The left factor for q, k and v and the right factor for o, in column convention."""
+    a, a_inv, b, b_inv = t.qk.fwd, t.qk.inv, t.vo.fwd, t.vo.inv
+    if unlock:
+        mats = {"q": a_inv, "k": a.transpose(1, 2), "v": b_inv, "o": b}
+    else:
+        mats = {"q": a, "k": a_inv.transpose(1, 2), "v": b, "o": b_inv}
+    return {**mats, "q": _per_head(mats["q"], att), "o": _per_head(mats["o"], att)}
+
+
+def apply(t: Transforms, att: Attention, role: str, w: torch.Tensor, unlock: bool = False) -> torch.Tensor:
+    """Transform one tensor of the sublayer (lock, or with ``unlock`` undo it), in float64."""
+    mats = _branch_matrices(t, att, unlock)
+    x = w.to(torch.float64)
+    if role in ("qkv", "qkv_bias"):  # GPT-2's fused Conv1D: [in, 3E] / [3E], blocks Q | K | V
+        col = x.T if role == "qkv" else x
+        q, k, v = col.chunk(3, dim=0)
+        y = torch.cat([left_blocks(q, mats["q"]), left_blocks(k, mats["k"]), left_blocks(v, mats["v"])], dim=0)
+        y = y.T if role == "qkv" else y
+    elif role == "o":
+        y = right_blocks(x.T, mats["o"]).T if att.row_vectors else right_blocks(x, mats["o"])
+    else:
+        y = left_blocks(x, mats[role.removesuffix("_bias")])
+    return y.to(w.dtype).contiguous()
