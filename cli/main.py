@@ -279,7 +279,7 @@ def protect(
                                                              "random bits; a small seed can be guessed)."),
     max_cond: Optional[float] = typer.Option(None, "--max-cond",
                                              help="Bound on each transform's condition number "
-                                                  "(default 1000 for float32, 100 for bf16/fp16)."),
+                                                  "(default 1000 for float32, 30 for bf16/fp16)."),
     verify: bool = typer.Option(False, "--verify", help="Run both models with transformers and refuse a result "
                                                         "whose outputs differ past the tolerance."),
     shard_size: int = typer.Option(5_000_000_000, "--shard-size", help="Bytes per output shard."),

@@ -128,7 +128,7 @@ def protect(source: str, out: str | None = None, *, registry: "Registry | None" 
         raise ZooError(f"{src.label} is already protected; protect its source instead")
     layout = layout_for(src.ckpt)
     dtype = _dtype(src.ckpt, layout)
-    key = Key.new(DEFAULT_MAX_COND.get(dtype, 1e2) if max_cond is None else max_cond, seed)
+    key = Key.new(DEFAULT_MAX_COND.get(dtype, 30.0) if max_cond is None else max_cond, seed)
     if out is not None:  # a new name, so its first version
         key_path = Path(key_file) if key_file else registry.keys_dir / f"{out}@1.key"
     else:
