@@ -20,6 +20,7 @@ import torch
 
 from zoo.checkpoint import DTYPE_SIZES, HEADS_FILE
 from zoo.errors import ZooError
+from zoo.memory import keep_freed_memory
 from zoo.progress import ProgressFactory, no_progress
 
 from .methods import TensorContext
@@ -30,22 +31,6 @@ TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat
 COMPUTE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 
-def keep_freed_memory() -> None:
-    """Let glibc reuse freed tensor memory instead of unmapping it.
-
-    A merge allocates and frees buffers of the same few sizes millions of times; by
-    default glibc serves each large one with a fresh mmap, so every chunk pays page
-    faults and zero-filling. A fixed mmap threshold and trim threshold keep the freed
-    blocks for reuse. Best effort: other C libraries are left alone.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def pick_device(device: str) -> torch.device:

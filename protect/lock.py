@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from zoo.checkpoint import Checkpoint
+from zoo.memory import keep_freed_memory
 from zoo.progress import ProgressFactory, no_progress
 from zoo.writer import OutTensor, ShardWriter, plan_shards, tensor_bytes
 
@@ -74,6 +75,7 @@ def stream_attention(ckpt: Checkpoint, folder: Path, fn: TensorFn, layout: Layou
     Returns the files' sha256, the number of tensors changed, and (with ``reference``)
     the largest max|Δ| / max|reference| over them.
     """
+    keep_freed_memory()
     names = list(ckpt.tensors)
     outs = [OutTensor(n, ckpt.tensors[n].dtype, tuple(ckpt.tensors[n].shape)) for n in names]
     advance = progress(desc, sum(o.nbytes for o in outs), len(outs))
