@@ -77,7 +77,16 @@ def test_second_run_reuses_the_cache(quick_demo):
     accs = {t: reg.metrics(f"{QUICK.prefix}-{t}")[0]["value"] for t in TASKS}
     assert res["accuracy"] == accs
     # the merges were reused too, with their recorded metrics
-    assert sorted(m["name"] for m in reg.list(kind="merged")) == [f"{QUICK.prefix}-ta", f"{QUICK.prefix}-ties"]
+    p = QUICK.prefix
+    assert sorted(m["name"] for m in reg.list(kind="merged")) == sorted(
+        [f"{p}-ta", f"{p}-ties"] + [f"{p}-{m}-{tag}-digit" for m in ("ta", "ties") for tag in ("protected", "realigned")])
+    # the protection step: the locked expert and the attack's result, reused, and the summary
+    assert [m["name"] for m in reg.list(kind="protected")] == [f"{p}-digit-locked"]
+    assert reg.key(f"{p}-digit-locked") is not None
+    prot = res["protection"]["summary"]
+    assert prot["victim"] == "digit" and prot["verify"]["passed"]
+    recorded = {m["task"]: m["value"] for m in reg.metrics(f"{p}-ta-protected-digit") if m["split"] == "test"}
+    assert prot["ta"]["protected"] == recorded["digit"]
     assert len(reg.metrics(f"{QUICK.prefix}-ta")) == len(TASKS)
     rows = {r["method"]: r for r in res["table"]}
     assert rows["individual experts"]["avg"] == pytest.approx(sum(accs.values()) / len(accs))

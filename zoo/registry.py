@@ -245,9 +245,9 @@ class Registry:
                 if recipe is None:
                     raise ZooError("artifacts belong to a recipe; pass one")
                 recipe = {**recipe, "artifacts": {}}
-                for key, path in sorted(artifacts.items()):
+                for art, path in sorted(artifacts.items()):
                     digest, size = self.store.ingest(Path(path))
-                    recipe["artifacts"][key] = {"sha256": digest, "size": size, "file": f"{key}{Path(path).suffix}"}
+                    recipe["artifacts"][art] = {"sha256": digest, "size": size, "file": f"{art}{Path(path).suffix}"}
 
             # Write phase: one transaction.
             arch = ckpt.architecture()
