@@ -8,14 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from zoo.errors import AlreadyExists, ZooError
-from zoo.names import validate_name
 from zoo.progress import no_progress
 
 from . import engine
 from .plan import Plan, make_plan
 from .recipe import Recipe
-from zoo.writer import copy_sidecars, temp_folder, write_file
+from zoo.writer import check_destination, copy_sidecars, temp_folder, write_file
 
 if TYPE_CHECKING:
     from zoo.progress import ProgressFactory
@@ -77,22 +75,7 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
     first run the model on each task's data; ``report(step, steps, loss, steps/s)``
     follows them.
     """
-    if (out is None) == (out_dir is None):
-        raise ZooError("give either a registry name (--out) or a folder (--out-dir) for the merged model")
-    if out is not None:
-        validate_name(out)
-        if registry is None:
-            raise ZooError("registering a merge needs a registry")
-        if registry.has(out):
-            raise AlreadyExists(f"a model named {out!r} already exists; choose another --out")
-    if shard_bytes <= 0:
-        raise ZooError("--shard-size must be a positive number of bytes")
-    if out_dir is not None:
-        out_dir = Path(out_dir).absolute()
-        if out_dir.exists():
-            raise AlreadyExists(f"{out_dir} already exists; choose a new folder")
-        if not out_dir.parent.is_dir():
-            raise ZooError(f"{out_dir.parent} does not exist")
+    out_dir = check_destination(out, out_dir, registry, shard_bytes)
     plan = make_plan(recipe, registry)
     name = out or out_dir.name
     recipe_d = resolved_recipe(plan)

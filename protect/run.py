@@ -18,9 +18,8 @@ import yaml
 
 from zoo.checkpoint import Checkpoint, open_checkpoint
 from zoo.errors import AlreadyExists, NotFound, ZooError
-from zoo.names import validate_name
 from zoo.progress import ProgressFactory, no_progress
-from zoo.writer import copy_sidecars, temp_folder, write_file
+from zoo.writer import check_destination, copy_sidecars, temp_folder, write_file
 
 from .keys import key_record, read_key_file, write_key_file
 from .layouts import Layout, layout_for
@@ -48,27 +47,6 @@ def _open(label: str, registry: "Registry | None") -> Source:
         ckpt = open_checkpoint(label)
         return Source(label, ckpt, ckpt.path if ckpt.path.is_dir() else ckpt.path.parent, None)
     raise NotFound(f"{label!r} is neither a registered model nor a path")
-
-
-def _check_outputs(out: str | None, out_dir: str | Path | None, registry: "Registry | None",
-                   shard_bytes: int) -> Path | None:
-    if (out is None) == (out_dir is None):
-        raise ZooError("give either a registry name (--out) or a folder (--out-dir) for the result")
-    if shard_bytes <= 0:
-        raise ZooError("--shard-size must be a positive number of bytes")
-    if out is not None:
-        validate_name(out)
-        if registry is None:
-            raise ZooError("registering the result needs a registry")
-        if registry.has(out):
-            raise AlreadyExists(f"a model named {out!r} already exists; choose another --out")
-        return None
-    path = Path(out_dir).absolute()
-    if path.exists():
-        raise AlreadyExists(f"{path} already exists; choose a new folder")
-    if not path.parent.is_dir():
-        raise ZooError(f"{path.parent} does not exist")
-    return path
 
 
 def _dtype(ckpt: Checkpoint, layout: Layout) -> str:
@@ -122,7 +100,7 @@ def protect(source: str, out: str | None = None, *, registry: "Registry | None" 
     kept and refuses a result outside the tolerance. ``seed`` makes the key (and so the
     bytes) reproducible; without it the seed is 128 random bits.
     """
-    out_path = _check_outputs(out, out_dir, registry, shard_bytes)
+    out_path = check_destination(out, out_dir, registry, shard_bytes)
     src = _open(source, registry)
     if src.info is not None and src.info["kind"] == "protected":
         raise ZooError(f"{src.label} is already protected; protect its source instead")
@@ -197,7 +175,7 @@ def unlock(source: str, out: str | None = None, *, registry: "Registry | None" =
     written to ``out_dir``. When the original model is still registered, every
     restored tensor is compared with it and the largest relative error is reported.
     """
-    out_path = _check_outputs(out, out_dir, registry, shard_bytes)
+    out_path = check_destination(out, out_dir, registry, shard_bytes)
     src = _open(source, registry)
     key = _key_for(src, registry, key_file)
     layout = layout_for(src.ckpt)
