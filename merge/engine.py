@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import queue
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import torch
 from zoo.checkpoint import DTYPE_SIZES, HEADS_FILE
 from zoo.errors import ZooError
 from zoo.memory import keep_freed_memory
+from zoo.readahead import read_ahead
 from zoo.progress import ProgressFactory, no_progress
 
 from .methods import TensorContext
@@ -201,7 +200,7 @@ def _pieces(plan: Plan, name: str, dev: torch.device, chunk: int, bufs: "_Buffer
             for off in range(0, numel, chunk):
                 yield (b[off:off + chunk] if b is not None else None), [x[off:off + chunk] for x in xs]
             return
-        yield from _prefetched(load, range(0, numel, size))
+        yield from read_ahead(load, range(0, numel, size))
 
     return pieces, bufs
 
@@ -236,40 +235,6 @@ def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardW
     return bufs
 
 
-def _prefetched(load, starts):
-    """Yield ``load(set, start)`` for each start, reading the next piece in a background
-    thread (pread and the dtype conversion release the GIL) while the caller merges this
-    one. Two buffer sets alternate; a set is refilled only after its piece is consumed."""
-    free: queue.Queue[int] = queue.Queue()
-    ready: queue.Queue = queue.Queue()
-    free.put(0)
-    free.put(1)
-    stop = threading.Event()
-
-    def fill() -> None:
-        try:
-            for start in starts:
-                k = free.get()
-                if stop.is_set():
-                    return
-                ready.put((k, load(k, start)))
-            ready.put(None)
-        except BaseException as e:  # handed to the consumer
-            ready.put(e)
-
-    t = threading.Thread(target=fill, daemon=True, name="zoo-read")
-    t.start()
-    try:
-        while (item := ready.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            k, piece = item
-            yield piece
-            free.put(k)
-    finally:
-        stop.set()
-        free.put(0)
-        t.join()
 
 
 @contextmanager

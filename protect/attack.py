@@ -21,7 +21,7 @@ from zoo.writer import copy_sidecars
 
 from .layouts import Attention, layout_for
 from .lock import stream_attention
-from .transform import left_blocks, right_blocks
+from .transform import column_blocks, from_column_blocks, left_blocks, right_blocks
 
 if TYPE_CHECKING:
     from zoo.registry import Registry
@@ -41,57 +41,34 @@ def _solve_right(locked: torch.Tensor, base: torch.Tensor, n: int) -> torch.Tens
     return torch.linalg.lstsq(a, b).solution
 
 
-def _heads(att: Attention, block: str) -> int:
-    return att.heads if block in ("q", "o") else att.kv_heads
-
-
-def _realign_blocks(att: Attention, role: str, locked: torch.Tensor, locked_w: torch.Tensor,
-                    base_w: torch.Tensor) -> torch.Tensor:
-    """Realign one column-convention tensor (weight or bias) of block ``role``, fitting
-    X on the block's weights."""
-    n = _heads(att, role)
-    return left_blocks(locked, _solve_left(locked_w, base_w, n))
-
-
-def realign_tensor(att: Attention, role: str, locked: torch.Tensor, locked_sibling: torch.Tensor | None,
+def realign_tensor(att: Attention, role: str, locked: torch.Tensor, locked_weight: torch.Tensor,
                    base_weight: torch.Tensor) -> torch.Tensor:
-    """One attention tensor realigned on the base. For a bias, ``locked_sibling`` is its
-    weight (X is fitted on weights); ``base_weight`` is the base's weight of the block."""
-    dtype = locked.dtype
-    t, base = locked.to(torch.float64), base_weight.to(torch.float64)
-    w = t if locked_sibling is None else locked_sibling.to(torch.float64)
-    if role == "o":
-        if att.row_vectors:
-            z = _solve_right(t.T, base.T, att.heads)
-            out = right_blocks(t.T, z).T
-        else:
-            out = right_blocks(t, _solve_right(t, base, att.heads))
-    elif role in ("qkv", "qkv_bias"):
-        wc, bc = w.T, base.T  # column convention: [3E, in]
-        tc = t.T if role == "qkv" else t
-        parts = [_realign_blocks(att, blk, tp, wp, bp)
-                 for blk, tp, wp, bp in zip("qkv", tc.chunk(3, 0), wc.chunk(3, 0), bc.chunk(3, 0))]
-        out = torch.cat(parts, 0)
-        out = out.T if role == "qkv" else out
-    else:
-        out = _realign_blocks(att, role.removesuffix("_bias"), t, w, base)
-    return out.to(dtype).contiguous()
+    """One attention tensor realigned on the base: per head, the matrix that best maps
+    ``locked_weight`` (the tensor itself, or for a bias its weight) onto ``base_weight``
+    (the base's weight of the same name) is applied to ``locked``."""
+    def f64(t: torch.Tensor) -> dict[str, torch.Tensor]:
+        return column_blocks(att, role.removesuffix("_bias"), t.to(torch.float64))
 
+    w, base = f64(locked_weight), f64(base_weight)
+    blocks = {}
+    for b, p in column_blocks(att, role, locked.to(torch.float64)).items():
+        if b == "o":
+            blocks[b] = right_blocks(p, _solve_right(p, base[b], att.heads))
+        else:
+            blocks[b] = left_blocks(p, _solve_left(w[b], base[b], att.heads if b == "q" else att.kv_heads))
+    return from_column_blocks(att, role, blocks).to(locked.dtype).contiguous()
 
 
 def realign_checkpoint(locked: Checkpoint, base: Checkpoint, folder: Path) -> dict[str, str]:
     """Write the realigned model into ``folder`` (existing, empty); return its digests."""
     layout = layout_for(locked)
 
-    def weight_of(att: Attention, role: str) -> str:
-        return att.tensors[role.removesuffix("_bias")]
-
     def fn(att: Attention, role: str, name: str, t: torch.Tensor) -> torch.Tensor:
-        wname = weight_of(att, role)
+        wname = att.tensors[role.removesuffix("_bias")]
         if wname not in base.tensors:
             raise ZooError(f"the base has no {wname}; the attack needs the protected model's own base")
-        sibling = locked.read_tensor(wname) if role.endswith("_bias") else None
-        return realign_tensor(att, role, t, sibling, base.read_tensor(wname))
+        weight = locked.read_tensor(wname) if role.endswith("_bias") else t
+        return realign_tensor(att, role, t, weight, base.read_tensor(wname))
 
     digests, _, _ = stream_attention(locked, folder, fn, layout, desc="realigning")
     return {**digests, **copy_sidecars(locked, folder)}

@@ -2,14 +2,12 @@
 
 Every tensor is handled on its own: an attention tensor's transform depends only on
 the key and its sublayer, so the checkpoint streams in its own order. A background
-thread reads the next tensors while this one transforms and the shard writer's thread
+thread reads the next tensor while this one transforms and the shard writer's thread
 writes; memory holds a few tensors and the writer's queue, whatever the model size.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +17,13 @@ import torch
 from zoo.checkpoint import Checkpoint
 from zoo.memory import keep_freed_memory
 from zoo.progress import ProgressFactory, no_progress
+from zoo.readahead import read_ahead
 from zoo.writer import OutTensor, ShardWriter, plan_shards, tensor_bytes
 
 from .layouts import Attention, Layout, layout_for
-from .transform import Key, apply, draw
+from .transform import Key, apply, draw, role_factors
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
-READ_AHEAD = 2  # tensors read but not yet transformed
 
 
 @dataclass
@@ -50,19 +48,6 @@ class LockStats:
         return d
 
 
-def _reader(ckpt: Checkpoint, names: list[str], out: "queue.Queue[tuple[str, torch.Tensor] | BaseException | None]",
-            stop: threading.Event) -> None:
-    try:
-        for name in names:
-            if stop.is_set():
-                return
-            info = ckpt.tensors[name]
-            out.put((name, ckpt.read_range(name, 0, info.numel).reshape(info.shape)))
-        out.put(None)
-    except BaseException as e:  # handed to the consumer, which raises it
-        out.put(e)
-
-
 TensorFn = Callable[[Attention, str, str, torch.Tensor], torch.Tensor]
 
 
@@ -80,16 +65,10 @@ def stream_attention(ckpt: Checkpoint, folder: Path, fn: TensorFn, layout: Layou
     outs = [OutTensor(n, ckpt.tensors[n].dtype, tuple(ckpt.tensors[n].shape)) for n in names]
     advance = progress(desc, sum(o.nbytes for o in outs), len(outs))
     writer = ShardWriter(folder, plan_shards(outs, shard_bytes))
-    pending: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
-    stop = threading.Event()
-    thread = threading.Thread(target=_reader, args=(ckpt, names, pending, stop), daemon=True)
-    thread.start()
     changed, worst = 0, 0.0
     try:
-        while (item := pending.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            name, tensor = item
+        # fresh tensors each time (the writer may still hold an untouched one's bytes), two ahead
+        for name, tensor in read_ahead(lambda _, n: (n, ckpt.read_tensor(n)), names, sets=3):
             role = layout.roles.get(name)
             if role is not None:
                 tensor = fn(role[0], role[1], name, tensor)
@@ -100,13 +79,7 @@ def stream_attention(ckpt: Checkpoint, folder: Path, fn: TensorFn, layout: Layou
             advance(tensor.numel() * tensor.element_size(), 1)
         digests = writer.close()
     except BaseException:
-        stop.set()
         writer.abort()
-        while thread.is_alive():  # let the reader see ``stop``
-            try:
-                pending.get(timeout=0.1)
-            except queue.Empty:
-                pass
         raise
     return digests, changed, worst
 
@@ -120,9 +93,10 @@ def lock_checkpoint(ckpt: Checkpoint, key: Key, folder: Path, *, unlock: bool = 
     restored tensor is compared with it (``max_rel_error``)."""
     layout = layout or layout_for(ckpt)
     transforms = {att.unit: draw(key, att) for att in layout.units}  # two d×d matrices per KV group
+    factors = {att.unit: role_factors(transforms[att.unit], att, unlock) for att in layout.units}
 
     def transform(att: Attention, role: str, name: str, t: torch.Tensor) -> torch.Tensor:
-        return apply(transforms[att.unit], att, role, t, unlock=unlock)
+        return apply(factors[att.unit], att, role, t)
 
     digests, changed, worst = stream_attention(
         ckpt, folder, transform, layout, shard_bytes=shard_bytes, progress=progress,

@@ -24,7 +24,7 @@ import hashlib
 import json
 import math
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -159,7 +159,6 @@ class Transforms:
 
     qk: Pair
     vo: Pair
-    _factors: dict = field(default_factory=dict)  # per direction: the factor each role is multiplied by
 
 
 def draw(key: Key, att: Attention) -> Transforms:
@@ -190,8 +189,10 @@ def right_blocks(w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _branch_matrices(t: Transforms, att: Attention, unlock: bool) -> dict[str, torch.Tensor]:
-    """The left factor for q, k and v and the right factor for o, in column convention."""
+def role_factors(t: Transforms, att: Attention, unlock: bool = False) -> dict[str, torch.Tensor]:
+    """What each role is multiplied by, per query or KV head, to lock (or with ``unlock``
+    to undo the lock): from the left for q, k and v, from the right for o, in column
+    convention."""
     a, a_inv, b, b_inv = t.qk.fwd, t.qk.inv, t.vo.fwd, t.vo.inv
     if unlock:
         mats = {"q": a_inv, "k": a.transpose(1, 2), "v": b_inv, "o": b}
@@ -200,19 +201,29 @@ def _branch_matrices(t: Transforms, att: Attention, unlock: bool) -> dict[str, t
     return {**mats, "q": _per_head(mats["q"], att), "o": _per_head(mats["o"], att)}
 
 
-def apply(t: Transforms, att: Attention, role: str, w: torch.Tensor, unlock: bool = False) -> torch.Tensor:
-    """Transform one tensor of the sublayer (lock, or with ``unlock`` undo it), in float64."""
-    if unlock not in t._factors:
-        t._factors[unlock] = _branch_matrices(t, att, unlock)
-    mats = t._factors[unlock]
+def column_blocks(att: Attention, role: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A tensor's q, k, v or o blocks in column convention (rows of Q/K/V per head, columns
+    of O per head): GPT-2's fused ``c_attn`` is split and Conv1D weights transposed."""
+    if role in ("qkv", "qkv_bias"):  # [in, 3E] / [3E], blocks Q | K | V
+        return dict(zip("qkv", (w.T if role == "qkv" else w).chunk(3, dim=0)))
+    if role == "o":
+        return {"o": w.T if att.row_vectors else w}
+    return {role.removesuffix("_bias"): w}
+
+
+def from_column_blocks(att: Attention, role: str, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The inverse of ``column_blocks``."""
+    if role in ("qkv", "qkv_bias"):
+        y = torch.cat([blocks[b] for b in "qkv"], dim=0)
+        return y.T if role == "qkv" else y
+    if role == "o":
+        return blocks["o"].T if att.row_vectors else blocks["o"]
+    return blocks[role.removesuffix("_bias")]
+
+
+def apply(mats: dict[str, torch.Tensor], att: Attention, role: str, w: torch.Tensor) -> torch.Tensor:
+    """Multiply one tensor of the sublayer by its ``role_factors``, in float64."""
     x = torch.empty(w.shape, dtype=torch.float64).copy_(w)
-    if role in ("qkv", "qkv_bias"):  # GPT-2's fused Conv1D: [in, 3E] / [3E], blocks Q | K | V
-        col = x.T if role == "qkv" else x
-        q, k, v = col.chunk(3, dim=0)
-        y = torch.cat([left_blocks(q, mats["q"]), left_blocks(k, mats["k"]), left_blocks(v, mats["v"])], dim=0)
-        y = y.T if role == "qkv" else y
-    elif role == "o":
-        y = right_blocks(x.T, mats["o"]).T if att.row_vectors else right_blocks(x, mats["o"])
-    else:
-        y = left_blocks(x, mats[role.removesuffix("_bias")])
-    return y.to(w.dtype).contiguous()
+    blocks = {b: right_blocks(p, mats[b]) if b == "o" else left_blocks(p, mats[b])
+              for b, p in column_blocks(att, role, x).items()}
+    return from_column_blocks(att, role, blocks).to(w.dtype).contiguous()
