@@ -10,16 +10,16 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zoo.checkpoint import Checkpoint, open_checkpoint
+from zoo.checkpoint import Checkpoint
 from zoo.compat import compare, is_head
-from zoo.errors import IncompatibleModels, NotFound, ZooError
+from zoo.errors import IncompatibleModels, ZooError
+from zoo.registry import open_model
+from zoo.writer import OutTensor
 
 from .methods import MergeMethod, get_method
 from .recipe import Recipe, resolve
-from zoo.writer import OutTensor
 
 if TYPE_CHECKING:
     import torch
@@ -81,12 +81,10 @@ class Plan:
 
 
 def _open_input(label: str, registry: "Registry | None") -> Input:
-    if registry is not None and registry.has(label):
-        info = registry.show(label)
-        return Input(label, info["ref"], registry.checkpoint(info["ref"]), tasks=info["tasks"], base_ref=info["base"])
-    if Path(label).exists():
-        return Input(label, None, open_checkpoint(label))
-    raise NotFound(f"{label!r} is neither a registered model nor a path")
+    ckpt, info = open_model(label, registry)
+    if info is None:
+        return Input(label, None, ckpt)
+    return Input(label, info["ref"], ckpt, tasks=info["tasks"], base_ref=info["base"])
 
 
 def _lora_pairs(adapter: Input, base: Checkpoint) -> None:

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from zoo.checkpoint import Checkpoint, open_checkpoint
+from zoo.checkpoint import Checkpoint
 from zoo.errors import AlreadyExists, NotFound, ZooError
 from zoo.progress import ProgressFactory, no_progress
+from zoo.registry import open_model
 from zoo.writer import check_destination, copy_sidecars, temp_folder, write_file
 
 from .keys import key_record, read_key_file, write_key_file
@@ -34,19 +35,12 @@ if TYPE_CHECKING:
 class Source:
     label: str
     ckpt: Checkpoint
-    folder: Path
     info: dict[str, Any] | None  # the registry's record, when registered
 
 
 def _open(label: str, registry: "Registry | None") -> Source:
-    if registry is not None and registry.has(label):
-        info = registry.show(label)
-        folder = registry.model_dir(info["ref"])
-        return Source(info["ref"], open_checkpoint(folder), folder, info)
-    if Path(label).exists():
-        ckpt = open_checkpoint(label)
-        return Source(label, ckpt, ckpt.path if ckpt.path.is_dir() else ckpt.path.parent, None)
-    raise NotFound(f"{label!r} is neither a registered model nor a path")
+    ckpt, info = open_model(label, registry)
+    return Source(info["ref"] if info else label, ckpt, info)
 
 
 def _dtype(ckpt: Checkpoint, layout: Layout) -> str:
@@ -60,6 +54,21 @@ def _workspace(registry: "Registry | None", out_dir: Path | None, suffix: str) -
         folder.mkdir(parents=True)
         return folder
     return temp_folder(out_dir.parent, out_dir.name)
+
+
+def _keep(folder: Path, out: str | None, out_path: Path | None, registry: "Registry | None", kind: str,
+          src: Source, recipe: dict[str, Any], digests: dict[str, str], key: dict[str, Any] | None = None
+          ) -> dict[str, Any]:
+    """Register the finished ``folder`` as ``out`` (the source's base, tasks and metadata,
+    the source as lineage parent), or rename it to ``out_path``."""
+    if out is None:
+        folder.rename(out_path)
+        return {"path": str(out_path)}
+    info = src.info or {}
+    return registry.add(folder, out, kind, base=None if kind == "base" else info.get("base"),
+                        parents=[("source", src.label)] if src.info else [], recipe=recipe,
+                        tasks=info.get("tasks", ()), adopt=digests, check_base=False,
+                        metadata=info.get("metadata") or None, key=key)
 
 
 def protected_card(name: str, source: Source, key: Key, stats: LockStats, check: dict[str, Any] | None) -> str:
@@ -107,10 +116,9 @@ def protect(source: str, out: str | None = None, *, registry: "Registry | None" 
     layout = layout_for(src.ckpt)
     dtype = _dtype(src.ckpt, layout)
     key = Key.new(DEFAULT_MAX_COND.get(dtype, 30.0) if max_cond is None else max_cond, seed)
-    if out is not None:  # a new name, so its first version
-        key_path = Path(key_file) if key_file else registry.keys_dir / f"{out}@1.key"
-    else:
-        key_path = Path(key_file) if key_file else out_path.with_name(out_path.name + ".key")
+    owner = f"{out}@1" if out is not None else out_path.name  # a new name, so its first version
+    default = registry.keys_dir / f"{owner}.key" if out is not None else out_path.with_name(f"{owner}.key")
+    key_path = Path(key_file) if key_file else default
     if key_path.exists():
         raise AlreadyExists(f"{key_path} already exists; choose another --key-file")
     name = out or out_path.name
@@ -124,7 +132,7 @@ def protect(source: str, out: str | None = None, *, registry: "Registry | None" 
         if verify:
             from .verify import compare
 
-            check = compare(src.folder, folder, dtype, {"max_cond_qk": stats.cond_qk, "max_cond_vo": stats.cond_vo})
+            check = compare(src.ckpt.path, folder, dtype, {"max_cond_qk": stats.cond_qk, "max_cond_vo": stats.cond_vo})
             if not check["passed"]:
                 raise ZooError(f"verification failed: max relative error {check['max_rel_error']:.2e}, top-1 "
                                f"agreement {100 * check['top1_agreement']:.1f}%, KL {check['kl']:.2e} "
@@ -133,19 +141,12 @@ def protect(source: str, out: str | None = None, *, registry: "Registry | None" 
         recipe = {"method": ALGORITHM, "version": VERSION, "max_cond": key.max_cond, "key_id": key.key_id,
                   "source": src.label, "source_kind": (src.info or {}).get("kind"), "lock": stats.to_dict(),
                   **({"verify": check} if check is not None else {})}
-        key_written = write_key_file(key_path, key, f"{out}@1" if out is not None else name)
-        if out is not None:
-            info = src.info or {}
-            result = registry.add(folder, out, "protected", base=info.get("base"),
-                                  parents=[("source", src.label)] if src.info else [], recipe=recipe,
-                                  tasks=info.get("tasks", ()), adopt=digests, check_base=False,
-                                  metadata=info.get("metadata") or None, key=key_record(key))
-        else:
-            folder.rename(out_path)
-            result = {"path": str(out_path)}
-        key_written, kept = None, key_written
-        return {**result, "key_file": str(kept), "key_id": key.key_id, "lock": stats.to_dict(),
-                **({"verify": check} if check is not None else {})}
+        key_written = write_key_file(key_path, key, owner)
+        result = _keep(folder, out, out_path, registry, "protected", src, recipe, digests, key=key_record(key))
+        result = {**result, "key_file": str(key_written), "key_id": key.key_id, "lock": stats.to_dict(),
+                  **({"verify": check} if check is not None else {})}
+        key_written = None  # kept with its model
+        return result
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         if key_written is not None:  # the model was not kept, so neither is its key
@@ -153,11 +154,11 @@ def protect(source: str, out: str | None = None, *, registry: "Registry | None" 
 
 
 def _key_for(src: Source, registry: "Registry | None", key_file: str | Path | None) -> Key:
-    recorded = ((src.info or {}).get("recipe") or {}).get("key_id") if src.info else None
+    recorded = ((src.info or {}).get("recipe") or {}).get("key_id")
     if key_file is not None:
         key, _ = read_key_file(key_file)
     else:
-        stored = registry.key(src.label) if registry is not None and src.info else None
+        stored = registry.key(src.label) if src.info else None
         if stored is None:
             raise NotFound(f"no key for {src.label} in the registry; pass --key FILE")
         key = Key.from_dict(stored)
@@ -193,17 +194,10 @@ def unlock(source: str, out: str | None = None, *, registry: "Registry | None" =
         digests["README.md"] = write_file(folder / "README.md", "\n".join(lines).encode())
         report = {**stats.to_dict(), "dtype": _dtype(src.ckpt, layout),
                   "compared_with": original if reference is not None else None}
-        if out is not None:
-            info = src.info or {}
-            kind = kind or recipe_src.get("source_kind") or "expert"
-            result = registry.add(folder, out, kind, base=None if kind == "base" else info.get("base"), parents=[("source", src.label)] if src.info else [],
-                                  recipe={"method": f"{ALGORITHM}-unlock", "version": VERSION, "key_id": key.key_id,
-                                          "source": src.label, "unlock": report},
-                                  tasks=info.get("tasks", ()), adopt=digests, check_base=False,
-                                  metadata=info.get("metadata") or None)
-        else:
-            folder.rename(out_path)
-            result = {"path": str(out_path)}
+        recipe = {"method": f"{ALGORITHM}-unlock", "version": VERSION, "key_id": key.key_id, "source": src.label,
+                  "unlock": report}
+        result = _keep(folder, out, out_path, registry, kind or recipe_src.get("source_kind") or "expert", src,
+                       recipe, digests)
         return {**result, "unlock": report}
     finally:
         shutil.rmtree(folder, ignore_errors=True)

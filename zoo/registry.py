@@ -208,8 +208,7 @@ class Registry:
             raise ZooError(f"an {kind} needs its base model: pass --base NAME")
         if kind == "base" and base is not None:
             raise ZooError("a base model has no base; drop --base or choose another --kind")
-        if key is not None and "key_id" not in key:
-            raise ZooError("a protection key needs its key_id")
+        key_id = _key_id(key) if key is not None else None
 
         # Read phase: names, base and parents must exist; the expert must fit its base.
         with self._read() as s:
@@ -281,7 +280,7 @@ class Registry:
                         m.recipe = Recipe(method=str(recipe.get("merge_method") or recipe.get("method") or "?"),
                                           recipe=recipe)
                     if key is not None:
-                        m.key = ProtectionKey(key_id=str(key["key_id"]), key=key)
+                        m.key = ProtectionKey(key_id=key_id, key=key)
                     s.add(m)
                     s.flush()
                     result = _summary(m)
@@ -344,19 +343,18 @@ class Registry:
 
     def set_key(self, ref: str, key: dict[str, Any], replace: bool = False) -> str:
         """Store a protected model's key (``zoo key import``); returns the model's ref."""
-        if "key_id" not in key:
-            raise ZooError("a protection key needs its key_id")
+        key_id = _key_id(key)
         with self._write() as s:
             m = self._resolve(s, ref)
             if m.kind != "protected":
                 raise ZooError(f"{m.ref} is a {m.kind} model; keys belong to protected models")
-            if m.key is not None and m.key.key_id != key["key_id"] and not replace:
+            if m.key is not None and m.key.key_id != key_id and not replace:
                 raise AlreadyExists(f"{m.ref} already has key {m.key.key_id}; pass --replace to store key "
-                                    f"{key['key_id']} instead")
+                                    f"{key_id} instead")
             if m.key is None:
-                m.key = ProtectionKey(key_id=str(key["key_id"]), key=key)
+                m.key = ProtectionKey(key_id=key_id, key=key)
             else:
-                m.key.key_id, m.key.key = str(key["key_id"]), key
+                m.key.key_id, m.key.key = key_id, key
             return m.ref
 
     def lineage(self, ref: str) -> dict[str, Any]:
@@ -399,10 +397,10 @@ class Registry:
         """
         if not refs:
             raise ZooError("name at least one model to check")
-        base_ckpt = self._open_any(base) if base else None
+        base_ckpt = open_model(base, self)[0] if base else None
         reports = []
         for ref in refs:
-            ckpt = self._open_any(ref)
+            ckpt = open_model(ref, self)[0]
             if base_ckpt is not None:
                 b, bname = base_ckpt, base
             else:
@@ -426,13 +424,6 @@ class Registry:
         except ZooError:
             return False
 
-    def _open_any(self, ref: str) -> Checkpoint:
-        """A registry name (preferred) or a path on disk."""
-        if self.has(ref):
-            return self.checkpoint(ref)
-        if Path(ref).exists():
-            return open_checkpoint(ref)
-        raise NotFound(f"{ref!r} is neither a registered model nor a path")
 
     # -- integrity and export ------------------------------------------------------
     def verify(self, ref: str | None = None, progress: ProgressFactory | None = None) -> list[dict[str, Any]]:
@@ -603,6 +594,23 @@ class Registry:
             return [{"model": m.ref, **_metric(x)} for x, m in s.execute(q)]
 
 
+def open_model(label: str, registry: "Registry | None") -> tuple[Checkpoint, dict[str, Any] | None]:
+    """A registry name (preferred, when there is a registry) or a path on disk: its
+    checkpoint, and for a registered model the registry's record (``show``)."""
+    if registry is not None and registry.has(label):
+        info = registry.show(label)
+        return registry.checkpoint(info["ref"]), info
+    if Path(label).exists():
+        return open_checkpoint(label), None
+    raise NotFound(f"{label!r} is neither a registered model nor a path")
+
+
+def _key_id(key: dict[str, Any]) -> str:
+    if "key_id" not in key:
+        raise ZooError("a protection key needs its key_id")
+    return str(key["key_id"])
+
+
 def _validate_tag(tag: str) -> None:
     if not tag or len(tag) > 128 or any(ord(c) < 32 for c in tag):
         raise ZooError(f"bad tag {tag!r}: use up to 128 printable characters")
@@ -649,4 +657,4 @@ def _task(t: Task) -> dict[str, Any]:
             "data_format": t.data_format, "splits": t.splits, "metadata": t.meta or {}}
 
 
-__all__ = ["Registry", "default_path"]
+__all__ = ["Registry", "default_path", "open_model"]
