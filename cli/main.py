@@ -249,7 +249,7 @@ def merge(
         rec = merge_api.with_overrides(rec, [*param, *loop], seed=seed)
     else:
         raise ZooError("give a recipe file, or --method with --base and the models to merge")
-    reg = _open(create=True) if out is not None else _maybe_open()
+    reg = _registry_for(out)
     with output.progress_bars() as progress, output.training_bar(f"learning {out or out_dir}") as report:
         info = merge_api.run(rec, out, registry=reg, out_dir=out_dir, device=device, shard_bytes=shard_size,
                              progress=progress, report=report)
@@ -266,6 +266,12 @@ def _maybe_open():
     from zoo.paths import registry_path
 
     return _open() if registry_path(State.registry).exists() else None
+
+
+def _registry_for(out: Optional[str]):
+    """For a command that makes a model: the registry to register ``out`` in (created if
+    needed), or without ``out`` the registry if there is one, to resolve names."""
+    return _open(create=True) if out is not None else _maybe_open()
 
 
 @app.command()
@@ -288,7 +294,7 @@ def protect(
     """Make a model unmergeable without changing what it computes (MergeLock)."""
     import protect as protect_api
 
-    reg = _open(create=True) if out is not None else _maybe_open()
+    reg = _registry_for(out)
     with output.progress_bars() as progress:
         info = protect_api.protect(source, out, registry=reg, out_dir=out_dir, seed=seed, max_cond=max_cond,
                                    key_file=key_file, verify=verify, shard_bytes=shard_size, progress=progress)
@@ -318,7 +324,7 @@ def unlock(
     """Restore a protected model's original weights with its key."""
     import protect as protect_api
 
-    reg = _open(create=True) if out is not None else _maybe_open()
+    reg = _registry_for(out)
     with output.progress_bars() as progress:
         info = protect_api.unlock(source, out, registry=reg, out_dir=out_dir, key_file=key, kind=kind,
                                   shard_bytes=shard_size, progress=progress)

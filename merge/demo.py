@@ -58,6 +58,22 @@ def base_with_heads(registry: Registry, demo: DemoResult) -> dict[str, float]:
     return out
 
 
+def merge_experts(registry: Registry, spec: dict[str, Any], base: str, experts: list[str], name: str,
+                  steps_scale: float = 1.0, report=None) -> None:
+    """Merge ``experts`` on ``base`` with one of the demo's specs (``MERGES`` or
+    ``LEARNED``) into ``name``, on the CPU; learned step counts times ``steps_scale``."""
+    params = dict(spec["parameters"])
+    for k in ("steps", "stage2_steps"):
+        if k in params:
+            params[k] = max(1, round(params[k] * steps_scale))
+    recipe = from_dict({
+        "merge_method": spec["merge_method"], "base_model": base, "parameters": params,
+        "models": [{"model": ref, "parameters": {k: v for k, v in spec.items() if k in ("weight", "density")}}
+                   for ref in experts],
+    })
+    run(recipe, name, registry=registry, device="cpu", report=report)
+
+
 def merge_demo(registry: Registry, demo: DemoResult, log: Callable[[str], None] = print,
                learned: bool = False, steps_scale: float = 1.0, report=None) -> list[dict[str, Any]]:
     """Merge the demo experts and return one accuracy row per method (with ``learned``,
@@ -69,17 +85,7 @@ def merge_demo(registry: Registry, demo: DemoResult, log: Callable[[str], None] 
     for key, spec in specs.items():
         name = f"{prefix}-{key}"
         if not registry.has(name):
-            params = dict(spec["parameters"])
-            for k in ("steps", "stage2_steps"):
-                if k in params:
-                    params[k] = max(1, round(params[k] * steps_scale))
-            recipe = from_dict({
-                "merge_method": spec["merge_method"], "base_model": demo.base, "parameters": params,
-                "models": [{"model": ref, "parameters": {k: v for k, v in spec.items()
-                                                          if k in ("weight", "density")}}
-                           for ref in demo.experts.values()],
-            })
-            run(recipe, name, registry=registry, device="cpu", report=report)
+            merge_experts(registry, spec, demo.base, list(demo.experts.values()), name, steps_scale, report)
             log(f"merged the experts with {spec['merge_method']} into {name}")
         rows.append({"method": LABELS[key], "model": name, **measure(registry, name, list(demo.experts))})
     for row in rows:

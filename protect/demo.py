@@ -36,9 +36,7 @@ def protect_demo(registry: Registry, demo: DemoResult, merge_rows: list[dict[str
                  log: Callable[[str], None] = print, victim: str = VICTIM) -> dict[str, Any]:
     """Protect ``victim``'s expert, merge with it, attack it; return the table and the
     headline numbers."""
-    from merge.demo import LABELS, MERGES, measure
-    from merge.recipe import from_dict
-    from merge.run import run
+    from merge.demo import LABELS, MERGES, measure, merge_experts
 
     prefix, tasks = demo.config.prefix, list(demo.experts)
     locked, realigned = f"{prefix}-{victim}-locked", f"{prefix}-{victim}-realigned"
@@ -51,23 +49,18 @@ def protect_demo(registry: Registry, demo: DemoResult, merge_rows: list[dict[str
         log(f"ran the least-squares realignment attack on {locked} against {demo.base} into {realigned}")
     check = registry.show(locked)["recipe"]["verify"]
     by_method = {r.get("model"): r for r in merge_rows}
-    rows = []
+    rows, got = [], {}
     for key, spec in MERGES.items():
         plain = by_method[f"{prefix}-{key}"]
         rows.append({"method": LABELS[key], **{t: plain[t] for t in tasks}})
         for tag, swap in (("protected", locked), ("realigned", realigned)):
             name = f"{prefix}-{key}-{tag}-{victim}"
-            experts = {**demo.experts, victim: swap}
             if not registry.has(name):
-                recipe = from_dict({
-                    "merge_method": spec["merge_method"], "base_model": demo.base, "parameters": spec["parameters"],
-                    "models": [{"model": ref, "parameters": {k: v for k, v in spec.items()
-                                                              if k in ("weight", "density")}}
-                               for ref in experts.values()]})
-                run(recipe, name, registry=registry, device="cpu")
+                merge_experts(registry, spec, demo.base, list({**demo.experts, victim: swap}.values()), name)
                 log(f"merged with {swap} in place of {demo.experts[victim]} into {name}")
             label = f"  … with {victim} {'protected' if tag == 'protected' else 'realigned by the attack'}"
             rows.append({"method": label, "model": name, **measure(registry, name, tasks)})
+            got[key, tag] = rows[-1][victim]
     alone = {"method": f"{victim} expert alone", victim: demo.accuracy[victim]}
     alone_locked = {"method": f"{victim} expert alone, protected", **measure(registry, locked, [victim])}
     rows += [alone, alone_locked]
@@ -75,14 +68,12 @@ def protect_demo(registry: Registry, demo: DemoResult, merge_rows: list[dict[str
     summary = {"victim": victim, "chance": base, "verify": check}
     for key in MERGES:
         plain = by_method[f"{prefix}-{key}"][victim]
-        got = {tag: next(r for r in rows if r.get("model") == f"{prefix}-{key}-{tag}-{victim}")[victim]
-               for tag in ("protected", "realigned")}
+        locked_acc, realigned_acc = got[key, "protected"], got[key, "realigned"]
         summary[key] = {
-            "unprotected": plain, "protected": got["protected"], "realigned": got["realigned"],
+            "unprotected": plain, "protected": locked_acc, "realigned": realigned_acc,
             # share of the merge's advantage over chance on the victim's task that protection removes
-            "advantage_lost": 1 - (got["protected"] - base) / (plain - base) if plain > base else None,
+            "advantage_lost": 1 - (locked_acc - base) / (plain - base) if plain > base else None,
             # share of what protection removed that the attack brings back
-            "recovered": (got["realigned"] - got["protected"]) / (plain - got["protected"])
-            if plain > got["protected"] else None,
+            "recovered": (realigned_acc - locked_acc) / (plain - locked_acc) if plain > locked_acc else None,
         }
     return {"rows": rows, "summary": summary}
