@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/list_10k.py
 	$(BIN)/python bench/demo_interference.py
 	$(BIN)/python bench/learned_demo.py --investigate
+	$(BIN)/python bench/parity_demo.py
+	$(BIN)/python bench/protect_demo.py
 
 clean:
 	rm -rf $(VENV) registry.db registry.db-* registry.store

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import run_measured, save  # noqa: E402
 
 import merge  # noqa: E402
-from merge.demo import LABELS, LEARNED, SCHEDULE, measure, merge_demo  # noqa: E402
+from merge.demo import LABELS, LEARNED, PARITY, SCHEDULE, measure, merge_demo  # noqa: E402
 from zoo import Registry  # noqa: E402
 from zoo.demo import FULL, run_demo  # noqa: E402
 
@@ -79,7 +79,7 @@ def main() -> None:
         rows.insert(4, {"method": f"task arithmetic, best λ on validation ({best})", "model": f"ta-{best}",
                         **measure(reg, f"ta-{best}", tasks)})
 
-    specs = dict(LEARNED)
+    specs = {k: v for k, v in LEARNED.items() if k not in PARITY}  # bench/parity_demo.py has those
     if args.investigate:
         for key in ("am-layer-entropy", "concrete-ta-entropy"):
             spec = json.loads(json.dumps(specs[key]))

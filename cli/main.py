@@ -233,8 +233,9 @@ def merge(
 ) -> None:
     """Merge experts into one model, streaming tensor by tensor, and register it.
 
-    Learned methods (adamerging, concrete_ta, concrete_adamerging) first run the model
-    on each task's data; --steps, --lr and --batch-size set their loop."""
+    Learned methods (adamerging, concrete_ta, concrete_adamerging, parity) first run the
+    model on each task's data; --steps, --lr and --batch-size set their loop. parity
+    prints its table per round and task."""
     import merge as merge_api
 
     loop = [f"{k}={v}" for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size)) if v is not None]
@@ -252,10 +253,13 @@ def merge(
     reg = _registry_for(out)
     with output.progress_bars() as progress, output.training_bar(f"learning {out or out_dir}") as report:
         info = merge_api.run(rec, out, registry=reg, out_dir=out_dir, device=device, shard_bytes=shard_size,
-                             progress=progress, report=report)
+                             progress=progress, report=report, log=lambda m: print(m, file=sys.stderr))
     if as_json:
         output.emit_json(info)
-    elif out is not None:
+        return
+    if info.get("parity"):
+        print_parity(info["parity"])
+    if out is not None:
         print(f"merged {len(rec.models)} model(s) with {rec.merge_method} into {info['ref']}")
     else:
         print(f"merged {len(rec.models)} model(s) with {rec.merge_method} into {info['path']}")
@@ -397,25 +401,35 @@ def demo(quick: bool = typer.Option(False, "--quick", help="A tiny, fast build o
     attack it."""
     from zoo import demo as demo_mod
 
-    from merge.demo import merge_demo
+    from merge.demo import merge_demo, parity_summary
     from protect.demo import protect_demo
 
     cfg = demo_mod.QUICK if quick else demo_mod.FULL
     log = (lambda m: print(m, file=sys.stderr)) if as_json else print
     reg = _open(create=True)
     res = demo_mod.run_demo(reg, cfg, log=log)
+    learned = not quick if learned is None else learned
     with output.training_bar("learning") as report:
-        rows = merge_demo(reg, res, log=log, learned=not quick if learned is None else learned, report=report)
-    locked = protect_demo(reg, res, rows, log=log) if protection else None
+        rows = merge_demo(reg, res, log=log, learned=learned, report=report)
+        locked = protect_demo(reg, res, rows, log=log, learned=learned, report=report) if protection else None
+    parity = parity_summary(reg, rows, res.config.prefix)
     if as_json:
         output.emit_json({"base": res.base, "experts": res.experts, "accuracy": res.accuracy, "built": res.built,
                           "seconds": res.seconds, "registry": str(res.registry), "store": str(res.store),
-                          "table": rows, "protection": locked})
+                          "table": rows, "parity": parity, "protection": locked})
         return
     print()
     tasks = list(res.experts)
     table = [{"method": r["method"], **{t: f"{100 * r[t]:.1f}" for t in [*tasks, "avg"]}} for r in rows]
     output.table(table, [("method", "TEST ACCURACY %")] + [(t, t) for t in tasks] + [("avg", "AVG")])
+    for p in parity:
+        vs_entropy = "" if p["entropy_adamerging_avg"] is None else \
+            f"; label-free entropy AdaMerging: {100 * p['entropy_adamerging_avg']:.1f}"
+        print(f"\n{p['method']}: disagreement with the experts on their pools "
+              f"{100 * p['disagreement_start']:.1f}% → {100 * p['disagreement_end']:.1f}% "
+              f"({100 * (1 - p['disagreement_end'] / p['disagreement_start']):.0f}% less, target ≥ 50%); "
+              f"average accuracy {100 * p['start_avg']:.1f} → {100 * p['avg']:.1f}, "
+              f"{100 * (p['avg'] - p['ta_avg']):+.1f} points over task arithmetic (target ≥ +10){vs_entropy}")
     if locked is not None:
         print()
         _print_protection(locked, tasks)
@@ -424,6 +438,25 @@ def demo(quick: bool = typer.Option(False, "--quick", help="A tiny, fast build o
     print(f"registry: {res.registry}\nstore:    {res.store}\ncache:    {res.cache}")
     p = res.config.prefix
     print(f"next: `zoo list`, `zoo lineage {p}-ties`, `zoo check {p}-parity`, `zoo eval {p}-ta --task hflip`")
+
+
+def print_parity(rows: list[dict]) -> None:
+    """A parity merge's table: per round (0 = the start) and task, the parity set, the
+    disagreement with the expert on the pool, and accuracy where it was measured; the
+    round whose merge was kept is marked."""
+    table = []
+    for r in sorted({x["round"] for x in rows}):
+        these = [x for x in rows if x["round"] == r]
+        accs = [x["accuracy"] for x in these if x["accuracy"] is not None]
+        for x in these + [{"task": "avg", "pool": sum(x["pool"] for x in these),
+                           "reliable": sum(x["reliable"] for x in these), "parity": sum(x["parity"] for x in these),
+                           "disagreement": sum(x["disagreement"] for x in these) / len(these),
+                           "accuracy": sum(accs) / len(accs) if len(accs) == len(these) else None}]:
+            table.append({"round": f"{r}{' kept' if these[0]['kept'] else ''}", "task": x["task"], "pool": x["pool"], "reliable": x["reliable"],
+                          "parity": x["parity"], "dis": f"{100 * x['disagreement']:.1f}",
+                          "acc": "" if x["accuracy"] is None else f"{100 * x['accuracy']:.1f}"})
+    output.table(table, [("round", "ROUND"), ("task", "TASK"), ("pool", "POOL"), ("reliable", "RELIABLE"),
+                         ("parity", "PARITY SET"), ("dis", "DISAGREE %"), ("acc", "ACCURACY %")])
 
 
 def _print_protection(locked: dict, tasks: list[str]) -> None:
@@ -442,8 +475,12 @@ def _print_protection(locked: dict, tasks: list[str]) -> None:
         back = "n/a" if m["recovered"] is None else f"{100 * m['recovered']:.0f}%"
         print(f"{label}: protection removes {lost} of the merge's advantage over chance on {victim} "
               f"(target ≥ 80%); the realignment attack recovers {back} of what it removed")
+        if m.get("parity") is not None:
+            again = "n/a" if m["parity_recovered"] is None else f"{100 * m['parity_recovered']:.0f}%"
+            print(f"{label}, then parity distillation with the protected expert teaching {victim}: {victim} at "
+                  f"{100 * m['parity']:.1f}% (recovers {again}); the protected expert's labels are the original's")
     print("MergeLock stops naive merging only: the data-free attack above undoes much of it, and outputs are "
-          "unchanged, so distillation is unaffected.")
+          "unchanged, so distillation from the protected expert works as from the original.")
 
 
 def main() -> None:

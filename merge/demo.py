@@ -38,11 +38,25 @@ LEARNED = {
                                ("concrete-ta", "concrete_ta", {}),
                                ("concrete-am-layer", "concrete_adamerging", {"coefficients": "layer"}))
 }
+# Parity distillation (label-free: the experts' own pseudo-labels on their unlabeled train
+# inputs), from task arithmetic and from the label-free Concrete TA above; ``start`` names
+# a registered merge with the demo's prefix filled in.
+PARITY_SCHEDULE = {"rounds": 2, "steps": 50, "train": "coefficients,params"}
+PARITY = {
+    "parity-ta": {"merge_method": "parity", "parameters": {**PARITY_SCHEDULE, "start": "task_arithmetic"}},
+    "parity-concrete-ta": {"merge_method": "parity",
+                           "parameters": {**PARITY_SCHEDULE, "start": "{prefix}-concrete-ta-entropy"}},
+}
+LEARNED.update(PARITY)
 for _key, _spec in LEARNED.items():
+    if _key in PARITY:
+        continue
     _kind = {"am-task": "AdaMerging task-wise", "am-layer": "AdaMerging layer-wise", "concrete-ta": "Concrete TA",
              "concrete-am-layer": "Concrete AdaMerging layer-wise"}[_key.rsplit("-", 1)[0]]
     _obj = _spec["parameters"]["objective"]
     LABELS[_key] = f"{_kind}, {_obj}" + (" (supervised)" if _obj == "ce" else "")
+LABELS["parity-ta"] = "parity from task arithmetic (label-free; coefficients, norms, biases)"
+LABELS["parity-concrete-ta"] = "parity from Concrete TA, entropy (label-free; coefficients, norms, biases)"
 
 
 def base_with_heads(registry: Registry, demo: DemoResult) -> dict[str, float]:
@@ -59,10 +73,10 @@ def base_with_heads(registry: Registry, demo: DemoResult) -> dict[str, float]:
 
 
 def merge_experts(registry: Registry, spec: dict[str, Any], base: str, experts: list[str], name: str,
-                  steps_scale: float = 1.0, report=None) -> None:
+                  steps_scale: float = 1.0, report=None, prefix: str = "demo", log=None) -> dict[str, Any]:
     """Merge ``experts`` on ``base`` with one of the demo's specs (``MERGES`` or
     ``LEARNED``) into ``name``, on the CPU; learned step counts times ``steps_scale``."""
-    params = dict(spec["parameters"])
+    params = {k: v.format(prefix=prefix) if isinstance(v, str) else v for k, v in spec["parameters"].items()}
     for k in ("steps", "stage2_steps"):
         if k in params:
             params[k] = max(1, round(params[k] * steps_scale))
@@ -71,7 +85,7 @@ def merge_experts(registry: Registry, spec: dict[str, Any], base: str, experts: 
         "models": [{"model": ref, "parameters": {k: v for k, v in spec.items() if k in ("weight", "density")}}
                    for ref in experts],
     })
-    run(recipe, name, registry=registry, device="cpu", report=report)
+    return run(recipe, name, registry=registry, device="cpu", report=report, log=log)
 
 
 def merge_demo(registry: Registry, demo: DemoResult, log: Callable[[str], None] = print,
@@ -85,7 +99,8 @@ def merge_demo(registry: Registry, demo: DemoResult, log: Callable[[str], None] 
     for key, spec in specs.items():
         name = f"{prefix}-{key}"
         if not registry.has(name):
-            merge_experts(registry, spec, demo.base, list(demo.experts.values()), name, steps_scale, report)
+            merge_experts(registry, spec, demo.base, list(demo.experts.values()), name, steps_scale, report, prefix,
+                          log)
             log(f"merged the experts with {spec['merge_method']} into {name}")
         rows.append({"method": LABELS[key], "model": name, **measure(registry, name, list(demo.experts))})
     for row in rows:
@@ -102,3 +117,32 @@ def measure(registry: Registry, name: str, tasks: list[str], split: str = "test"
     if missing:
         recorded.update({r["task"]: r["value"] for r in evaluate(registry, name, missing, split=split)})
     return {t: recorded[t] for t in tasks}
+
+
+def parity_summary(registry: Registry, rows: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    """For each parity merge in ``rows``: the average disagreement with the experts on
+    their pools before and after, and its accuracy against task arithmetic and the best
+    label-free (entropy) AdaMerging of the same table."""
+    by_model = {r.get("model"): r for r in rows}
+    entropy = [by_model[f"{prefix}-{k}"]["avg"] for k in ("am-task-entropy", "am-layer-entropy")
+               if f"{prefix}-{k}" in by_model]
+    out = []
+    for key in PARITY:
+        row = by_model.get(f"{prefix}-{key}")
+        if row is None:
+            continue
+        table = registry.show(row["model"])["recipe"]["learned"]["table"]
+        first, kept = min(r["round"] for r in table), next(r["round"] for r in table if r["kept"])
+
+        def mean(r: int) -> float:
+            values = [x["disagreement"] for x in table if x["round"] == r]
+            return sum(values) / len(values)
+        start = registry.show(row["model"])["recipe"]["learned"]["start"]
+        start_row = by_model.get(start.get("model", "").split("@")[0]) if start.get("model") else \
+            by_model.get(f"{prefix}-ta")
+        out.append({"method": LABELS[key], "model": row["model"], "disagreement_start": mean(first),
+                    "disagreement_end": mean(kept), "kept_round": kept,
+                    "avg": row["avg"],
+                    "start_avg": start_row["avg"] if start_row else None, "ta_avg": by_model[f"{prefix}-ta"]["avg"],
+                    "entropy_adamerging_avg": max(entropy) if entropy else None})
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -42,7 +43,8 @@ def model_card(name: str, plan: Plan, recipe: dict[str, Any]) -> str:
     }
     shown = dict(recipe)
     if "learned" in shown:  # the per-tensor coefficients stay in the registry's lineage
-        shown["learned"] = {k: v for k, v in shown["learned"].items() if k not in ("coefficients", "coefficient_tensors")}
+        shown["learned"] = {k: v for k, v in shown["learned"].items()
+                            if k not in ("coefficients", "coefficient_tensors", "table", "offset_tensors")}
     body = yaml.safe_dump(shown, sort_keys=True)
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
@@ -54,7 +56,15 @@ def model_card(name: str, plan: Plan, recipe: dict[str, Any]) -> str:
         "## Recipe", "", "```yaml", body.rstrip(), "```", "",
     ]
     learned = recipe.get("learned")
-    if learned:
+    if learned and learned["objective"] == "parity":
+        start = learned["start"].get("model") or learned["start"]["method"]
+        lines += [f"Levelled by parity distillation from `{start}` ({learned['rounds']} round(s), "
+                  f"{learned['steps']} steps, training {', '.join(learned['train'])}; the merge after round "
+                  f"{learned['kept_round']} kept): label-free, each expert "
+                  f"labelled its own task's unlabeled `{learned['split']}` inputs and the merge trained only where "
+                  f"the expert was reliable (confidence ≥ {learned['tau']}, the same label on a second view) and "
+                  "the merge disagreed.", ""]
+    elif learned:
         kind = ("supervised: cross-entropy on labelled data" if learned.get("supervised")
                 else "label-free: prediction entropy on unlabeled inputs")
         lines += [f"Learned by running the model ({learned['steps']} steps) with objective "
@@ -66,14 +76,17 @@ def model_card(name: str, plan: Plan, recipe: dict[str, Any]) -> str:
 
 def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" = None,
         out_dir: str | Path | None = None, device: str = "auto", shard_bytes: int = engine.DEFAULT_SHARD_BYTES,
-        progress: "ProgressFactory | None" = None, report: "Report | None" = None) -> dict[str, Any]:
+        progress: "ProgressFactory | None" = None, report: "Report | None" = None,
+        log: "Callable[[str], None] | None" = None) -> dict[str, Any]:
     """Merge to disk, tensor by tensor.
 
     With ``out`` (a name) the result is registered in ``registry`` as a ``merged``
     model with its lineage; with ``out_dir`` it is written to that folder. Either way
     it appears only when complete. Learned methods (``adamerging``, ``concrete_*``)
     first run the model on each task's data; ``report(step, steps, loss, steps/s)``
-    follows them.
+    follows them and ``log`` gets their notices (parity: a task with an empty parity
+    set). A parity merge's per-round table comes back under ``parity``, and its final
+    values are recorded as the model's metrics.
     """
     out_dir = check_destination(out, out_dir, registry, shard_bytes)
     plan = make_plan(recipe, registry)
@@ -83,21 +96,33 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
     if plan.method.learned:
         from .learned.pipeline import learn_from_plan
 
-        result, used = learn_from_plan(plan, registry, engine.pick_device(device), report)
+        result, used = learn_from_plan(plan, registry, engine.pick_device(device), report, log)
         learned = result.merged
         recipe_d["learned"] = {**used, "coefficients": result.coefficients,
                                "final_loss": result.history[-1]["loss"] if result.history else None}
+        if used.get("objective") == "parity":  # pin the start and the teachers at their versions
+            if used["start"].get("model"):
+                recipe_d["parameters"]["start"] = used["start"]["model"]
+            for spec, teacher in zip(recipe_d["models"], used["teachers"]):
+                if (spec.get("parameters") or {}).get("teacher"):
+                    spec["parameters"] = {**spec["parameters"], "teacher": teacher}
     if out is not None:
         folder = registry.store.temp_path(".merge")
         folder.mkdir(parents=True)
     else:
         folder = temp_folder(out_dir.parent, out_dir.name)
     mask_tmp = folder.with_name(folder.name + ".mask.safetensors")
+    offsets_tmp = folder.with_name(folder.name + ".offsets.safetensors")
     try:
         if learned is not None and result.mask_bits is not None:
             from .learned.merger import save_mask
 
             artifacts["mask"] = save_mask(result.mask_bits, result.mask_logits or {}, mask_tmp)
+        if learned is not None and result.offsets:
+            from safetensors.torch import save_file
+
+            save_file({n: t.contiguous() for n, t in result.offsets.items()}, str(offsets_tmp))
+            artifacts["offsets"] = offsets_tmp
         digests = engine.execute(plan, folder, device=device, shard_bytes=shard_bytes,
                                  progress=progress or no_progress, label=name, merged=learned)
         digests.update(copy_sidecars((plan.base if plan.base is not None else plan.models[0]).ckpt, folder))
@@ -109,15 +134,38 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
             info = registry.add(folder, out, "merged", base=plan.base.ref if plan.base is not None else None,
                                 parents=parents, recipe=recipe_d, tasks=tasks, adopt=digests, check_base=False,
                                 head_patterns=tuple(plan.recipe.heads), artifacts=artifacts or None,
-                                metadata={"heads": {str(k): v for k, v in plan.heads.items() if v}})
+                                metadata={"heads": {str(k): v for k, v in plan.heads.items() if v}},
+                                metrics=[x for x in parity_metrics(recipe_d.get("learned")) if x["task"] in tasks])
+            if learned is not None and result.rounds:
+                info["parity"] = result.rounds
             return info
         folder.rename(out_dir)
-        written = {"path": str(out_dir), "files": sorted(digests)}
-        if artifacts:  # no registry to hold the lineage: the mask goes beside the folder
-            mask_path = out_dir.with_name(out_dir.name + ".mask.safetensors")
-            mask_tmp.rename(mask_path)
-            written["mask"] = str(mask_path)
+        written: dict[str, Any] = {"path": str(out_dir), "files": sorted(digests)}
+        for key, tmp in artifacts.items():  # no registry to hold the lineage: artifacts go beside the folder
+            dest = out_dir.with_name(f"{out_dir.name}.{key}.safetensors")
+            Path(tmp).rename(dest)
+            written[key] = str(dest)
+        if learned is not None and result.rounds:
+            written["parity"] = result.rounds
         return written
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         mask_tmp.unlink(missing_ok=True)
+        offsets_tmp.unlink(missing_ok=True)
+
+
+def parity_metrics(learned: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A parity merge's kept round, per task, as registry metrics: the parity set's
+    size and the disagreement with the expert on the pool, and accuracy on the
+    measured split."""
+    if not learned or learned.get("objective") != "parity" or not learned.get("table"):
+        return []
+    out = []
+    for row in (r for r in learned["table"] if r["kept"]):
+        pool = {"task": row["task"], "split": learned["split"], "dataset": f"zoo-task:{row['task']}"}
+        out += [{**pool, "metric": "parity_set", "value": row["parity"]},
+                {**pool, "metric": "disagreement", "value": row["disagreement"]}]
+        if row["accuracy"] is not None:
+            out.append({"task": row["task"], "split": learned["eval_split"], "dataset": f"zoo-task:{row['task']}",
+                        "metric": "accuracy", "value": row["accuracy"]})
+    return out

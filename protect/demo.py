@@ -33,10 +33,12 @@ def chance(registry: Registry, task: str) -> float:
 
 
 def protect_demo(registry: Registry, demo: DemoResult, merge_rows: list[dict[str, Any]],
-                 log: Callable[[str], None] = print, victim: str = VICTIM) -> dict[str, Any]:
-    """Protect ``victim``'s expert, merge with it, attack it; return the table and the
-    headline numbers."""
-    from merge.demo import LABELS, MERGES, measure, merge_experts
+                 log: Callable[[str], None] = print, victim: str = VICTIM, learned: bool = False,
+                 report=None) -> dict[str, Any]:
+    """Protect ``victim``'s expert, merge with it, attack it; with ``learned``, also level
+    the task-arithmetic merge by parity distillation, the protected expert teaching its
+    task. Return the table and the headline numbers."""
+    from merge.demo import LABELS, MERGES, PARITY, measure, merge_experts
 
     prefix, tasks = demo.config.prefix, list(demo.experts)
     locked, realigned = f"{prefix}-{victim}-locked", f"{prefix}-{victim}-realigned"
@@ -61,6 +63,16 @@ def protect_demo(registry: Registry, demo: DemoResult, merge_rows: list[dict[str
             label = f"  … with {victim} {'protected' if tag == 'protected' else 'realigned by the attack'}"
             rows.append({"method": label, "model": name, **measure(registry, name, tasks)})
             got[key, tag] = rows[-1][victim]
+        if learned and key == "ta":  # distillation needs outputs only: the protected expert teaches as well
+            start, name = f"{prefix}-ta-protected-{victim}", f"{prefix}-ta-protected-{victim}-parity"
+            if not registry.has(name):
+                spec = {**PARITY["parity-ta"], "parameters": {**PARITY["parity-ta"]["parameters"], "start": start}}
+                merge_experts(registry, spec, demo.base, list({**demo.experts, victim: locked}.values()), name,
+                              report=report, prefix=prefix, log=log)
+                log(f"levelled {start} by parity distillation, {locked} teaching {victim}, into {name}")
+            rows.append({"method": f"  … with {victim} protected, then parity distillation ({victim}'s protected "
+                                   "expert teaches)", "model": name, **measure(registry, name, tasks)})
+            got[key, "parity"] = rows[-1][victim]
     alone = {"method": f"{victim} expert alone", victim: demo.accuracy[victim]}
     alone_locked = {"method": f"{victim} expert alone, protected", **measure(registry, locked, [victim])}
     rows += [alone, alone_locked]
@@ -76,4 +88,8 @@ def protect_demo(registry: Registry, demo: DemoResult, merge_rows: list[dict[str
             # share of what protection removed that the attack brings back
             "recovered": (realigned_acc - locked_acc) / (plain - locked_acc) if plain > locked_acc else None,
         }
+        if (key, "parity") in got:  # what distillation from the protected expert brings back
+            summary[key]["parity"] = got[key, "parity"]
+            summary[key]["parity_recovered"] = ((got[key, "parity"] - locked_acc) / (plain - locked_acc)
+                                                if plain > locked_acc else None)
     return {"rows": rows, "summary": summary}

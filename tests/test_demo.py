@@ -139,6 +139,7 @@ def test_learned_rows_of_the_demo(quick_demo):
         assert all(0.0 <= row[t] <= 1.0 for t in TASKS)
         info = reg.show(f"{QUICK.prefix}-{key}")
         learned = info["recipe"]["learned"]
-        assert info["kind"] == "merged" and learned["objective"] == spec["parameters"]["objective"]
+        assert info["kind"] == "merged"
+        assert learned["objective"] == spec["parameters"].get("objective", spec["merge_method"])
         assert ("supervised" in row["method"]) == (learned["supervised"] is True)
-        assert ("mask" in (info["recipe"].get("artifacts") or {})) == key.startswith("concrete")
+        assert ("mask" in (info["recipe"].get("artifacts") or {})) == ("concrete" in key)  # parity keeps its start's

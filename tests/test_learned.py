@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import merge
-from conftest import vit
+from conftest import LABELS, vit
 from merge.learned import objectives, train
 from merge.learned.merger import Merger, load_mask, rescale
 from merge.learned.pipeline import learn_from_plan
@@ -18,43 +18,6 @@ from merge.methods import merge_state_dicts
 from merge.plan import make_plan
 from zoo import open_checkpoint
 from zoo.errors import IncompatibleModels, ZooError
-from zoo.taskdata import save_task_data
-
-LABELS = [2, 3, 4]
-
-
-def perturbed_expert(base_dir, out, num_labels: int, seed: int):
-    from transformers import ViTForImageClassification
-
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    m = ViTForImageClassification.from_pretrained(base_dir, num_labels=num_labels, ignore_mismatched_sizes=True)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    m.save_pretrained(out)
-    return out
-
-
-@pytest.fixture
-def tiny(tmp_path, registry):
-    """A tiny ViT base and three experts (heads of 2, 3, 4 labels), each task registered
-    with data (train / val / test splits of random 8x8 images)."""
-    base = vit(tmp_path / "base", num_labels=10, seed=0)
-    registry.add(base, "base", "base")
-    experts = []
-    g = torch.Generator().manual_seed(1)
-    for i, k in enumerate(LABELS):
-        e = perturbed_expert(base, tmp_path / f"e{i}", k, seed=100 + i)
-        splits = {s: (torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, k, (n,), generator=g))
-                  for s, n in (("train", 48), ("val", 32), ("test", 32))}
-        save_task_data(tmp_path / f"t{i}.safetensors", splits, [str(j) for j in range(k)])
-        registry.add_task(f"t{i}", [str(j) for j in range(k)], data=tmp_path / f"t{i}.safetensors")
-        registry.add(e, f"e{i}", "expert", base="base", tasks=[f"t{i}"])
-        experts.append(e)
-    return base, experts
 
 
 def recipe(method: str, **params):
@@ -288,7 +251,7 @@ def test_calibrated_entropy_records_the_temperatures(registry, tiny):
 
 # -- data from files ----------------------------------------------------------------------------
 def test_ties_prestep_keeps_the_entries_that_agree_with_the_elected_sign():
-    from merge.learned.pipeline import ties_prestep
+    from merge.learned.start import ties_prestep
 
     base, experts = family()
     tvs = task_vectors(base, experts)

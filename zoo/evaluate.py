@@ -30,8 +30,8 @@ def load_model(registry: Registry, ref: str, task: str | None = None):
         raise ZooError(f"{ref}: config.json names no transformers architecture that zoo can run")
     head = next((e for e in read_task_heads(path).values() if task in e["tasks"]), None) if task else None
     kwargs = {}
-    if head is not None and head.get("id2label"):
-        labels = {int(k): v for k, v in head["id2label"].items()}
+    if head is not None:
+        labels = {int(k): v for k, v in (head.get("id2label") or _default_labels(head)).items()}
         config.id2label, config.label2id = labels, {v: k for k, v in labels.items()}
         kwargs = {"config": config, "ignore_mismatched_sizes": True}
     try:
@@ -52,6 +52,14 @@ def load_model(registry: Registry, ref: str, task: str | None = None):
         model.load_state_dict(state, strict=False)
     model.eval()
     return model
+
+
+def _default_labels(head: dict[str, Any]) -> dict[str, str]:
+    """transformers leaves id2label out of config.json for two labels (its default), and
+    an adapter has no config: count the labels from the head's output bias instead."""
+    ckpt, biases = head["checkpoint"], [n for n in head["tensors"] if n.endswith(".bias")]
+    n = ckpt.tensors[head["prefix"] + sorted(biases)[-1]].shape[0] if biases else 2
+    return {str(i): f"LABEL_{i}" for i in range(n)}
 
 
 def accuracy(model, x, y, input_name: str = "pixel_values", batch_size: int = 256) -> float:

@@ -179,6 +179,7 @@ class Registry:
         check_base: bool = True,
         artifacts: dict[str, Path] | None = None,
         key: dict[str, Any] | None = None,
+        metrics: Sequence[dict[str, Any]] = (),
     ) -> dict[str, Any]:
         """Register a checkpoint. Copies its files into the store unless ``in_place``.
 
@@ -189,7 +190,8 @@ class Registry:
         are files that belong to the lineage rather than to the checkpoint (a learned
         merge's mask): stored as blobs and listed in the recipe under ``artifacts``.
         ``key`` is a protected model's key (with its public ``key_id``), stored in the
-        same transaction.
+        same transaction; so are ``metrics`` (dicts with ``task``, ``metric``, ``value``
+        and optional ``split`` and ``dataset``), measured while the model was made.
         """
         validate_name(name)
         if kind not in KINDS:
@@ -281,6 +283,9 @@ class Registry:
                                           recipe=recipe)
                     if key is not None:
                         m.key = ProtectionKey(key_id=key_id, key=key)
+                    m.metrics = [Metric(task=self._task(s, x["task"], create=True) if x.get("task") else None,
+                                        metric=x["metric"], value=float(x["value"]), split=x.get("split"),
+                                        dataset=x.get("dataset")) for x in metrics]
                     s.add(m)
                     s.flush()
                     result = _summary(m)

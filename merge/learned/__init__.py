@@ -2,8 +2,9 @@
 unlabeled (or, supervised, labelled) data.
 
 ``merge.run`` runs them from recipes (methods ``adamerging``, ``concrete_ta``,
-``concrete_adamerging``); ``learn_merge`` is the API for research code that brings
-its own module, heads and data (e.g. a CLIP image encoder with zero-shot heads).
+``concrete_adamerging``, ``parity``); ``learn_merge`` and ``distill`` are the API for
+research code that brings its own module, heads and data (e.g. a CLIP image encoder
+with zero-shot heads).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import torch
 from torch import nn
 
 from .merger import Merger
+from .parity import ParitySettings, distill
 from .runtime import Body, make_forward
 from .train import Forward, Result, Settings, TaskData, learn
 
-__all__ = ["Forward", "Merger", "Result", "Settings", "TaskData", "learn", "learn_merge"]
+__all__ = ["Forward", "Merger", "ParitySettings", "Result", "Settings", "TaskData", "distill", "learn",
+           "learn_merge"]
 
 
 def learn_merge(module: nn.Module, base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]],

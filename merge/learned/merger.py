@@ -106,6 +106,22 @@ class Merger(nn.Module):
         w = self.weights.clamp(0, 1) if self.clamp else self.weights
         return w.expand(self.n_tasks, len(self.names))
 
+    def set_coefficients(self, matrix: torch.Tensor) -> None:
+        """Start from given [tasks, tensors] coefficients (tensors in ``names`` order)."""
+        matrix = matrix.to(self.weights.device, torch.float32)
+        if self.weights.shape[1] == 1:
+            if not torch.equal(matrix, matrix[:, :1].expand_as(matrix)):
+                raise ZooError("these coefficients differ between tensors; use coefficients: layer")
+            matrix = matrix[:, :1]
+        with torch.no_grad():
+            self.weights.copy_(matrix)
+        self._fixed_delta = None
+
+    def set_logits(self, logits: dict[str, torch.Tensor]) -> None:
+        """Start the mask from given logits (per masked tensor)."""
+        with torch.no_grad():
+            self.logit_flat.copy_(torch.cat([logits[n].reshape(-1).to(self.logit_flat) for n in self.mask_names]))
+
     def reset_coefficients(self) -> None:
         with torch.no_grad():
             self.weights.fill_(self.init)

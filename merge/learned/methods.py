@@ -117,4 +117,59 @@ class ConcreteAdaMerging(LearnedMethod):
     model_parameters = MODEL
 
 
-LEARNED = {m.name for m in (AdaMerging, ConcreteTA, ConcreteAdaMerging)}
+def _tau(v: Any) -> str | None:
+    return _number(v) or (None if 0 < v <= 1 else "must be in (0, 1]: the confidence an expert needs for its label "
+                                                    "to count")
+
+
+def _trainable(v: Any) -> str | None:
+    from .parity import TRAINABLE
+
+    parts = [x.strip() for x in str(v).split(",")] if isinstance(v, str) else []
+    return None if parts and all(x in TRAINABLE for x in parts) else \
+        f"must be one or more of {', '.join(TRAINABLE)}, comma-separated"
+
+
+@register
+class Parity(LearnedMethod):
+    """Parity distillation (after MPA): the experts label their own tasks' unlabeled
+    pools; the merge trains only where an expert is reliable and the merge disagrees,
+    re-selecting those samples each round (spec: mergelock-and-parity.md B.4)."""
+
+    name = "parity"
+    parameters = {
+        "start": Param("task_arithmetic", _string, "the merge to start from: task_arithmetic, ties (with this "
+                                                   "recipe's weights and densities) or a registered merge"),
+        "train": Param("coefficients", _trainable, "what trains: coefficients, mask, params (comma-separated)"),
+        "coefficients": Param("layer", _choice("task", "layer"), "coefficient scope when they train"),
+        "mask": Param(".*", _regex, "train mask: regex of the masked tensors (a Concrete start keeps its own)"),
+        "temperature": Param(0.5, _positive, "Concrete (RelaxedBernoulli) temperature"),
+        "params": Param(r"norm|\.bias$", _regex, "train params: regex of the tensors that get a trained offset"),
+        "tau": Param(0.9, _tau, "reliability: the expert's confidence at least tau"),
+        "view": Param("auto", _choice("auto", "shift", "noise", "drop", "none"),
+                      "second weak view for the reliability check (auto: noise on float inputs, drop "
+                      "tokens; shift: move images by a pixel)"),
+        "view_strength": Param(0.1, _positive, "noise std as a fraction of the input's, or the dropped token fraction"),
+        "rounds": Param(3, _positive_int, "identify-and-level rounds"),
+        "steps": Param(100, _positive_int, "optimisation steps per round"),
+        "keep": Param("best", _choice("best", "last"), "which round's merge to keep: best (the least average "
+                                                        "disagreement with the experts on the pools; label-free) "
+                                                        "or last"),
+        "lr": Param(1e-2, _positive, "Adam learning rate"),
+        "batch_size": Param(16, _positive_int, "parity samples per task per step (and as many agreeing ones)"),
+        "kl_weight": Param(0.0, _number, "weight of T²·KL(expert ‖ merged) on parity samples"),
+        "kl_temperature": Param(2.0, _positive, "the temperature T of that KL"),
+        "agree_weight": Param(1.0, _number, "weight of KL(expert ‖ merged) on reliable samples that agree"),
+        "split": Param(None, _string, "which split of a registry task is the unlabeled pool (default train)"),
+        "eval_split": Param("test", _string, "labelled split measured each round, never trained on (none: skip)"),
+        "precision": COMMON["precision"],
+        "normalize": Param(True, _bool, "start ties: dis-mean (true) or dis-sum (false)"),
+    }
+    model_parameters = {**MODEL,
+                        "teacher": Param(None, _string, "the model that labels this task's pool (default: the "
+                                                        "expert itself), e.g. its MergeLock-protected copy"),
+                        "weight": Param(0.3, _number, "start task_arithmetic / ties: the expert's weight"),
+                        "density": Param(1.0, _density, "start ties: the expert's density")}
+
+
+LEARNED = {m.name for m in (AdaMerging, ConcreteTA, ConcreteAdaMerging, Parity)}

@@ -4,34 +4,27 @@ and run the loop in ``train``."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from zoo.compat import is_head
-from zoo.errors import ZooError
+from zoo.compat import compare, is_head
+from zoo.errors import IncompatibleModels, ZooError
+from zoo.registry import open_model
+from zoo.taskdata import task_info
 
-from ..methods import trim_magnitude
 from ..plan import Plan, read_input
-from .data import from_path, from_registry
+from .data import from_path, from_registry, from_task_file
+from .merger import Merger
 from .objectives import default_split, supervised
-from .runtime import build_body, make_forward
-from .train import Report, Result, TaskData, calibrated, learn, settings_from
+from .parity import Log, ParitySettings, Teacher, TeacherFactory, distill
+from .runtime import Body, build_body, make_forward
+from .start import resolve_start, ties_prestep
+from .train import Forward, Report, Result, TaskData, calibrated, learn, settings_from
 
 if TYPE_CHECKING:
     from zoo.registry import Registry
-
-
-def ties_prestep(task_vectors: list[dict[str, torch.Tensor]], density: float) -> list[dict[str, torch.Tensor]]:
-    """AdaMerging++: trim each task vector to ``density`` per tensor by magnitude, elect
-    the sign by mass, and keep in each task vector only the entries that agree."""
-    out: list[dict[str, torch.Tensor]] = [{} for _ in task_vectors]
-    for name in task_vectors[0]:
-        trimmed = [trim_magnitude(tv[name], density) for tv in task_vectors]
-        positive = torch.stack(trimmed).sum(dim=0) >= 0
-        for i, t in enumerate(trimmed):
-            out[i][name] = t * ((t > 0) == positive) * (t != 0)
-    return out
 
 
 def task_data(plan: Plan, registry: "Registry | None", objective: str, split: str | None) -> list[TaskData]:
@@ -41,7 +34,7 @@ def task_data(plan: Plan, registry: "Registry | None", objective: str, split: st
     data = []
     for spec, inp in zip(plan.recipe.models, plan.models):
         params = spec.parameters
-        task = params.get("task") or (inp.tasks[0] if inp.tasks else None)
+        task = _task_name(spec, inp)
         if params.get("data"):
             data.append(from_path(params["data"], task or inp.label, base_dir, split, labelled))
         elif task is not None and registry is not None:
@@ -52,24 +45,46 @@ def task_data(plan: Plan, registry: "Registry | None", objective: str, split: st
     return data
 
 
-def learn_from_plan(plan: Plan, registry: "Registry | None", device: torch.device,
-                    report: Report | None = None) -> tuple[Result, dict[str, Any]]:
-    """Run the plan's learned merge; returns the result and the settings used."""
-    options = plan.options("")
-    s = settings_from(options, plan.recipe.merge_method, plan.recipe.seed)
-    s.autocast = options.get("precision", "auto") == "bf16" or (
-        options.get("precision", "auto") == "auto" and device.type == "cuda")
-    if s.autocast and device.type != "cuda":
-        raise ZooError("precision bf16 is for CUDA; on the CPU use precision fp32")
-    data = task_data(plan, registry, s.objective, options.get("split"))
+def _task_name(spec, inp) -> str | None:
+    return spec.parameters.get("task") or (inp.tasks[0] if inp.tasks else None)
+
+
+def eval_data(plan: Plan, registry: "Registry | None", split: str | None) -> list[TaskData | None]:
+    """Each registered task's labelled ``split``, where it has one: measured each parity
+    round, never trained on."""
+    out: list[TaskData | None] = []
+    for spec, inp in zip(plan.recipe.models, plan.models):
+        task = _task_name(spec, inp)
+        if split is None or split == "none" or task is None or registry is None:
+            out.append(None)
+            continue
+        try:
+            path = registry.task_data(task)
+        except ZooError:
+            out.append(None)
+            continue
+        out.append(from_task_file(path, task, split, True) if split in task_info(path)["splits"] else None)
+    return out
+
+
+@dataclass
+class Parts:
+    """What every learned merge reads: the base's merged tensors, each expert's task
+    vector, the runnable body and each task's head."""
+
+    names: list[str]
+    base: dict[str, torch.Tensor]
+    task_vectors: list[dict[str, torch.Tensor]]
+    body: Body
+    heads: list[dict[str, torch.Tensor]]
+    forward: Forward
+
+
+def read_parts(plan: Plan, device: torch.device) -> Parts:
     assert plan.base is not None
     names = [st.out.name for st in plan.steps if st.merge]
     base_sd = {n: plan.base.ckpt.read_tensor(n) for n in names}
     tvs = [{n: read_input(m, n, base_sd[n]).float() - base_sd[n].float() for n in names} for m in plan.models]
-    if options.get("ties"):
-        tvs = ties_prestep(tvs, float(options.get("ties_density", 0.2)))
-    merger = s.merger(base_sd, tvs, device)
-    del tvs
     body = build_body(plan.base.ckpt, device)
     base_heads = [n for n in plan.base.ckpt.tensors if is_head(n, tuple(plan.recipe.heads))]
     heads = []
@@ -79,7 +94,34 @@ def learn_from_plan(plan: Plan, registry: "Registry | None", device: torch.devic
             raise ZooError(f"{m.label} has no task head ({', '.join(base_heads[:2])}...); each task runs through "
                            "its own expert's head")
         heads.append({n: read_input(m, n, None).to(device) for n in names_i})
-    forward = make_forward(body, heads)
+    return Parts(names, base_sd, tvs, body, heads, make_forward(body, heads))
+
+
+def _autocast(options: dict[str, Any], device: torch.device) -> bool:
+    on = options.get("precision", "auto") == "bf16" or (options.get("precision", "auto") == "auto"
+                                                         and device.type == "cuda")
+    if on and device.type != "cuda":
+        raise ZooError("precision bf16 is for CUDA; on the CPU use precision fp32")
+    return on
+
+
+def learn_from_plan(plan: Plan, registry: "Registry | None", device: torch.device,
+                    report: Report | None = None, log: Log | None = None) -> tuple[Result, dict[str, Any]]:
+    """Run the plan's learned merge; returns the result and the settings used."""
+    if plan.recipe.merge_method == "parity":
+        return parity_from_plan(plan, registry, device, report, log)
+    options = plan.options("")
+    s = settings_from(options, plan.recipe.merge_method, plan.recipe.seed)
+    s.autocast = _autocast(options, device)
+    data = task_data(plan, registry, s.objective, options.get("split"))
+    parts = read_parts(plan, device)
+    tvs = parts.task_vectors
+    if options.get("ties"):
+        tvs = ties_prestep(tvs, float(options.get("ties_density", 0.2)))
+    merger = s.merger(parts.base, tvs, device)
+    del tvs
+    parts.task_vectors = []  # the merger holds its own copy
+    forward = parts.forward
     temps = None
     if options.get("calibrate"):
         forward, temps = calibrated(forward, merger, task_data(plan, registry, "ce", options.get("calibration_split")))
@@ -92,3 +134,94 @@ def learn_from_plan(plan: Plan, registry: "Registry | None", device: torch.devic
         used["temperatures"] = temps  # fitted on labelled validation data
         used["calibration_split"] = options.get("calibration_split") or default_split("ce")
     return result, used
+
+
+def parity_from_plan(plan: Plan, registry: "Registry | None", device: torch.device,
+                     report: Report | None = None, log: Log | None = None) -> tuple[Result, dict[str, Any]]:
+    """Parity distillation: rebuild the start merge, label each task's pool with its
+    teacher, and level the merge round by round (``merge.learned.parity``)."""
+    assert plan.base is not None
+    options = plan.options("")
+    keys = ParitySettings.__dataclass_fields__
+    s = ParitySettings(**{k: v for k, v in options.items() if k in keys and k not in ("train", "seed", "autocast")},
+                       train=tuple(x.strip() for x in str(options.get("train", "coefficients")).split(",")),
+                       seed=plan.recipe.seed, autocast=_autocast(options, device),
+                       pad_id=int((plan.base.ckpt.config or {}).get("pad_token_id") or 0))
+    split = options.get("split") or "train"
+    data = task_data(plan, registry, "entropy", split)
+    evals = eval_data(plan, registry, options.get("eval_split", "test"))
+    parts = read_parts(plan, device)
+    start = resolve_start(options.get("start", "task_arithmetic"), plan.recipe.to_dict(),
+                          [m.ref or m.label for m in plan.models], plan.base.ref or plan.base.label, registry,
+                          parts.task_vectors)
+    mask = start.mask or (options.get("mask", ".*") if "mask" in s.train else None)
+    merger = Merger(parts.base, start.directions, coefficients=options.get("coefficients", "layer"), mask=mask,
+                    temperature=s.temperature, device=device)
+    merger.set_coefficients(start.coefficient_matrix(merger.names))
+    if start.mask_logits:
+        merger.set_logits(start.mask_logits)
+    teachers, sources = _teachers(plan, registry, parts, device)
+    start.directions = []  # the merger holds its own copy
+    result = distill(merger, parts.forward, teachers, data, s, start_bits=start.mask_bits,
+                     start_offsets=start.offsets, eval_data=evals, report=report, log=log)
+    used = {"objective": "parity", "supervised": False, "split": split, "start": start.record,
+            "teachers": sources, "tau": s.tau, "view": s.view, "train": list(s.train),
+            "coefficient_scope": merger.mode, "rounds": s.rounds, "steps": result.steps_done,
+            "seconds": round(result.seconds, 3), "tasks": [d.name for d in data],
+            "eval_split": options.get("eval_split", "test"), "keep": s.keep,
+            "kept_round": next(r["round"] for r in result.rounds if r["kept"]), "table": result.rounds,
+            "coefficient_tensors": merger.names}
+    if mask:
+        used["mask"] = mask
+    if result.offsets:
+        used["offset_tensors"] = sorted(result.offsets)
+    return result, used
+
+
+def _teachers(plan: Plan, registry: "Registry | None", parts: Parts,
+              device: torch.device) -> tuple[list[TeacherFactory], list[str]]:
+    """Each task's teacher: its expert (θ₀ + τₜ with its own head), or the model its
+    ``teacher`` parameter names (same architecture as the base, the same label set)."""
+    assert plan.base is not None
+    factories: list[TeacherFactory] = []
+    sources = []
+    for i, (spec, inp) in enumerate(zip(plan.recipe.models, plan.models)):
+        label = spec.parameters.get("teacher")
+        if label is None:
+            def expert(i: int = i) -> Teacher:
+                params = {n: parts.base[n].to(device, torch.float32) + parts.task_vectors[i][n].to(device)
+                          for n in parts.names}
+                return lambda batch: parts.forward(i, params, batch)
+            factories.append(expert)
+            sources.append(inp.ref or inp.label)
+            continue
+        ckpt, info = open_model(label, registry)
+        found = compare(ckpt, plan.base.ckpt, label, plan.base.label, tuple(plan.recipe.heads))
+        if not found.ok:
+            raise IncompatibleModels(f"teacher {found.one_line()}")
+        head = sorted(set(found.head_tensors()) & set(ckpt.tensors))
+        if not head and parts.heads[i]:
+            raise ZooError(f"teacher {label} has no task head; a teacher labels its task through its own head")
+        _same_labels(ckpt, inp.ckpt, label, inp.label)
+        forward = make_forward(parts.body, [{n: ckpt.read_tensor(n).to(device) for n in head}])
+
+        def named(ckpt=ckpt, forward=forward) -> Teacher:
+            params = {n: ckpt.read_tensor(n).to(device, torch.float32) for n in parts.names}
+            return lambda batch: forward(0, params, batch)
+        factories.append(named)
+        sources.append(info["ref"] if info else label)
+    return factories, sources
+
+
+def _same_labels(teacher, student, teacher_label: str, student_label: str) -> None:
+    """Refuse a teacher whose config names other labels than the expert whose head the
+    merged model uses for that task (default LABEL_k names say nothing, and pass)."""
+    def labels(ckpt) -> dict[str, str] | None:
+        id2label = (ckpt.config or {}).get("id2label") or {}
+        named = {str(k): str(v) for k, v in id2label.items()}
+        return None if not named or all(v == f"LABEL_{k}" for k, v in named.items()) else named
+
+    a, b = labels(teacher), labels(student)
+    if a is not None and b is not None and a != b:
+        raise ZooError(f"teacher {teacher_label} predicts labels {sorted(a.values())[:5]}..., but {student_label}'s "
+                       f"head predicts {sorted(b.values())[:5]}...; a teacher must share the head's label set")

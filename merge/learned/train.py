@@ -83,6 +83,8 @@ class Result:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     steps_done: int = 0
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # parity: per round and task
+    offsets: dict[str, torch.Tensor] = field(default_factory=dict)  # parity: trained parameter offsets
 
     @property
     def steps_per_second(self) -> float:

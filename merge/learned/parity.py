@@ -1,0 +1,441 @@
+"""Parity distillation, after MPA (*Model Parity Aligner*): the experts teach the merged
+model without labels, only where they are reliable and the merged model disagrees
+(spec: shared/specs/mergelock-and-parity.md, part B).
+
+Per round:
+1. **Pseudo-annotate** (once, cached): expert t labels its own task's unlabeled pool,
+   on the input and on a second weak view of it.
+2. **Identify** the parity set: samples where the expert is reliable (confidence ≥ τ
+   and the same label on the second view) and the current merged model disagrees.
+3. **Level**: train on the parity set only (cross-entropy to the expert's label, plus
+   an optional temperature-scaled KL to the expert), with a small KL weight on the
+   agreeing reliable samples so they do not regress.
+
+What trains is the merge itself: its coefficients, its shared Concrete mask logits, or
+a small named subset of parameters, so the result stays a plain merged checkpoint.
+Everything here works on tensors and callables; ``merge.learned.pipeline`` builds them
+from checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from zoo.errors import ZooError
+
+from .merger import MaskSample, Merger, rescale
+from .train import Forward, Report, Result, TaskData
+
+# teacher(batch of inputs) -> logits; each task has its own (its expert, or a named teacher)
+Teacher = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+# a teacher is built when its pool is labelled and dropped after, so one lives at a time
+TeacherFactory = Callable[[], Teacher]
+# log(message): a line per notable event (an empty parity set, an early stop)
+Log = Callable[[str], None]
+
+TRAINABLE = ("coefficients", "mask", "params")
+VIEWS = ("auto", "shift", "noise", "drop", "none")
+CHUNK = 256  # examples per forward when labelling or measuring a whole pool
+
+
+@dataclass
+class ParitySettings:
+    tau: float = 0.9  # reliability: the expert's confidence at least this
+    view: str = "auto"  # the second weak view: shift | noise | drop | none | auto
+    view_strength: float = 0.1  # noise: std as a fraction of the input's; drop: token fraction
+    rounds: int = 3
+    steps: int = 100  # optimisation steps per round
+    keep: str = "best"  # best: the round with the least disagreement on the pools (label-free); last
+    lr: float = 1e-2
+    batch_size: int = 16  # parity samples per task per step (and as many agreeing ones)
+    train: tuple[str, ...] = ("coefficients",)
+    params: str = r"norm|\.bias$"  # train includes params: which tensors get a trained offset
+    kl_weight: float = 0.0  # T²·KL(expert ‖ merged) at kl_temperature, on parity samples
+    kl_temperature: float = 2.0
+    agree_weight: float = 1.0  # KL(expert ‖ merged) on reliable samples that agree
+    temperature: float = 0.5  # Concrete mask temperature (train includes mask)
+    seed: int = 0
+    autocast: bool = False  # bf16 forward (CUDA)
+    pad_id: int = 0  # the token a dropped token becomes (view drop)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.tau <= 1:
+            raise ZooError(f"tau must be in (0, 1], not {self.tau}: it is the confidence an expert needs "
+                           "for its label to count")
+        unknown = [x for x in self.train if x not in TRAINABLE]
+        if unknown or not self.train:
+            raise ZooError(f"train must name one or more of {', '.join(TRAINABLE)}, not {','.join(self.train)!r}")
+        if self.keep not in ("best", "last"):
+            raise ZooError(f"keep must be best or last, not {self.keep!r}")
+        if self.view not in VIEWS:
+            raise ZooError(f"view must be one of {', '.join(VIEWS)}, not {self.view!r}")
+
+
+# -- 1. pseudo-annotation ---------------------------------------------------------------------
+def weak_view(inputs: dict[str, torch.Tensor], kind: str, strength: float, generator: torch.Generator,
+              pad_id: int = 0) -> dict[str, torch.Tensor] | None:
+    """A second, weakly changed view of a batch of inputs (None for ``none``).
+
+    ``noise`` adds Gaussian noise of ``strength`` × the input's std to float inputs,
+    ``shift`` moves each image by one pixel in a random direction (edges repeated),
+    ``drop`` replaces a ``strength`` fraction of attended tokens (never the first) with
+    ``pad_id``; ``auto`` picks noise for float inputs and drop for token ids. (A pixel
+    is a large shift for small images: on the 8×8 demo digits it leaves only 20–70% of
+    the rotated and flipped tasks' samples reliable, against 45–97% with noise.)
+    """
+    if kind == "none":
+        return None
+    out = dict(inputs)
+    for k, x in inputs.items():
+        if k in ("attention_mask", "token_type_ids"):
+            continue
+        how = kind
+        if kind == "auto":
+            how = "noise" if x.is_floating_point() else "drop"
+        if how == "shift" and x.is_floating_point() and x.dim() == 4:
+            out[k] = _shift(x, generator)
+        elif how == "noise" and x.is_floating_point():
+            noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+            out[k] = x + strength * x.float().std().to(x.dtype) * noise
+        elif how == "drop" and not x.is_floating_point() and x.dim() == 2:
+            keep = inputs.get("attention_mask", torch.ones_like(x)).bool()
+            hit = (torch.rand(x.shape, generator=generator).to(x.device) < strength) & keep
+            hit[:, 0] = False
+            out[k] = x.masked_fill(hit, pad_id)
+        else:
+            raise ZooError(f"view {how} does not apply to input {k!r} ({x.dtype}, {x.dim()}-D); "
+                           "set view to one that does, or none")
+    return out
+
+
+def _shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image moved by one pixel up, down, left or right, the edge row repeated."""
+    direction = torch.randint(0, 4, (x.shape[0],), generator=generator).to(x.device)
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    h, w = x.shape[-2:]
+    offsets = [(0, 1), (2, 1), (1, 0), (1, 2)]  # (row, col) start in the padded image
+    out = torch.empty_like(x)
+    for d, (r, c) in enumerate(offsets):
+        sel = direction == d
+        out[sel] = padded[sel, :, r:r + h, c:c + w]
+    return out
+
+
+@dataclass
+class Annotation:
+    """One task's pool as its expert labelled it: computed once, reused every round."""
+
+    logits: torch.Tensor  # [n, classes] on the inputs themselves
+    view_pred: torch.Tensor | None  # the expert's label on the second view
+
+    @property
+    def pred(self) -> torch.Tensor:
+        return self.logits.argmax(dim=-1)
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        return self.logits.softmax(dim=-1).max(dim=-1).values
+
+
+def _chunks(data: TaskData, device) -> list[dict[str, torch.Tensor]]:
+    return [{k: v[i:i + CHUNK].to(device) for k, v in data.inputs.items()} for i in range(0, len(data), CHUNK)]
+
+
+@torch.no_grad()
+def annotate(teacher: Teacher, data: TaskData, s: ParitySettings, generator: torch.Generator,
+             device) -> Annotation:
+    """The expert's logits on its pool and its labels on a second view."""
+    logits, view_pred = [], []
+    for batch in _chunks(data, device):
+        logits.append(teacher(batch).float())
+        second = weak_view(batch, s.view, s.view_strength, generator, s.pad_id)
+        if second is not None:
+            view_pred.append(teacher(second).argmax(dim=-1))
+    return Annotation(torch.cat(logits), torch.cat(view_pred) if view_pred else None)
+
+
+# -- 2. the parity set ---------------------------------------------------------------------------
+@dataclass
+class Selection:
+    """Which pool samples carry signal: the expert is reliable on them, and the merged
+    model agrees with it or not."""
+
+    reliable: torch.Tensor  # bool [n]
+    agree: torch.Tensor  # bool [n]: merged argmax == expert argmax
+
+    @property
+    def parity(self) -> torch.Tensor:
+        """Reliable and disagreeing: what the leveler trains on."""
+        return self.reliable & ~self.agree
+
+    @property
+    def agreeing(self) -> torch.Tensor:
+        """Reliable and agreeing: kept from regressing by the small KL term."""
+        return self.reliable & self.agree
+
+
+def parity_rule(confidence: torch.Tensor, pred: torch.Tensor, view_pred: torch.Tensor | None,
+                student_pred: torch.Tensor, tau: float) -> Selection:
+    """MPA's selection rule for classifiers (spec B.4): reliable = confidence ≥ τ and the
+    same label on the second view (when there is one); parity = reliable and the merged
+    model's label differs. Unreliable samples are dropped whether or not they agree."""
+    reliable = confidence >= tau
+    if view_pred is not None:
+        reliable = reliable & (view_pred == pred)
+    return Selection(reliable, student_pred == pred)
+
+
+# -- 3. levelling --------------------------------------------------------------------------------
+def parity_loss(student: torch.Tensor, teacher: torch.Tensor, n_parity: int, s: ParitySettings) -> torch.Tensor:
+    """On a batch whose first ``n_parity`` rows are parity samples and the rest agreeing
+    ones: CE to the expert's label (+ kl_weight·T²·KL at T) on the first, agree_weight·KL
+    on the rest. KL is KL(expert ‖ merged)."""
+    student, teacher = student.float(), teacher.float()
+    sp, tp = student[:n_parity], teacher[:n_parity]
+    loss = F.cross_entropy(sp, tp.argmax(dim=-1))
+    if s.kl_weight > 0:
+        t = s.kl_temperature
+        loss = loss + s.kl_weight * t * t * _kl(tp / t, sp / t)
+    if student.shape[0] > n_parity and s.agree_weight > 0:
+        loss = loss + s.agree_weight * _kl(teacher[n_parity:], student[n_parity:])
+    return loss
+
+
+def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(student.log_softmax(dim=-1), teacher.log_softmax(dim=-1), log_target=True,
+                    reduction="batchmean")
+
+
+class _Cycle:
+    """Shuffled, cycled batches of one index set, from a seeded generator."""
+
+    def __init__(self, indices: torch.Tensor, size: int, generator: torch.Generator):
+        self.indices, self.size, self.gen = indices, size, generator
+        self.order, self.pos = indices[:0], 0
+
+    def next(self) -> torch.Tensor:
+        if len(self.indices) == 0:
+            return self.indices
+        out = []
+        need = min(self.size, len(self.indices))
+        while need:
+            if self.pos >= len(self.order):
+                self.order, self.pos = self.indices[torch.randperm(len(self.indices), generator=self.gen)], 0
+            take = self.order[self.pos:self.pos + need]
+            self.pos += len(take)
+            need -= len(take)
+            out.append(take)
+        return torch.cat(out)
+
+
+@dataclass
+class Student:
+    """The merged model being levelled: the merger (coefficients and mask) plus optional
+    trained offsets on a named subset of parameters."""
+
+    merger: Merger
+    mask: MaskSample | None  # the mask the current model uses (None: unmasked)
+    mask_bits: dict[str, torch.Tensor] | None
+    offsets: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def params(self, mask: MaskSample | None = None) -> dict[str, torch.Tensor]:
+        merged = self.merger.merged(mask if mask is not None else self.mask)
+        for n, d in self.offsets.items():
+            merged[n] = merged[n] + d
+        return merged
+
+    def snapshot(self) -> "Snapshot":
+        return Snapshot(self.merger.weights.detach().clone(), self.merger.logit_flat.detach().clone(),
+                        {n: d.detach().clone() for n, d in self.offsets.items()}, self.mask_bits, self.mask)
+
+    @torch.no_grad()
+    def restore(self, snap: "Snapshot") -> None:
+        self.merger.weights.copy_(snap.weights)
+        self.merger.logit_flat.copy_(snap.logits)
+        for n, d in snap.offsets.items():
+            self.offsets[n].copy_(d)
+        self.mask_bits, self.mask = snap.mask_bits, snap.mask
+
+
+@dataclass
+class Snapshot:
+    """The student after a round: what ``keep`` may return to."""
+
+    weights: torch.Tensor
+    logits: torch.Tensor
+    offsets: dict[str, torch.Tensor]
+    mask_bits: dict[str, torch.Tensor] | None
+    mask: MaskSample | None
+
+
+def distill(merger: Merger, forward: Forward, teachers: list[TeacherFactory], data: list[TaskData],
+            s: ParitySettings, *, start_bits: dict[str, torch.Tensor] | None = None,
+            start_offsets: dict[str, torch.Tensor] | None = None, eval_data: list[TaskData | None] | None = None,
+            report: Report | None = None, log: Log | None = None) -> Result:
+    """Level the merge ``merger`` describes against its experts, round by round.
+
+    ``forward(t, params, batch)`` runs the merged model with task t's head;
+    ``teachers[t]()`` builds task t's expert, run once over its pool. ``start_bits``
+    and ``start_offsets`` are the start's binary mask (a Concrete start) and parameter
+    offsets (an earlier parity run). ``eval_data[t]``, when labelled, gives each round
+    an accuracy; it is only measured, never trained on.
+    """
+    if len(teachers) != len(data) or len(data) != merger.n_tasks:
+        raise ZooError(f"{merger.n_tasks} experts, {len(teachers)} teachers and data for {len(data)} tasks")
+    for d in data:
+        if len(d.inputs) == 0 or len(d) == 0:
+            raise ZooError(f"task {d.name!r} has no unlabeled pool to distil on")
+    device = merger.base_flat.device
+    log = log or (lambda m: None)
+    report = report or (lambda *a: None)
+    gen = torch.Generator().manual_seed(s.seed)  # views and batches
+    noise = torch.Generator(device=device).manual_seed(s.seed)  # mask draws
+    torch.manual_seed(s.seed)
+    t0 = time.perf_counter()
+
+    annotations = [annotate(teachers[t](), d, s, gen, device) for t, d in enumerate(data)]
+    _check_labels(merger, forward, annotations, data, device)
+
+    student = Student(merger, rescale({n: b.to(device) for n, b in start_bits.items()}) if start_bits else None,
+                      start_bits, {n: x.to(device, torch.float32) for n, x in (start_offsets or {}).items()})
+    trainable: list[torch.Tensor] = []
+    if "coefficients" in s.train:
+        if not isinstance(merger.weights, torch.nn.Parameter):
+            raise ZooError("these coefficients are fixed; train mask or params instead")
+        trainable.append(merger.weights)
+    if "mask" in s.train:
+        if not merger.mask_names:
+            raise ZooError("train: mask needs a merge with a mask (set mask: REGEX)")
+        trainable.append(merger.logit_flat)
+    if "params" in s.train:
+        pattern = re.compile(s.params)
+        names = [n for n in merger.names if pattern.search(n)]
+        if not names:
+            raise ZooError(f"params pattern {s.params!r} matches none of the merged tensors "
+                           f"(e.g. {', '.join(merger.names[:3])})")
+        for n in names:
+            start = student.offsets.get(n)
+            student.offsets[n] = (start.clone() if start is not None else
+                                  torch.zeros(merger.shapes[merger.names.index(n)], device=device)).requires_grad_(True)
+        trainable += [student.offsets[n] for n in names]
+    if isinstance(merger.weights, torch.nn.Parameter):  # no gradient work for what does not train
+        merger.weights.requires_grad_("coefficients" in s.train)
+    merger.logit_flat.requires_grad_("mask" in s.train)
+    opt = torch.optim.Adam(trainable, lr=s.lr, betas=(0.9, 0.999))
+
+    table: list[dict] = []
+    history: list[dict[str, float]] = []
+    done, total = 0, s.rounds * s.steps
+    best: tuple[float, int, Snapshot] | None = None
+    for r in range(s.rounds + 1):
+        selections = _identify(student, forward, annotations, data, s, device)
+        rows = _rows(r, data, selections, annotations, student, forward, eval_data, device)
+        table += rows
+        disagreement = sum(x["disagreement"] for x in rows) / len(rows)
+        if s.keep == "last" or best is None or disagreement < best[0]:
+            best = (disagreement, r, student.snapshot())
+        if r == s.rounds:
+            break
+        active = [t for t, sel in enumerate(selections) if bool(sel.parity.any())]
+        for t, sel in enumerate(selections):
+            if t not in active:
+                log(f"round {r + 1}: task {data[t].name!r} has an empty parity set "
+                    f"({int(sel.reliable.sum())} reliable samples, all agreeing); skipped")
+        if not active:
+            log(f"round {r + 1}: no task has a parity set left; stopping after {r} round(s)")
+            break
+        cycles = {t: (_Cycle(selections[t].parity.nonzero().squeeze(1).cpu(), s.batch_size, gen),
+                      _Cycle(selections[t].agreeing.nonzero().squeeze(1).cpu(), s.batch_size, gen)) for t in active}
+        for step in range(s.steps):
+            mask = merger.sample(noise) if "mask" in s.train else None
+            params = student.params(mask)
+            loss = None
+            for t in active:
+                par, agr = cycles[t][0].next(), cycles[t][1].next() if s.agree_weight > 0 else cycles[t][1].indices[:0]
+                idx = torch.cat([par, agr])
+                batch = {k: v[idx].to(device) for k, v in data[t].inputs.items()}
+                ctx = torch.autocast("cuda", dtype=torch.bfloat16) if s.autocast else nullcontext()
+                with ctx:
+                    logits = forward(t, params, batch)
+                term = parity_loss(logits, annotations[t].logits[idx.to(device)], len(par), s)
+                loss = term if loss is None else loss + term
+            assert loss is not None
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise ZooError(f"the parity loss became {value} at round {r + 1}, step {step + 1}; nothing was "
+                               "written. Try a lower lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done += 1
+            history.append({"round": r + 1, "step": done, "loss": value})
+            report(done, total, value, done / max(time.perf_counter() - t0, 1e-9))
+        if "mask" in s.train:  # the current model: one binary draw of the learned mask
+            student.mask_bits = merger.draw_bits(noise)
+            student.mask = rescale(student.mask_bits)
+
+    assert best is not None
+    student.restore(best[2])
+    for row in table:
+        row["kept"] = row["round"] == best[1]
+    with torch.no_grad():
+        merged = {n: t.detach().float().cpu() for n, t in student.params().items()}
+    for n, t in merged.items():
+        if not torch.isfinite(t).all():
+            raise ZooError(f"the merged tensor {n} has NaN or infinite values; nothing was written")
+    result = Result(merged, merger.coefficients_list(),
+                    {n: b.cpu() for n, b in student.mask_bits.items()} if student.mask_bits else None,
+                    {n: x.cpu() for n, x in merger.logits_dict().items()} if student.mask_bits else None,
+                    history, time.perf_counter() - t0, done, table,
+                    {n: d.detach().cpu() for n, d in student.offsets.items()})
+    return result
+
+
+@torch.no_grad()
+def _predict(student: Student, forward: Forward, t: int, data: TaskData, device) -> torch.Tensor:
+    params = student.params()
+    return torch.cat([forward(t, params, b).argmax(dim=-1) for b in _chunks(data, device)])
+
+
+def _identify(student: Student, forward: Forward, annotations: list[Annotation], data: list[TaskData],
+              s: ParitySettings, device) -> list[Selection]:
+    out = []
+    for t, (a, d) in enumerate(zip(annotations, data)):
+        pred = _predict(student, forward, t, d, device).to(a.logits.device)
+        out.append(parity_rule(a.confidence, a.pred, a.view_pred, pred, s.tau))
+    return out
+
+
+def _rows(r: int, data: list[TaskData], selections: list[Selection], annotations: list[Annotation],
+          student: Student, forward: Forward, eval_data: list[TaskData | None] | None, device) -> list[dict]:
+    rows = []
+    for t, (d, sel) in enumerate(zip(data, selections)):
+        acc = None
+        ev = eval_data[t] if eval_data else None
+        if ev is not None and ev.labels is not None:
+            acc = float((_predict(student, forward, t, ev, device).cpu() == ev.labels.cpu()).float().mean())
+        rows.append({"round": r, "task": d.name, "pool": len(d), "reliable": int(sel.reliable.sum()),
+                     "parity": int(sel.parity.sum()), "disagreement": float((~sel.agree).float().mean()),
+                     "accuracy": acc})
+    return rows
+
+
+def _check_labels(merger: Merger, forward: Forward, annotations: list[Annotation], data: list[TaskData],
+                  device) -> None:
+    """The merged model's head for each task must predict the teacher's label set."""
+    with torch.no_grad():
+        params = merger.merged()
+        for t, (a, d) in enumerate(zip(annotations, data)):
+            one = {k: v[:1].to(device) for k, v in d.inputs.items()}
+            classes = forward(t, params, one).shape[-1]
+            if classes != a.logits.shape[-1]:
+                raise ZooError(f"task {d.name!r}: its teacher predicts {a.logits.shape[-1]} labels but the merged "
+                               f"model's head for it has {classes}; the teacher must share the head's label set")
