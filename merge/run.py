@@ -130,6 +130,7 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
         if out is not None:
             parents = ([("base", plan.base.ref)] if plan.base is not None and plan.base.ref else []) + \
                       [("expert", m.ref) for m in plan.models if m.ref]
+            parents += lineage_extras(recipe_d.get("learned"), registry, parents)
             tasks = sorted({t for m in plan.models for t in m.tasks})
             info = registry.add(folder, out, "merged", base=plan.base.ref if plan.base is not None else None,
                                 parents=parents, recipe=recipe_d, tasks=tasks, adopt=digests, check_base=False,
@@ -152,6 +153,17 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
         shutil.rmtree(folder, ignore_errors=True)
         mask_tmp.unlink(missing_ok=True)
         offsets_tmp.unlink(missing_ok=True)
+
+
+def lineage_extras(learned: dict[str, Any] | None, registry: "Registry",
+                   parents: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A parity merge's start and its registered teachers that are not already parents."""
+    if not learned or learned.get("objective") != "parity":
+        return []
+    have = {ref for _, ref in parents}
+    out = [("start", learned["start"]["model"])] if learned["start"].get("model") else []
+    out += [("teacher", t) for t in dict.fromkeys(learned["teachers"]) if t not in have and registry.has(t)]
+    return out
 
 
 def parity_metrics(learned: dict[str, Any] | None) -> list[dict[str, Any]]:

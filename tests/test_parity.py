@@ -211,6 +211,7 @@ def test_start_from_a_registered_concrete_merge_is_rebuilt_exactly(registry, tin
     accuracy = {r["task"]: r["value"] for r in evaluate(registry, "cta", ["t0", "t1", "t2"], record=False)}
     assert [r["accuracy"] for r in start] == pytest.approx([accuracy[r["task"]] for r in start])
     assert registry.show("p")["recipe"]["learned"]["start"] == {"model": "cta@1", "method": "concrete_ta"}
+    assert {"role": "start", "ref": "cta@1", "present": True} in registry.show("p")["parents"]
     # the parity merge keeps the start's mask: the same bits in its own lineage
     a, b = (merge.learned.merger.load_mask(registry.artifact(n, "mask"))[0] for n in ("cta", "p"))
     assert all(torch.equal(a[n], b[n]) for n in a)
@@ -289,6 +290,9 @@ def test_a_protected_teacher_labels_like_the_original(registry, tiny):
             for n in a:
                 torch.testing.assert_close(b[n], a[n], rtol=1e-2, atol=1e-3)
     assert registry.show("hard-locked")["recipe"]["learned"]["teachers"] == ["e0@1", "e1-locked@1", "e2@1"]
+    roles = [(p["role"], p["ref"]) for p in registry.show("hard-locked")["parents"]]
+    assert roles == [("base", "base@1"), ("expert", "e0@1"), ("expert", "e1@1"), ("expert", "e2@1"),
+                     ("teacher", "e1-locked@1")]
 
 
 def test_a_teacher_with_other_labels_is_refused(registry, tiny, tmp_path):
