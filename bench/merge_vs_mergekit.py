@@ -16,6 +16,7 @@ outputs in bf16 ULPs. Results go to bench/results/merge_vs_mergekit.json.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -87,9 +88,12 @@ def main() -> None:
             for i in range(args.runs):
                 out = work / f"zoo_{case}"
                 shutil.rmtree(out, ignore_errors=True)
+                # each run starts with no dirty pages: none pays for the previous one's writeback
+                os.sync()
                 runs["zoo"].append(run_measured([ZOO, "merge", str(cfg), "--out-dir", str(out), "--device", "cpu"]))
                 if case == "task_arithmetic":
                     floor_out = work / "floor.safetensors"
+                    os.sync()
                     runs["floor"].append(run_measured([sys.executable, str(HERE / "floor_merge.py"),
                                                        str(args.family / "base"), *experts, "--weight", "0.3",
                                                        "--out", str(floor_out)]))
@@ -97,6 +101,7 @@ def main() -> None:
                 if args.mergekit:
                     mk_out = work / f"mk_{case}"
                     shutil.rmtree(mk_out, ignore_errors=True)
+                    os.sync()
                     runs["mergekit"].append(run_measured([args.mergekit, str(cfg), str(mk_out)]))
             entry: dict = {}
             for tool, rs in runs.items():

@@ -306,30 +306,7 @@ def distill(merger: Merger, forward: Forward, teachers: list[TeacherFactory], da
 
     student = Student(merger, rescale({n: b.to(device) for n, b in start_bits.items()}) if start_bits else None,
                       start_bits, {n: x.to(device, torch.float32) for n, x in (start_offsets or {}).items()})
-    trainable: list[torch.Tensor] = []
-    if "coefficients" in s.train:
-        if not isinstance(merger.weights, torch.nn.Parameter):
-            raise ZooError("these coefficients are fixed; train mask or params instead")
-        trainable.append(merger.weights)
-    if "mask" in s.train:
-        if not merger.mask_names:
-            raise ZooError("train: mask needs a merge with a mask (set mask: REGEX)")
-        trainable.append(merger.logit_flat)
-    if "params" in s.train:
-        pattern = re.compile(s.params)
-        names = [n for n in merger.names if pattern.search(n)]
-        if not names:
-            raise ZooError(f"params pattern {s.params!r} matches none of the merged tensors "
-                           f"(e.g. {', '.join(merger.names[:3])})")
-        for n in names:
-            start = student.offsets.get(n)
-            student.offsets[n] = (start.clone() if start is not None else
-                                  torch.zeros(merger.shapes[merger.names.index(n)], device=device)).requires_grad_(True)
-        trainable += [student.offsets[n] for n in names]
-    if isinstance(merger.weights, torch.nn.Parameter):  # no gradient work for what does not train
-        merger.weights.requires_grad_("coefficients" in s.train)
-    merger.logit_flat.requires_grad_("mask" in s.train)
-    opt = torch.optim.Adam(trainable, lr=s.lr, betas=(0.9, 0.999))
+    opt = torch.optim.Adam(_trainable(student, s, device), lr=s.lr, betas=(0.9, 0.999))
 
     table: list[dict] = []
     history: list[dict[str, float]] = []
@@ -355,26 +332,10 @@ def distill(merger: Merger, forward: Forward, teachers: list[TeacherFactory], da
         cycles = {t: (_Cycle(selections[t].parity.nonzero().squeeze(1).cpu(), s.batch_size, gen),
                       _Cycle(selections[t].agreeing.nonzero().squeeze(1).cpu(), s.batch_size, gen)) for t in active}
         for step in range(s.steps):
-            mask = merger.sample(noise) if "mask" in s.train else None
-            params = student.params(mask)
-            loss = None
-            for t in active:
-                par, agr = cycles[t][0].next(), cycles[t][1].next() if s.agree_weight > 0 else cycles[t][1].indices[:0]
-                idx = torch.cat([par, agr])
-                batch = {k: v[idx].to(device) for k, v in data[t].inputs.items()}
-                ctx = torch.autocast("cuda", dtype=torch.bfloat16) if s.autocast else nullcontext()
-                with ctx:
-                    logits = forward(t, params, batch)
-                term = parity_loss(logits, annotations[t].logits[idx.to(device)], len(par), s)
-                loss = term if loss is None else loss + term
-            assert loss is not None
-            value = float(loss.detach())
+            value = _step(student, forward, annotations, data, cycles, s, opt, noise, device)
             if not math.isfinite(value):
                 raise ZooError(f"the parity loss became {value} at round {r + 1}, step {step + 1}; nothing was "
                                "written. Try a lower lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
             done += 1
             history.append({"round": r + 1, "step": done, "loss": value})
             report(done, total, value, done / max(time.perf_counter() - t0, 1e-9))
@@ -397,6 +358,58 @@ def distill(merger: Merger, forward: Forward, teachers: list[TeacherFactory], da
                     history, time.perf_counter() - t0, done, table,
                     {n: d.detach().cpu() for n, d in student.offsets.items()})
     return result
+
+
+def _trainable(student: Student, s: ParitySettings, device) -> list[torch.Tensor]:
+    """What ``s.train`` names, switched to requires_grad (and the rest off)."""
+    merger = student.merger
+    out: list[torch.Tensor] = []
+    if "coefficients" in s.train:
+        if not isinstance(merger.weights, torch.nn.Parameter):
+            raise ZooError("these coefficients are fixed; train mask or params instead")
+        out.append(merger.weights)
+    if "mask" in s.train:
+        if not merger.mask_names:
+            raise ZooError("train: mask needs a merge with a mask (set mask: REGEX)")
+        out.append(merger.logit_flat)
+    if "params" in s.train:
+        pattern = re.compile(s.params)
+        names = [n for n in merger.names if pattern.search(n)]
+        if not names:
+            raise ZooError(f"params pattern {s.params!r} matches none of the merged tensors "
+                           f"(e.g. {', '.join(merger.names[:3])})")
+        for n in names:  # from the start's offsets (an earlier parity merge), else zeros
+            start = student.offsets.get(n)
+            student.offsets[n] = (start.clone() if start is not None else
+                                  torch.zeros(merger.shapes[merger.names.index(n)], device=device)).requires_grad_(True)
+        out += [student.offsets[n] for n in names]
+    if isinstance(merger.weights, torch.nn.Parameter):  # no gradient work for what does not train
+        merger.weights.requires_grad_("coefficients" in s.train)
+    merger.logit_flat.requires_grad_("mask" in s.train)
+    return out
+
+
+def _step(student: Student, forward: Forward, annotations: list[Annotation], data: list[TaskData],
+          cycles: dict[int, tuple[_Cycle, _Cycle]], s: ParitySettings, opt: torch.optim.Optimizer,
+          noise: torch.Generator, device) -> float:
+    """One Adam step on every active task's parity batch (and agreeing batch); the loss."""
+    params = student.params(student.merger.sample(noise) if "mask" in s.train else None)
+    loss = None
+    for t, (parity, agreeing) in cycles.items():
+        par = parity.next()
+        idx = torch.cat([par, agreeing.next() if s.agree_weight > 0 else par[:0]])
+        batch = {k: v[idx].to(device) for k, v in data[t].inputs.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16) if s.autocast else nullcontext():
+            logits = forward(t, params, batch)
+        term = parity_loss(logits, annotations[t].logits[idx.to(device)], len(par), s)
+        loss = term if loss is None else loss + term
+    assert loss is not None
+    value = float(loss.detach())
+    if math.isfinite(value):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return value
 
 
 @torch.no_grad()
