@@ -252,6 +252,17 @@ def trim_magnitude(delta: torch.Tensor, density: float, threshold: float | None 
     return delta * (delta.abs() >= threshold)
 
 
+def elect_sign(weighted: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES' sign election over stacked weighted task vectors (models first): which
+    entries agree with the sign of their summed mass, and per entry the sum of the
+    agreeing models' weights (1 where none agree), dis-mean's divisor."""
+    majority = (weighted.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
+    mask = weighted.sign() == majority
+    divisor = (weights * mask).sum(dim=0)
+    divisor[divisor == 0] = 1
+    return mask, divisor
+
+
 def trim_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Breadcrumbs: drop the ``gamma`` fraction of largest entries, then the smallest,
     so that a ``density`` fraction remains."""
@@ -324,11 +335,8 @@ class _TaskVectorMerge(MergeMethod):
             weights = weights.unsqueeze(-1)
         weighted = stacked * weights
         if self.consensus:
-            majority = (weighted.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
-            mask = weighted.sign() == majority
+            mask, divisor = elect_sign(weighted, weights)
             mixed = (weighted * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
         else:
             mixed = weighted.sum(dim=0)
             divisor = weights.sum(dim=0)

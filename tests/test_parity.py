@@ -241,6 +241,25 @@ def test_a_start_with_other_experts_is_refused(registry, tiny):
         merge.run(recipe("nothing-here"), "p", registry=registry)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_ties_directions_times_weights_are_the_ties_merge(normalize, lam):
+    from merge.learned.start import ties_directions
+    from merge.methods import merge_state_dicts
+
+    g = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g)}
+    experts = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    per_model = [{"weight": w, "density": d} for w, d in ((0.3, 0.5), (0.7, 0.4), (0.5, 1.0))]
+    tvs = [{k: e[k] - base[k] for k in base} for e in experts]
+    directions, weights = ties_directions(tvs, {k: per_model for k in base},
+                                          {k: {"normalize": normalize, "lambda": lam} for k in base})
+    expect = merge_state_dicts("ties", base, experts, per_model, normalize=normalize, **{"lambda": lam})
+    for k in base:
+        got = base[k] + sum(weights[k][t] * directions[t][k] for t in range(3))
+        torch.testing.assert_close(got, expect[k])
+
+
 def test_ties_start_is_the_ties_merge(registry, tiny):
     merge.run(merge.from_dict({"merge_method": "ties", "base_model": "base", "parameters": {"normalize": True},
                                "models": [{"model": f"e{i}", "parameters": {"density": 0.5}} for i in range(3)]}),

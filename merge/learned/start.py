@@ -18,7 +18,7 @@ import torch
 
 from zoo.errors import ZooError
 
-from ..methods import get_method, trim_magnitude
+from ..methods import elect_sign, get_method, trim_magnitude
 from ..recipe import resolve
 
 if TYPE_CHECKING:
@@ -47,28 +47,24 @@ def ties_directions(task_vectors: list[dict[str, torch.Tensor]], params: dict[st
                     options: dict[str, dict[str, Any]]) -> tuple[list[dict[str, torch.Tensor]], dict[str, list[float]]]:
     """TIES as coefficients over directions: dₜ = trimmed τₜ where its weighted sign
     agrees with the elected one, divided by the agreeing weights' sum under dis-mean
-    (``normalize``); Σₜ wₜ·dₜ is then the TIES merge (``merge.methods.Ties``)."""
+    (``normalize``), and coefficient λ·wₜ; Σₜ λ·wₜ·dₜ is then the TIES merge
+    (``merge.methods.Ties``, whose election ``elect_sign`` also runs here)."""
     default = get_method("ties")
     out: list[dict[str, torch.Tensor]] = [{} for _ in task_vectors]
     weights = {}
     for name in task_vectors[0]:
         p, o = params[name], options[name]
-        w = [float(x.get("weight", default.model_parameters["weight"].default)) * float(o.get("lambda", 1.0))
-             for x in p]
+        w = [float(x.get("weight", default.model_parameters["weight"].default)) for x in p]
         trimmed = torch.stack([trim_magnitude(tv[name], float(x.get("density", 1.0)))
                                for tv, x in zip(task_vectors, p)])
         wt = torch.tensor(w).view(-1, *[1] * (trimmed.dim() - 1))
-        weighted = trimmed * wt
-        majority = (weighted.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
-        agree = weighted.sign() == majority
+        agree, divisor = elect_sign(trimmed * wt, wt)
         d = trimmed * agree
         if o.get("normalize", default.parameters["normalize"].default):
-            divisor = (wt * agree).sum(dim=0)
-            divisor[divisor == 0] = 1
             d = d / divisor
         for t in range(len(task_vectors)):
             out[t][name] = d[t]
-        weights[name] = w
+        weights[name] = [x * float(o.get("lambda", 1.0)) for x in w]
     return out, weights
 
 
