@@ -131,13 +131,13 @@ def parity_summary(registry: Registry, rows: list[dict[str, Any]], prefix: str) 
         row = by_model.get(f"{prefix}-{key}")
         if row is None:
             continue
-        table = registry.show(row["model"])["recipe"]["learned"]["table"]
+        learned = registry.show(row["model"])["recipe"]["learned"]
+        table, start = learned["table"], learned["start"]
         first, kept = min(r["round"] for r in table), next(r["round"] for r in table if r["kept"])
 
         def mean(r: int) -> float:
             values = [x["disagreement"] for x in table if x["round"] == r]
             return sum(values) / len(values)
-        start = registry.show(row["model"])["recipe"]["learned"]["start"]
         start_row = by_model.get(start.get("model", "").split("@")[0]) if start.get("model") else \
             by_model.get(f"{prefix}-ta")
         out.append({"method": LABELS[key], "model": row["model"], "disagreement_start": mean(first),
