@@ -341,6 +341,121 @@ def unlock(
     print(f"unlocked {source} into {info.get('ref') or info['path']} ({u['tensors_transformed']} tensors){err}")
 
 
+EndpointOpt = typer.Option(None, "--endpoint", help="Hub URL (default: $HF_ENDPOINT, else huggingface.co). "
+                                                    "The token comes from $HF_TOKEN or `hf auth login`.")
+
+
+@app.command()
+def pull(
+    repo: str = typer.Argument(..., help="namespace/name, optionally @revision (branch or commit sha)."),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Registry name (default: the repo's name)."),
+    kind: Optional[str] = typer.Option(None, "--kind", "-k", help="base | expert | adapter | merged | protected "
+                                                                   "(default: from the model card's tags)."),
+    base: Optional[str] = typer.Option(None, "--base", "-b", help="The base model (registry name), for an expert."),
+    endpoint: Optional[str] = EndpointOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Download a model from a Hub (safetensors only), verify it and register it."""
+    from zoo.hub_client import pull as pull_api
+
+    with output.progress_bars() as progress:
+        info = pull_api(_open(create=True), repo, name=name, kind=kind, base=base, endpoint=endpoint,
+                        progress=progress)
+    if as_json:
+        output.emit_json(info)
+        return
+    src = info["source"]
+    if info["pulled"]:
+        print(f"pulled {src['hub_repo']}@{src['hub_revision'][:12]} into {info['ref']} ({info['kind']}, "
+              f"{len(info['files'])} files, {output.human_bytes(info['tensors']['bytes'])}; every file checked "
+              "against the Hub's hashes)")
+    else:
+        print(f"{info['ref']} already is {src['hub_repo']}@{src['hub_revision'][:12]}; nothing to do")
+
+
+@app.command()
+def push(
+    name: str = typer.Argument(..., help="The registered model to publish."),
+    repo: str = typer.Argument(..., help="namespace/name of the Hub repository (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private (an existing one keeps its "
+                                                        "visibility)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (default: main)."),
+    no_protect: bool = typer.Option(False, "--no-protect", help="Push an expert's or a merge's weights "
+                                                                "unprotected (by default they are MergeLock-"
+                                                                "protected first)."),
+    endpoint: Optional[str] = EndpointOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Publish a model to a Hub in one commit, MergeLock-protected unless --no-protect."""
+    from protect.publish import publish
+
+    with output.progress_bars() as progress:
+        info = publish(_open(), name, repo, protect_weights=not no_protect, private=private, branch=revision,
+                       endpoint=endpoint, progress=progress)
+    if as_json:
+        output.emit_json(info)
+        return
+    if info["protected_now"]:
+        print(f"protected {info['source']} as {info['pushed']} (its key stays in this registry)")
+    what = "protected" if info["kind"] == "protected" else "unprotected"
+    if info["unchanged"]:
+        print(f"{info['repo_id']}@{info['branch']} already holds {info['pushed']} ({what}) at commit "
+              f"{info['commit'][:12]}; nothing to push")
+        return
+    print(f"pushed {info['pushed']} ({what}, {info['files']} files, {output.human_bytes(info['bytes'])}) to "
+          f"{info['repo_id']}@{info['branch']}: commit {info['commit'][:12]} on {info['parent'][:12]}")
+    print(info["url"])
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: loopback only)."),
+    port: int = typer.Option(8000, "--port", "-p", help="Port (0: any free one)."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="Tokens that may write (default: "
+                                                                         "registry.tokens beside the registry)."),
+    private_reads: bool = typer.Option(False, "--private-reads", help="Reads need a token too (default: open)."),
+    lfs_threshold: int = typer.Option(10 * 1024 * 1024, "--lfs-threshold",
+                                      help="Files this big or bigger upload through LFS, not inline."),
+    quiet: bool = typer.Option(False, "--quiet", help="No access log."),
+) -> None:
+    """Serve the registry as a Hugging Face Hub-compatible endpoint (HF_ENDPOINT=URL)."""
+    from zoo.hub_server import ServeSettings, serve as serve_api
+    from zoo.tokens import TokenSet, default_token_file
+
+    reg = _open(create=True)
+    tokens = TokenSet.load(token_file or default_token_file(reg.path), missing_ok=token_file is None)
+    settings = ServeSettings(tokens, open_reads=not private_reads, lfs_threshold=lfs_threshold)
+
+    def ready(url: str) -> None:
+        writers = f"{len(tokens)} token(s)" if len(tokens) else "no tokens yet: read-only until `zoo token create`"
+        print(f"serving {reg.path} at {url} ({writers}; reads {'need a token' if private_reads else 'open'}). "
+              f"Clients: HF_ENDPOINT={url} HF_HUB_DISABLE_XET=1", flush=True)
+
+    serve_api(reg, settings, host=host, port=port, on_ready=ready, access_log=not quiet)
+
+
+token_app = typer.Typer(no_args_is_help=True, help="Tokens for `zoo serve`.")
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(
+    name: str = typer.Option(..., "--name", "-n", help="Who or what holds the token."),
+    scope: str = typer.Option("write", "--scope", help="write (push and pull) or read."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="Token file (default: registry.tokens "
+                                                                         "beside the registry)."),
+) -> None:
+    """Create a token for `zoo serve`; it is shown once, and only its hash is kept."""
+    from zoo.paths import registry_path
+    from zoo.tokens import create_token, default_token_file
+
+    file = token_file or default_token_file(registry_path(State.registry))
+    token = create_token(file, name, scope)
+    print(token)
+    print(f"({scope} token {name!r} added to {file}; it is not shown again. Clients: HF_TOKEN=<token>)",
+          file=sys.stderr)
+
+
 key_app = typer.Typer(no_args_is_help=True, help="Move protection keys between machines.")
 app.add_typer(key_app, name="key")
 

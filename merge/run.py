@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from zoo.card import public_recipe
 from zoo.progress import no_progress
 
 from . import engine
@@ -41,11 +42,7 @@ def model_card(name: str, plan: Plan, recipe: dict[str, Any]) -> str:
         "library_name": "transformers",
         "tags": ["merge", "zoo"],
     }
-    shown = dict(recipe)
-    if "learned" in shown:  # the per-tensor coefficients stay in the registry's lineage
-        shown["learned"] = {k: v for k, v in shown["learned"].items()
-                            if k not in ("coefficients", "coefficient_tensors", "table", "offset_tensors")}
-    body = yaml.safe_dump(shown, sort_keys=True)
+    body = yaml.safe_dump(public_recipe(recipe), sort_keys=True)  # per-tensor values stay in the lineage
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
         f"# {name}", "",

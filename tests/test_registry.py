@@ -30,7 +30,7 @@ def test_schema_is_at_alembic_head(registry):
     assert con.execute("select version_num from alembic_version").fetchone() == (SCHEMA_HEAD,)
     assert con.execute("pragma journal_mode").fetchone() == ("wal",)
     tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
-    assert {"models", "files", "lineage", "recipes", "metrics", "tasks", "model_tags", "model_tasks", "protection_keys"} <= tables
+    assert {"models", "files", "lineage", "recipes", "metrics", "tasks", "model_tags", "model_tasks", "protection_keys", "hub_repos", "hub_commits", "hub_entries", "hub_refs"} <= tables
 
 
 def test_add_records_everything(registry, models):

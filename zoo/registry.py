@@ -27,7 +27,7 @@ from .errors import AlreadyExists, IncompatibleModels, InUse, NotFound, StorageE
 from .listing import iso_utc, list_models
 from .names import parse_ref, validate_name
 from .paths import existing_registry, keys_path, registry_path, store_path
-from .schema import KINDS, File, LineageEdge, Metric, Model, ModelTag, ProtectionKey, Recipe, Task
+from .schema import KINDS, File, HubEntry, LineageEdge, Metric, Model, ModelTag, ProtectionKey, Recipe, Task
 from .progress import ProgressFactory, no_progress
 from .store import BlobStore, hash_file
 
@@ -429,6 +429,12 @@ class Registry:
         except ZooError:
             return False
 
+    def find_hub(self, repo_id: str, revision: str) -> str | None:
+        """The model pulled from ``repo_id`` at commit ``revision``, if there is one."""
+        with self._read() as s:
+            m = s.scalars(select(Model).where(Model.hub_repo == repo_id, Model.hub_revision == revision)
+                          .order_by(Model.id).limit(1)).first()
+            return m.ref if m is not None else None
 
     # -- integrity and export ------------------------------------------------------
     def verify(self, ref: str | None = None, progress: ProgressFactory | None = None) -> list[dict[str, Any]]:
@@ -522,6 +528,7 @@ class Registry:
                 s.flush()
                 still = set(s.scalars(select(File.sha256).where(File.sha256.in_(digests))).all())
                 still |= set(s.scalars(select(Task.data_sha256).where(Task.data_sha256.in_(digests))).all())
+                still |= set(s.scalars(select(HubEntry.sha256).where(HubEntry.sha256.in_(digests))).all())
                 if own_artifacts - still:  # shared with another merge's artifacts? (only then scan recipes)
                     for other in s.scalars(select(Recipe.recipe)):
                         still |= {a["sha256"] for a in ((other or {}).get("artifacts") or {}).values()} & digests

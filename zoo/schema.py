@@ -193,3 +193,55 @@ class Metric(Base):
     measured_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     task: Mapped[Task | None] = relationship()
+
+
+class HubRepo(Base):
+    """A repository served by ``zoo serve``: its files live in the registry's blob store."""
+
+    __tablename__ = "hub_repos"
+    __table_args__ = (UniqueConstraint("repo_type", "repo_id", name="uq_hub_repos_type_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    repo_type: Mapped[str] = mapped_column(String(16))
+    repo_id: Mapped[str] = mapped_column(String(256))
+    private: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class HubCommit(Base):
+    """One commit: its parent and its whole file tree (``HubEntry`` rows)."""
+
+    __tablename__ = "hub_commits"
+
+    sha: Mapped[str] = mapped_column(String(40), primary_key=True)
+    repo_pk: Mapped[int] = mapped_column(ForeignKey("hub_repos.id", ondelete="CASCADE"), index=True)
+    parent_sha: Mapped[str | None] = mapped_column(String(40))
+    summary: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text)
+    author: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    entries: Mapped[list["HubEntry"]] = relationship(cascade="all, delete-orphan", order_by="HubEntry.path")
+
+
+class HubEntry(Base):
+    """A file in a commit's tree: a blob in the store, with its git object id."""
+
+    __tablename__ = "hub_entries"
+
+    commit_sha: Mapped[str] = mapped_column(ForeignKey("hub_commits.sha", ondelete="CASCADE"), primary_key=True)
+    path: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(Integer)
+    git_oid: Mapped[str] = mapped_column(String(40))
+    lfs: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class HubRef(Base):
+    """A branch: ``main`` moves to each new commit."""
+
+    __tablename__ = "hub_refs"
+
+    repo_pk: Mapped[int] = mapped_column(ForeignKey("hub_repos.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    commit_sha: Mapped[str] = mapped_column(ForeignKey("hub_commits.sha"))

@@ -1,0 +1,573 @@
+"""Hub pull and push, and ``zoo serve``: the real huggingface_hub client (and
+transformers) against the server on a loopback port, with real registries on SQLite."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx2
+import pytest
+import torch
+
+from conftest import db_dump, vit
+from zoo import Registry
+from zoo.errors import ZooError
+from zoo.hub_client import PushConflict, pull, push_folder
+from zoo.hub_repos import git_blob_oid
+from zoo.hub_server import ServeSettings, running
+from zoo.tokens import TokenSet, create_token
+
+LFS = 4096  # the tiny model's weights go through LFS, its config inline: both paths run
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): sha(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and ".cache" not in p.parts}
+
+
+class Hub:
+    def __init__(self, url: str, registry: Registry, write: str, read: str, token_file: Path):
+        self.url, self.registry, self.write, self.read, self.token_file = url, registry, write, read, token_file
+
+    def api(self, token: str | None = "write"):
+        from huggingface_hub import HfApi
+
+        return HfApi(endpoint=self.url, token=self.write if token == "write" else token)
+
+
+@pytest.fixture(autouse=True)
+def hub_client_env(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # what a zoo serve client sets
+    monkeypatch.setenv("ZOO_HUB_TIMEOUT", "20")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
+def _start(tmp_path: Path, open_reads: bool = True):
+    (tmp_path / "server").mkdir()
+    reg = Registry(tmp_path / "server" / "registry.db", create=True)
+    token_file = tmp_path / "server" / "registry.tokens"
+    write = create_token(token_file, "alice")
+    read = create_token(token_file, "reader", "read")
+    settings = ServeSettings(TokenSet.load(token_file), open_reads=open_reads, lfs_threshold=LFS)
+    return reg, token_file, write, read, settings
+
+
+@pytest.fixture
+def hub(tmp_path):
+    reg, token_file, write, read, settings = _start(tmp_path)
+    with running(reg, settings) as url:
+        yield Hub(url, reg, write, read, token_file)
+    reg.close()
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return vit(tmp_path / "src", 3, seed=5)
+
+
+def test_tokens_are_stored_hashed_and_checked(tmp_path):
+    f = tmp_path / "t.tokens"
+    tok = create_token(f, "alice")
+    assert tok.startswith("zoo_") and tok not in f.read_text() and hashlib.sha256(tok.encode()).hexdigest() in f.read_text()
+    assert oct(f.stat().st_mode & 0o777) == "0o600"
+    ts = TokenSet.load(f)
+    assert ts.check(tok).name == "alice" and ts.check(tok).can_write
+    assert ts.check(tok + "x") is None and ts.check(None) is None
+    with pytest.raises(ZooError, match="already"):
+        create_token(f, "alice")
+    later = create_token(f, "bob", "read")  # picked up without reloading by hand
+    assert ts.check(later).name == "bob" and not ts.check(later).can_write
+
+
+def test_push_then_pull_into_fresh_hf_home_is_byte_identical(hub, folder, tmp_path, registry):
+    from huggingface_hub import snapshot_download
+
+    api = hub.api()
+    api.create_repo("team/tiny")
+    first = api.model_info("team/tiny").sha
+    info = api.upload_folder(folder_path=folder, repo_id="team/tiny", parent_commit=first, commit_message="v1")
+    assert api.model_info("team/tiny").sha == info.oid != first
+    files = {s.rfilename: s for s in api.model_info("team/tiny", files_metadata=True).siblings}
+    assert files["model.safetensors"].lfs.sha256 == sha(folder / "model.safetensors")  # went through LFS
+    assert files["config.json"].lfs is None
+    assert files["config.json"].blob_id == git_blob_oid((folder / "config.json").read_bytes())
+
+    got = snapshot_download("team/tiny", endpoint=hub.url, cache_dir=tmp_path / "fresh_hf_home" / "hub")
+    assert tree_hashes(got) == {**tree_hashes(folder), ".gitattributes": tree_hashes(got)[".gitattributes"]}
+
+    # zoo pull: registered with repo id and commit sha; the files are the pushed bytes
+    out = pull(registry, "team/tiny", endpoint=hub.url)
+    assert out["pulled"] and out["source"]["hub_repo"] == "team/tiny" and out["source"]["hub_revision"] == info.oid
+    stored = {f["path"]: f["sha256"] for f in out["files"]}
+    assert {k: v for k, v in stored.items() if k != "README.md"} == tree_hashes(folder)
+    before = db_dump(registry.path)
+    again = pull(registry, "team/tiny", endpoint=hub.url, name="other-name")
+    assert not again["pulled"] and again["ref"] == out["ref"] and db_dump(registry.path) == before
+
+
+def test_second_revision_and_pulling_the_first_sha(hub, folder, tmp_path, registry):
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    api = hub.api()
+    api.create_repo("team/tiny")
+    v1 = api.upload_folder(folder_path=folder, repo_id="team/tiny", commit_message="v1").oid
+    old = tree_hashes(folder)
+    vit(folder, 3, seed=6)  # new weights, same layout
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "note": "second"}))
+    v2 = api.upload_folder(folder_path=folder, repo_id="team/tiny", commit_message="v2").oid
+    assert v2 != v1 and api.model_info("team/tiny").sha == v2
+    assert [c for c in (api.model_info("team/tiny", revision=v1).sha,)] == [v1]
+    got = snapshot_download("team/tiny", revision=v1, endpoint=hub.url, cache_dir=tmp_path / "hf" / "hub")
+    assert {k: v for k, v in tree_hashes(got).items() if k != ".gitattributes"} == old
+    assert "second" in Path(hf_hub_download("team/tiny", "config.json", endpoint=hub.url,
+                                            cache_dir=tmp_path / "hf" / "hub")).read_text()
+    a = pull(registry, f"team/tiny@{v1}", endpoint=hub.url, name="tiny-v1")
+    b = pull(registry, "team/tiny", endpoint=hub.url, name="tiny-v2")
+    assert a["source"]["hub_revision"] == v1 and b["source"]["hub_revision"] == v2
+    assert {f["path"]: f["sha256"] for f in a["files"]}["model.safetensors"] == old["model.safetensors"]
+    with pytest.raises(ZooError, match="revision 'f{40}' not found|not found in team/tiny"):
+        pull(registry, "team/tiny@" + "f" * 40, endpoint=hub.url, name="nope")
+
+
+def test_writes_need_a_write_token(hub, folder, registry):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for token, status in ((False, 401), ("zoo_wrong", 401), (hub.read, 403)):
+        with pytest.raises(HfHubHTTPError) as e:
+            hub.api(token).create_repo("team/x")
+        assert e.value.response.status_code == status
+    hub.api().create_repo("team/x")
+    head = hub.api().model_info("team/x").sha
+    for token in (False, "zoo_wrong", hub.read):
+        with pytest.raises(HfHubHTTPError):
+            hub.api(token).upload_folder(folder_path=folder, repo_id="team/x")
+    assert hub.api().model_info("team/x").sha == head  # nothing committed
+    registry.add(folder, "m", "base")
+    with pytest.raises(ZooError, match="refused the credentials"):
+        push_folder(registry.model_dir("m"), "team/x", endpoint=hub.url, token="zoo_wrong")
+    # reads are open, but a private repository is not found without a token
+    hub.api().create_repo("team/secret", private=True)
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    with pytest.raises(RepositoryNotFoundError):
+        hub.api(False).model_info("team/secret")
+    assert hub.api(hub.read).model_info("team/secret").private
+
+
+def test_private_reads_need_a_token(tmp_path, folder):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    reg, _, write, read, settings = _start(tmp_path, open_reads=False)
+    with running(reg, settings) as url:
+        from huggingface_hub import HfApi
+
+        HfApi(endpoint=url, token=write).create_repo("team/t")
+        with pytest.raises(RepositoryNotFoundError):
+            HfApi(endpoint=url, token=False).model_info("team/t")
+        r = httpx2.get(f"{url}/team/t/resolve/main/.gitattributes")
+        assert r.status_code == 401 and r.headers["x-error-code"] == "RepoNotFound"
+        assert HfApi(endpoint=url, token=read).model_info("team/t").sha
+
+
+def _commit(hub: Hub, repo: str, lines: list[dict], token: str | None = None) -> httpx2.Response:
+    body = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+    return httpx2.post(f"{hub.url}/api/models/{repo}/commit/main", content=body,
+                       headers={"Authorization": f"Bearer {token or hub.write}", "Content-Type": "application/x-ndjson"})
+
+
+def test_path_traversal_and_forged_uploads_are_refused(hub, tmp_path):
+    hub.api().create_repo("team/t")
+    head = hub.api().model_info("team/t").sha
+    blobs = set(hub.registry.store.all_digests())
+    content = base64.b64encode(b"pwned").decode()
+    for bad in ("../evil.txt", "a/../../evil.txt", "/etc/evil", ".git/config", "a//b", "./x", "a\\..\\b", "x\0y"):
+        r = _commit(hub, "team/t", [{"key": "header", "value": {"summary": "s"}},
+                                    {"key": "file", "value": {"path": bad, "content": content, "encoding": "base64"}}])
+        assert r.status_code == 400 and r.headers["x-error-code"] == "InvalidPath", bad
+        assert "invalid file path" in r.json()["error"]
+    assert hub.api().model_info("team/t").sha == head
+    assert set(hub.registry.store.all_digests()) == blobs  # nothing staged was kept
+    assert not list(tmp_path.rglob("evil.txt")) and not list(hub.registry.store.tmp.iterdir())
+    # the client refuses such paths too, before sending anything
+    from huggingface_hub import CommitOperationAdd
+
+    with pytest.raises(ValueError):
+        CommitOperationAdd(path_in_repo="a/../../evil.txt", path_or_fileobj=b"x")
+    # an LFS upload URL must come from the batch API, signed and unexpired
+    oid = hashlib.sha256(b"data").hexdigest()
+    r = httpx2.put(f"{hub.url}/api/lfs-upload/{oid}?size=4&expires={int(time.time()) + 60}&sig=00", content=b"data")
+    assert r.status_code == 403
+    # a commit naming LFS content that was never uploaded is refused
+    r = _commit(hub, "team/t", [{"key": "header", "value": {"summary": "s"}},
+                                {"key": "lfsFile", "value": {"path": "w.safetensors", "algo": "sha256", "oid": oid,
+                                                             "size": 4}}])
+    assert r.status_code == 400 and "was not uploaded" in r.json()["error"]
+
+
+def test_resolve_headers_etag_and_range(hub, folder):
+    api = hub.api()
+    api.create_repo("team/t")
+    sha_ = api.upload_folder(folder_path=folder, repo_id="team/t").oid
+    url = f"{hub.url}/team/t/resolve/main/model.safetensors"
+    h = httpx2.head(url, headers={"Accept-Encoding": "identity"})
+    assert h.status_code == 200 and h.headers["x-repo-commit"] == sha_
+    assert h.headers["etag"] == f'"{sha(folder / "model.safetensors")}"'  # LFS files: their sha256
+    assert int(h.headers["content-length"]) == (folder / "model.safetensors").stat().st_size
+    c = httpx2.head(f"{hub.url}/team/t/resolve/{sha_}/config.json")
+    assert c.headers["etag"] == f'"{git_blob_oid((folder / "config.json").read_bytes())}"'  # small files: git oid
+    r = httpx2.get(url, headers={"Range": "bytes=100-"})
+    assert r.status_code == 206 and r.content == (folder / "model.safetensors").read_bytes()[100:]
+    missing = httpx2.head(f"{hub.url}/team/t/resolve/main/nope.bin")
+    assert missing.status_code == 404 and missing.headers["x-error-code"] == "EntryNotFound"
+    assert missing.headers["x-repo-commit"] == sha_
+    assert httpx2.get(f"{hub.url}/api/models/team/none").headers["x-error-code"] == "RepoNotFound"
+    assert httpx2.get(f"{hub.url}/api/models/team/t/revision/{'0' * 40}").headers["x-error-code"] == \
+        "RevisionNotFound"
+
+
+def test_invalid_card_metadata_is_refused_before_upload(hub, folder):
+    hub.api().create_repo("team/t")
+    head = hub.api().model_info("team/t").sha
+    (folder / "README.md").write_text("---\n- just\n- a list\n---\n# card\n")
+    with pytest.raises(ValueError, match="front matter must be a mapping"):
+        hub.api().upload_folder(folder_path=folder, repo_id="team/t")
+    assert hub.api().model_info("team/t").sha == head
+
+
+def test_concurrent_pushes_on_one_parent_one_wins(hub, folder, tmp_path, registry, monkeypatch):
+    """Both pushes read the same head, then commit at once: one lands, the other is told."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    other = vit(tmp_path / "other", 3, seed=9)
+    registry.add(folder, "a", "base")
+    registry.add(other, "b", "base")
+    hub.api().create_repo("team/race")
+    start = hub.api().model_info("team/race").sha
+    both_read = threading.Barrier(2, timeout=30)
+    real = HfApi.model_info
+
+    def model_info(self, *a, **kw):
+        out = real(self, *a, **kw)
+        if threading.current_thread().name.startswith("push-"):
+            both_read.wait()
+        return out
+
+    monkeypatch.setattr(HfApi, "model_info", model_info)
+    results: dict[str, object] = {}
+
+    def push(name: str) -> None:
+        try:
+            results[name] = push_folder(registry.model_dir(name), "team/race", endpoint=hub.url, token=hub.write)
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            results[name] = e
+
+    threads = [threading.Thread(target=push, args=(n,), name=f"push-{n}") for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    won = {n: r for n, r in results.items() if isinstance(r, dict)}
+    lost = {n: r for n, r in results.items() if not isinstance(r, dict)}
+    assert len(won) == 1 and len(lost) == 1, results
+    (winner, w), (loser, err) = next(iter(won.items())), next(iter(lost.items()))
+    assert isinstance(err, PushConflict) and "nothing of this push was committed" in str(err)
+    assert w["parent"] == start and hub.api().model_info("team/race").sha == w["commit"]
+    got = snapshot_download("team/race", endpoint=hub.url, cache_dir=tmp_path / "hf" / "hub")
+    src = folder if winner == "a" else other
+    assert {k: v for k, v in tree_hashes(got).items() if k != ".gitattributes"} == tree_hashes(src)
+    monkeypatch.setattr(HfApi, "model_info", real)
+    again = push_folder(registry.model_dir(loser), "team/race", endpoint=hub.url, token=hub.write)
+    assert again["parent"] == w["commit"]  # the loser pushes again, on top of the winner: nothing lost
+
+
+def test_publish_protects_experts_by_default(hub, tiny, registry, tmp_path):
+    from protect.publish import publish
+
+    registry.record_metric("e0", "t0", "accuracy", 0.75, split="test")
+    out = publish(registry, "e0", "team/e0", endpoint=hub.url, token=hub.write)
+    assert out["protected_now"] and out["kind"] == "protected" and out["pushed"] == "e0-locked@1"
+    locked = registry.show("e0-locked")
+    assert locked["kind"] == "protected" and registry.key("e0-locked") is not None
+    got = Path(pull(registry, "team/e0", endpoint=hub.url, name="e0-back")["files"][0]["location"]).parent
+    back = {f["path"]: f["sha256"] for f in registry.show("e0-back")["files"]}
+    mine = {f["path"]: f["sha256"] for f in locked["files"]}
+    expert = {f["path"]: f["sha256"] for f in registry.show("e0")["files"]}
+    assert back["model.safetensors"] == mine["model.safetensors"] != expert["model.safetensors"]
+    assert registry.show("e0-back")["kind"] == "protected"  # from the card's mergelock tag
+    card = (registry.model_dir("e0-back") / "README.md").read_text()
+    import yaml
+
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["tags"] == ["zoo", "mergelock"] and front["library_name"] == "transformers"
+    assert front["base_model"] == ["base@1"] and front["base_model_relation"] == "finetune"
+    assert "These weights are protected" in card and "| `e0@1` | t0 | accuracy | test | 75.0% |" in card
+    assert "## Lineage" in card and "`e0-locked@1`: protected" in card and got.exists()
+    # a second push reuses the protected copy: no new key, nothing to commit
+    again = publish(registry, "e0", "team/e0", endpoint=hub.url, token=hub.write)
+    assert not again["protected_now"] and again["unchanged"] and again["pushed"] == "e0-locked@1"
+    # --no-protect pushes the expert's own bytes
+    raw = publish(registry, "e0", "team/e0-raw", protect_weights=False, endpoint=hub.url, token=hub.write)
+    assert raw["kind"] == "expert" and raw["pushed"] == "e0@1"
+    files = {s.rfilename: s for s in hub.api().model_info("team/e0-raw", files_metadata=True).siblings}
+    assert files["model.safetensors"].lfs.sha256 == expert["model.safetensors"]
+
+
+def test_merge_card_lists_parents_and_recipe(hub, tiny, registry):
+    import merge
+    import yaml
+
+    from protect.publish import publish
+
+    merge.run(merge.from_dict({"merge_method": "task_arithmetic", "base_model": "base", "parameters": {"lambda": 0.5},
+               "models": [{"model": "e0"}, {"model": "e1"}]}), out="ta", registry=registry)
+    publish(registry, "ta", "team/ta", endpoint=hub.url, token=hub.write)
+    from huggingface_hub import hf_hub_download
+
+    card = Path(hf_hub_download("team/ta", "README.md", endpoint=hub.url, cache_dir=registry.path.parent / "hf")
+                ).read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == ["base@1", "e0@1", "e1@1"] and front["base_model_relation"] == "merge"
+    assert front["tags"] == ["zoo", "merge", "mergelock"]
+    assert "merge_method: task_arithmetic" in card and "`ta@1`: merged" in card
+
+
+def test_publish_refuses_what_it_cannot_protect(hub, registry, tmp_path, zoo_cli):
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.GPTNeoXConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                          intermediate_size=37)
+    T.GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "nb")
+    T.GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "ne")
+    registry.add(tmp_path / "nb", "nbase", "base")
+    registry.add(tmp_path / "ne", "nexp", "expert", base="nbase")
+    os.environ["HF_TOKEN"] = hub.write
+    try:
+        code, out, err = zoo_cli("--registry", registry.path, "push", "nexp", "team/nexp", "--endpoint", hub.url)
+        assert code == 1 and err.count("\n") == 1 and "cannot protect nexp@1" in err and "--no-protect" in err
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        with pytest.raises(RepositoryNotFoundError):
+            hub.api().model_info("team/nexp")  # refused before anything was created
+        code, out, err = zoo_cli("--registry", registry.path, "push", "nexp", "team/nexp", "--endpoint", hub.url,
+                                 "--no-protect")
+        assert code == 0 and "pushed nexp@1 (unprotected" in out
+    finally:
+        del os.environ["HF_TOKEN"]
+
+
+class RecordingProxy:
+    """A loopback TCP proxy that keeps every byte the client sends."""
+
+    def __init__(self, upstream: str):
+        host, port = upstream.rsplit("//", 1)[1].split(":")
+        self.upstream = (host, int(port))
+        self.sent = bytearray()
+        self.lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if record:
+                    with self.lock:
+                        self.sent += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_protected_push_uploads_no_key_material(hub, tiny, registry):
+    from protect.publish import publish
+
+    proxy = RecordingProxy(hub.url)
+    try:
+        out = publish(registry, "e1", "team/e1", endpoint=proxy.url, token=hub.write)
+    finally:
+        proxy.close()
+    key = registry.key(out["pushed"])
+    seed = int(key["seed"], 16)
+    sent = bytes(proxy.sent)
+    weights = (registry.model_dir(out["pushed"]) / "model.safetensors").read_bytes()
+    assert weights in sent  # the proxy saw the upload itself
+    needles = [key["seed"], str(seed), seed.to_bytes(16, "big"), seed.to_bytes(16, "little"),
+               json.dumps(key), base64.b64encode(seed.to_bytes(16, "big"))[:20]]
+    key_files = list(registry.keys_dir.glob("*.key"))
+    assert key_files
+    needles += [p.read_bytes() for p in key_files]
+    for n in needles:
+        n = n.encode() if isinstance(n, str) else n
+        assert n not in sent, n[:40]
+    assert registry.key(out["pushed"])["seed"] == key["seed"]  # and the key is still here
+
+
+def test_transformers_loads_a_pushed_model_from_the_server(hub, folder, tmp_path, subprocess_env):
+    from transformers import ViTForImageClassification
+
+    api = hub.api()
+    api.create_repo("team/vit")
+    api.upload_folder(folder_path=folder, repo_id="team/vit")
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / "x.pt")
+    want = ViTForImageClassification.from_pretrained(folder).eval()(pixel_values=x).logits
+    script = (
+        "import sys, torch\n"
+        "from transformers import ViTForImageClassification\n"
+        "m = ViTForImageClassification.from_pretrained('team/vit').eval()\n"
+        "x = torch.load(sys.argv[1], weights_only=True)\n"
+        "torch.save(m(pixel_values=x).logits.detach(), sys.argv[2])\n"
+    )
+    env = {**subprocess_env, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home"),
+           "HF_HUB_DISABLE_XET": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("TRANSFORMERS_OFFLINE", None)
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.pt"), str(tmp_path / "y.pt")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = torch.load(tmp_path / "y.pt", weights_only=True)
+    assert torch.equal(got, want.detach())
+
+
+def test_pull_refuses_pickles_and_checks_hashes(hub, folder, tmp_path, registry):
+    api = hub.api()
+    api.create_repo("team/pickle")
+    (tmp_path / "pk").mkdir()
+    (tmp_path / "pk" / "config.json").write_text("{}")
+    (tmp_path / "pk" / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    api.upload_folder(folder_path=tmp_path / "pk", repo_id="team/pickle")
+    before = db_dump(registry.path)
+    with pytest.raises(ZooError, match="no safetensors weights.*never loads pickle"):
+        pull(registry, "team/pickle", endpoint=hub.url)
+    # a repository with both: the pickle is never downloaded
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    api.create_repo("team/both")
+    api.upload_folder(folder_path=folder, repo_id="team/both")
+    out = pull(registry, "team/both", endpoint=hub.url)
+    assert "pytorch_model.bin" not in {f["path"] for f in out["files"]}
+    # a blob corrupted on the server: the pull fails and registers nothing
+    api.create_repo("team/bad")
+    api.upload_folder(folder_path=folder, repo_id="team/bad", allow_patterns=["*.json", "*.safetensors"])
+    blob = hub.registry.store.path(sha(folder / "model.safetensors"))
+    os.chmod(blob, 0o644)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    before = db_dump(registry.path)
+    with pytest.raises(ZooError, match="does not match the hash"):
+        pull(registry, "team/bad", endpoint=hub.url, name="bad")
+    assert db_dump(registry.path) == before and not list(registry.store.tmp.iterdir())
+
+
+def test_removing_a_model_keeps_the_blobs_a_served_repo_uses(tmp_path, folder):
+    reg = Registry(tmp_path / "shared.db", create=True)
+    token_file = tmp_path / "shared.tokens"
+    write = create_token(token_file, "alice")
+    reg.add(folder, "m", "base")
+    with running(reg, ServeSettings(TokenSet.load(token_file), lfs_threshold=LFS)) as url:
+        push_folder(reg.model_dir("m"), "team/m", endpoint=url, token=write)
+        reg.remove("m")
+        out = pull(reg, "team/m", endpoint=url, name="m2")
+    assert {f["path"]: f["sha256"] for f in out["files"] if f["path"] != "README.md"} == tree_hashes(folder)
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_every_command_fails_clearly_when_the_endpoint_is_unreachable(registry, folder, tmp_path, subprocess_env):
+    registry.add(folder, "m", "base")
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never answers
+    mute = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    env = {**subprocess_env, "ZOO_REGISTRY": str(registry.path), "ZOO_HUB_TIMEOUT": "3", "HF_TOKEN": "zoo_x",
+           "HF_HOME": str(tmp_path / "hf")}
+    try:
+        for endpoint, said in ((dead, "cannot reach"), (mute, "did not answer in time")):
+            for cmd in (["pull", "team/m"], ["push", "m", "team/m"]):
+                t = time.monotonic()
+                r = subprocess.run([sys.executable, "-m", "cli.main", *cmd, "--endpoint", endpoint], env=env,
+                                   capture_output=True, text=True, timeout=120)
+                assert r.returncode == 1 and r.stderr.count("\n") == 1, (cmd, r.stderr[-1500:])
+                assert said in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)
+                assert time.monotonic() - t < 60
+        # serve: a port in use is one line too
+        r = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--port", str(silent.getsockname()[1])],
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "cannot listen on 127.0.0.1" in r.stderr and r.stderr.count("\n") == 1
+    finally:
+        silent.close()
+
+
+def test_zoo_serve_command_with_cli_push_and_pull(tmp_path, subprocess_env, tiny, registry, zoo_cli):
+    server_db = tmp_path / "srv" / "registry.db"
+    server_db.parent.mkdir()
+    env = {**subprocess_env, "ZOO_REGISTRY": str(server_db)}
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", "0", "--quiet"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert proc.poll() is None, proc.stderr.read()
+        url = line.split(" at ")[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        # a token made while the server runs is accepted
+        token = subprocess.run([sys.executable, "-m", "cli.main", "token", "create", "--name", "ci"], env=env,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        os.environ["HF_TOKEN"] = token
+        try:
+            code, out, err = zoo_cli("--registry", registry.path, "push", "e2", "team/e2", "--endpoint", url)
+            assert code == 0 and "protected e2@1 as e2-locked@1" in out and "pushed e2-locked@1 (protected" in out
+            code, out, err = zoo_cli("--registry", registry.path, "pull", "team/e2", "--endpoint", url,
+                                     "--name", "e2-pulled", "--json")
+            assert code == 0 and json.loads(out)["kind"] == "protected"
+            code, out, err = zoo_cli("--registry", registry.path, "pull", "team/e2", "--endpoint", url)
+            assert code == 0 and "nothing to do" in out
+        finally:
+            del os.environ["HF_TOKEN"]
+        assert token not in (tmp_path / "srv" / "registry.tokens").read_text()
+        assert token not in "".join(db_dump(registry.path)) and token not in "".join(db_dump(server_db))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert token not in proc.stderr.read()

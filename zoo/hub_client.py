@@ -1,0 +1,267 @@
+"""Moving models between the registry and a Hub, through ``huggingface_hub``.
+
+``pull`` downloads a repository revision with ``snapshot_download`` (safetensors and
+the small configuration and tokenizer files only, never pickles), checks every file
+against the hash the Hub lists for it, and registers it with its repo id and commit
+sha. ``push_folder`` uploads a folder in one commit on the branch's current head
+(``parent_commit``), so a concurrent push makes one of the two fail instead of
+silently overwriting it. What is pushed (and whether it must be protected first) is
+decided a layer up, in ``protect.publish``.
+
+The endpoint is ``endpoint=``, else ``$HF_ENDPOINT``, else the Hugging Face Hub; the
+token is ``token=``, else ``$HF_TOKEN`` or ``huggingface_hub``'s stored login. A token
+is never printed, logged or stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import AlreadyExists, ZooError
+from .hub_repos import git_blob_oid
+from .progress import ProgressFactory
+from .registry import Registry
+from .store import hash_file
+
+OFFICIAL_ENDPOINT = "https://huggingface.co"
+# Top-level files a checkpoint is made of; everything else in a repository stays there.
+PULL_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", "README.md")
+PUSH_REPLACES = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja"]
+TIMEOUT_ENV = "ZOO_HUB_TIMEOUT"
+
+
+class PushConflict(ZooError):
+    """The branch moved on between reading its head and committing on it."""
+
+
+def parse_repo(ref: str) -> tuple[str, str | None]:
+    """``namespace/name[@revision]`` -> (repo id, revision or None)."""
+    repo_id, _, rev = ref.partition("@")
+    if not repo_id or repo_id.count("/") > 1 or any(not p for p in repo_id.split("/")):
+        raise ZooError(f"invalid repository {ref!r}: use namespace/name, optionally @revision")
+    return repo_id, rev or None
+
+
+def endpoint_of(endpoint: str | None) -> str:
+    from huggingface_hub import constants
+
+    return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def public_url(url: str) -> str:
+    """An endpoint without any user:password part, fit to record and print."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) \
+        if parts.hostname else url
+
+
+def _configure_client() -> None:
+    """Give huggingface_hub's shared HTTP client timeouts, so an endpoint that accepts
+    but never answers fails instead of hanging. (It sends ``timeout=None`` with most
+    requests, so a client default would be overridden: a request hook fills them in.)"""
+    from huggingface_hub.utils import _http
+
+    if _http._GLOBAL_CLIENT_FACTORY is not _http.default_client_factory:
+        return  # the user's own factory, or ours already
+
+    def fill_timeouts(request) -> None:
+        seconds = float(os.environ.get(TIMEOUT_ENV) or 60)
+        given = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {
+            k: given.get(k) if given.get(k) is not None else (min(seconds, 10.0) if k == "connect" else seconds)
+            for k in ("connect", "read", "write", "pool")}
+
+    def factory():
+        client = _http.default_client_factory()
+        client.event_hooks["request"].append(fill_timeouts)
+        return client
+
+    _http.set_client_factory(factory)
+
+
+def _api(endpoint: str, token: str | None):
+    from huggingface_hub import HfApi
+
+    _configure_client()
+    return HfApi(endpoint=endpoint, token=token)
+
+
+@contextlib.contextmanager
+def hub_errors(endpoint: str, repo_id: str, revision: str | None = None) -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into one-line errors that say what to do."""
+    import httpx2
+    from huggingface_hub import errors
+
+    where = public_url(endpoint)
+    try:
+        yield
+    except errors.OfflineModeIsEnabled:
+        raise ZooError("HF_HUB_OFFLINE is set: unset it to pull or push") from None
+    except errors.RevisionNotFoundError:
+        raise ZooError(f"revision {revision or 'main'!r} not found in {repo_id} on {where}") from None
+    except errors.RepositoryNotFoundError:
+        raise ZooError(f"{repo_id} not found on {where} (if it is private, set HF_TOKEN to a token "
+                       "that can read it)") from None
+    except errors.HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        said = (e.server_message or "").strip().splitlines()
+        said = f": {said[0]}" if said else ""
+        if status == 412 or (status == 409 and "commit" in said.lower()):
+            raise PushConflict(f"{repo_id} moved on while pushing{said}; nothing of this push was committed; "
+                               "pull or look at the new commit, then push again") from None
+        if status == 401:
+            raise ZooError(f"{where} refused the credentials{said}; set HF_TOKEN (or `hf auth login`) "
+                           "to a token with write access") from None
+        if status == 403:
+            raise ZooError(f"{where} forbids this{said}; use a token with write access to {repo_id}") from None
+        raise ZooError(f"{where} answered HTTP {status}{said}") from None
+    except (httpx2.ConnectError, httpx2.ConnectTimeout) as e:
+        raise ZooError(f"cannot reach {where}: {e or 'connection failed'}; check --endpoint / HF_ENDPOINT "
+                       "and that the server is up") from None
+    except httpx2.TimeoutException:
+        raise ZooError(f"{where} did not answer in time; check the server, or raise ${TIMEOUT_ENV}") from None
+    except httpx2.TransportError as e:
+        raise ZooError(f"connection to {where} failed: {e}") from None
+    except ValueError as e:  # a response huggingface_hub cannot use (e.g. card metadata refused)
+        raise ZooError(f"{where}: {' '.join(str(e).split())}") from None
+    except errors.LocalEntryNotFoundError as e:  # snapshot_download's word for a failed connection
+        raise ZooError(f"cannot download {repo_id} from {where}: {str(e).splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def _lfs_transfers() -> Iterator[None]:
+    """Push through Git LFS, not Xet: one commit on its parent, and the only large-file
+    protocol ``zoo serve`` speaks. (Xet uploads may split a folder into several commits.)"""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_DISABLE_XET
+    constants.HF_HUB_DISABLE_XET = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_DISABLE_XET = before
+
+
+# -- pull ----------------------------------------------------------------------------------
+def pull(
+    registry: Registry,
+    repo: str,
+    *,
+    name: str | None = None,
+    kind: str | None = None,
+    base: str | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+    progress: ProgressFactory | None = None,
+) -> dict[str, Any]:
+    """Download ``repo`` (``namespace/name[@revision]``) and register it.
+
+    Returns the registered model's summary with ``pulled`` False when that commit
+    was already in the registry (nothing is downloaded then).
+    """
+    from huggingface_hub import snapshot_download
+
+    repo_id, revision = parse_repo(repo)
+    url = endpoint_of(endpoint)
+    api = _api(url, token)
+    with hub_errors(url, repo_id, revision):
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    sha = info.sha
+    have = registry.find_hub(repo_id, sha)
+    if have is not None:
+        return {**registry.show(have), "pulled": False}
+    siblings = [s for s in info.siblings or [] if "/" not in s.rfilename and s.rfilename.endswith(PULL_SUFFIXES)]
+    if not any(s.rfilename.endswith(".safetensors") for s in siblings):
+        others = sorted(s.rfilename for s in info.siblings or [])
+        raise ZooError(f"{repo_id}@{sha[:12]} has no safetensors weights ({', '.join(others[:6]) or 'no files'}); "
+                       "zoo never loads pickle checkpoints")
+    kind = kind or _kind_from_card(info)
+    name = name or repo_id.split("/")[-1]
+    if registry.has(name):
+        raise AlreadyExists(f"a model named {name!r} already exists; pass --name to pull under another name")
+    tmp = registry.store.temp_path(".pull")
+    try:
+        with hub_errors(url, repo_id, revision):
+            snapshot_download(repo_id, revision=sha, allow_patterns=[s.rfilename for s in siblings],
+                              local_dir=tmp, endpoint=url, token=token)
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)
+        digests = {s.rfilename: _verified(tmp / s.rfilename, s, repo_id) for s in siblings}
+        meta = {"hub": {"endpoint": public_url(url), "repo": repo_id, "revision": sha,
+                        "card": info.card_data.to_dict() if info.card_data else None}}
+        added = registry.add(tmp, name, kind, base=base, hub_repo=repo_id, hub_revision=sha, adopt=digests,
+                             metadata=meta, progress=progress, check_base=base is not None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**registry.show(added["ref"]), "pulled": True}
+
+
+def _kind_from_card(info) -> str:
+    tags = set(info.tags or [])
+    card = info.card_data.to_dict() if info.card_data else {}
+    if "mergelock" in tags:
+        return "protected"
+    if "merge" in tags or card.get("base_model_relation") == "merge":
+        return "merged"
+    return "base"
+
+
+def _verified(path: Path, sibling, repo_id: str) -> str:
+    """The file's sha256, after checking it against the hash the Hub lists for it."""
+    if not path.is_file():
+        raise ZooError(f"{repo_id}: {sibling.rfilename} was not downloaded")
+    if sibling.lfs is not None:
+        digest, size = hash_file(path)
+        ok = digest == sibling.lfs.sha256 and size == sibling.lfs.size
+    else:
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        ok = sibling.blob_id is None or git_blob_oid(data) == sibling.blob_id
+    if not ok:
+        raise ZooError(f"{repo_id}: {sibling.rfilename} does not match the hash the Hub lists for it; "
+                       "nothing was registered")
+    return digest
+
+
+# -- push ----------------------------------------------------------------------------------
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    branch: str | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+    message: str = "Upload with zoo",
+    description: str | None = None,
+) -> dict[str, Any]:
+    """Upload ``folder`` as one commit on ``branch`` (default ``main``) of ``repo_id``.
+
+    The repository is created if missing. The commit names the branch's current head
+    as its parent, so a push that raced another one fails with ``PushConflict``. The
+    model files of the previous commit that this folder does not have are deleted in
+    the same commit, so a repository never mixes two models' shards.
+    """
+    repo_id, _ = parse_repo(repo_id)
+    url = endpoint_of(endpoint)
+    api = _api(url, token)
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    with hub_errors(url, repo_id, branch), _lfs_transfers():
+        try:
+            parent = api.model_info(repo_id, revision=branch).sha
+        except RepositoryNotFoundError:  # (an existing repository keeps its visibility)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            parent = api.model_info(repo_id, revision=branch).sha
+        info = api.upload_folder(folder_path=folder, repo_id=repo_id, revision=branch, parent_commit=parent,
+                                 commit_message=message, commit_description=description,
+                                 delete_patterns=PUSH_REPLACES)
+    files = [p for p in Path(folder).rglob("*") if p.is_file()]
+    return {"repo_id": repo_id, "endpoint": public_url(url), "branch": branch or "main", "parent": parent,
+            "commit": info.oid, "unchanged": info.oid == parent, "url": info.commit_url, "files": len(files),
+            "bytes": sum(p.stat().st_size for p in files)}

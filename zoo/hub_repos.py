@@ -1,0 +1,326 @@
+"""Repositories served by ``zoo serve``: commits, branches and trees over the registry.
+
+A repository is a chain of commits; each commit records its whole tree as rows of
+``(path, sha256, size, git oid)``, and every file's bytes are one blob in the
+registry's content-addressed store, shared with registered models. Branches are rows
+too: ``main`` moves to each new commit, inside the transaction that records it, so a
+commit on a stale ``parentCommit`` is refused rather than silently overwriting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from .errors import ZooError
+from .registry import Registry
+from .schema import HubCommit, HubEntry, HubRef, HubRepo
+
+DEFAULT_BRANCH = "main"
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# What the Hub itself puts in a new repository's first commit.
+GITATTRIBUTES = (
+    "*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+    "*.bin filter=lfs diff=lfs merge=lfs -text\n"
+    "*.pt filter=lfs diff=lfs merge=lfs -text\n"
+    "*.pth filter=lfs diff=lfs merge=lfs -text\n"
+    "*.h5 filter=lfs diff=lfs merge=lfs -text\n"
+    "*.onnx filter=lfs diff=lfs merge=lfs -text\n"
+    "*.msgpack filter=lfs diff=lfs merge=lfs -text\n"
+    "*.model filter=lfs diff=lfs merge=lfs -text\n"
+    "*.zip filter=lfs diff=lfs merge=lfs -text\n"
+).encode()
+
+
+class HubError(ZooError):
+    """An error with the HTTP status and the ``X-Error-Code`` the Hub would send."""
+
+    status = 400
+    code = "BadRequest"
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+
+
+class RepoNotFound(HubError):
+    status, code = 404, "RepoNotFound"
+
+
+class RevisionNotFound(HubError):
+    status, code = 404, "RevisionNotFound"
+
+
+class EntryNotFound(HubError):
+    status, code = 404, "EntryNotFound"
+
+
+class Conflict(HubError):
+    status, code = 412, "Conflict"
+
+
+def git_blob_oid(data: bytes) -> str:
+    """Git's object id of a file: sha1 of ``blob <size>\\0<bytes>``."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    """The Git LFS pointer file that stands in the git tree for a large file."""
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``name`` or ``namespace/name``, each part a Hub-style name."""
+    parts = repo_id.split("/")
+    if not 1 <= len(parts) <= 2 or not all(REPO_NAME.match(p) and not p.endswith((".git", ".")) for p in parts):
+        raise HubError(f"invalid repository id {repo_id!r}: use 'namespace/name' with letters, digits, '.', '-', '_'")
+    return repo_id
+
+
+def check_path(path: str) -> str:
+    """A file path inside a repository: relative, no '.', '..' or empty parts, no .git.
+
+    Clients write these paths under their download folder, so a path that could
+    climb out of it is refused, never normalised.
+    """
+    parts = path.split("/")
+    bad = (not path or len(path) > 1024 or "\\" in path or "\0" in path or path.startswith("/")
+           or any(p in ("", ".", "..", ".git") for p in parts) or any(ord(c) < 32 for c in path))
+    if bad:
+        raise HubError(f"invalid file path {path!r} in commit: paths must be relative, without '.', '..' "
+                       "or empty parts", code="InvalidPath")
+    return path
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str
+    sha256: str
+    size: int
+    git_oid: str
+    lfs: bool
+
+    def pointer_size(self) -> int:
+        return len(lfs_pointer(self.sha256, self.size))
+
+
+@dataclass(frozen=True)
+class Revision:
+    """A resolved revision: the repository, its commit and that commit's time."""
+
+    repo_id: str
+    private: bool
+    sha: str
+    created_at: datetime
+    summary: str
+
+
+@dataclass
+class Change:
+    """A commit's operations. Inline files are staged in the store's temp folder."""
+
+    summary: str
+    description: str = ""
+    parent: str | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+    lfs: dict[str, tuple[str, int]] = field(default_factory=dict)  # path -> (sha256, size)
+    deleted_files: list[str] = field(default_factory=list)
+    deleted_folders: list[str] = field(default_factory=list)
+
+    def discard(self) -> None:
+        for tmp in self.files.values():
+            tmp.unlink(missing_ok=True)
+
+
+class HubRepos:
+    """The served repositories of one registry."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self.store = registry.store
+
+    # -- repositories ---------------------------------------------------------------
+    def create(self, repo_id: str, private: bool = False, author: str | None = None) -> bool:
+        """Create a repository with its first commit (``.gitattributes``). False if it exists."""
+        check_repo_id(repo_id)
+        change = Change(summary="initial commit", files={".gitattributes": self.stage(GITATTRIBUTES)})
+        try:
+            with self.registry._store_lock(exclusive=False):
+                adds = self._seal(change)
+                with self.registry._write() as s:
+                    if s.scalar(select(HubRepo.id).where(HubRepo.repo_type == "model", HubRepo.repo_id == repo_id)):
+                        return False
+                    repo = HubRepo(repo_type="model", repo_id=repo_id, private=private)
+                    s.add(repo)
+                    s.flush()
+                    self._record(s, repo, None, change, adds, [], author)
+        except IntegrityError:
+            return False
+        finally:
+            change.discard()
+        return True
+
+    def revision(self, repo_id: str, rev: str = DEFAULT_BRANCH) -> Revision:
+        """Resolve a branch name or a commit sha of ``repo_id``."""
+        with self.registry._read() as s:
+            repo = self._repo(s, repo_id)
+            commit = self._commit(s, repo, rev)
+            return Revision(repo.repo_id, repo.private, commit.sha, commit.created_at, commit.summary)
+
+    def entries(self, repo_id: str, sha: str) -> list[Entry]:
+        with self.registry._read() as s:
+            rows = s.scalars(select(HubEntry).where(HubEntry.commit_sha == sha).order_by(HubEntry.path)).all()
+            return [_entry(r) for r in rows]
+
+    def entry(self, repo_id: str, sha: str, path: str) -> Entry:
+        with self.registry._read() as s:
+            row = s.get(HubEntry, (sha, path))
+            if row is None:
+                raise EntryNotFound(f"{path} not found in {repo_id} at {sha}")
+            return _entry(row)
+
+    def blob(self, entry: Entry) -> Path:
+        return self.store.path(entry.sha256)
+
+    def is_private(self, repo_id: str) -> bool:
+        with self.registry._read() as s:
+            return self._repo(s, repo_id).private
+
+    # -- writing --------------------------------------------------------------------
+    def stage(self, data: bytes) -> Path:
+        """Write a file sent inline in a commit to the store's temp folder."""
+        tmp = self.store.temp_path()
+        tmp.write_bytes(data)
+        return tmp
+
+    def commit(self, repo_id: str, branch: str, change: Change, author: str | None = None) -> str:
+        """Record a commit on ``branch``; returns its sha.
+
+        Refused with ``Conflict`` when ``change.parent`` is given and the branch has
+        moved past it: the check and the branch update are one transaction.
+        """
+        if COMMIT_SHA.match(branch):
+            raise HubError(f"cannot commit to a commit sha ({branch}); commit to a branch such as 'main'",
+                           code="RevisionNotFound")
+        try:
+            with self.registry._store_lock(exclusive=False):
+                adds = self._seal(change)
+                with self.registry._write() as s:
+                    repo = self._repo(s, repo_id)
+                    ref = s.get(HubRef, (repo.id, branch))
+                    if ref is None:
+                        raise RevisionNotFound(f"branch {branch!r} not found in {repo_id}")
+                    if change.parent is not None and change.parent != ref.commit_sha:
+                        raise Conflict(f"A commit has happened since {change.parent[:12]} on {repo_id}@{branch} "
+                                       f"(now {ref.commit_sha[:12]}); refresh and try again")
+                    old = s.scalars(select(HubEntry).where(HubEntry.commit_sha == ref.commit_sha)).all()
+                    return self._record(s, repo, ref, change, adds, [_entry(r) for r in old], author)
+        finally:
+            change.discard()
+
+    def _seal(self, change: Change) -> dict[str, Entry]:
+        """Move inline files into the store and check that large files were uploaded.
+
+        Runs under the store's shared lock, so no blob seen here can be removed
+        before the commit that references it.
+        """
+        adds: dict[str, Entry] = {}
+        for path, (sha256, size) in change.lfs.items():
+            check_path(path)
+            if not re.fullmatch(r"[0-9a-f]{64}", str(sha256)):
+                raise HubError(f"{path}: invalid sha256 oid {sha256!r}")
+            p = self.store.path(sha256)
+            if not p.is_file() or p.stat().st_size != int(size):
+                raise HubError(f"{path}: its content (sha256 {sha256[:12]}…) was not uploaded; "
+                               "upload it through the LFS batch API first")
+            adds[path] = Entry(path, sha256, int(size), git_blob_oid(lfs_pointer(sha256, int(size))), lfs=True)
+        for path, tmp in change.files.items():
+            check_path(path)
+            data = tmp.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            self.store.adopt(tmp, digest)
+            adds[path] = Entry(path, digest, len(data), git_blob_oid(data), lfs=False)
+        return adds
+
+    def _record(self, s, repo: HubRepo, ref: HubRef | None, change: Change, adds: dict[str, Entry],
+                old: list[Entry], author: str | None) -> str:
+        tree = {e.path: e for e in old}
+        for path in change.deleted_files:
+            if tree.pop(check_path(path), None) is None:
+                raise EntryNotFound(f"cannot delete {path}: not in {repo.repo_id}")
+        for folder in change.deleted_folders:
+            prefix = check_path(folder.rstrip("/")) + "/"
+            for p in [p for p in tree if p.startswith(prefix)]:
+                del tree[p]
+        tree.update(adds)
+        for p in tree:  # a file may not also be a folder
+            for i in range(1, p.count("/") + 1):
+                if p.rsplit("/", i)[0] in tree:
+                    raise HubError(f"{p}: {p.rsplit('/', i)[0]} is a file, not a folder")
+        now = datetime.now(timezone.utc)
+        parent = ref.commit_sha if ref is not None else None
+        body = json.dumps({"repo": repo.repo_id, "parent": parent, "summary": change.summary,
+                           "description": change.description, "author": author, "time": now.isoformat(),
+                           "tree": sorted((e.path, e.git_oid) for e in tree.values())}, sort_keys=True)
+        sha = hashlib.sha1(body.encode()).hexdigest()
+        s.add(HubCommit(sha=sha, repo_pk=repo.id, parent_sha=parent, summary=change.summary,
+                        description=change.description, author=author, created_at=now,
+                        entries=[HubEntry(path=e.path, sha256=e.sha256, size=e.size, git_oid=e.git_oid, lfs=e.lfs)
+                                 for e in tree.values()]))
+        s.flush()
+        if ref is None:
+            s.add(HubRef(repo_pk=repo.id, name=DEFAULT_BRANCH, commit_sha=sha))
+        else:
+            ref.commit_sha = sha
+        return sha
+
+    # -- lookups --------------------------------------------------------------------
+    @staticmethod
+    def _repo(s, repo_id: str) -> HubRepo:
+        repo = s.scalar(select(HubRepo).where(HubRepo.repo_type == "model", HubRepo.repo_id == repo_id))
+        if repo is None:
+            raise RepoNotFound(f"repository {repo_id} not found")
+        return repo
+
+    @staticmethod
+    def _commit(s, repo: HubRepo, rev: str) -> HubCommit:
+        ref = s.get(HubRef, (repo.id, rev))
+        sha = ref.commit_sha if ref is not None else rev
+        commit = s.get(HubCommit, sha) if COMMIT_SHA.match(sha) else None
+        if commit is None or commit.repo_pk != repo.id:
+            raise RevisionNotFound(f"revision {rev!r} not found in {repo.repo_id}")
+        return commit
+
+    def list_repos(self) -> list[dict]:
+        with self.registry._read() as s:
+            out = []
+            for repo in s.scalars(select(HubRepo).order_by(HubRepo.repo_id)):
+                ref = s.get(HubRef, (repo.id, DEFAULT_BRANCH))
+                out.append({"repo_id": repo.repo_id, "private": repo.private,
+                            "sha": ref.commit_sha if ref else None})
+            return out
+
+
+def _entry(r: HubEntry) -> Entry:
+    return Entry(r.path, r.sha256, r.size, r.git_oid, r.lfs)
+
+
+def folders(entries: Iterable[Entry]) -> set[str]:
+    """Every folder that holds a file, at any depth."""
+    out: set[str] = set()
+    for e in entries:
+        parts = e.path.split("/")[:-1]
+        out.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return out
