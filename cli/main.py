@@ -510,14 +510,17 @@ def demo(quick: bool = typer.Option(False, "--quick", help="A tiny, fast build o
                                                 help="Also the learned merges (default: on, off with --quick)."),
          protection: bool = typer.Option(True, "--protect/--no-protect",
                                          help="Also protect one expert with MergeLock and merge with it."),
+         publishing: bool = typer.Option(True, "--publish/--no-publish",
+                                         help="End by pushing the best merge (protected) through a local "
+                                              "`zoo serve` and pulling it back."),
          as_json: bool = JsonOpt) -> None:
     """Build the demo zoo offline (cached), register it, merge it, and print the accuracy
     of each expert and each merge per task; then protect one expert, merge with it and
-    attack it."""
+    attack it; then publish the best merge through a local `zoo serve` and pull it back."""
     from zoo import demo as demo_mod
 
     from merge.demo import merge_demo, parity_summary
-    from protect.demo import protect_demo
+    from protect.demo import protect_demo, publish_demo
 
     cfg = demo_mod.QUICK if quick else demo_mod.FULL
     log = (lambda m: print(m, file=sys.stderr)) if as_json else print
@@ -528,10 +531,12 @@ def demo(quick: bool = typer.Option(False, "--quick", help="A tiny, fast build o
         rows = merge_demo(reg, res, log=log, learned=learned, report=report)
         locked = protect_demo(reg, res, rows, log=log, learned=learned, report=report) if protection else None
     parity = parity_summary(reg, rows, res.config.prefix)
+    published = publish_demo(reg, res, rows, log=log) if publishing else None
+    where = {"registry": str(res.registry), "store": str(res.store), "keys": str(reg.keys_dir)}
     if as_json:
         output.emit_json({"base": res.base, "experts": res.experts, "accuracy": res.accuracy, "built": res.built,
-                          "seconds": res.seconds, "registry": str(res.registry), "store": str(res.store),
-                          "table": rows, "parity": parity, "protection": locked})
+                          "seconds": res.seconds, **where, "table": rows, "parity": parity, "protection": locked,
+                          "published": published})
         return
     print()
     tasks = list(res.experts)
@@ -548,9 +553,15 @@ def demo(quick: bool = typer.Option(False, "--quick", help="A tiny, fast build o
     if locked is not None:
         print()
         _print_protection(locked, tasks)
+    if published is not None:
+        pub = published
+        print(f"\npublished {pub['merge']} ({pub['method']}) through zoo serve as {pub['pushed']} "
+              f"(MergeLock-protected) and pulled it back as {pub['pulled']}: average test accuracy "
+              f"{100 * pub['avg_before']:.1f} → {100 * pub['avg_after']:.1f} (largest change on a task "
+              f"{100 * pub['max_change']:.2f} points)")
     print(f"\nbase: {res.base}   experts: {', '.join(res.experts.values())}")
     print(f"({'built' if res.built else 'cached'}; {res.seconds:.0f} s)")
-    print(f"registry: {res.registry}\nstore:    {res.store}\ncache:    {res.cache}")
+    print(f"registry: {res.registry}\nstore:    {res.store}\nkeys:     {reg.keys_dir}\ncache:    {res.cache}")
     p = res.config.prefix
     print(f"next: `zoo list`, `zoo lineage {p}-ties`, `zoo check {p}-parity`, `zoo eval {p}-ta --task hflip`")
 

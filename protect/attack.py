@@ -71,7 +71,7 @@ def realign_checkpoint(locked: Checkpoint, base: Checkpoint, folder: Path) -> di
         return realign_tensor(att, role, t, weight, base.read_tensor(wname))
 
     digests, _, _ = stream_attention(locked, folder, fn, layout, desc="realigning")
-    return {**digests, **copy_sidecars(locked, folder)}
+    return {**digests, **copy_sidecars(locked, folder, heads=True)}
 
 
 def realign(registry: "Registry", protected: str, out: str) -> dict[str, Any]:

@@ -93,3 +93,45 @@ def protect_demo(registry: Registry, demo: DemoResult, merge_rows: list[dict[str
             summary[key]["parity_recovered"] = ((got[key, "parity"] - locked_acc) / (plain - locked_acc)
                                                 if plain > locked_acc else None)
     return {"rows": rows, "summary": summary}
+
+
+def publish_demo(registry: Registry, demo: DemoResult, merge_rows: list[dict[str, Any]],
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Serve a Hub on a free loopback port (its own registry, in a temporary folder), push
+    the best merge to it (protected on the way, as ``zoo push`` does), pull it back under
+    a new name and measure it again: the same accuracy, from the pulled bytes."""
+    import tempfile
+    from pathlib import Path
+
+    from merge.demo import measure
+    from zoo.hub_client import pull
+    from zoo.hub_server import ServeSettings, running
+    from zoo.tokens import TokenSet, create_token
+
+    from .publish import publish
+
+    tasks = list(demo.experts)
+    merges = [r for r in merge_rows if r.get("model")]
+    best = max(merges, key=lambda r: r["avg"])
+    pulled = f"{best['model']}-pulled"
+    if registry.has(pulled):  # from an earlier run's server: that commit is gone with it
+        registry.remove(pulled, force=True)
+    with tempfile.TemporaryDirectory(prefix="zoo-demo-hub-") as tmp:
+        server = Registry(Path(tmp) / "registry.db", create=True)
+        token = create_token(Path(tmp) / "registry.tokens", "demo")
+        with running(server, ServeSettings(TokenSet.load(Path(tmp) / "registry.tokens"))) as url:
+            log(f"zoo serve: a Hub on {url} (its own registry, for this demo)")
+            repo = f"demo/{best['model']}"
+            pushed = publish(registry, best["model"], repo, endpoint=url, token=token)
+            log(f"pushed {pushed['pushed']} ({pushed['kind']}) to {repo}: commit {pushed['commit'][:12]}"
+                + (f"; protected {best['model']} into it first" if pushed["protected_now"] else ""))
+            got = pull(registry, repo, name=pulled, endpoint=url, token=token)
+            log(f"pulled {repo}@{got['source']['hub_revision'][:12]} into {got['ref']} (every file checked "
+                "against its hash)")
+        server.close()
+    after = measure(registry, pulled, tasks)
+    before = {t: best[t] for t in tasks}
+    return {"merge": best["model"], "method": best["method"], "pushed": pushed["pushed"], "repo": repo,
+            "commit": pushed["commit"], "pulled": got["ref"], "before": before, "after": after,
+            "avg_before": sum(before.values()) / len(tasks), "avg_after": sum(after.values()) / len(tasks),
+            "max_change": max(abs(after[t] - before[t]) for t in tasks)}

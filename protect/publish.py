@@ -94,9 +94,11 @@ def publish(
     card = hub_card(registry, pushed, title=repo_id.split("/")[-1])
     folder = stage(registry, pushed, card)
     try:
-        kind = registry.show(pushed)["kind"]
+        info = registry.show(pushed)
+        kind = info["kind"]
+        digests = {f["path"]: f["sha256"] for f in info["files"] if f["path"] != "README.md"}
         result = push_folder(folder, repo_id, private=private, branch=branch, endpoint=endpoint, token=token,
-                             message=f"Upload {pushed} with zoo",
+                             digests=digests, message=f"Upload {pushed} with zoo",
                              description=f"{kind} model {pushed}" + (" (MergeLock-protected)"
                                                                       if kind == "protected" else ""))
     finally:

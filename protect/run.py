@@ -127,7 +127,7 @@ def protect(source: str, out: str | None = None, *, registry: "Registry | None" 
     try:
         stats = lock_checkpoint(src.ckpt, key, folder, layout=layout, shard_bytes=shard_bytes,
                                 progress=progress, label=name)
-        digests = {**stats.digests, **copy_sidecars(src.ckpt, folder)}
+        digests = {**stats.digests, **copy_sidecars(src.ckpt, folder, heads=True)}
         check = None
         if verify:
             from .verify import compare
@@ -188,7 +188,7 @@ def unlock(source: str, out: str | None = None, *, registry: "Registry | None" =
     try:
         stats = lock_checkpoint(src.ckpt, key, folder, unlock=True, layout=layout, shard_bytes=shard_bytes,
                                 progress=progress, label=name, reference=reference)
-        digests = {**stats.digests, **copy_sidecars(src.ckpt, folder)}
+        digests = {**stats.digests, **copy_sidecars(src.ckpt, folder, heads=True)}
         lines = ["---", yaml.safe_dump({"library_name": "transformers", "tags": ["zoo"]}).rstrip(), "---", "",
                  f"# {name}", "", f"Unlocked from `{src.label}` with MergeLock key `{key.key_id}`.", ""]
         digests["README.md"] = write_file(folder / "README.md", "\n".join(lines).encode())

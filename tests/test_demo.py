@@ -143,3 +143,22 @@ def test_learned_rows_of_the_demo(quick_demo):
         assert learned["objective"] == spec["parameters"].get("objective", spec["merge_method"])
         assert ("supervised" in row["method"]) == (learned["supervised"] is True)
         assert ("mask" in (info["recipe"].get("artifacts") or {})) == ("concrete" in key)  # parity keeps its start's
+
+
+def test_demo_publishes_the_best_merge_through_zoo_serve(quick_demo):
+    """The demo's last step: the best merge goes up protected and comes back with the same accuracy."""
+    work, env, first, second = quick_demo
+    pub = json.loads(second.stdout)["published"]
+    rows = {r["model"]: r for r in json.loads(second.stdout)["table"] if r.get("model")}
+    best = max(rows.values(), key=lambda r: r["avg"])
+    assert pub["merge"] == best["model"] and pub["pushed"] == f"{best['model']}-locked@1"
+    assert pub["after"] == pub["before"] and pub["max_change"] == 0
+    assert "published" in first.stdout and "(MergeLock-protected)" in first.stdout
+    for where in ("registry:", "store:", "keys:"):
+        assert where in first.stdout
+    reg = Registry(work / "registry.db")
+    pulled = reg.show(pub["pulled"])
+    assert pulled["kind"] == "protected" and pulled["source"]["hub_repo"] == pub["repo"]
+    locked = {f["path"]: f["sha256"] for f in reg.show(pub["pushed"])["files"] if f["path"] != "README.md"}
+    assert {f["path"]: f["sha256"] for f in pulled["files"] if f["path"] != "README.md"} == locked
+    assert "task_heads.safetensors" in locked  # the merge's own heads travel with it

@@ -346,6 +346,13 @@ def test_merge_card_lists_parents_and_recipe(hub, tiny, registry):
     assert front["base_model"] == ["base@1", "e0@1", "e1@1"] and front["base_model_relation"] == "merge"
     assert front["tags"] == ["zoo", "merge", "mergelock"]
     assert "merge_method: task_arithmetic" in card and "`ta@1`: merged" in card
+    # the protected merge keeps the experts' heads, and the pulled copy measures as the merge does
+    from zoo.evaluate import evaluate
+
+    pull(registry, "team/ta", endpoint=hub.url, name="ta-back")
+    assert "task_heads.safetensors" in {f["path"] for f in registry.show("ta-back")["files"]}
+    want = [r["value"] for r in evaluate(registry, "ta", ["t0", "t1"], record=False)]
+    assert [r["value"] for r in evaluate(registry, "ta-back", ["t0", "t1"], record=False)] == want
 
 
 def test_publish_refuses_what_it_cannot_protect(hub, registry, tmp_path, zoo_cli):

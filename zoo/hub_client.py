@@ -16,9 +16,11 @@ is never printed, logged or stored.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -34,6 +36,7 @@ OFFICIAL_ENDPOINT = "https://huggingface.co"
 PULL_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", "README.md")
 PUSH_REPLACES = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja"]
 TIMEOUT_ENV = "ZOO_HUB_TIMEOUT"
+READ_BYTES = 1 << 20
 
 
 class PushConflict(ZooError):
@@ -83,6 +86,12 @@ def _configure_client() -> None:
         return client
 
     _http.set_client_factory(factory)
+    # httpcore reads a response 64 KiB at a time; at GB sizes that per-read Python work,
+    # not the network, bounds a download (a 2 GB pull from zoo serve: 9.8 s -> 6.8 s).
+    from httpcore2._sync import http11
+
+    if getattr(http11.HTTP11Connection, "READ_NUM_BYTES", 0) < READ_BYTES:
+        http11.HTTP11Connection.READ_NUM_BYTES = READ_BYTES
 
 
 def _api(endpoint: str, token: str | None):
@@ -191,7 +200,9 @@ def pull(
             snapshot_download(repo_id, revision=sha, allow_patterns=[s.rfilename for s in siblings],
                               local_dir=tmp, endpoint=url, token=token)
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
-        digests = {s.rfilename: _verified(tmp / s.rfilename, s, repo_id) for s in siblings}
+        with ThreadPoolExecutor(max(1, min(len(siblings), os.cpu_count() or 1))) as pool:  # hashlib frees the GIL
+            digests = dict(zip([s.rfilename for s in siblings],
+                               pool.map(lambda s: _verified(tmp / s.rfilename, s, repo_id), siblings)))
         meta = {"hub": {"endpoint": public_url(url), "repo": repo_id, "revision": sha,
                         "card": info.card_data.to_dict() if info.card_data else None}}
         added = registry.add(tmp, name, kind, base=base, hub_repo=repo_id, hub_revision=sha, adopt=digests,
@@ -239,29 +250,45 @@ def push_folder(
     token: str | None = None,
     message: str = "Upload with zoo",
     description: str | None = None,
+    digests: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Upload ``folder`` as one commit on ``branch`` (default ``main``) of ``repo_id``.
 
     The repository is created if missing. The commit names the branch's current head
     as its parent, so a push that raced another one fails with ``PushConflict``. The
-    model files of the previous commit that this folder does not have are deleted in
+    model files of the parent commit that this folder does not have are deleted in
     the same commit, so a repository never mixes two models' shards.
+
+    This is ``upload_folder``'s commit, built here so that ``digests`` (the sha256 of
+    files the registry has already hashed) spare the client a second read of every
+    large file; the server checks each upload against its sha256 anyway.
     """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+    from huggingface_hub.errors import RepositoryNotFoundError
+
     repo_id, _ = parse_repo(repo_id)
     url = endpoint_of(endpoint)
     api = _api(url, token)
-    from huggingface_hub.errors import RepositoryNotFoundError
-
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    adds = []
+    for p in files:
+        rel = p.relative_to(folder).as_posix()
+        op = CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p))
+        if digests and rel in digests:
+            op.upload_info.sha256 = bytes.fromhex(digests[rel])
+        adds.append(op)
     with hub_errors(url, repo_id, branch), _lfs_transfers():
         try:
             parent = api.model_info(repo_id, revision=branch).sha
         except RepositoryNotFoundError:  # (an existing repository keeps its visibility)
             api.create_repo(repo_id, private=private, exist_ok=True)
             parent = api.model_info(repo_id, revision=branch).sha
-        info = api.upload_folder(folder_path=folder, repo_id=repo_id, revision=branch, parent_commit=parent,
-                                 commit_message=message, commit_description=description,
-                                 delete_patterns=PUSH_REPLACES)
-    files = [p for p in Path(folder).rglob("*") if p.is_file()]
+        ours = {op.path_in_repo for op in adds}
+        stale = [CommitOperationDelete(path_in_repo=f) for f in api.list_repo_files(repo_id, revision=parent)
+                 if f not in ours and any(fnmatch.fnmatch(f, pat) for pat in PUSH_REPLACES)]
+        info = api.create_commit(repo_id, operations=[*stale, *adds], commit_message=message,
+                                 commit_description=description, revision=branch, parent_commit=parent)
     return {"repo_id": repo_id, "endpoint": public_url(url), "branch": branch or "main", "parent": parent,
             "commit": info.oid, "unchanged": info.oid == parent, "url": info.commit_url, "files": len(files),
             "bytes": sum(p.stat().st_size for p in files)}

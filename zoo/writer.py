@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from .checkpoint import DTYPE_SIZES, Checkpoint
+from .checkpoint import DTYPE_SIZES, HEADS_FILE, Checkpoint
 from .errors import AlreadyExists, StorageError, ZooError
 from .names import validate_name
 from .store import DISK_FULL
@@ -190,12 +190,16 @@ def write_file(path: Path, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def copy_sidecars(src: Checkpoint, folder: Path) -> dict[str, str]:
+def copy_sidecars(src: Checkpoint, folder: Path, heads: bool = False) -> dict[str, str]:
     """Copy ``config.json``, the tokenizer files and the like (not the weights, their
-    index or the model card) from ``src`` into ``folder``; return their sha256."""
+    index or the model card) from ``src`` into ``folder``; return their sha256.
+
+    ``heads`` also copies a merge's unmerged task heads (``task_heads.safetensors``):
+    for a transform of the same model (MergeLock leaves the heads as they are), not for
+    a new merge, which writes its own."""
     out = {}
     for name, path in src.files.items():
-        if name in SKIP_SIDECARS or name.endswith(".safetensors"):
+        if name in SKIP_SIDECARS or (name.endswith(".safetensors") and not (heads and name == HEADS_FILE)):
             continue
         out[name] = write_file(folder / name, path.read_bytes())
     return out
