@@ -81,7 +81,9 @@ def test_second_run_reuses_the_cache(quick_demo):
     assert sorted(m["name"] for m in reg.list(kind="merged")) == sorted(
         [f"{p}-ta", f"{p}-ties"] + [f"{p}-{m}-{tag}-digit" for m in ("ta", "ties") for tag in ("protected", "realigned")])
     # the protection step: the locked expert and the attack's result, reused, and the summary
-    assert [m["name"] for m in reg.list(kind="protected")] == [f"{p}-digit-locked"]
+    best = json.loads(second.stdout)["published"]["merge"]  # and the publishing step's protected merge
+    assert sorted(m["name"] for m in reg.list(kind="protected")) == sorted(
+        [f"{p}-digit-locked", f"{best}-locked", f"{best}-pulled"])
     assert reg.key(f"{p}-digit-locked") is not None
     prot = res["protection"]["summary"]
     assert prot["victim"] == "digit" and prot["verify"]["passed"]

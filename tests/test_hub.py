@@ -503,6 +503,22 @@ def test_pull_refuses_pickles_and_checks_hashes(hub, folder, tmp_path, registry)
     assert db_dump(registry.path) == before and not list(registry.store.tmp.iterdir())
 
 
+def test_a_push_replaces_the_previous_model_files(hub, tmp_path, registry):
+    """A sharded model, then a single-file one, into one repository: no stale shard remains."""
+    from conftest import llama
+
+    registry.add(llama(tmp_path / "sharded", shard="30KB"), "sharded", "base")
+    registry.add(llama(tmp_path / "single", seed=1), "single", "base")
+    first = push_folder(registry.model_dir("sharded"), "team/m", endpoint=hub.url, token=hub.write)
+    files = set(hub.api().list_repo_files("team/m"))
+    assert "model.safetensors.index.json" in files and sum(f.startswith("model-0") for f in files) > 1
+    second = push_folder(registry.model_dir("single"), "team/m", endpoint=hub.url, token=hub.write)
+    assert second["parent"] == first["commit"]
+    assert set(hub.api().list_repo_files("team/m")) == {".gitattributes", "config.json", "generation_config.json",
+                                                        "model.safetensors"}
+    assert set(hub.api().list_repo_files("team/m", revision=first["commit"])) == files  # history kept
+
+
 def test_removing_a_model_keeps_the_blobs_a_served_repo_uses(tmp_path, folder):
     reg = Registry(tmp_path / "shared.db", create=True)
     token_file = tmp_path / "shared.tokens"
