@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# merge_vs_mergekit.py needs the 1B family and a mergekit venv: see bench/RESULTS.md.
+# merge_vs_mergekit.py and hub_transfer.py need the 1B family (and a mergekit venv): see bench/RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python bench/add_throughput.py
 	$(BIN)/python bench/list_10k.py
