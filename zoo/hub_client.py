@@ -20,6 +20,7 @@ import fnmatch
 import hashlib
 import os
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -143,18 +144,30 @@ def hub_errors(endpoint: str, repo_id: str, revision: str | None = None) -> Iter
         raise ZooError(f"cannot download {repo_id} from {where}: {str(e).splitlines()[0]}") from None
 
 
+_xet_lock = threading.Lock()
+_xet_users = [0, False]  # pushes in flight, and the setting they found
+
+
 @contextlib.contextmanager
 def _lfs_transfers() -> Iterator[None]:
     """Push through Git LFS, not Xet: one commit on its parent, and the only large-file
-    protocol ``zoo serve`` speaks. (Xet uploads may split a folder into several commits.)"""
+    protocol ``zoo serve`` speaks. (Xet uploads may split a folder into several commits.)
+    huggingface_hub reads the switch from a module constant: concurrent pushes share it,
+    and the last one to finish puts it back."""
     from huggingface_hub import constants
 
-    before = constants.HF_HUB_DISABLE_XET
-    constants.HF_HUB_DISABLE_XET = True
+    with _xet_lock:
+        if _xet_users[0] == 0:
+            _xet_users[1] = constants.HF_HUB_DISABLE_XET
+        _xet_users[0] += 1
+        constants.HF_HUB_DISABLE_XET = True
     try:
         yield
     finally:
-        constants.HF_HUB_DISABLE_XET = before
+        with _xet_lock:
+            _xet_users[0] -= 1
+            if _xet_users[0] == 0:
+                constants.HF_HUB_DISABLE_XET = _xet_users[1]
 
 
 # -- pull ----------------------------------------------------------------------------------

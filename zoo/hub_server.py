@@ -103,10 +103,10 @@ class HubApp:
             raise HubError(f"token {holder.name!r} is read-only", status=403, code="Forbidden")
         return holder
 
-    def need_read(self, request: Request, repo_id: str | None = None) -> None:
+    async def need_read(self, request: Request, repo_id: str | None = None) -> None:
         private = not self.settings.open_reads
         if not private and repo_id is not None:
-            private = self.repos.is_private(repo_id)
+            private = await run_in_threadpool(self.repos.is_private, repo_id)
         if private and self.holder(request) is None:
             # As the Hub does: a private repository is not found without a token.
             raise RepoNotFound(f"repository {repo_id or ''} not found, or it needs a token of this server",
@@ -197,14 +197,14 @@ class HubApp:
         return JSONResponse({"url": url, "name": repo_id, "id": repo_id})
 
     async def list_repos(self, request: Request) -> Response:
-        self.need_read(request)
+        await self.need_read(request)
         repos = await run_in_threadpool(self.repos.list_repos)
         visible = self.holder(request) is not None
         return JSONResponse([{"id": r["repo_id"], "modelId": r["repo_id"], "sha": r["sha"], "private": r["private"]}
                              for r in repos if visible or not r["private"]])
 
     async def model_info(self, request: Request, repo_id: str, rev: str) -> Response:
-        self.need_read(request, repo_id)
+        await self.need_read(request, repo_id)
         revision = await run_in_threadpool(self.repos.revision, repo_id, rev)
         entries = await run_in_threadpool(self.repos.entries, repo_id, revision.sha)
         card = await run_in_threadpool(self._card_data, entries)
@@ -228,7 +228,7 @@ class HubApp:
         return meta if isinstance(meta, dict) else {}
 
     async def tree(self, request: Request, repo_id: str, rev: str, path: str) -> Response:
-        self.need_read(request, repo_id)
+        await self.need_read(request, repo_id)
         recursive = request.query_params.get("recursive", "").lower() in ("1", "true")
         revision = await run_in_threadpool(self.repos.revision, repo_id, rev)
         entries = await run_in_threadpool(self.repos.entries, repo_id, revision.sha)
@@ -387,7 +387,7 @@ class HubApp:
     # -- downloads -------------------------------------------------------------------
     async def resolve(self, request: Request, repo_id: str, rev: str, path: str) -> Response:
         check_repo_id(repo_id)
-        self.need_read(request, repo_id)
+        await self.need_read(request, repo_id)
         revision = await run_in_threadpool(self.repos.revision, repo_id, rev)
         try:
             entry = await run_in_threadpool(self.repos.entry, repo_id, revision.sha, path)
@@ -435,8 +435,14 @@ def front_matter(text: str) -> Any:
     return yaml.safe_load(text[3:end])
 
 
-async def json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+async def json_body(request: Request, limit: int = 16 * 1024 * 1024) -> dict[str, Any]:
+    """A JSON object body, refused past ``limit`` bytes rather than buffered whole."""
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise HubError(f"request body over {limit >> 20} MiB", status=413, code="PayloadTooLarge")
+    raw = bytes(buf)
     try:
         body = json.loads(raw or b"{}")
     except ValueError:
