@@ -209,7 +209,7 @@ def pull(
         raise AlreadyExists(f"a model named {name!r} already exists; pass --name to pull under another name")
     tmp = registry.store.temp_path(".pull")
     try:
-        with hub_errors(url, repo_id, revision):
+        with hub_errors(url, repo_id, revision), _flushing(tmp):
             snapshot_download(repo_id, revision=sha, allow_patterns=[s.rfilename for s in siblings],
                               local_dir=tmp, endpoint=url, token=token)
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
@@ -223,6 +223,39 @@ def pull(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**registry.show(added["ref"]), "pulled": True}
+
+
+@contextlib.contextmanager
+def _flushing(folder: Path, every: float = 0.2) -> Iterator[None]:
+    """While the block runs, keep writing the files growing under ``folder`` to disk.
+
+    The download is written by huggingface_hub; flushing it as it lands lets the disk
+    work alongside the network instead of after it, and a pulled model is on disk
+    (``_verified`` fsyncs each file) before the registry lists it.
+    """
+    done = threading.Event()
+
+    def flush() -> None:
+        while not done.wait(every):
+            for p in [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []:
+                try:
+                    fd = os.open(p, os.O_RDONLY)
+                except OSError:
+                    continue  # renamed or removed meanwhile
+                try:
+                    os.fdatasync(fd)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+
+    t = threading.Thread(target=flush, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
 
 
 def _kind_from_card(info) -> str:
@@ -249,6 +282,11 @@ def _verified(path: Path, sibling, repo_id: str) -> str:
     if not ok:
         raise ZooError(f"{repo_id}: {sibling.rfilename} does not match the hash the Hub lists for it; "
                        "nothing was registered")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
     return digest
 
 
