@@ -578,16 +578,36 @@ def test_zoo_serve_command_with_cli_push_and_pull(tmp_path, subprocess_env, tiny
         token = subprocess.run([sys.executable, "-m", "cli.main", "token", "create", "--name", "ci"], env=env,
                                capture_output=True, text=True, check=True).stdout.strip()
         os.environ["HF_TOKEN"] = token
+        said = []
         try:
-            code, out, err = zoo_cli("--registry", registry.path, "push", "e2", "team/e2", "--endpoint", url)
+            code, out, err = zoo_cli("--registry", registry.path, "push", "e2", "team/e2", "--endpoint", url,
+                                     "--private")
+            said += [out, err]
             assert code == 0 and "protected e2@1 as e2-locked@1" in out and "pushed e2-locked@1 (protected" in out
             code, out, err = zoo_cli("--registry", registry.path, "pull", "team/e2", "--endpoint", url,
                                      "--name", "e2-pulled", "--json")
+            said += [out, err]
             assert code == 0 and json.loads(out)["kind"] == "protected"
             code, out, err = zoo_cli("--registry", registry.path, "pull", "team/e2", "--endpoint", url)
+            said += [out, err]
             assert code == 0 and "nothing to do" in out
         finally:
             del os.environ["HF_TOKEN"]
+        assert not any(token in x for x in said)
+        # huggingface_hub's stored login is honoured: the repository is private, HF_TOKEN unset
+        hf_home = tmp_path / "hf_home"
+        hf_home.mkdir()
+        (hf_home / "token").write_text(token)
+        penv = {k: v for k, v in subprocess_env.items() if k != "HF_TOKEN"}
+        penv.update(HF_HOME=str(hf_home), ZOO_REGISTRY=str(tmp_path / "other.db"))
+        r = subprocess.run([sys.executable, "-m", "cli.main", "pull", "team/e2", "--endpoint", url], env=penv,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "pulled team/e2@" in r.stdout, r.stderr
+        assert token not in r.stdout + r.stderr
+        (hf_home / "token").unlink()
+        r = subprocess.run([sys.executable, "-m", "cli.main", "pull", "team/e2", "--endpoint", url, "--name", "x"],
+                           env=penv, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and "not found" in r.stderr and "HF_TOKEN" in r.stderr
         assert token not in (tmp_path / "srv" / "registry.tokens").read_text()
         assert token not in "".join(db_dump(registry.path)) and token not in "".join(db_dump(server_db))
     finally:
