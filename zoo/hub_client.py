@@ -30,7 +30,7 @@ from .errors import AlreadyExists, ZooError
 from .hub_repos import git_blob_oid
 from .progress import ProgressFactory
 from .registry import Registry
-from .store import hash_file
+from .store import datasync, hash_file
 
 OFFICIAL_ENDPOINT = "https://huggingface.co"
 # Top-level files a checkpoint is made of; everything else in a repository stays there.
@@ -243,7 +243,7 @@ def _flushing(folder: Path, every: float = 0.2) -> Iterator[None]:
                 except OSError:
                     continue  # renamed or removed meanwhile
                 try:
-                    os.fdatasync(fd)
+                    datasync(fd)
                 except OSError:
                     pass
                 finally:
@@ -284,7 +284,7 @@ def _verified(path: Path, sibling, repo_id: str) -> str:
                        "nothing was registered")
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fdatasync(fd)
+        datasync(fd)
     finally:
         os.close(fd)
     return digest

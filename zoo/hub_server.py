@@ -54,6 +54,7 @@ from .hub_repos import (
     folders,
 )
 from .registry import Registry
+from .store import datasync, start_writeback
 from .tokens import Holder, TokenSet
 
 log = logging.getLogger("zoo.serve")
@@ -510,10 +511,10 @@ async def receive_to_file(chunks: AsyncIterator[bytes], path: Path, limit: int) 
                         n -= len(batch.pop(0))
                     if n:
                         batch[0] = batch[0][n:]
-                # Start writing this block to disk now (Linux: DONTNEED starts writeback of dirty
-                # pages without waiting), so the fsync before the blob is accepted finds little left.
-                os.posix_fadvise(fd, start, written - start, os.POSIX_FADV_DONTNEED)
-            os.fdatasync(fd)
+                # start writing this block to disk now, so the sync before the blob is
+                # accepted finds little left
+                start_writeback(fd, start, written - start)
+            datasync(fd)
         except BaseException as e:  # reported to the receiving side
             failure.append(e)
             while todo.get() is not None:
