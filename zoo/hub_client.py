@@ -95,7 +95,22 @@ def _configure_client() -> None:
         http11.HTTP11Connection.READ_NUM_BYTES = READ_BYTES
 
 
-def _api(endpoint: str, token: str | None):
+def _token_for(endpoint: str, token: str | None) -> str | bool | None:
+    """The token to send. One given explicitly goes where it is told; otherwise
+    huggingface_hub's own (``$HF_TOKEN``, else the stored login) is used, except that a
+    Hugging Face token (``hf_...``) never travels over plain http, where anyone on the
+    way could read it: a server on http gets no token unless it is its own."""
+    if token is not None:
+        return token
+    from huggingface_hub import get_token
+
+    implicit = get_token()
+    if implicit and implicit.startswith("hf_") and urlsplit(endpoint).scheme != "https":
+        return False
+    return None
+
+
+def _api(endpoint: str, token: str | bool | None):
     from huggingface_hub import HfApi
 
     _configure_client()
@@ -191,6 +206,7 @@ def pull(
 
     repo_id, revision = parse_repo(repo)
     url = endpoint_of(endpoint)
+    token = _token_for(url, token)
     api = _api(url, token)
     with hub_errors(url, repo_id, revision):
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
@@ -316,10 +332,11 @@ def push_folder(
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
     from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.hf_api import RepoFile
 
     repo_id, _ = parse_repo(repo_id)
     url = endpoint_of(endpoint)
-    api = _api(url, token)
+    api = _api(url, _token_for(url, token))
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     adds = []
@@ -335,11 +352,25 @@ def push_folder(
         except RepositoryNotFoundError:  # (an existing repository keeps its visibility)
             api.create_repo(repo_id, private=private, exist_ok=True)
             parent = api.model_info(repo_id, revision=branch).sha
+        remote = {f.path: f for f in api.list_repo_tree(repo_id, revision=parent, recursive=True)
+                  if isinstance(f, RepoFile)}
         ours = {op.path_in_repo for op in adds}
-        stale = [CommitOperationDelete(path_in_repo=f) for f in api.list_repo_files(repo_id, revision=parent)
-                 if f not in ours and any(fnmatch.fnmatch(f, pat) for pat in PUSH_REPLACES)]
-        info = api.create_commit(repo_id, operations=[*stale, *adds], commit_message=message,
-                                 commit_description=description, revision=branch, parent_commit=parent)
+        stale = [CommitOperationDelete(path_in_repo=f) for f in remote  # top-level model files only
+                 if f not in ours and "/" not in f and any(fnmatch.fnmatch(f, pat) for pat in PUSH_REPLACES)]
+        same = not stale and all(_same(folder / op.path_in_repo, remote.get(op.path_in_repo), digests) for op in adds)
+        info = None if same else api.create_commit(repo_id, operations=[*stale, *adds], commit_message=message,
+                                                   commit_description=description, revision=branch,
+                                                   parent_commit=parent)
+    commit = info.oid if info is not None else parent  # nothing to commit: the branch already holds it
     return {"repo_id": repo_id, "endpoint": public_url(url), "branch": branch or "main", "parent": parent,
-            "commit": info.oid, "unchanged": info.oid == parent, "url": info.commit_url, "files": len(files),
-            "bytes": sum(p.stat().st_size for p in files)}
+            "commit": commit, "unchanged": info is None, "url": f"{public_url(url)}/{repo_id}/commit/{commit}",
+            "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+
+
+def _same(path: Path, remote, digests: dict[str, str] | None) -> bool:
+    """Whether the branch already holds exactly this file at this path."""
+    if remote is None or remote.size != path.stat().st_size:
+        return False
+    if remote.lfs is not None:
+        return ((digests or {}).get(remote.path) or hash_file(path)[0]) == remote.lfs.sha256
+    return git_blob_oid(path.read_bytes()) == remote.blob_id

@@ -157,15 +157,13 @@ class HubRepos:
         check_repo_id(repo_id)
         change = Change(summary="initial commit", files={".gitattributes": self.stage(GITATTRIBUTES)})
         try:
-            with self.registry._store_lock(exclusive=False):
-                adds = self._seal(change)
-                with self.registry._write() as s:
-                    if s.scalar(select(HubRepo.id).where(HubRepo.repo_type == "model", HubRepo.repo_id == repo_id)):
-                        return False
-                    repo = HubRepo(repo_type="model", repo_id=repo_id, private=private)
-                    s.add(repo)
-                    s.flush()
-                    self._record(s, repo, None, change, adds, [], author)
+            with self.registry._store_lock(exclusive=False), self.registry._write() as s:
+                if s.scalar(select(HubRepo.id).where(HubRepo.repo_type == "model", HubRepo.repo_id == repo_id)):
+                    return False
+                repo = HubRepo(repo_type="model", repo_id=repo_id, private=private)
+                s.add(repo)
+                s.flush()
+                self._record(s, repo, None, change, [], author)
         except IntegrityError:
             return False
         finally:
@@ -191,6 +189,13 @@ class HubRepos:
                 raise EntryNotFound(f"{path} not found in {repo_id} at {sha}")
             return _entry(row)
 
+    def repo_blob_size(self, repo_id: str, sha256: str) -> int | None:
+        """The size of a blob some commit of ``repo_id`` holds (None when none does)."""
+        with self.registry._read() as s:
+            repo = self._repo(s, repo_id)
+            return s.scalar(select(HubEntry.size).join(HubCommit, HubCommit.sha == HubEntry.commit_sha)
+                            .where(HubCommit.repo_pk == repo.id, HubEntry.sha256 == sha256).limit(1))
+
     def blob(self, entry: Entry) -> Path:
         return self.store.path(entry.sha256)
 
@@ -214,19 +219,19 @@ class HubRepos:
         if COMMIT_SHA.match(branch):
             raise HubError(f"cannot commit to a commit sha ({branch}); commit to a branch such as 'main'",
                            code="RevisionNotFound")
+        if change.parent is not None and not (isinstance(change.parent, str) and COMMIT_SHA.match(change.parent)):
+            raise HubError(f"parentCommit must be a 40-hex commit sha, not {change.parent!r}")
         try:
-            with self.registry._store_lock(exclusive=False):
-                adds = self._seal(change)
-                with self.registry._write() as s:
-                    repo = self._repo(s, repo_id)
-                    ref = s.get(HubRef, (repo.id, branch))
-                    if ref is None:
-                        raise RevisionNotFound(f"branch {branch!r} not found in {repo_id}")
-                    if change.parent is not None and change.parent != ref.commit_sha:
-                        raise Conflict(f"A commit has happened since {change.parent[:12]} on {repo_id}@{branch} "
-                                       f"(now {ref.commit_sha[:12]}); refresh and try again")
-                    old = s.scalars(select(HubEntry).where(HubEntry.commit_sha == ref.commit_sha)).all()
-                    return self._record(s, repo, ref, change, adds, [_entry(r) for r in old], author)
+            with self.registry._store_lock(exclusive=False), self.registry._write() as s:
+                repo = self._repo(s, repo_id)
+                ref = s.get(HubRef, (repo.id, branch))
+                if ref is None:
+                    raise RevisionNotFound(f"branch {branch!r} not found in {repo_id}")
+                if change.parent is not None and change.parent != ref.commit_sha:
+                    raise Conflict(f"A commit has happened since {change.parent[:12]} on {repo_id}@{branch} "
+                                   f"(now {ref.commit_sha[:12]}); refresh and try again")
+                old = s.scalars(select(HubEntry).where(HubEntry.commit_sha == ref.commit_sha)).all()
+                return self._record(s, repo, ref, change, [_entry(r) for r in old], author)
         finally:
             change.discard()
 
@@ -254,8 +259,14 @@ class HubRepos:
             adds[path] = Entry(path, digest, len(data), git_blob_oid(data), lfs=False)
         return adds
 
-    def _record(self, s, repo: HubRepo, ref: HubRef | None, change: Change, adds: dict[str, Entry],
-                old: list[Entry], author: str | None) -> str:
+    def _record(self, s, repo: HubRepo, ref: HubRef | None, change: Change, old: list[Entry],
+                author: str | None) -> str:
+        """Check the change against the parent's tree, then store its files and record it.
+
+        Files are sealed into the store only once the change is known to apply, so a
+        refused commit leaves no blob behind; the caller holds the store lock, so no
+        blob checked here can be removed before the commit references it.
+        """
         tree = {e.path: e for e in old}
         for path in change.deleted_files:
             if tree.pop(check_path(path), None) is None:
@@ -264,11 +275,12 @@ class HubRepos:
             prefix = check_path(folder.rstrip("/")) + "/"
             for p in [p for p in tree if p.startswith(prefix)]:
                 del tree[p]
-        tree.update(adds)
-        for p in tree:  # a file may not also be a folder
+        paths = set(tree) | set(change.files) | set(change.lfs)
+        for p in paths:  # a file may not also be a folder
             for i in range(1, p.count("/") + 1):
-                if p.rsplit("/", i)[0] in tree:
+                if p.rsplit("/", i)[0] in paths:
                     raise HubError(f"{p}: {p.rsplit('/', i)[0]} is a file, not a folder")
+        tree.update(self._seal(change))
         now = datetime.now(timezone.utc)
         parent = ref.commit_sha if ref is not None else None
         body = json.dumps({"repo": repo.repo_id, "parent": parent, "summary": change.summary,

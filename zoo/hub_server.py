@@ -32,12 +32,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import yaml
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
@@ -54,7 +54,7 @@ from .hub_repos import (
     folders,
 )
 from .registry import Registry
-from .store import datasync, start_writeback
+from .store import DISK_FULL, datasync, start_writeback
 from .tokens import Holder, TokenSet
 
 log = logging.getLogger("zoo.serve")
@@ -63,7 +63,10 @@ LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub's own cut: larger files go through L
 MAX_INLINE_LINE = 64 * 1024 * 1024  # one NDJSON line (an inline file, base64)
 BLOCK = 4 * 1024 * 1024  # upload bytes are handed to the writer thread in blocks this big
 UPLOAD_TTL = 3600  # seconds a signed upload URL stays valid
-KEYWORDS = {"revision", "tree", "preupload", "commit", "paths-info", "xet-write-token", "xet-read-token"}
+CARD_LIMIT = 1024 * 1024  # model cards parsed for validate-yaml and model info
+KEYWORDS = {"revision", "tree", "preupload", "commit", "xet-write-token", "xet-read-token"}
+UNSUPPORTED = {"paths-info", "commits", "refs", "branch", "tag", "discussions", "settings", "resolve-cache",
+               "compare", "super-squash", "treesize", "notebook", "scan"}
 JSON_LFS = "application/vnd.git-lfs+json"
 
 
@@ -88,6 +91,10 @@ class HubApp:
         self.repos = HubRepos(registry)
         self.settings = settings
         self.secret = secrets.token_bytes(32)  # signs upload URLs; new for each server run
+        # (repo, oid) uploaded through this server and not yet committed: a commit may name
+        # an LFS object only if it is here or already in that repository's history, so a
+        # write token cannot reach (or probe for) blobs of other repositories or models
+        self.uploads: dict[tuple[str, str], float] = {}
 
     # -- auth ------------------------------------------------------------------------
     def holder(self, request: Request) -> Holder | None:
@@ -124,6 +131,9 @@ class HubApp:
             return error(e.status, e.code, str(e))
         except ZooError as e:
             return error(400, "BadRequest", str(e))
+        except ClientDisconnect:
+            log.info("%s %s: the client went away mid-request; nothing was kept", method, request.url.path)
+            return Response(status_code=400)
 
     async def _route(self, request: Request, method: str, parts: list[str]) -> Response:
         if parts[:1] == ["api"]:
@@ -152,12 +162,16 @@ class HubApp:
         raise HubError(f"no route for {method} /{'/'.join(parts)}", status=404, code="NotFound")
 
     async def _repo_api(self, request: Request, method: str, rest: list[str]) -> Response:
-        if len(rest) >= 3 and rest[2] in KEYWORDS:
+        verbs = KEYWORDS | UNSUPPORTED
+        if len(rest) >= 3 and rest[2] in verbs:
             repo_id, verb, args = "/".join(rest[:2]), rest[2], rest[3:]
-        elif len(rest) >= 2 and rest[1] in KEYWORDS:
+        elif len(rest) >= 2 and rest[1] in verbs:
             repo_id, verb, args = rest[0], rest[1], rest[2:]
         else:
             repo_id, verb, args = "/".join(rest), "", []
+        if verb in UNSUPPORTED:
+            raise HubError(f"zoo serve does not serve /{verb} (no pull requests, branches, tags, commit "
+                           "listings or copies)", status=501, code="NotImplemented")
         check_repo_id(repo_id)
         rev = args[0] if args else DEFAULT_BRANCH
         if verb in ("", "revision") and method == "GET":
@@ -219,7 +233,7 @@ class HubApp:
         })
 
     def _card_data(self, entries: list[Entry]) -> dict[str, Any]:
-        readme = next((e for e in entries if e.path == "README.md" and e.size < 1 << 20), None)
+        readme = next((e for e in entries if e.path == "README.md" and e.size < CARD_LIMIT), None)
         if readme is None:
             return {}
         try:
@@ -266,9 +280,14 @@ class HubApp:
         revision = await run_in_threadpool(self.repos.revision, repo_id, rev)
         current = {e.path: e for e in await run_in_threadpool(self.repos.entries, repo_id, revision.sha)}
         files = []
-        for f in body.get("files") or []:
-            path = check_path(str(f.get("path")))
-            size = int(f.get("size") or 0)
+        entries = body.get("files")
+        if not isinstance(entries, list):
+            raise HubError("preupload needs a list of files")
+        for f in entries:
+            if not isinstance(f, dict) or not isinstance(f.get("path"), str) or not isinstance(f.get("size", 0), int):
+                raise HubError("each preupload file needs a path and an integer size")
+            path = check_path(f["path"])
+            size = f.get("size") or 0
             lfs = size >= self.settings.lfs_threshold
             have = current.get(path)
             oid = (have.sha256 if have.lfs else have.git_oid) if have is not None and have.lfs == lfs else None
@@ -283,36 +302,48 @@ class HubApp:
         body = await json_body(request)
         if body.get("operation") != "upload":
             raise HubError("the LFS batch API of zoo serve takes uploads; download through /resolve")
+        objects = body.get("objects")
+        if not isinstance(objects, list):
+            raise HubError("an LFS batch needs a list of objects")
+        now = time.time()
+        self.uploads = {k: t for k, t in self.uploads.items() if now - t < 2 * UPLOAD_TTL}
         out = []
-        for obj in body.get("objects") or []:
-            oid, size = str(obj.get("oid", "")), obj.get("size")
+        for obj in objects:
+            oid, size = (str(obj.get("oid", "")), obj.get("size")) if isinstance(obj, dict) else ("", None)
             if len(oid) != 64 or not all(c in "0123456789abcdef" for c in oid) or not isinstance(size, int) \
                     or size < 0:
                 out.append({"oid": oid, "size": size if isinstance(size, int) else 0,
                             "error": {"code": 422, "message": "oid must be a sha256 hex digest and size an int"}})
                 continue
-            blob = self.registry.store.path(oid)
-            if blob.is_file() and blob.stat().st_size == size:
-                out.append({"oid": oid, "size": size})  # already stored: nothing to upload
+            if await self._known(repo_id, oid) == size:
+                out.append({"oid": oid, "size": size})  # this repository has it: nothing to upload
                 continue
-            expires = int(time.time()) + UPLOAD_TTL
-            sig = self._sign(oid, size, expires)
-            href = f"{base_url(request)}/api/lfs-upload/{oid}?size={size}&expires={expires}&sig={sig}"
+            expires = int(now) + UPLOAD_TTL
+            sig = self._sign(repo_id, oid, size, expires)
+            href = (f"{base_url(request)}/api/lfs-upload/{oid}?repo={quote(repo_id, safe='')}&size={size}"
+                    f"&expires={expires}&sig={sig}")
             out.append({"oid": oid, "size": size, "authenticated": True,
                         "actions": {"upload": {"href": href, "expires_in": UPLOAD_TTL}}})
         return JSONResponse({"transfer": "basic", "objects": out, "hash_algo": "sha256"}, media_type=JSON_LFS)
 
-    def _sign(self, oid: str, size: int, expires: int) -> str:
-        return hmac.new(self.secret, f"{oid}:{size}:{expires}".encode(), hashlib.sha256).hexdigest()
+    async def _known(self, repo_id: str, oid: str) -> int | None:
+        """The size of an LFS object this repository may commit without uploading it."""
+        if (repo_id, oid) in self.uploads:
+            return self.registry.store.path(oid).stat().st_size if self.registry.store.has(oid) else None
+        return await run_in_threadpool(self.repos.repo_blob_size, repo_id, oid)
+
+    def _sign(self, repo_id: str, oid: str, size: int, expires: int) -> str:
+        return hmac.new(self.secret, f"{repo_id}\0{oid}\0{size}\0{expires}".encode(), hashlib.sha256).hexdigest()
 
     async def lfs_put(self, request: Request, oid: str) -> Response:
         q = request.query_params
         try:
-            size, expires = int(q["size"]), int(q["expires"])
+            repo_id, size, expires = q["repo"], int(q["size"]), int(q["expires"])
         except (KeyError, ValueError):
-            raise HubError("upload URL is missing its size or expiry; ask the LFS batch API for a new one",
-                           status=403, code="Forbidden") from None
-        if not hmac.compare_digest(self._sign(oid, size, expires), q.get("sig", "")) or expires < time.time():
+            raise HubError("upload URL is missing its repository, size or expiry; ask the LFS batch API for a "
+                           "new one", status=403, code="Forbidden") from None
+        if not hmac.compare_digest(self._sign(repo_id, oid, size, expires), q.get("sig", "")) \
+                or expires < time.time():
             raise HubError("upload URL is invalid or expired; ask the LFS batch API for a new one",
                            status=403, code="Forbidden")
         store = self.registry.store
@@ -322,10 +353,15 @@ class HubApp:
             if got != size or digest != oid:
                 raise HubError(f"uploaded content does not match its oid (got {got} bytes, sha256 {digest[:12]})",
                                status=400, code="BadRequest")
-            await run_in_threadpool(store.adopt, tmp, digest)
+            await run_in_threadpool(self._adopt, tmp, digest)
         finally:
             tmp.unlink(missing_ok=True)
+        self.uploads[repo_id, oid] = time.time()
         return Response(status_code=200)
+
+    def _adopt(self, tmp: Path, digest: str) -> None:
+        with self.registry._store_lock(exclusive=False):  # not while `zoo rm` removes blobs
+            self.registry.store.adopt(tmp, digest)
 
     async def commit(self, request: Request, repo_id: str, branch: str) -> Response:
         holder = self.need_write(request)
@@ -338,7 +374,15 @@ class HubApp:
                 await run_in_threadpool(self._commit_line, change, line)
             if not change.summary:
                 raise HubError("a commit needs a header line with a summary")
+            for path, (oid, size) in list(change.lfs.items()):
+                known = await self._known(repo_id, oid)
+                if known is None or (size is not None and size != known):
+                    raise HubError(f"{path}: its content (sha256 {oid[:12]}) was not uploaded to {repo_id}; "
+                                   "upload it through the LFS batch API first")
+                change.lfs[path] = (oid, known)
             sha = await run_in_threadpool(self.repos.commit, repo_id, branch, change, holder.name)
+            for oid, _ in change.lfs.values():
+                self.uploads.pop((repo_id, oid), None)
         finally:
             change.discard()
         return JSONResponse({"commitUrl": f"{base_url(request)}/{repo_id}/commit/{sha}", "commitOid": sha,
@@ -352,6 +396,8 @@ class HubApp:
             change.summary = str(value.get("summary") or "")
             change.description = str(value.get("description") or "")
             change.parent = value.get("parentCommit")
+            if change.parent is not None and not isinstance(change.parent, str):
+                raise HubError("parentCommit must be a commit sha")
         elif key == "file":
             path = check_path(str(value.get("path")))
             if value.get("encoding", "base64") != "base64":
@@ -363,11 +409,10 @@ class HubApp:
             change.files[path] = self.repos.stage(data)
         elif key == "lfsFile":
             path = check_path(str(value.get("path")))
-            oid, size = str(value.get("oid")), value.get("size")
-            if size is None:  # copies name only the oid
-                blob = self.registry.store.path(oid)
-                size = blob.stat().st_size if len(oid) == 64 and blob.is_file() else -1
-            change.lfs[path] = (oid, int(size))
+            oid, size = str(value.get("oid")), value.get("size")  # copies name only the oid
+            if size is not None and (not isinstance(size, int) or size < 0):
+                raise HubError(f"{path}: size must be a non-negative integer")
+            change.lfs[path] = (oid, size)
         elif key == "deletedFile":
             change.deleted_files.append(check_path(str(value.get("path"))))
         elif key == "deletedFolder":
@@ -376,9 +421,9 @@ class HubApp:
             raise HubError(f"unknown commit operation {key!r}")
 
     async def validate_yaml(self, request: Request) -> Response:
-        body = await json_body(request)
+        body = await json_body(request, limit=CARD_LIMIT)  # open to all: small, and parsed off the loop
         try:
-            meta = front_matter(str(body.get("content") or ""))
+            meta = await run_in_threadpool(front_matter, str(body.get("content") or ""))
             if meta is not None and not isinstance(meta, dict):
                 raise ValueError("the front matter must be a mapping")
         except (yaml.YAMLError, ValueError) as e:
@@ -496,7 +541,7 @@ async def receive_to_file(chunks: AsyncIterator[bytes], path: Path, limit: int) 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
     def writer() -> None:
-        written = 0
+        written, ended = 0, False
         try:
             while (batch := todo.get()) is not None:
                 for chunk in batch:
@@ -514,10 +559,11 @@ async def receive_to_file(chunks: AsyncIterator[bytes], path: Path, limit: int) 
                 # start writing this block to disk now, so the sync before the blob is
                 # accepted finds little left
                 start_writeback(fd, start, written - start)
+            ended = True
             datasync(fd)
         except BaseException as e:  # reported to the receiving side
             failure.append(e)
-            while todo.get() is not None:
+            while not ended and todo.get() is not None:  # let the receiving side finish handing over
                 pass
 
     t = threading.Thread(target=writer, daemon=True)
@@ -551,12 +597,18 @@ async def receive_to_file(chunks: AsyncIterator[bytes], path: Path, limit: int) 
         await asyncio.to_thread(t.join)
         os.close(fd)
     if failure:
-        raise ZooError(f"cannot write the upload into the store: {failure[0]}")
+        e = failure[0]
+        full = isinstance(e, OSError) and e.errno in DISK_FULL
+        raise HubError(f"cannot write the upload into the store: {e}", status=507 if full else 500,
+                       code="InsufficientStorage" if full else "InternalError")
     return h.hexdigest(), size
 
 
 # -- running -------------------------------------------------------------------------------
 def make_app(registry: Registry, settings: ServeSettings) -> Starlette:
+    if not 0 <= settings.lfs_threshold <= MAX_INLINE_LINE * 3 // 4 - 1024:  # base64 grows a file by 4/3
+        raise ZooError(f"--lfs-threshold must be between 0 and {(MAX_INLINE_LINE * 3 // 4) >> 20} MiB: files "
+                       "above it travel inside the commit")
     hub = HubApp(registry, settings)
     methods = ["GET", "HEAD", "POST", "PUT"]
     return Starlette(routes=[Route("/{path:path}", hub.dispatch, methods=methods)])

@@ -7,6 +7,7 @@ hashes in constant time, so neither the file nor the server's memory holds a tok
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import os
@@ -46,16 +47,21 @@ def create_token(file: Path, name: str, scope: str = "write") -> str:
     if scope not in SCOPES:
         raise ZooError(f"unknown scope {scope!r}; choose read or write")
     file = Path(file)
-    lines = file.read_text().splitlines() if file.exists() else []
-    if any(line.split("\t")[0] == name for line in lines if line.strip()):
-        raise AlreadyExists(f"a token named {name!r} is already in {file}; choose another --name")
-    token = PREFIX + secrets.token_urlsafe(32)
-    lines.append(f"{name}\t{scope}\t{_digest(token)}")
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, file)
+    lock = os.open(file.with_name(f".{file.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two creates at once must not drop a line
+        lines = file.read_text().splitlines() if file.exists() else []
+        if any(line.split("\t")[0] == name for line in lines if line.strip()):
+            raise AlreadyExists(f"a token named {name!r} is already in {file}; choose another --name")
+        token = PREFIX + secrets.token_urlsafe(32)
+        lines.append(f"{name}\t{scope}\t{_digest(token)}")
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, file)
+    finally:
+        os.close(lock)
     return token
 
 
