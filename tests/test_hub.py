@@ -512,11 +512,15 @@ def test_a_push_replaces_the_previous_model_files(hub, tmp_path, registry):
     first = push_folder(registry.model_dir("sharded"), "team/m", endpoint=hub.url, token=hub.write)
     files = set(hub.api().list_repo_files("team/m"))
     assert "model.safetensors.index.json" in files and sum(f.startswith("model-0") for f in files) > 1
+    hub.api().upload_file(path_or_fileobj=b"{}", path_in_repo="eval/results.json", repo_id="team/m")
+    between = hub.api().model_info("team/m").sha
     second = push_folder(registry.model_dir("single"), "team/m", endpoint=hub.url, token=hub.write)
-    assert second["parent"] == first["commit"]
+    assert second["parent"] == between
     assert set(hub.api().list_repo_files("team/m")) == {".gitattributes", "config.json", "generation_config.json",
-                                                        "model.safetensors"}
+                                                        "model.safetensors", "eval/results.json"}
     assert set(hub.api().list_repo_files("team/m", revision=first["commit"])) == files  # history kept
+    again = push_folder(registry.model_dir("single"), "team/m", endpoint=hub.url, token=hub.write)
+    assert again["unchanged"] and again["commit"] == second["commit"]  # nothing new: no commit
 
 
 def test_removing_a_model_keeps_the_blobs_a_served_repo_uses(tmp_path, folder):
@@ -567,8 +571,8 @@ def test_zoo_serve_command_with_cli_push_and_pull(tmp_path, subprocess_env, tiny
     server_db = tmp_path / "srv" / "registry.db"
     server_db.parent.mkdir()
     env = {**subprocess_env, "ZOO_REGISTRY": str(server_db)}
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", "0", "--quiet"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", "0"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # with its access log
     try:
         line = proc.stdout.readline()
         assert proc.poll() is None, proc.stderr.read()
@@ -613,4 +617,136 @@ def test_zoo_serve_command_with_cli_push_and_pull(tmp_path, subprocess_env, tiny
     finally:
         proc.terminate()
         proc.wait(30)
-    assert token not in proc.stderr.read()
+    log = proc.stdout.read() + proc.stderr.read()  # uvicorn's access log goes to stdout
+    assert "GET /api/models/team/e2" in log and token not in log
+
+
+def _auth(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def test_every_write_route_needs_a_write_token(hub):
+    hub.api().create_repo("team/t")
+    oid = hashlib.sha256(b"x").hexdigest()
+    routes = [
+        ("POST", "/api/repos/create", {"json": {"name": "y", "organization": "team"}}),
+        ("POST", "/api/models/team/t/preupload/main", {"json": {"files": [{"path": "a", "size": 1, "sample": ""}]}}),
+        ("POST", "/team/t.git/info/lfs/objects/batch", {"json": {"operation": "upload",
+                                                                  "objects": [{"oid": oid, "size": 1}]}}),
+        ("POST", "/api/models/team/t/commit/main", {"content": json.dumps({"key": "header", "value": {"summary": "s"}})}),
+    ]
+    for token, status in ((None, 401), ("zoo_wrong", 401), (hub.read, 403)):
+        for method, path, kw in routes:
+            r = httpx2.request(method, hub.url + path, headers=_auth(token), **kw)
+            assert r.status_code == status, (path, token, r.text)
+    assert httpx2.get(f"{hub.url}/api/models/team/y").status_code == 404  # nothing was created
+
+
+def test_upload_urls_are_bound_to_their_object_and_repository(hub):
+    api = hub.api()
+    api.create_repo("team/a")
+    api.create_repo("team/b")
+    data = os.urandom(5000)
+    oid = hashlib.sha256(data).hexdigest()
+    r = httpx2.post(f"{hub.url}/team/a.git/info/lfs/objects/batch", headers=_auth(hub.write),
+                    json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]})
+    href = r.json()["objects"][0]["actions"]["upload"]["href"]
+    other = hashlib.sha256(b"other").hexdigest()
+    for forged in (href.replace(oid, other), href.replace("size=5000", "size=5"),
+                   href.replace("repo=team%2Fa", "repo=team%2Fb"),
+                   href.split("&expires=")[0] + f"&expires={int(time.time()) - 1}&sig=" + href.split("sig=")[1]):
+        assert httpx2.put(forged, content=data).status_code == 403, forged
+    assert httpx2.put(href, content=data[:-1] + b"!").status_code == 400  # content must match the oid
+    assert httpx2.put(href, content=data).status_code == 200
+    line = {"key": "lfsFile", "value": {"path": "w.bin", "algo": "sha256", "oid": oid, "size": len(data)}}
+    header = {"key": "header", "value": {"summary": "s"}}
+    # repository b never received it: naming its oid is not enough
+    r = _commit(hub, "team/b", [header, line])
+    assert r.status_code == 400 and "was not uploaded to team/b" in r.json()["error"]
+    assert _commit(hub, "team/a", [header, line]).status_code == 200
+    # a blob the store holds for something else (a registered model, another repository) is not reachable
+    hidden = os.urandom(3000)
+    tmp = hub.registry.store.temp_path()
+    tmp.write_bytes(hidden)
+    h = hub.registry.store.adopt(tmp)[0]
+    r = httpx2.post(f"{hub.url}/team/b.git/info/lfs/objects/batch", headers=_auth(hub.write),
+                    json={"operation": "upload", "objects": [{"oid": h, "size": len(hidden)}]})
+    assert "actions" in r.json()["objects"][0]  # asked to upload: the store's contents are not revealed
+    r = _commit(hub, "team/b", [header, {"key": "lfsFile", "value": {"path": "h.bin", "oid": h}}])
+    assert r.status_code == 400
+    assert httpx2.get(f"{hub.url}/team/b/resolve/main/h.bin").status_code == 404
+
+
+def test_malformed_requests_get_a_400_not_a_500(hub):
+    hub.api().create_repo("team/t")
+    head = hub.api().model_info("team/t").sha
+    w = _auth(hub.write)
+    bad = [
+        ("/api/models/team/t/preupload/main", {"files": [{"path": "a", "size": "abc"}]}),
+        ("/api/models/team/t/preupload/main", {"files": ["a"]}),
+        ("/api/models/team/t/preupload/main", ["not", "an", "object"]),
+        ("/team/t.git/info/lfs/objects/batch", {"operation": "upload", "objects": "x"}),
+        ("/api/validate-yaml", {"content": "---\n: [\n---\n"}),
+    ]
+    for path, body in bad:
+        r = httpx2.post(hub.url + path, headers=w, json=body)
+        assert r.status_code == 400 and "x-error-code" in r.headers, (path, r.status_code, r.text)
+    r = httpx2.post(f"{hub.url}/team/t.git/info/lfs/objects/batch", headers=w,
+                    json={"operation": "upload", "objects": ["x"]})
+    assert r.status_code == 200 and r.json()["objects"][0]["error"]["code"] == 422
+    for lines in ([{"key": "header", "value": {"summary": "s", "parentCommit": 5}}],
+                  [{"key": "header", "value": {"summary": "s"}}, {"key": "lfsFile", "value": {"path": "a", "oid": "0",
+                                                                                               "size": "x"}}],
+                  [{"key": "header", "value": {"summary": "s"}}, {"key": "nope", "value": {}}],
+                  [{"key": "header", "value": "s"}]):
+        r = _commit(hub, "team/t", lines)
+        assert r.status_code == 400, (lines, r.text)
+    r = httpx2.post(f"{hub.url}/api/models/team/t/commit/main", headers=w, content=b"{not json\n")
+    assert r.status_code == 400
+    r = httpx2.post(f"{hub.url}/api/validate-yaml", json={"content": "---\na: b\n---\n" + "x" * (2 << 20)})
+    assert r.status_code == 413
+    assert httpx2.get(f"{hub.url}/api/models/team/t/commits/main").status_code == 501
+    assert hub.api().model_info("team/t").sha == head
+
+
+def test_an_upload_that_cannot_be_written_fails_cleanly(hub, monkeypatch):
+    import errno
+
+    import zoo.hub_server as hs
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hs, "datasync", full)
+    hub.api().create_repo("team/t")
+    data = os.urandom(1 << 20)
+    oid = hashlib.sha256(data).hexdigest()
+    r = httpx2.post(f"{hub.url}/team/t.git/info/lfs/objects/batch", headers=_auth(hub.write),
+                    json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]})
+    t = time.monotonic()
+    r = httpx2.put(r.json()["objects"][0]["actions"]["upload"]["href"], content=data, timeout=30)
+    assert r.status_code == 507 and r.headers["x-error-code"] == "InsufficientStorage"
+    assert time.monotonic() - t < 20
+    assert not [t for t in threading.enumerate() if t.name.endswith("(writer)")]  # the writer thread ended
+    assert not hub.registry.store.has(oid) and not list(hub.registry.store.tmp.iterdir())
+
+
+def test_a_hugging_face_token_is_not_sent_over_plain_http(hub, folder, registry, monkeypatch):
+    hub.api().create_repo("team/t")
+    hub.api().upload_folder(folder_path=folder, repo_id="team/t")
+    proxy = RecordingProxy(hub.url)
+    try:
+        monkeypatch.setenv("HF_TOKEN", "hf_not_for_this_server_0123456789")
+        pull(registry, "team/t", endpoint=proxy.url, name="a")
+        assert b"hf_not_for_this_server" not in bytes(proxy.sent) and bytes(proxy.sent)
+        monkeypatch.setenv("HF_TOKEN", hub.read)  # this server's own token is sent
+        assert not pull(registry, "team/t", endpoint=proxy.url, name="b")["pulled"]  # (same commit: no-op)
+        assert hub.read.encode() in bytes(proxy.sent)
+        from zoo.hub_client import _token_for
+
+        assert _token_for(proxy.url, None) is None and _token_for("https://hub.example", None) is None
+        monkeypatch.setenv("HF_TOKEN", "hf_x")
+        assert _token_for(proxy.url, None) is False and _token_for("https://hub.example", None) is None
+        assert _token_for(proxy.url, "hf_explicit") == "hf_explicit"
+    finally:
+        proxy.close()

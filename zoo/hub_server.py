@@ -427,7 +427,8 @@ class HubApp:
             if meta is not None and not isinstance(meta, dict):
                 raise ValueError("the front matter must be a mapping")
         except (yaml.YAMLError, ValueError) as e:
-            return JSONResponse({"errors": [{"message": f"invalid model card metadata: {e}"}]}, status_code=400)
+            return JSONResponse({"errors": [{"message": f"invalid model card metadata: {e}"}]}, status_code=400,
+                                headers={"X-Error-Code": "InvalidMetadata"})
         return JSONResponse({})
 
     # -- downloads -------------------------------------------------------------------
