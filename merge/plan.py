@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from zoo.checkpoint import Checkpoint
+from zoo.checkpoint import Checkpoint, open_model
 from zoo.compat import compare, is_head
 from zoo.errors import IncompatibleModels, ZooError
 from zoo.writer import OutTensor
@@ -80,9 +80,6 @@ class Plan:
 
 
 def _open_input(label: str, registry: "Registry | None") -> Input:
-    from zoo.registry import open_model  # here: SQLAlchemy takes ~0.6 s to import, and a merge of paths
-    # into a folder never needs it
-
     ckpt, info = open_model(label, registry)
     if info is None:
         return Input(label, None, ckpt)

@@ -19,7 +19,7 @@ import yaml
 from zoo.checkpoint import Checkpoint
 from zoo.errors import AlreadyExists, NotFound, ZooError
 from zoo.progress import ProgressFactory, no_progress
-from zoo.registry import open_model
+from zoo.checkpoint import open_model
 from zoo.writer import check_destination, copy_sidecars, temp_folder, write_file
 
 from .keys import key_record, read_key_file, write_key_file

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload
 
 from . import db
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint, open_model  # noqa: F401 (open_model: re-exported)
 from .compat import DEFAULT_HEAD_PATTERNS, CompatReport, compare
 from .errors import AlreadyExists, IncompatibleModels, InUse, NotFound, StorageError, ZooError
 from .listing import iso_utc, list_models
@@ -604,17 +604,6 @@ class Registry:
             if task:
                 q = q.where(Metric.task.has(Task.name == task))
             return [{"model": m.ref, **_metric(x)} for x, m in s.execute(q)]
-
-
-def open_model(label: str, registry: "Registry | None") -> tuple[Checkpoint, dict[str, Any] | None]:
-    """A registry name (preferred, when there is a registry) or a path on disk: its
-    checkpoint, and for a registered model the registry's record (``show``)."""
-    if registry is not None and registry.has(label):
-        info = registry.show(label)
-        return registry.checkpoint(info["ref"]), info
-    if Path(label).exists():
-        return open_checkpoint(label), None
-    raise NotFound(f"{label!r} is neither a registered model nor a path")
 
 
 def _key_id(key: dict[str, Any]) -> str:

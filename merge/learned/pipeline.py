@@ -11,7 +11,7 @@ import torch
 
 from zoo.compat import compare, is_head
 from zoo.errors import IncompatibleModels, ZooError
-from zoo.registry import open_model
+from zoo.checkpoint import open_model
 from zoo.taskdata import task_info
 
 from ..plan import Plan, read_input
