@@ -32,7 +32,6 @@ from .progress import ProgressFactory
 from .registry import Registry
 from .store import datasync, hash_file
 
-OFFICIAL_ENDPOINT = "https://huggingface.co"
 # Top-level files a checkpoint is made of; everything else in a repository stays there.
 PULL_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", "README.md")
 PUSH_REPLACES = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja"]
