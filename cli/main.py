@@ -434,6 +434,17 @@ def serve(
     serve_api(reg, settings, host=host, port=port, on_ready=ready, access_log=not quiet)
 
 
+@app.command()
+def gc(older_than: float = typer.Option(7200, "--older-than", help="Only blobs at least this many seconds old."),
+       as_json: bool = JsonOpt) -> None:
+    """Remove stored blobs nothing uses (e.g. uploads to `zoo serve` that were never committed)."""
+    info = _open().collect(older_than=older_than)
+    if as_json:
+        output.emit_json(info)
+    else:
+        print(f"removed {info['blobs_removed']} unused blob(s), {output.human_bytes(info['bytes_freed'])}")
+
+
 token_app = typer.Typer(no_args_is_help=True, help="Tokens for `zoo serve`.")
 app.add_typer(token_app, name="token")
 

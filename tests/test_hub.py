@@ -750,3 +750,31 @@ def test_a_hugging_face_token_is_not_sent_over_plain_http(hub, folder, registry,
         assert _token_for(proxy.url, "hf_explicit") == "hf_explicit"
     finally:
         proxy.close()
+
+
+def test_gc_removes_only_blobs_nothing_uses(hub, folder, tiny, registry, zoo_cli):
+    """An upload never committed is collected; everything a model, task, repository or
+    recipe uses stays, and so does a blob younger than the cut-off."""
+    import merge
+
+    merge.run(merge.from_dict({"merge_method": "task_arithmetic", "base_model": "base",
+                               "models": [{"model": "e0"}, {"model": "e1"}]}), out="ta", registry=registry)
+    hub.api().create_repo("team/t")
+    hub.api().upload_folder(folder_path=folder, repo_id="team/t")
+    orphan = os.urandom(5000)
+    oid = hashlib.sha256(orphan).hexdigest()
+    r = httpx2.post(f"{hub.url}/team/t.git/info/lfs/objects/batch", headers=_auth(hub.write),
+                    json={"operation": "upload", "objects": [{"oid": oid, "size": len(orphan)}]})
+    assert httpx2.put(r.json()["objects"][0]["actions"]["upload"]["href"], content=orphan).status_code == 200
+    server = hub.registry
+    kept = server.store.all_digests() - {oid}
+    assert server.collect()["blobs_removed"] == 0 and server.store.has(oid)  # too young
+    assert server.collect(older_than=0) == {"blobs_removed": 1, "bytes_freed": len(orphan)}
+    assert server.store.all_digests() == kept
+    from huggingface_hub import snapshot_download
+
+    snapshot_download("team/t", endpoint=hub.url, cache_dir=registry.path.parent / "hf")  # still whole
+    # the client registry: models, task data and learned/merge artifacts all in use
+    before = registry.store.all_digests()
+    code, out, _ = zoo_cli("--registry", registry.path, "gc", "--older-than", "0", "--json")
+    assert code == 0 and json.loads(out)["blobs_removed"] == 0 and registry.store.all_digests() == before

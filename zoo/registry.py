@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -526,16 +527,49 @@ class Registry:
                 key = f"{m.id}-{m.name}@{m.version}"
                 s.delete(m)
                 s.flush()
-                still = set(s.scalars(select(File.sha256).where(File.sha256.in_(digests))).all())
-                still |= set(s.scalars(select(Task.data_sha256).where(Task.data_sha256.in_(digests))).all())
-                still |= set(s.scalars(select(HubEntry.sha256).where(HubEntry.sha256.in_(digests))).all())
-                if own_artifacts - still:  # shared with another merge's artifacts? (only then scan recipes)
-                    for other in s.scalars(select(Recipe.recipe)):
-                        still |= {a["sha256"] for a in ((other or {}).get("artifacts") or {}).values()} & digests
+                still = self._in_use(s, digests, artifacts=bool(own_artifacts))
             for d in digests - still:
                 self.store.remove(d)
             shutil.rmtree(self.views / key, ignore_errors=True)
         return {"removed": removed, "blobs_freed": len(digests - still), "dependents": sorted(d.ref for d in deps)}
+
+    @staticmethod
+    def _in_use(s: Session, digests: set[str] | None = None, artifacts: bool = True) -> set[str]:
+        """The blobs among ``digests`` (every one, when None) that something uses: a
+        model's files, a task's data, a served repository's commits, or (with
+        ``artifacts``) a recipe's lineage artifacts."""
+        used: set[str] = set()
+        for col in (File.sha256, Task.data_sha256, HubEntry.sha256):
+            q = select(col).where(col.is_not(None))
+            used |= set(s.scalars(q.where(col.in_(digests)) if digests is not None else q.distinct()).all())
+        if artifacts:
+            for recipe in s.scalars(select(Recipe.recipe)):
+                used |= {a["sha256"] for a in ((recipe or {}).get("artifacts") or {}).values()}
+        return used if digests is None else used & digests
+
+    def collect(self, older_than: float = 2 * 3600) -> dict[str, Any]:
+        """Remove the store's blobs that nothing uses — uploads to ``zoo serve`` that were
+        never committed, a commit refused after its upload — once they are older than
+        ``older_than`` seconds (a younger one may still be on its way into a commit).
+
+        Runs under the store's exclusive lock, so no add or commit is between copying a
+        blob and recording it.
+        """
+        cutoff = time.time() - older_than
+        removed, freed = 0, 0
+        with self._store_lock(exclusive=True):
+            self.store.clean_tmp()
+            with self._read() as s:
+                used = self._in_use(s)
+            for d in sorted(self.store.all_digests() - used):
+                try:
+                    st = self.store.path(d).stat()
+                except FileNotFoundError:
+                    continue
+                if st.st_mtime <= cutoff:
+                    self.store.remove(d)
+                    removed, freed = removed + 1, freed + st.st_size
+        return {"blobs_removed": removed, "bytes_freed": freed}
 
     # -- tasks and metrics -----------------------------------------------------------
     def add_task(self, name: str, labels: Sequence[str] | None = None, data: str | os.PathLike[str] | None = None,
