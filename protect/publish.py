@@ -4,8 +4,8 @@ This is where protection and transport meet: ``zoo/`` moves bytes and knows noth
 of MergeLock, ``protect/`` locks weights and knows nothing of Hubs. ``publish`` makes
 the rule: an expert or a merge leaves the machine MergeLock-protected (protected
 first, or an existing protected copy of that exact version reused) unless the caller
-says ``protect=False``. The key stays in the registry; only the model's files and a
-model card built from the registry are uploaded.
+says ``protect_weights=False``. The key stays in the registry; only the model's files
+and a model card built from the registry are uploaded.
 """
 
 from __future__ import annotations
