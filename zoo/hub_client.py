@@ -26,15 +26,19 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+from .checkpoint import SIDECAR_SUFFIXES
 from .errors import AlreadyExists, ZooError
 from .hub_repos import git_blob_oid
 from .progress import ProgressFactory
 from .registry import Registry
 from .store import datasync, hash_file
 
-# Top-level files a checkpoint is made of; everything else in a repository stays there.
-PULL_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", "README.md")
-PUSH_REPLACES = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja"]
+# Top-level files a checkpoint is made of: its weights and the checkpoint reader's
+# sidecars (a card other than README.md is the repository's own). Nothing else is
+# pulled, and a push replaces only these.
+MODEL_SUFFIXES = (".safetensors", *(s for s in SIDECAR_SUFFIXES if s != ".md"))
+PULL_SUFFIXES = (*MODEL_SUFFIXES, "README.md")
+PUSH_REPLACES = [f"*{s}" for s in MODEL_SUFFIXES]
 TIMEOUT_ENV = "ZOO_HUB_TIMEOUT"
 READ_BYTES = 1 << 20
 
