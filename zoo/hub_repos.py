@@ -118,13 +118,11 @@ class Entry:
 
 @dataclass(frozen=True)
 class Revision:
-    """A resolved revision: the repository, its commit and that commit's time."""
+    """A resolved revision: its commit, that commit's time, and the repository's privacy."""
 
-    repo_id: str
-    private: bool
     sha: str
     created_at: datetime
-    summary: str
+    private: bool
 
 
 @dataclass
@@ -175,7 +173,7 @@ class HubRepos:
         with self.registry._read() as s:
             repo = self._repo(s, repo_id)
             commit = self._commit(s, repo, rev)
-            return Revision(repo.repo_id, repo.private, commit.sha, commit.created_at, commit.summary)
+            return Revision(commit.sha, commit.created_at, repo.private)
 
     def entries(self, repo_id: str, sha: str) -> list[Entry]:
         with self.registry._read() as s:
