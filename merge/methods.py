@@ -181,8 +181,8 @@ class TopKThreshold:
 
     def __init__(self, k: int):
         self.k = k
-        self.hi = torch.zeros(1 << 15, dtype=torch.int64)
-        self.lo = torch.zeros(1 << 16, dtype=torch.int64)
+        self.hi: torch.Tensor | None = None  # counts live on the pieces' device until the pass ends
+        self.lo: torch.Tensor | None = None
         self.bin = -1
         self.above = 0
 
@@ -195,22 +195,27 @@ class TopKThreshold:
             # the high 16 bits of |x|: the odd int16 words of little-endian float32,
             # sign bit cleared; half the memory traffic of shifting int32s
             hi = x.view(torch.int16)[1::2] & 0x7FFF
-            self.hi += torch.bincount(hi, minlength=1 << 15)[: 1 << 15].cpu()
+            counts = torch.bincount(hi, minlength=1 << 15)[: 1 << 15]
+            self.hi = counts if self.hi is None else self.hi.add_(counts.to(self.hi.device))
         else:
             # low 16 bits of the values inside the chosen high bin, as bin + 1 (1..65536);
             # everything below goes to 0 and above to 65537, so no compaction is needed
             rel = (x.view(torch.int32) & 0x7FFFFFFF).sub_((self.bin << 16) - 1).clamp_(0, (1 << 16) + 1)
-            self.lo += torch.bincount(rel, minlength=(1 << 16) + 2)[1:(1 << 16) + 1].cpu()
+            counts = torch.bincount(rel, minlength=(1 << 16) + 2)[1:(1 << 16) + 1]
+            self.lo = counts if self.lo is None else self.lo.add_(counts.to(self.lo.device))
 
     def end_pass(self, pass_no: int) -> None:
         if pass_no == 0:
-            from_top = self.hi.flip(0).cumsum(0)
+            if self.hi is None:
+                self.hi = torch.zeros(1 << 15, dtype=torch.int64)
+            from_top = self.hi.cpu().flip(0).cumsum(0)
             i = int(torch.searchsorted(from_top, torch.tensor(self.k)))
             self.bin = (1 << 15) - 1 - i
             self.above = int(from_top[i - 1]) if i > 0 else 0
 
     def value(self) -> float:
-        from_top = self.lo.flip(0).cumsum(0)
+        lo = self.lo.cpu() if self.lo is not None else torch.zeros(1 << 16, dtype=torch.int64)
+        from_top = lo.flip(0).cumsum(0)
         i = int(torch.searchsorted(from_top, torch.tensor(self.k - self.above)))
         bits = (self.bin << 16) | ((1 << 16) - 1 - i)
         return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
