@@ -113,7 +113,7 @@ def _model_stats(plan: Plan, dev: torch.device, chunk: int, progress: ProgressFa
         nonlocal bufs
         for o in merged:
             if _streamable(plan, o.name):
-                pieces, bufs = _pieces(plan, o.name, dev, chunk, bufs, whole=False)
+                pieces, bufs, _ = _pieces(plan, o.name, dev, chunk, bufs, whole=False)
                 yield from pieces()
             else:
                 yield _whole_inputs(plan, o.name, dev)
@@ -171,8 +171,8 @@ class _Buffers:
 def _pieces(plan: Plan, name: str, dev: torch.device, chunk: int, bufs: "_Buffers | None", whole: bool):
     """A function that yields (base, [model tensors]) piece by piece for one tensor, in
     the compute dtype, each piece prefetched while the previous one is worked on; with
-    ``whole`` the tensor is read once as one piece and every call yields it again.
-    Also returns the buffers, for the next tensor to reuse."""
+    ``whole`` the tensor is read once, held, and every call walks it again. Also returns
+    the buffers, for the next tensor to reuse, and the held (base, [models]) or None."""
     compute = COMPUTE[plan.recipe.dtype]
     base_ck = _base_ckpt(plan)
     numel = base_ck.tensors[name].numel
@@ -201,19 +201,17 @@ def _pieces(plan: Plan, name: str, dev: torch.device, chunk: int, bufs: "_Buffer
             work.append(w)
         return (work[0] if has_base else None), work[1:]
 
-    cached: list = []
+    held = load(0, 0) if whole else None
 
     def pieces():
-        if whole:  # read once; then walked in cache-sized slices, much faster than whole-tensor ops
-            if not cached:
-                cached.append(load(0, 0))
-            b, xs = cached[0]
+        if held is not None:  # read once; then walked in cache-sized slices, much faster than whole-tensor ops
+            b, xs = held
             for off in range(0, numel, chunk):
                 yield (b[off:off + chunk] if b is not None else None), [x[off:off + chunk] for x in xs]
             return
         yield from read_ahead(load, range(0, numel, size))
 
-    return pieces, bufs
+    return pieces, bufs, held
 
 
 def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardWriter, chunk: int,
@@ -226,7 +224,7 @@ def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardW
     # A tensor whose statistics need extra passes is read once and kept whole when it is
     # small enough; only the largest (embeddings) are streamed again for each pass.
     whole = collector is not None and numel <= STATS_WHOLE_ELEMS
-    pieces, bufs = _pieces(plan, name, dev, chunk, bufs, whole)
+    pieces, bufs, held = _pieces(plan, name, dev, chunk, bufs, whole)
     stats = model_stats
     # a tensor held whole becomes task vectors once, for every pass and the merge
     deltas = whole and plan.method.accepts_deltas and plan.base is not None
@@ -234,7 +232,9 @@ def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardW
         for b, xs in pieces():
             for x in xs:
                 x.sub_(b)
-    if collector is not None:
+    if held is not None:
+        stats = collector.gather_whole(*held, deltas, chunk)
+    elif collector is not None:
         stats = collector.gather(pieces, deltas)
     ctx = TensorContext(name, plan.recipe.seed, stats, scratch=True, deltas=deltas)
     out_dtype = TORCH_DTYPES[out.dtype]

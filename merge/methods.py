@@ -135,6 +135,17 @@ class StatsCollector:
             self.end_pass(p)
         return self.result()
 
+    def gather_whole(self, base: torch.Tensor | None, tensors: list[torch.Tensor], deltas: bool = False,
+                     slice_elems: int = 1 << 18) -> dict[str, Any]:
+        """The result over tensors held whole (flat); by default every pass walks them in
+        cache-sized slices."""
+        def pieces():
+            for off in range(0, tensors[0].numel(), slice_elems):
+                yield (base[off:off + slice_elems] if base is not None else None), \
+                    [x[off:off + slice_elems] for x in tensors]
+
+        return self.gather(pieces, deltas)
+
 
 METHODS: dict[str, MergeMethod] = {}
 
@@ -217,8 +228,7 @@ class TopKThreshold:
         lo = self.lo.cpu() if self.lo is not None else torch.zeros(1 << 16, dtype=torch.int64)
         from_top = lo.flip(0).cumsum(0)
         i = int(torch.searchsorted(from_top, torch.tensor(self.k - self.above)))
-        bits = (self.bin << 16) | ((1 << 16) - 1 - i)
-        return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
+        return _float_of_bits((self.bin << 16) | ((1 << 16) - 1 - i))
 
 
 def _below(value: float, dtype: torch.dtype) -> float:
@@ -232,13 +242,59 @@ def _below(value: float, dtype: torch.dtype) -> float:
     return float(np.nextafter(np_dtype(value), np_dtype(0)))
 
 
-def kth_largest_abs(x: torch.Tensor, k: int) -> float:
-    """The k-th largest |x| (k >= 1) of a whole tensor."""
+# Pieces for counting passes over a tensor held whole: large enough that each bincount's
+# histogram costs little beside its counting (4M elements: 117 ms against 192 ms for
+# the 1B family's 11.5M-element tensors, three models).
+SELECT_SLICE = 1 << 22
+SELECT_SAMPLE = 1 << 16  # sampled values that bracket the k-th largest
+SELECT_MAX_BINS = 1 << 22  # a wider bracket is not worth one pass: the two exact passes
+
+
+def kth_largest_abs(x: torch.Tensor, k: int, *, sample: int = SELECT_SAMPLE, z: float = 5.0) -> float:
+    """The exact k-th largest |x| (1 <= k <= numel) of a tensor held whole, usually in
+    one counting pass.
+
+    Non-negative float32s order like their bit patterns. A strided sample of ``sample``
+    values gives the k-th value's rank ± ``z`` standard errors, which brackets its bit
+    pattern; one pass then counts the entries above the bracket and histograms those
+    inside it, and the k-th value is read off the histogram. Where the bracket misses
+    (for a representative sample, about once in a million tensors at z = 5) or is too wide,
+    the two-pass radix select (TopKThreshold) answers instead: a sample that does not
+    represent the tensor costs time, never exactness. Same result as a sort.
+    """
+    x = x.detach().reshape(-1)
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
+    n = x.numel()
+    bits = x.view(torch.int32)
+    sampled = bits[::max(1, n // sample)] & 0x7FFFFFFF
+    m = sampled.numel()
+    order = torch.sort(sampled, descending=True).values
+    spread = z * math.sqrt(k / n * (1 - k / n) * m) + 1
+    hi = int(order[max(0, math.floor(k / n * m - spread))])
+    lo = int(order[min(m - 1, math.ceil(k / n * m + spread))])
+    width = hi - lo + 1  # bins lo..hi as 1..width; 0 below, width + 1 above
+    if width + 2 <= SELECT_MAX_BINS:
+        counts = torch.zeros(width + 2, dtype=torch.int64, device=x.device)
+        for off in range(0, n, SELECT_SLICE):
+            rel = (bits[off:off + SELECT_SLICE] & 0x7FFFFFFF).sub_(lo - 1).clamp_(0, width + 1)
+            counts += torch.bincount(rel, minlength=width + 2)
+        counts = counts.cpu()
+        above = int(counts[width + 1])
+        from_top = counts[1:width + 1].flip(0).cumsum(0)
+        if above < k <= above + int(from_top[-1]):
+            i = int(torch.searchsorted(from_top, torch.tensor(k - above)))
+            return _float_of_bits(hi - i)
     sel = TopKThreshold(k)
     for p in (0, 1):
-        sel.update(p, x)
+        for off in range(0, n, SELECT_SLICE):
+            sel.update(p, x[off:off + SELECT_SLICE])
         sel.end_pass(p)
     return sel.value()
+
+
+def _float_of_bits(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
 
 
 def trim_magnitude(delta: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
@@ -407,7 +463,9 @@ class _TaskVectorMerge(MergeMethod):
                 divisor.add_(x.sign_(), alpha=w)
         mixed.mul_(sign)
         if divisor is not None:
-            mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+            # 0 -> 1, as divisor[divisor == 0] = 1 does: adding the float 0/1 mask is
+            # exact and ten times faster than masked_fill_ on CPU
+            mixed.div_(divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor))))
         if lam != 1:
             mixed.mul_(lam)
         return mixed.add_(base)
@@ -427,6 +485,12 @@ class _TrimThresholds(StatsCollector):
     def __init__(self, numel: int, densities: list[float]):
         self.sel = [TopKThreshold(int(d * numel)) if d < 1 and int(d * numel) > 0 else None for d in densities]
         self.none = [d < 1 and int(d * numel) <= 0 for d in densities]
+
+    def gather_whole(self, base, tensors, deltas=False, slice_elems=1 << 18):
+        if not deltas:
+            return super().gather_whole(base, tensors, deltas, slice_elems)
+        return {"thresholds": [None if none else (kth_largest_abs(x, s.k) if s is not None else 0.0)
+                               for s, none, x in zip(self.sel, self.none, tensors)]}
 
     def update(self, pass_no, base, tensors, deltas=False):
         buf = None

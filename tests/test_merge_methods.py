@@ -254,5 +254,39 @@ def test_radix_threshold_is_exact(kind):
     else:
         a = torch.zeros(n)
         a[:1000] = torch.rand(1000, generator=g)
-    for k in (1, 7, n // 5, n // 2, n - 1):
+    for k in (1, 7, n // 5, n // 2, n - 1, n):
         assert M.kth_largest_abs(a, k) == float(a.abs().sort(descending=True).values[k - 1])
+        sel = M.TopKThreshold(k)  # the streaming two-pass select, in uneven pieces
+        for p in (0, 1):
+            for off in range(0, n, 70_001):
+                sel.update(p, a[off:off + 70_001])
+            sel.end_pass(p)
+        assert sel.value() == float(a.abs().sort(descending=True).values[k - 1])
+
+
+class _CountingSelect(M.TopKThreshold):
+    made = 0
+
+    def __init__(self, k):
+        super().__init__(k)
+        _CountingSelect.made += 1
+
+
+@pytest.mark.parametrize("case", ["bracket", "sample misses", "bracket too wide"])
+def test_bracketed_select_is_exact_and_falls_back(monkeypatch, case):
+    """One counting pass inside a sampled bracket; where the strided sample does not
+    represent the tensor, or the bracket is too wide, the two-pass select answers."""
+    monkeypatch.setattr(M, "TopKThreshold", _CountingSelect)
+    monkeypatch.setattr(M, "SELECT_SLICE", 50_000)  # several counting slices
+    _CountingSelect.made = 0
+    g = torch.Generator().manual_seed(3)
+    n = 400_000
+    a = torch.randn(n, generator=g) * 0.01
+    if case == "sample misses":
+        a[:: n // M.SELECT_SAMPLE] = 0  # exactly the sampled entries are zero: the bracket is all zeros
+    if case == "bracket too wide":
+        monkeypatch.setattr(M, "SELECT_MAX_BINS", 16)
+    expected_fallback = case != "bracket"
+    for k in (999, n // 5, n // 2):  # (near k = 1 or n the sample cannot bracket: tested above)
+        assert M.kth_largest_abs(a, k) == float(a.abs().sort(descending=True).values[k - 1]), k
+    assert _CountingSelect.made == (3 if expected_fallback else 0)
