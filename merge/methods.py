@@ -267,12 +267,12 @@ def kth_largest_abs(x: torch.Tensor, k: int, *, sample: int = SELECT_SAMPLE, z: 
         x = x.to(torch.float32)
     n = x.numel()
     bits = x.view(torch.int32)
-    sampled = bits[::max(1, n // sample)] & 0x7FFFFFFF
+    sampled = (bits[::max(1, n // sample)] & 0x7FFFFFFF).cpu()
     m = sampled.numel()
-    order = torch.sort(sampled, descending=True).values
     spread = z * math.sqrt(k / n * (1 - k / n) * m) + 1
-    hi = int(order[max(0, math.floor(k / n * m - spread))])
-    lo = int(order[min(m - 1, math.ceil(k / n * m + spread))])
+    # the sample's values of rank k/n·m ∓ spread from the top (kthvalue counts from the bottom)
+    hi = int(torch.kthvalue(sampled, m - max(0, math.floor(k / n * m - spread))).values)
+    lo = int(torch.kthvalue(sampled, m - min(m - 1, math.ceil(k / n * m + spread))).values)
     width = hi - lo + 1  # bins lo..hi as 1..width; 0 below, width + 1 above
     if width + 2 <= SELECT_MAX_BINS:
         counts = torch.zeros(width + 2, dtype=torch.int64, device=x.device)
