@@ -137,16 +137,18 @@ def _read(inp, name: str, start: int, count: int):
 class _Buffers:
     """Reused per-piece buffers: raw bytes and compute copies of each input, and a ring
     of output buffers long enough that the writer is done with one before it is reused.
-    For CUDA the raw buffers are page-locked, so the copies to the GPU go at DMA speed."""
+    Raw buffers and the second set hold a piece (``raw_size`` elements); the first
+    compute set holds ``size``, a whole tensor when one is held. For CUDA the raw
+    buffers are page-locked, so the copies to the GPU go at DMA speed."""
 
     def __init__(self, n_inputs: int, size: int, compute: torch.dtype, dev: torch.device, ring: int,
-                 in_bytes: int):
+                 in_bytes: int, raw_size: int):
         pin = dev.type == "cuda"
-        self.raw = [torch.empty(size * in_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(n_inputs)]
+        self.raw = [torch.empty(raw_size * in_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(n_inputs)]
         self.work = [torch.empty(size, dtype=compute, device=dev) for _ in range(n_inputs)]
         # a second set, filled by the reader thread while the first is merged
-        self.raw2 = [torch.empty(size * in_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(n_inputs)]
-        self.work2 = [torch.empty(size, dtype=compute, device=dev) for _ in range(n_inputs)]
+        self.raw2 = [torch.empty(raw_size * in_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(n_inputs)]
+        self.work2 = [torch.empty(raw_size, dtype=compute, device=dev) for _ in range(n_inputs)]
         self.out = [torch.empty(CHUNK_ELEMS * 8, dtype=torch.uint8) for _ in range(ring)]
         self.next_out = 0
         self.in_bytes = in_bytes
@@ -168,11 +170,13 @@ class _Buffers:
             yield memoryview(buf[:n].numpy())
 
 
-def _pieces(plan: Plan, name: str, dev: torch.device, chunk: int, bufs: "_Buffers | None", whole: bool):
+def _pieces(plan: Plan, name: str, dev: torch.device, chunk: int, bufs: "_Buffers | None", whole: bool,
+            deltas: bool = False):
     """A function that yields (base, [model tensors]) piece by piece for one tensor, in
     the compute dtype, each piece prefetched while the previous one is worked on; with
-    ``whole`` the tensor is read once, held, and every call walks it again. Also returns
-    the buffers, for the next tensor to reuse, and the held (base, [models]) or None."""
+    ``whole`` the tensor is read once, held (with ``deltas``: each model minus the base),
+    and every call walks it again. Also returns the buffers, for the next tensor to
+    reuse, and the held (base, [models]) or None."""
     compute = COMPUTE[plan.recipe.dtype]
     base_ck = _base_ckpt(plan)
     numel = base_ck.tensors[name].numel
@@ -181,27 +185,36 @@ def _pieces(plan: Plan, name: str, dev: torch.device, chunk: int, bufs: "_Buffer
     names = [name, *[(m.overrides.get(name) if m.is_adapter else name) for m in plan.models]]
     size = max(chunk, numel) if whole else chunk
     in_bytes = max(DTYPE_SIZES[ck.tensors[n].dtype] for ck, n in zip(inputs, names) if n is not None)
-    if bufs is None or len(bufs.work) != len(inputs) or bufs.work[0].numel() < size or bufs.in_bytes < in_bytes:
-        bufs = _Buffers(len(inputs), size, compute, dev, ShardWriter.QUEUE_DEPTH + 2, in_bytes)
+    if bufs is None or len(bufs.work) != len(inputs) or bufs.work[0].numel() < size or bufs.in_bytes < in_bytes \
+            or bufs.raw[0].numel() < chunk * in_bytes:
+        bufs = _Buffers(len(inputs), size, compute, dev, ShardWriter.QUEUE_DEPTH + 2, in_bytes, chunk)
     sets = [(bufs.raw, bufs.work), (bufs.raw2, bufs.work2)]
 
-    def load(k: int, start: int):
-        raw, work_bufs = sets[k]
-        n = min(size, numel - start)
-        work = []
+    def read_into(raw, work_bufs, start: int, n: int, at: int, minus_base: bool) -> None:
+        """Elements [start, start + n) of every input into ``work_bufs[i][at:at + n]``."""
         for i, (ck, src) in enumerate(zip(inputs, names)):
-            w = work_bufs[i][:n]
+            w = work_bufs[i][at:at + n]
             if src is None:  # an adapter that leaves this tensor alone: the base's value
-                w.copy_(work[0])
+                w.copy_(work_bufs[0][at:at + n])
             else:
                 piece = ck.read_range(src, start, n, out=raw[i])
                 # to the GPU as stored (a plain DMA), converted there: a copy that also
                 # converts does it on the CPU first (H200: 1.94 ms against 0.25 ms a piece)
                 w.copy_(piece if w.device == piece.device else piece.to(w.device))
-            work.append(w)
-        return (work[0] if has_base else None), work[1:]
+            if minus_base and i > 0:
+                w.sub_(work_bufs[0][at:at + n])
 
-    held = load(0, 0) if whole else None
+    def load(k: int, start: int):
+        raw, work_bufs = sets[k]
+        n = min(size, numel - start)
+        read_into(raw, work_bufs, start, n, 0, False)
+        return (work_bufs[0][:n] if has_base else None), [w[:n] for w in work_bufs[1:]]
+
+    held = None
+    if whole:  # read and converted in cache-sized pieces, so each subtraction finds its inputs in cache
+        for off in range(0, numel, chunk):
+            read_into(bufs.raw, bufs.work, off, min(chunk, numel - off), off, deltas and has_base)
+        held = (bufs.work[0][:numel] if has_base else None), [w[:numel] for w in bufs.work[1:]]
 
     def pieces():
         if held is not None:  # read once; then walked in cache-sized slices, much faster than whole-tensor ops
@@ -224,14 +237,10 @@ def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardW
     # A tensor whose statistics need extra passes is read once and kept whole when it is
     # small enough; only the largest (embeddings) are streamed again for each pass.
     whole = collector is not None and numel <= STATS_WHOLE_ELEMS
-    pieces, bufs, held = _pieces(plan, name, dev, chunk, bufs, whole)
-    stats = model_stats
     # a tensor held whole becomes task vectors once, for every pass and the merge
     deltas = whole and plan.method.accepts_deltas and plan.base is not None
-    if deltas:
-        for b, xs in pieces():
-            for x in xs:
-                x.sub_(b)
+    pieces, bufs, held = _pieces(plan, name, dev, chunk, bufs, whole, deltas)
+    stats = model_stats
     if held is not None:
         stats = collector.gather_whole(*held, deltas, chunk)
     elif collector is not None:
