@@ -227,6 +227,24 @@ def _pieces(plan: Plan, name: str, dev: torch.device, chunk: int, bufs: "_Buffer
     return pieces, bufs, held
 
 
+def _sample(plan: Plan, name: str, dev: torch.device, blocks: int = 256, block: int = 256):
+    """The same entries of the base's and each model's tensor, in the compute dtype: up
+    to ``blocks`` runs of ``block`` elements spread evenly over it (a few hundred small
+    reads), so a collector can plan its passes before streaming the tensor."""
+    compute = COMPUTE[plan.recipe.dtype]
+    base_ck = _base_ckpt(plan)
+    numel = base_ck.tensors[name].numel
+    block = min(block, numel)
+    starts = sorted({i * (numel - block) // max(1, blocks - 1) for i in range(blocks)})
+    names = [name, *[(m.overrides.get(name) if m.is_adapter else name) for m in plan.models]]
+    parts = []
+    for ck, src in zip([base_ck, *[m.ckpt for m in plan.models]], names):
+        src = src or name  # an adapter that leaves the tensor alone: the base's values
+        ck = ck if src in ck.tensors else base_ck
+        parts.append(torch.cat([ck.read_range(src, s, block).to(dev, compute) for s in starts]))
+    return (parts[0] if plan.base is not None else None), parts[1:]
+
+
 def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardWriter, chunk: int,
                    bufs: "_Buffers | None" = None, model_stats: dict | None = None) -> "_Buffers":
     """Merge one tensor piece by piece; returns the buffers for the next tensor to reuse."""
@@ -244,6 +262,7 @@ def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardW
     if held is not None:
         stats = collector.gather_whole(*held, deltas, chunk)
     elif collector is not None:
+        collector.use_sample(*_sample(plan, name, dev))
         stats = collector.gather(pieces, deltas)
     ctx = TensorContext(name, plan.recipe.seed, stats, scratch=True, deltas=deltas)
     out_dtype = TORCH_DTYPES[out.dtype]

@@ -126,13 +126,19 @@ class StatsCollector:
     def result(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def use_sample(self, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> None:
+        """A sample of the inputs (the same entries of each), before the first pass; a
+        collector may plan fewer passes with it (``passes`` may change in end_pass)."""
+
     def gather(self, pieces: Callable[[], Iterable[tuple[torch.Tensor | None, list[torch.Tensor]]]],
                deltas: bool = False) -> dict[str, Any]:
         """Run every pass over ``pieces()`` (base, model tensors) and return the result."""
-        for p in range(self.passes):
+        p = 0
+        while p < self.passes:
             for base, tensors in pieces():
                 self.update(p, base, tensors, deltas)
             self.end_pass(p)
+            p += 1
         return self.result()
 
     def gather_whole(self, base: torch.Tensor | None, tensors: list[torch.Tensor], deltas: bool = False,
@@ -246,45 +252,66 @@ def _below(value: float, dtype: torch.dtype) -> float:
 # histogram costs little beside its counting (4M elements: 117 ms against 192 ms for
 # the 1B family's 11.5M-element tensors, three models).
 SELECT_SLICE = 1 << 22
-SELECT_SAMPLE = 1 << 16  # sampled values that bracket the k-th largest
+SELECT_SAMPLE = 1 << 16  # sampled values that bracket the k-th largest (Bracket)
 SELECT_MAX_BINS = 1 << 22  # a wider bracket is not worth one pass: the two exact passes
 
 
-def kth_largest_abs(x: torch.Tensor, k: int, *, sample: int = SELECT_SAMPLE, z: float = 5.0) -> float:
-    """The exact k-th largest |x| (1 <= k <= numel) of a tensor held whole, usually in
-    one counting pass.
+class Bracket:
+    """One counting pass that usually finds the exact k-th largest |x| of ``n`` values.
 
-    Non-negative float32s order like their bit patterns. A strided sample of ``sample``
-    values gives the k-th value's rank ± ``z`` standard errors, which brackets its bit
-    pattern; one pass then counts the entries above the bracket and histograms those
-    inside it, and the k-th value is read off the histogram. Where the bracket misses
-    (for a representative sample, about once in a million tensors at z = 5) or is too wide,
-    the two-pass radix select (TopKThreshold) answers instead: a sample that does not
-    represent the tensor costs time, never exactness. Same result as a sort.
+    Non-negative float32s order like their bit patterns. A sample of the values gives the
+    k-th value's rank ± ``z`` standard errors, which brackets its bit pattern; the pass
+    counts the entries above the bracket and histograms those inside it, and the k-th
+    value is read off the histogram. ``value()`` is None where the bracket missed (for a
+    representative sample, about once in a million tensors at z = 5) and ``usable`` is
+    False where it is too wide to be worth a pass: the two-pass radix select
+    (TopKThreshold) answers then. A sample that does not represent the values costs
+    time, never exactness.
     """
+
+    def __init__(self, sample: torch.Tensor, k: int, n: int, z: float = 5.0):
+        bits = sample.detach().reshape(-1).to(torch.float32).cpu().view(torch.int32) & 0x7FFFFFFF
+        m = bits.numel()
+        spread = z * math.sqrt(k / n * (1 - k / n) * m) + 1
+        # the sample's values of rank k/n·m ∓ spread from the top (kthvalue counts from the bottom)
+        self.hi = int(torch.kthvalue(bits, m - max(0, math.floor(k / n * m - spread))).values)
+        self.lo = int(torch.kthvalue(bits, m - min(m - 1, math.ceil(k / n * m + spread))).values)
+        self.width = self.hi - self.lo + 1  # bins lo..hi as 1..width; 0 below, width + 1 above
+        self.usable = self.width + 2 <= SELECT_MAX_BINS
+        self.k = k
+        self.counts: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        """Count a piece (``x`` is left as it is)."""
+        bits = x.detach().reshape(-1).to(torch.float32).view(torch.int32)
+        for off in range(0, bits.numel(), SELECT_SLICE):
+            rel = (bits[off:off + SELECT_SLICE] & 0x7FFFFFFF).sub_(self.lo - 1).clamp_(0, self.width + 1)
+            counts = torch.bincount(rel, minlength=self.width + 2)
+            self.counts = counts if self.counts is None else self.counts.add_(counts)
+
+    def value(self) -> float | None:
+        if self.counts is None:
+            return None
+        counts = self.counts.cpu()
+        above = int(counts[self.width + 1])
+        from_top = counts[1:self.width + 1].flip(0).cumsum(0)
+        if not above < self.k <= above + int(from_top[-1]):
+            return None
+        i = int(torch.searchsorted(from_top, torch.tensor(self.k - above)))
+        return _float_of_bits(self.hi - i)
+
+
+def kth_largest_abs(x: torch.Tensor, k: int) -> float:
+    """The exact k-th largest |x| (1 <= k <= numel) of a tensor held whole: usually one
+    counting pass (Bracket, from a strided sample), else two (TopKThreshold). Same
+    result as a sort."""
     x = x.detach().reshape(-1)
-    if x.dtype != torch.float32:
-        x = x.to(torch.float32)
     n = x.numel()
-    bits = x.view(torch.int32)
-    sampled = (bits[::max(1, n // sample)] & 0x7FFFFFFF).cpu()
-    m = sampled.numel()
-    spread = z * math.sqrt(k / n * (1 - k / n) * m) + 1
-    # the sample's values of rank k/n·m ∓ spread from the top (kthvalue counts from the bottom)
-    hi = int(torch.kthvalue(sampled, m - max(0, math.floor(k / n * m - spread))).values)
-    lo = int(torch.kthvalue(sampled, m - min(m - 1, math.ceil(k / n * m + spread))).values)
-    width = hi - lo + 1  # bins lo..hi as 1..width; 0 below, width + 1 above
-    if width + 2 <= SELECT_MAX_BINS:
-        counts = torch.zeros(width + 2, dtype=torch.int64, device=x.device)
-        for off in range(0, n, SELECT_SLICE):
-            rel = (bits[off:off + SELECT_SLICE] & 0x7FFFFFFF).sub_(lo - 1).clamp_(0, width + 1)
-            counts += torch.bincount(rel, minlength=width + 2)
-        counts = counts.cpu()
-        above = int(counts[width + 1])
-        from_top = counts[1:width + 1].flip(0).cumsum(0)
-        if above < k <= above + int(from_top[-1]):
-            i = int(torch.searchsorted(from_top, torch.tensor(k - above)))
-            return _float_of_bits(hi - i)
+    bracket = Bracket(x[::max(1, n // SELECT_SAMPLE)], k, n)
+    if bracket.usable:
+        bracket.update(x)
+        if (v := bracket.value()) is not None:
+            return v
     sel = TopKThreshold(k)
     for p in (0, 1):
         for off in range(0, n, SELECT_SLICE):
@@ -478,13 +505,18 @@ _TV_PARAMS = {
 
 
 class _TrimThresholds(StatsCollector):
-    """Each model's trim threshold over the whole tensor (TIES)."""
+    """Each model's trim threshold over the whole tensor (TIES): the two radix passes,
+    or, given a sample, one bracketed pass and the radix passes only for the models
+    whose bracket missed."""
 
     passes = 2
 
     def __init__(self, numel: int, densities: list[float]):
+        self.n = numel
         self.sel = [TopKThreshold(int(d * numel)) if d < 1 and int(d * numel) > 0 else None for d in densities]
         self.none = [d < 1 and int(d * numel) <= 0 for d in densities]
+        self.found: list[float | None] = [None] * len(densities)
+        self.brackets: list[Bracket | None] | None = None
 
     def gather_whole(self, base, tensors, deltas=False, slice_elems=1 << 18):
         if not deltas:
@@ -492,22 +524,47 @@ class _TrimThresholds(StatsCollector):
         return {"thresholds": [None if none else (kth_largest_abs(x, s.k) if s is not None else 0.0)
                                for s, none, x in zip(self.sel, self.none, tensors)]}
 
-    def update(self, pass_no, base, tensors, deltas=False):
-        buf = None
+    def use_sample(self, base, tensors):
+        self.brackets = []
         for s, x in zip(self.sel, tensors):
-            if s is not None:
-                if not deltas:
-                    x = buf = torch.sub(x, base, out=buf)
-                s.update(pass_no, x)
+            b = Bracket(x - base if base is not None else x, s.k, self.n) if s is not None else None
+            self.brackets.append(b if b is not None and b.usable else None)
+        self.passes = 1
+
+    def _radix_pass(self, pass_no: int) -> int | None:
+        """The radix pass that ``pass_no`` is (None: the bracketed pass)."""
+        if self.brackets is None:
+            return pass_no
+        return None if pass_no == 0 else pass_no - 1
+
+    def update(self, pass_no, base, tensors, deltas=False):
+        q = self._radix_pass(pass_no)
+        buf = None
+        for i, (s, x) in enumerate(zip(self.sel, tensors)):
+            counter = (self.brackets[i] if q is None else s) if self.found[i] is None else None
+            if s is None or counter is None:
+                continue
+            if not deltas:
+                x = buf = torch.sub(x, base, out=buf)
+            if q is None:
+                counter.update(x)
+            else:
+                counter.update(q, x)
 
     def end_pass(self, pass_no):
-        for s in self.sel:
-            if s is not None:
-                s.end_pass(pass_no)
+        q = self._radix_pass(pass_no)
+        if q is None:
+            self.found = [b.value() if b is not None else None for b in self.brackets]
+            if any(s is not None and v is None for s, v in zip(self.sel, self.found)):
+                self.passes = 3  # the radix select for those
+            return
+        for s, v in zip(self.sel, self.found):
+            if s is not None and v is None:
+                s.end_pass(q)
 
     def result(self):
-        return {"thresholds": [None if none else (s.value() if s is not None else 0.0)
-                               for s, none in zip(self.sel, self.none)]}
+        return {"thresholds": [None if none else (v if v is not None else (s.value() if s is not None else 0.0))
+                               for s, none, v in zip(self.sel, self.none, self.found)]}
 
 
 @register

@@ -264,6 +264,36 @@ def test_radix_threshold_is_exact(kind):
         assert sel.value() == float(a.abs().sort(descending=True).values[k - 1])
 
 
+@pytest.mark.parametrize("sample", ["representative", "misleading for one model", "none"])
+def test_streamed_trim_thresholds_take_one_pass_with_a_sample_and_stay_exact(sample):
+    """Streamed tensors: with a sample of the inputs, one bracketed counting pass; the
+    radix passes follow only for a model whose bracket missed; no sample, two passes."""
+    g = torch.Generator().manual_seed(5)
+    n = 200_000
+    base = torch.randn(n, generator=g)
+    xs = [base + 0.01 * torch.randn(n, generator=g) * (i + 1) for i in range(3)]
+    densities = [0.2, 0.5, 0.9]
+    col = M._TrimThresholds(n, densities)
+    idx = torch.arange(0, n, 7)
+    if sample != "none":
+        sampled = [x[idx].clone() for x in xs]
+        if sample == "misleading for one model":
+            sampled[1] = base[idx] + 5.0  # far larger than model 1's values: its bracket misses
+        col.use_sample(base[idx], sampled)
+
+    passes = []
+
+    def pieces():
+        passes.append(1)
+        for off in range(0, n, 30_011):
+            yield base[off:off + 30_011], [x[off:off + 30_011] for x in xs]
+
+    got = col.gather(pieces)["thresholds"]
+    for x, d, t in zip(xs, densities, got):
+        assert t == float((x - base).abs().sort(descending=True).values[int(d * n) - 1])
+    assert len(passes) == {"representative": 1, "misleading for one model": 3, "none": 2}[sample]
+
+
 class _CountingSelect(M.TopKThreshold):
     made = 0
 
