@@ -126,14 +126,6 @@ def _base_ckpt(plan: Plan):
     return plan.base.ckpt if plan.base is not None else plan.models[0].ckpt
 
 
-def _read(inp, name: str, start: int, count: int):
-    """A piece of one model's tensor (adapters only reach here for tensors they leave alone)."""
-    if inp.is_adapter:
-        src = inp.overrides.get(name)
-        return None if src is None else inp.ckpt.read_range(src, start, count)
-    return inp.ckpt.read_range(name, start, count)
-
-
 class _Buffers:
     """Reused per-piece buffers: raw bytes and compute copies of each input, and a ring
     of output buffers long enough that the writer is done with one before it is reused.
@@ -181,8 +173,7 @@ def _pieces(plan: Plan, name: str, dev: torch.device, chunk: int, bufs: "_Buffer
     base_ck = _base_ckpt(plan)
     numel = base_ck.tensors[name].numel
     has_base = plan.base is not None
-    inputs = [base_ck, *[m.ckpt for m in plan.models]]
-    names = [name, *[(m.overrides.get(name) if m.is_adapter else name) for m in plan.models]]
+    inputs, names = _inputs(plan, name)
     size = max(chunk, numel) if whole else chunk
     in_bytes = max(DTYPE_SIZES[ck.tensors[n].dtype] for ck, n in zip(inputs, names) if n is not None)
     if bufs is None or len(bufs.work) != len(inputs) or bufs.work[0].numel() < size or bufs.in_bytes < in_bytes \
@@ -236,13 +227,19 @@ def _sample(plan: Plan, name: str, dev: torch.device, blocks: int = 256, block: 
     numel = base_ck.tensors[name].numel
     block = min(block, numel)
     starts = sorted({i * (numel - block) // max(1, blocks - 1) for i in range(blocks)})
-    names = [name, *[(m.overrides.get(name) if m.is_adapter else name) for m in plan.models]]
     parts = []
-    for ck, src in zip([base_ck, *[m.ckpt for m in plan.models]], names):
-        src = src or name  # an adapter that leaves the tensor alone: the base's values
-        ck = ck if src in ck.tensors else base_ck
+    for ck, src in zip(*_inputs(plan, name)):
+        if src is None:  # an adapter that leaves the tensor alone: the base's values
+            ck, src = base_ck, name
         parts.append(torch.cat([ck.read_range(src, s, block).to(dev, compute) for s in starts]))
     return (parts[0] if plan.base is not None else None), parts[1:]
+
+
+def _inputs(plan: Plan, name: str) -> "tuple[list, list[str | None]]":
+    """The checkpoints one tensor is read from (the base first) and its name in each;
+    None where an adapter leaves the tensor alone."""
+    return ([_base_ckpt(plan), *[m.ckpt for m in plan.models]],
+            [name, *[(m.overrides.get(name) if m.is_adapter else name) for m in plan.models]])
 
 
 def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardWriter, chunk: int,
