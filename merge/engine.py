@@ -22,7 +22,7 @@ from zoo.memory import keep_freed_memory
 from zoo.readahead import read_ahead
 from zoo.progress import ProgressFactory, no_progress
 
-from .methods import TensorContext
+from .methods import TensorContext, slices
 from .plan import Plan, read_input
 from zoo.writer import OutTensor, ShardWriter, plan_shards, tensor_bytes, write_file
 
@@ -204,14 +204,12 @@ def _pieces(plan: Plan, name: str, dev: torch.device, chunk: int, bufs: "_Buffer
     held = None
     if whole:  # read and converted in cache-sized pieces, so each subtraction finds its inputs in cache
         for off in range(0, numel, chunk):
-            read_into(bufs.raw, bufs.work, off, min(chunk, numel - off), off, deltas and has_base)
+            read_into(bufs.raw, bufs.work, off, min(chunk, numel - off), off, deltas)
         held = (bufs.work[0][:numel] if has_base else None), [w[:numel] for w in bufs.work[1:]]
 
     def pieces():
         if held is not None:  # read once; then walked in cache-sized slices, much faster than whole-tensor ops
-            b, xs = held
-            for off in range(0, numel, chunk):
-                yield (b[off:off + chunk] if b is not None else None), [x[off:off + chunk] for x in xs]
+            yield from slices(*held, chunk)
             return
         yield from read_ahead(load, range(0, numel, size))
 

@@ -145,12 +145,13 @@ class StatsCollector:
                      slice_elems: int = 1 << 18) -> dict[str, Any]:
         """The result over tensors held whole (flat); by default every pass walks them in
         cache-sized slices."""
-        def pieces():
-            for off in range(0, tensors[0].numel(), slice_elems):
-                yield (base[off:off + slice_elems] if base is not None else None), \
-                    [x[off:off + slice_elems] for x in tensors]
+        return self.gather(lambda: slices(base, tensors, slice_elems), deltas)
 
-        return self.gather(pieces, deltas)
+
+def slices(base: torch.Tensor | None, tensors: list[torch.Tensor], size: int):
+    """(base, [models]) of flat tensors held whole, ``size`` elements at a time."""
+    for off in range(0, tensors[0].numel(), size):
+        yield (base[off:off + size] if base is not None else None), [x[off:off + size] for x in tensors]
 
 
 METHODS: dict[str, MergeMethod] = {}
