@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoo.checkpoint import DTYPE_SIZES, open_checkpoint  # noqa: E402
+from zoo.checkpoints.reader import DTYPE_SIZES, open_checkpoint  # noqa: E402
 
 CHUNK = 1 << 18  # elements: float32 pieces that stay in the CPU cache
 TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}

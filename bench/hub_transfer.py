@@ -65,7 +65,7 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def start_server(registry: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "--registry", str(registry), "serve", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "zoo.cli.main", "--registry", str(registry), "serve", "--port", "0",
                              "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     line = proc.stdout.readline()
     if " at " not in line:
@@ -83,8 +83,8 @@ def main() -> None:
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["HF_HUB_DISABLE_XET"] = "1"
     from zoo import Registry
-    from zoo.hub_client import pull, push_folder
-    from zoo.tokens import create_token
+    from zoo.hub.client import pull, push_folder
+    from zoo.hub.tokens import create_token
 
     src_files = files_of(args.model)
     total = sum(p.stat().st_size for p in src_files)

@@ -24,10 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import run_measured, save  # noqa: E402
 
-import merge  # noqa: E402
-from merge.demo import LABELS, LEARNED, PARITY, SCHEDULE, measure, merge_demo  # noqa: E402
+import zoo.merge as merge  # noqa: E402
+from zoo.demo.merges import LABELS, LEARNED, PARITY, SCHEDULE, measure, merge_demo  # noqa: E402
 from zoo import Registry  # noqa: E402
-from zoo.demo import FULL, run_demo  # noqa: E402
+from zoo.demo.build import FULL, run_demo  # noqa: E402
 
 PAPER = {"adamerging": {"steps": 500, "lr": 1e-3}, "concrete_ta": {"steps": 2000, "lr": 1e-3},
          "concrete_adamerging": {"steps": 1000, "stage2_steps": 1000, "lr": 1e-3}}

@@ -26,7 +26,7 @@ from common import save
 from sqlalchemy import insert
 
 from zoo import Registry
-from zoo.schema import File, Model, ModelTag, ModelTask, Task
+from zoo.registry.schema import File, Model, ModelTag, ModelTask, Task
 
 ZOO = str(Path(sys.executable).with_name("zoo"))
 FLOOR = ("import json, sqlite3, sys; con = sqlite3.connect(sys.argv[1]); cur = con.execute('select * from models'); "

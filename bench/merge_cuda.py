@@ -66,7 +66,7 @@ def main() -> None:
                     shutil.rmtree(out, ignore_errors=True)
                     out.parent.mkdir(exist_ok=True)
                     os.sync()
-                    runs.append(run_measured([sys.executable, "-m", "cli.main", "merge", str(cfg), "--out-dir",
+                    runs.append(run_measured([sys.executable, "-m", "zoo.cli.main", "merge", str(cfg), "--out-dir",
                                               str(out), "--device", dev], env=env))
                 entry[key] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 entry[key]["runs"] = runs

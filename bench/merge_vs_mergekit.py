@@ -27,7 +27,7 @@ import torch
 import yaml
 from common import run_measured, save
 
-from zoo.checkpoint import open_checkpoint
+from zoo.checkpoints.reader import open_checkpoint
 
 HERE = Path(__file__).resolve().parent
 ZOO = str(Path(sys.executable).with_name("zoo"))

@@ -24,12 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import save  # noqa: E402
 
-import merge  # noqa: E402
-from merge.demo import LEARNED, PARITY_SCHEDULE, measure  # noqa: E402
-from protect.demo import SEED, VICTIM  # noqa: E402
-from protect.run import protect  # noqa: E402
+import zoo.merge as merge  # noqa: E402
+from zoo.demo.merges import LEARNED, PARITY_SCHEDULE, measure  # noqa: E402
+from zoo.demo.protection import SEED, VICTIM  # noqa: E402
+from zoo.protect.run import protect  # noqa: E402
 from zoo import Registry  # noqa: E402
-from zoo.demo import FULL, run_demo  # noqa: E402
+from zoo.demo.build import FULL, run_demo  # noqa: E402
 
 DEFAULT = {"rounds": 3, "steps": 100}  # the method's defaults
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from common import save
 
-from merge.demo import merge_demo
-from protect.demo import protect_demo
-from zoo import demo as demo_mod
+from zoo.demo.merges import merge_demo
+from zoo.demo.protection import protect_demo
+from zoo.demo import build as demo_mod
 from zoo.registry import Registry
 
 

@@ -31,9 +31,9 @@ ZOO = str(Path(sys.executable).with_name("zoo"))
 
 def floor(src: str, out: str) -> None:
     """Read every tensor and write it back through protect's own streaming path."""
-    from protect.layouts import layout_for
-    from protect.lock import stream_attention
-    from zoo.checkpoint import open_checkpoint
+    from zoo.protect.layouts import layout_for
+    from zoo.protect.lock import stream_attention
+    from zoo.checkpoints.reader import open_checkpoint
 
     ckpt = open_checkpoint(src)
     Path(out).mkdir()

@@ -10,7 +10,7 @@ import typer
 
 from zoo.errors import ZooError
 
-from . import output
+from zoo.cli import output
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="zoo: a registry for base models, experts, adapters, merges and protected models.")
@@ -76,8 +76,8 @@ def list_(
     as_json: bool = JsonOpt,
 ) -> None:
     """List registered models."""
-    from zoo.listing import list_models
-    from zoo.paths import existing_registry
+    from zoo.registry.listing import list_models
+    from zoo.registry.paths import existing_registry
 
     rows = list_models(existing_registry(State.registry), kind=kind, base=base, task=task, tag=tag)
     if as_json:
@@ -236,7 +236,7 @@ def merge(
     Learned methods (adamerging, concrete_ta, concrete_adamerging, parity) first run the
     model on each task's data; --steps, --lr and --batch-size set their loop. parity
     prints its table per round and task."""
-    import merge as merge_api
+    import zoo.merge as merge_api
 
     loop = [f"{k}={v}" for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size)) if v is not None]
     if method is not None:
@@ -267,7 +267,7 @@ def merge(
 
 def _maybe_open():
     """The registry if there is one (to resolve names), else None (paths only)."""
-    from zoo.paths import registry_path
+    from zoo.registry.paths import registry_path
 
     return _open() if registry_path(State.registry).exists() else None
 
@@ -296,7 +296,7 @@ def protect(
     as_json: bool = JsonOpt,
 ) -> None:
     """Make a model unmergeable without changing what it computes (MergeLock)."""
-    import protect as protect_api
+    import zoo.protect as protect_api
 
     reg = _registry_for(out)
     with output.progress_bars() as progress:
@@ -326,7 +326,7 @@ def unlock(
     as_json: bool = JsonOpt,
 ) -> None:
     """Restore a protected model's original weights with its key."""
-    import protect as protect_api
+    import zoo.protect as protect_api
 
     reg = _registry_for(out)
     with output.progress_bars() as progress:
@@ -356,7 +356,7 @@ def pull(
     as_json: bool = JsonOpt,
 ) -> None:
     """Download a model from a Hub (safetensors only), verify it and register it."""
-    from zoo.hub_client import pull as pull_api
+    from zoo.hub.client import pull as pull_api
 
     with output.progress_bars() as progress:
         info = pull_api(_open(create=True), repo, name=name, kind=kind, base=base, endpoint=endpoint,
@@ -387,7 +387,7 @@ def push(
     as_json: bool = JsonOpt,
 ) -> None:
     """Publish a model to a Hub in one commit, MergeLock-protected unless --no-protect."""
-    from protect.publish import publish
+    from zoo.publish import publish
 
     with output.progress_bars() as progress:
         info = publish(_open(), name, repo, protect_weights=not no_protect, private=private, branch=revision,
@@ -419,8 +419,8 @@ def serve(
     quiet: bool = typer.Option(False, "--quiet", help="No access log."),
 ) -> None:
     """Serve the registry as a Hugging Face Hub-compatible endpoint (HF_ENDPOINT=URL)."""
-    from zoo.hub_server import ServeSettings, serve as serve_api
-    from zoo.tokens import TokenSet, default_token_file
+    from zoo.hub.server.app import ServeSettings, serve as serve_api
+    from zoo.hub.tokens import TokenSet, default_token_file
 
     reg = _open(create=True)
     tokens = TokenSet.load(token_file or default_token_file(reg.path), missing_ok=token_file is None)
@@ -457,8 +457,8 @@ def token_create(
                                                                          "beside the registry)."),
 ) -> None:
     """Create a token for `zoo serve`; it is shown once, and only its hash is kept."""
-    from zoo.paths import registry_path
-    from zoo.tokens import create_token, default_token_file
+    from zoo.registry.paths import registry_path
+    from zoo.hub.tokens import create_token, default_token_file
 
     file = token_file or default_token_file(registry_path(State.registry))
     token = create_token(file, name, scope)
@@ -476,7 +476,7 @@ def key_export(name: str = typer.Argument(..., help="The protected model."),
                out: Optional[Path] = typer.Option(None, "--out", "-o", help="Key file (default: NAME@V.key)."),
                as_json: bool = JsonOpt) -> None:
     """Write a protected model's key from the registry to a key file (mode 0600)."""
-    import protect as protect_api
+    import zoo.protect as protect_api
 
     path = protect_api.export_key(_open(), name, out)
     if as_json:
@@ -492,7 +492,7 @@ def key_import(file: Path = typer.Argument(..., help="A key file from `zoo key e
                replace: bool = typer.Option(False, "--replace", help="Replace a different stored key."),
                as_json: bool = JsonOpt) -> None:
     """Store a key file's key in the registry, for the protected model it belongs to."""
-    import protect as protect_api
+    import zoo.protect as protect_api
 
     info = protect_api.import_key(_open(), file, model, replace=replace)
     if as_json:
@@ -528,10 +528,10 @@ def demo(quick: bool = typer.Option(False, "--quick", help="A tiny, fast build o
     """Build the demo zoo offline (cached), register it, merge it, and print the accuracy
     of each expert and each merge per task; then protect one expert, merge with it and
     attack it; then publish the best merge through a local `zoo serve` and pull it back."""
-    from zoo import demo as demo_mod
+    from zoo.demo import build as demo_mod
 
-    from merge.demo import merge_demo, parity_summary
-    from protect.demo import protect_demo, publish_demo
+    from zoo.demo.merges import merge_demo, parity_summary
+    from zoo.demo.protection import protect_demo, publish_demo
 
     cfg = demo_mod.QUICK if quick else demo_mod.FULL
     log = (lambda m: print(m, file=sys.stderr)) if as_json else print

@@ -5,8 +5,8 @@ registers the result with its lineage; ``merge.methods`` has one in-memory funct
 per method over state dicts.
 """
 
-from .methods import METHODS, merge_state_dicts
-from .recipe import Recipe, from_cli, from_dict, load, with_overrides
-from .run import run
+from zoo.merge.methods import METHODS, merge_state_dicts
+from zoo.merge.recipe import Recipe, from_cli, from_dict, load, with_overrides
+from zoo.merge.run import run
 
 __all__ = ["METHODS", "Recipe", "from_cli", "from_dict", "load", "merge_state_dicts", "run", "with_overrides"]

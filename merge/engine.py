@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 
-from zoo.checkpoint import DTYPE_SIZES, HEADS_FILE
+from zoo.checkpoints.reader import DTYPE_SIZES, HEADS_FILE
 from zoo.errors import ZooError
 from zoo.memory import keep_freed_memory
-from zoo.readahead import read_ahead
+from zoo.checkpoints.readahead import read_ahead
 from zoo.progress import ProgressFactory, no_progress
 
-from .methods import TensorContext, slices
-from .plan import Plan, read_input
-from zoo.writer import OutTensor, ShardWriter, plan_shards, tensor_bytes, write_file
+from zoo.merge.methods import TensorContext, slices
+from zoo.merge.plan import Plan, read_input
+from zoo.checkpoints.writer import OutTensor, ShardWriter, plan_shards, tensor_bytes, write_file
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 COMPUTE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -321,7 +321,7 @@ def _write_heads(plan: Plan, folder: Path) -> dict[str, str]:
             tensors.append((f"{key}/{n}", m.ckpt.read_tensor(src)))
     if not tensors:
         return {}
-    from zoo.writer import header_bytes
+    from zoo.checkpoints.writer import header_bytes
 
     outs = [OutTensor(n, _st_dtype(t), tuple(t.shape)) for n, t in tensors]
     data = header_bytes(outs, {"format": "pt", "zoo_heads": json.dumps(entries, sort_keys=True)})

@@ -2,7 +2,7 @@
 
 A method sees the base tensor and one tensor per model, already in the compute dtype
 and on the compute device, with each model's parameters resolved for that tensor.
-Formulas and defaults follow shared/specs/merging-algorithms.md; where mergekit has
+Each method cites its paper; where mergekit has
 the same method, parameter names and defaults are mergekit's, so a mergekit recipe
 merges the same way here.
 """
@@ -806,4 +806,4 @@ def model_stock(base, models, **kw):
 
 
 # The learned merges register themselves in METHODS (they run through merge.learned).
-from .learned import methods as _learned_methods  # noqa: E402,F401
+from zoo.merge.learned import methods as _learned_methods  # noqa: E402,F401

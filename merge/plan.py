@@ -12,13 +12,14 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from zoo.checkpoint import Checkpoint, open_model
-from zoo.compat import compare, is_head
+from zoo.checkpoints.reader import Checkpoint
+from zoo.registry.resolve import open_model
+from zoo.checkpoints.compat import compare, is_head
 from zoo.errors import IncompatibleModels, ZooError
-from zoo.writer import OutTensor
+from zoo.checkpoints.writer import OutTensor
 
-from .methods import MergeMethod, get_method
-from .recipe import Recipe, resolve
+from zoo.merge.methods import MergeMethod, get_method
+from zoo.merge.recipe import Recipe, resolve
 
 if TYPE_CHECKING:
     import torch

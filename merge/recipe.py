@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zoo.compat import DEFAULT_HEAD_PATTERNS
+from zoo.checkpoints.compat import DEFAULT_HEAD_PATTERNS
 from zoo.errors import ZooError
 
-from .methods import get_method, validate_params
+from zoo.merge.methods import get_method, validate_params
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 UNSUPPORTED = ("slices", "modules", "tokenizer", "chat_template")

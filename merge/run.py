@@ -9,18 +9,19 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from zoo.card import public_recipe
+from zoo.registry.card import public_recipe
 from zoo.progress import no_progress
 
-from . import engine
-from .plan import Plan, make_plan
-from .recipe import Recipe
-from zoo.writer import check_destination, copy_sidecars, temp_folder, write_file
+from zoo.merge import engine
+from zoo.merge.plan import Plan, make_plan
+from zoo.merge.recipe import Recipe
+from zoo.registry.destination import check_destination, temp_folder
+from zoo.checkpoints.writer import copy_sidecars, write_file
 
 if TYPE_CHECKING:
     from zoo.progress import ProgressFactory
 
-    from .learned.train import Report
+    from zoo.merge.learned.train import Report
     from zoo.registry import Registry
 
 
@@ -91,7 +92,7 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
     recipe_d = resolved_recipe(plan)
     learned, artifacts = None, {}
     if plan.method.learned:
-        from .learned.pipeline import learn_from_plan
+        from zoo.merge.learned.pipeline import learn_from_plan
 
         result, used = learn_from_plan(plan, registry, engine.pick_device(device), report, log)
         learned = result.merged
@@ -112,7 +113,7 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
     offsets_tmp = folder.with_name(folder.name + ".offsets.safetensors")
     try:
         if learned is not None and result.mask_bits is not None:
-            from .learned.merger import save_mask
+            from zoo.merge.learned.merger import save_mask
 
             artifacts["mask"] = save_mask(result.mask_bits, result.mask_logits or {}, mask_tmp)
         if learned is not None and result.offsets:

@@ -1,4 +1,4 @@
-"""The data-free least-squares realignment attack on MergeLock (spec A.8), as a red team.
+"""The data-free least-squares realignment attack on MergeLock (MergeLock, arXiv 2509.01548: its security caveats), as a red team.
 
 Given only the protected model and the public base it was fine-tuned from, solve per
 head X = argmin ‖X·W′ − W_base‖ (for O, from the right) and replace W′ by X·W′. A
@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from zoo.checkpoint import Checkpoint
+from zoo.checkpoints.reader import Checkpoint
 from zoo.errors import ZooError
-from zoo.writer import copy_sidecars
+from zoo.checkpoints.writer import copy_sidecars
 
-from .layouts import Attention, layout_for
-from .lock import stream_attention
-from .transform import column_blocks, from_column_blocks, left_blocks, right_blocks
+from zoo.protect.layouts import Attention, layout_for
+from zoo.protect.lock import stream_attention
+from zoo.protect.transform import column_blocks, from_column_blocks, left_blocks, right_blocks
 
 if TYPE_CHECKING:
     from zoo.registry import Registry

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from zoo.errors import AlreadyExists, NotFound, StorageError, ZooError
 
-from .transform import Key
+from zoo.protect.transform import Key
 
 if TYPE_CHECKING:
     from zoo.registry import Registry

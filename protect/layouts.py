@@ -15,13 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from zoo.checkpoint import Checkpoint
+from zoo.checkpoints.reader import Checkpoint
 from zoo.errors import ZooError
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 # Known architectures that normalise q and k per head: a general QK transform changes
-# what they compute (spec A.6). Refused with that reason rather than "unknown".
+# what they compute (MergeLock, arXiv 2509.01548). Refused with that reason rather than "unknown".
 QK_NORM_TYPES = ("qwen3", "qwen3_moe", "gemma3", "gemma3_text", "olmo2", "olmoe", "cohere2", "chameleon")
 
 

@@ -16,16 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from zoo.checkpoint import Checkpoint
+from zoo.checkpoints.reader import Checkpoint
 from zoo.errors import AlreadyExists, NotFound, ZooError
 from zoo.progress import ProgressFactory, no_progress
-from zoo.checkpoint import open_model
-from zoo.writer import check_destination, copy_sidecars, temp_folder, write_file
+from zoo.registry.resolve import open_model
+from zoo.registry.destination import check_destination, temp_folder
+from zoo.checkpoints.writer import copy_sidecars, write_file
 
-from .keys import key_record, read_key_file, write_key_file
-from .layouts import Layout, layout_for
-from .lock import DEFAULT_SHARD_BYTES, LockStats, lock_checkpoint
-from .transform import ALGORITHM, DEFAULT_MAX_COND, VERSION, Key
+from zoo.protect.keys import key_record, read_key_file, write_key_file
+from zoo.protect.layouts import Layout, layout_for
+from zoo.protect.lock import DEFAULT_SHARD_BYTES, LockStats, lock_checkpoint
+from zoo.protect.transform import ALGORITHM, DEFAULT_MAX_COND, VERSION, Key
 
 if TYPE_CHECKING:
     from zoo.registry import Registry
@@ -130,7 +131,7 @@ def protect(source: str, out: str | None = None, *, registry: "Registry | None" 
         digests = {**stats.digests, **copy_sidecars(src.ckpt, folder, heads=True)}
         check = None
         if verify:
-            from .verify import compare
+            from zoo.protect.verify import compare
 
             check = compare(src.ckpt.path, folder, dtype, {"max_cond_qk": stats.cond_qk, "max_cond_vo": stats.cond_vo})
             if not check["passed"]:

@@ -4,14 +4,14 @@ For each attention sublayer and each KV group g it draws two independent matrice
 A_g for the QK pair (A on W_Q, A^-T on W_K, biases included) and B_g for the VO pair
 (B on W_V and its bias, B^-1 on W_O's input columns; the O bias stays). Then
 q'ᵀk' = qᵀk and W_O'v' = W_O v, so the model computes the same function while its
-weights leave the basin the other experts share (spec A.3).
+weights leave the basin the other experts share (MergeLock, arXiv 2509.01548).
 
 - Sampling bounds the condition number exactly: U·diag(s)·Vᵀ with Haar-orthogonal
   U and V and log-uniform s in [κ^-1/2, κ^1/2], so cond ≤ κ.
 - Under RoPE the QK matrix may only be a per-frequency-pair scaled rotation, in the
   model's ``rotate_half`` pair layout (dims j and j + d/2); the q pair is scaled by s_j
-  and the k pair by 1/s_j (spec A.4). V is untouched by RoPE, so B stays general.
-- Under GQA every query head of a KV group shares its group's matrices (spec A.5).
+  and the k pair by 1/s_j (they must commute with RoPE's 2×2 rotations). V is untouched by RoPE, so B stays general.
+- Under GQA every query head of a KV group shares its group's matrices (grouped-query attention).
 - Matrices are drawn from the key's seed with a counter-based stream per sublayer and
   branch (PCG64 raw bits, turned into numbers here), so they depend on the key and the
   sublayer's name only, not on numpy's distribution code or the order of the tensors.
@@ -32,7 +32,7 @@ import torch
 
 from zoo.errors import ZooError
 
-from .layouts import Attention
+from zoo.protect.layouts import Attention
 
 ALGORITHM = "mergelock"
 VERSION = 1

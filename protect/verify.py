@@ -2,7 +2,7 @@
 
 Both folders are loaded with ``transformers`` (the class named in ``config.json``'s
 ``architectures``) and run in float32 on the same seeded multi-token input: with one
-token every QK transform looks exact, even one that RoPE breaks (spec A.7). Float32
+token every QK transform looks exact, even one that RoPE breaks (RoPE rotates q and k by position). Float32
 checkpoints must agree to a relative logit error of 1e-4 with the same top-1 at every
 position; bf16 and fp16 checkpoints are re-rounded by the lock, so they are gated on
 the KL divergence between the two output distributions instead.

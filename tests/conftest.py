@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from zoo import Registry
-from zoo.taskdata import save_task_data
+from zoo.checkpoints.taskdata import save_task_data
 
 
 def vit(path: Path, num_labels: int = 10, seed: int = 0, hidden: int = 32) -> Path:
@@ -121,7 +121,7 @@ def models(tmp_path: Path) -> dict[str, Path]:
 @pytest.fixture
 def zoo_cli(tmp_path: Path, monkeypatch, capsys):
     """Run the real CLI entry point in-process; returns (exit code, stdout, stderr)."""
-    from cli.main import main
+    from zoo.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("ZOO_REGISTRY", raising=False)

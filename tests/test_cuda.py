@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-import merge
+import zoo.merge as merge
 from conftest import expert_family
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -28,7 +28,7 @@ def digests(folder):
 def test_cuda_merge_writes_the_cpu_bytes(tmp_path, method, params, options, chunk, monkeypatch):
     """Elementwise float32 arithmetic and exact thresholds: CUDA and CPU agree bit for
     bit, streamed in pieces or whole; DARE draws its masks on the CPU for this."""
-    from merge import engine
+    from zoo.merge import engine
 
     if chunk:
         monkeypatch.setattr(engine, "CHUNK_ELEMS", chunk)
@@ -73,8 +73,8 @@ def test_learned_merges_run_on_cuda(registry, tiny, method):
     its losses differ from the CPU's: finite, and the result comes back to the CPU."""
     import math
 
-    from merge.learned.pipeline import learn_from_plan
-    from merge.plan import make_plan
+    from zoo.merge.learned.pipeline import learn_from_plan
+    from zoo.merge.plan import make_plan
 
     extra = {"stage2_steps": 3} if method == "concrete_adamerging" else {}
     rec = _learned_recipe(method, steps=12, lr=0.05, batch_size=48, precision="fp32", **extra)
@@ -92,8 +92,8 @@ def test_learned_merges_run_on_cuda(registry, tiny, method):
 def test_learned_merge_on_cuda_with_bf16_autocast_learns_and_registers(registry, tiny):
     """precision auto is bf16 autocast on CUDA: the loss still falls, and the registered
     model keeps the base's float32."""
-    from merge.learned.pipeline import learn_from_plan
-    from merge.plan import make_plan
+    from zoo.merge.learned.pipeline import learn_from_plan
+    from zoo.merge.plan import make_plan
     from zoo import open_checkpoint
 
     rec = _learned_recipe("adamerging", steps=12, lr=0.05, batch_size=48)

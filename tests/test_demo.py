@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from zoo import Registry
-from zoo.demo import QUICK, TASKS, task_labels
+from zoo.demo.build import QUICK, TASKS, task_labels
 
 ZOO = str(Path(sys.executable).with_name("zoo"))
 
@@ -107,7 +107,7 @@ def test_eval_measures_the_registered_model(quick_demo):
     # and against an independent count on the raw test split
     import torch
     from transformers import ViTForImageClassification
-    from zoo.taskdata import load_split
+    from zoo.checkpoints.taskdata import load_split
 
     model = ViTForImageClassification.from_pretrained(reg.export(f"{QUICK.prefix}-parity", work / "exported")).eval()
     x, y = load_split(reg.task_data("parity"), "test")
@@ -128,8 +128,8 @@ def test_learned_rows_of_the_demo(quick_demo):
     """The demo's learned merges, on a few steps each: registered with their lineage,
     measured per task, the ce rows marked supervised. Runs after the tests above (the
     module's registry gains merged models here)."""
-    from merge.demo import LEARNED, merge_demo
-    from zoo.demo import run_demo
+    from zoo.demo.merges import LEARNED, merge_demo
+    from zoo.demo.build import run_demo
 
     work, env, _, _ = quick_demo
     reg = Registry(work / "registry.db")

@@ -21,10 +21,10 @@ import torch
 from conftest import db_dump, vit
 from zoo import Registry
 from zoo.errors import ZooError
-from zoo.hub_client import PushConflict, pull, push_folder
-from zoo.hub_repos import git_blob_oid
-from zoo.hub_server import ServeSettings, running
-from zoo.tokens import TokenSet, create_token
+from zoo.hub.client import PushConflict, pull, push_folder
+from zoo.hub.repos import git_blob_oid
+from zoo.hub.server.app import ServeSettings, running
+from zoo.hub.tokens import TokenSet, create_token
 
 LFS = 4096  # the tiny model's weights go through LFS, its config inline: both paths run
 
@@ -298,7 +298,7 @@ def test_concurrent_pushes_on_one_parent_one_wins(hub, folder, tmp_path, registr
 
 
 def test_publish_protects_experts_by_default(hub, tiny, registry, tmp_path):
-    from protect.publish import publish
+    from zoo.publish import publish
 
     registry.record_metric("e0", "t0", "accuracy", 0.75, split="test")
     out = publish(registry, "e0", "team/e0", endpoint=hub.url, token=hub.write)
@@ -330,10 +330,10 @@ def test_publish_protects_experts_by_default(hub, tiny, registry, tmp_path):
 
 
 def test_merge_card_lists_parents_and_recipe(hub, tiny, registry):
-    import merge
+    import zoo.merge as merge
     import yaml
 
-    from protect.publish import publish
+    from zoo.publish import publish
 
     merge.run(merge.from_dict({"merge_method": "task_arithmetic", "base_model": "base", "parameters": {"lambda": 0.5},
                "models": [{"model": "e0"}, {"model": "e1"}]}), out="ta", registry=registry)
@@ -423,7 +423,7 @@ class RecordingProxy:
 
 
 def test_a_protected_push_uploads_no_key_material(hub, tiny, registry):
-    from protect.publish import publish
+    from zoo.publish import publish
 
     proxy = RecordingProxy(hub.url)
     try:
@@ -554,13 +554,13 @@ def test_every_command_fails_clearly_when_the_endpoint_is_unreachable(registry, 
         for endpoint, said in ((dead, "cannot reach"), (mute, "did not answer in time")):
             for cmd in (["pull", "team/m"], ["push", "m", "team/m"]):
                 t = time.monotonic()
-                r = subprocess.run([sys.executable, "-m", "cli.main", *cmd, "--endpoint", endpoint], env=env,
+                r = subprocess.run([sys.executable, "-m", "zoo.cli.main", *cmd, "--endpoint", endpoint], env=env,
                                    capture_output=True, text=True, timeout=120)
                 assert r.returncode == 1 and r.stderr.count("\n") == 1, (cmd, r.stderr[-1500:])
                 assert said in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)
                 assert time.monotonic() - t < 60
         # serve: a port in use is one line too
-        r = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--port", str(silent.getsockname()[1])],
+        r = subprocess.run([sys.executable, "-m", "zoo.cli.main", "serve", "--port", str(silent.getsockname()[1])],
                            env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and "cannot listen on 127.0.0.1" in r.stderr and r.stderr.count("\n") == 1
     finally:
@@ -571,7 +571,7 @@ def test_zoo_serve_command_with_cli_push_and_pull(tmp_path, subprocess_env, tiny
     server_db = tmp_path / "srv" / "registry.db"
     server_db.parent.mkdir()
     env = {**subprocess_env, "ZOO_REGISTRY": str(server_db)}
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", "0"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "zoo.cli.main", "serve", "--port", "0"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # with its access log
     try:
         line = proc.stdout.readline()
@@ -579,7 +579,7 @@ def test_zoo_serve_command_with_cli_push_and_pull(tmp_path, subprocess_env, tiny
         url = line.split(" at ")[1].split()[0]
         assert url.startswith("http://127.0.0.1:")
         # a token made while the server runs is accepted
-        token = subprocess.run([sys.executable, "-m", "cli.main", "token", "create", "--name", "ci"], env=env,
+        token = subprocess.run([sys.executable, "-m", "zoo.cli.main", "token", "create", "--name", "ci"], env=env,
                                capture_output=True, text=True, check=True).stdout.strip()
         os.environ["HF_TOKEN"] = token
         said = []
@@ -604,12 +604,12 @@ def test_zoo_serve_command_with_cli_push_and_pull(tmp_path, subprocess_env, tiny
         (hf_home / "token").write_text(token)
         penv = {k: v for k, v in subprocess_env.items() if k != "HF_TOKEN"}
         penv.update(HF_HOME=str(hf_home), ZOO_REGISTRY=str(tmp_path / "other.db"))
-        r = subprocess.run([sys.executable, "-m", "cli.main", "pull", "team/e2", "--endpoint", url], env=penv,
+        r = subprocess.run([sys.executable, "-m", "zoo.cli.main", "pull", "team/e2", "--endpoint", url], env=penv,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0 and "pulled team/e2@" in r.stdout, r.stderr
         assert token not in r.stdout + r.stderr
         (hf_home / "token").unlink()
-        r = subprocess.run([sys.executable, "-m", "cli.main", "pull", "team/e2", "--endpoint", url, "--name", "x"],
+        r = subprocess.run([sys.executable, "-m", "zoo.cli.main", "pull", "team/e2", "--endpoint", url, "--name", "x"],
                            env=penv, capture_output=True, text=True, timeout=300)
         assert r.returncode == 1 and "not found" in r.stderr and "HF_TOKEN" in r.stderr
         assert token not in (tmp_path / "srv" / "registry.tokens").read_text()
@@ -712,7 +712,7 @@ def test_malformed_requests_get_a_400_not_a_500(hub):
 def test_an_upload_that_cannot_be_written_fails_cleanly(hub, monkeypatch):
     import errno
 
-    import zoo.hub_server as hs
+    import zoo.hub.server.app as hs
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -742,7 +742,7 @@ def test_a_hugging_face_token_is_not_sent_over_plain_http(hub, folder, registry,
         monkeypatch.setenv("HF_TOKEN", hub.read)  # this server's own token is sent
         assert not pull(registry, "team/t", endpoint=proxy.url, name="b")["pulled"]  # (same commit: no-op)
         assert hub.read.encode() in bytes(proxy.sent)
-        from zoo.hub_client import _token_for
+        from zoo.hub.client import _token_for
 
         assert _token_for(proxy.url, None) is None and _token_for("https://hub.example", None) is None
         monkeypatch.setenv("HF_TOKEN", "hf_x")
@@ -755,7 +755,7 @@ def test_a_hugging_face_token_is_not_sent_over_plain_http(hub, folder, registry,
 def test_gc_removes_only_blobs_nothing_uses(hub, folder, tiny, registry, zoo_cli):
     """An upload never committed is collected; everything a model, task, repository or
     recipe uses stays, and so does a blob younger than the cut-off."""
-    import merge
+    import zoo.merge as merge
 
     merge.run(merge.from_dict({"merge_method": "task_arithmetic", "base_model": "base",
                                "models": [{"model": "e0"}, {"model": "e1"}]}), out="ta", registry=registry)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import merge
+import zoo.merge as merge
 from conftest import LABELS, vit
-from merge.learned import objectives, train
-from merge.learned.merger import Merger, load_mask, rescale
-from merge.learned.pipeline import learn_from_plan
-from merge.methods import merge_state_dicts
-from merge.plan import make_plan
+from zoo.merge.learned import objectives, train
+from zoo.merge.learned.merger import Merger, load_mask, rescale
+from zoo.merge.learned.pipeline import learn_from_plan
+from zoo.merge.methods import merge_state_dicts
+from zoo.merge.plan import make_plan
 from zoo import open_checkpoint
 from zoo.errors import IncompatibleModels, ZooError
 
@@ -251,7 +251,7 @@ def test_calibrated_entropy_records_the_temperatures(registry, tiny):
 
 # -- data from files ----------------------------------------------------------------------------
 def test_ties_prestep_keeps_the_entries_that_agree_with_the_elected_sign():
-    from merge.learned.start import ties_prestep
+    from zoo.merge.learned.start import ties_prestep
 
     base, experts = family()
     tvs = task_vectors(base, experts)
@@ -266,7 +266,7 @@ def test_ties_prestep_keeps_the_entries_that_agree_with_the_elected_sign():
 
 
 def M_trim(t, density):
-    from merge.methods import trim_magnitude
+    from zoo.merge.methods import trim_magnitude
 
     return trim_magnitude(t, density)
 
@@ -286,7 +286,7 @@ def test_image_folder_data(registry, tiny, tmp_path):
     for i in range(6):
         arr = (torch.rand(8, 8, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(arr, mode="L").save(folder / f"{i}.png")
-    from merge.learned.data import from_path
+    from zoo.merge.learned.data import from_path
 
     data = from_path(folder, "t0", registry.model_dir("base-img"), "train", labelled=False)
     assert data.inputs["pixel_values"].shape[0] == 6 and len(data) == 6

@@ -14,9 +14,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import merge
+import zoo.merge as merge
 from conftest import db_dump, expert_family, llama, lora_adapter, store_listing, vit
-from merge.methods import merge_state_dicts
+from zoo.merge.methods import merge_state_dicts
 from zoo import open_checkpoint
 from zoo.errors import AlreadyExists, IncompatibleModels, NotFound, ZooError
 
@@ -53,7 +53,7 @@ def test_streaming_equals_in_memory(registry, llama_family, method, params, opti
     """Whole tensors; (100, False) every elementwise tensor streamed in pieces of 100,
     statistics gathered over pieces; (100, True) tensors that need statistics read whole
     and then walked in slices of 100."""
-    from merge import engine
+    from zoo.merge import engine
 
     if chunk:
         monkeypatch.setattr(engine, "CHUNK_ELEMS", chunk)

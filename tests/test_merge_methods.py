@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from merge import methods as M
+from zoo.merge import methods as M
 from zoo.errors import ZooError
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import merge
+import zoo.merge as merge
 from conftest import LABELS, perturbed_expert
-from merge.learned.merger import Merger
-from merge.learned.parity import ParitySettings, TeacherFactory, distill, parity_loss, parity_rule, weak_view
-from merge.learned.train import TaskData
+from zoo.merge.learned.merger import Merger
+from zoo.merge.learned.parity import ParitySettings, TeacherFactory, distill, parity_loss, parity_rule, weak_view
+from zoo.merge.learned.train import TaskData
 from zoo import open_checkpoint
 from zoo.errors import ZooError
 from zoo.evaluate import evaluate
@@ -244,8 +244,8 @@ def test_a_start_with_other_experts_is_refused(registry, tiny):
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("lam", [1.0, 0.5])
 def test_ties_directions_times_weights_are_the_ties_merge(normalize, lam):
-    from merge.learned.start import ties_directions
-    from merge.methods import merge_state_dicts
+    from zoo.merge.learned.start import ties_directions
+    from zoo.merge.methods import merge_state_dicts
 
     g = torch.Generator().manual_seed(4)
     base = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g)}
@@ -292,7 +292,7 @@ def test_a_protected_teacher_labels_like_the_original(registry, tiny):
     """MergeLock keeps the function: the protected expert's labels, reliability and
     parity sets are the original's. With the hard-label loss alone the result is the
     same bytes; the KL terms see logits that differ by float rounding."""
-    from protect.run import protect
+    from zoo.protect.run import protect
 
     protect("e1", "e1-locked", registry=registry, seed=3)
     models = [{"model": "e0"}, {"model": "e1", "parameters": {"teacher": "e1-locked"}}, {"model": "e2"}]

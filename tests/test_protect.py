@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import protect
-from protect.layouts import layout_for
-from protect.lock import lock_checkpoint
-from protect.transform import Key, draw
-from protect.verify import compare
+import zoo.protect as protect
+from zoo.protect.layouts import layout_for
+from zoo.protect.lock import lock_checkpoint
+from zoo.protect.transform import Key, draw
+from zoo.protect.verify import compare
 from tests.conftest import llama
 from zoo import open_checkpoint
 from zoo.errors import ZooError
-from zoo.writer import copy_sidecars
+from zoo.checkpoints.writer import copy_sidecars
 
 
 def _configs():
@@ -115,7 +115,7 @@ def test_protect_is_exact_reversible_reproducible_and_keyless(arch, tmp_path):
 
 def test_rope_needs_pair_rotations_and_multi_token_inputs(tmp_path):
     """Negative control: the published general-GL QK transform breaks a RoPE model, the
-    check sees it on 16 tokens, and a single token would have hidden it (spec A.7)."""
+    check sees it on 16 tokens, and a single token would have hidden it."""
     src = tiny(tmp_path / "src", "llama")
     ck = open_checkpoint(src)
     layout = layout_for(ck)
@@ -128,7 +128,7 @@ def test_rope_needs_pair_rotations_and_multi_token_inputs(tmp_path):
     report = compare(src, out, "F32")
     assert not report["passed"] and report["max_rel_error"] > 1e-2
 
-    import protect.verify as verify
+    import zoo.protect.verify as verify
 
     one = dict(verify.probe_inputs(json.loads((src / "config.json").read_text())))
     one["input_ids"] = one["input_ids"][:, :1]
@@ -218,7 +218,7 @@ def test_registry_protect_unlock_and_keys(registry, tmp_path):
 def test_interrupted_protect_leaves_nothing(registry, tmp_path, monkeypatch):
     src = tiny(tmp_path / "src", "bert")
     registry.add(src, "m", "base")
-    import protect.lock as lock_mod
+    import zoo.protect.lock as lock_mod
 
     calls = {"n": 0}
     real = lock_mod.apply
@@ -290,7 +290,7 @@ def test_cli_protect_unlock_key(zoo_cli, tmp_path):
 
 # -- the realignment attack (spec A.8) --------------------------------------------------
 def test_realignment_attack_recovers_most_of_a_small_task_vector(registry, tmp_path):
-    from protect.attack import realign
+    from zoo.protect.attack import realign
 
     base = tiny(tmp_path / "base", "vit")
     ft = tmp_path / "ft"

@@ -14,7 +14,7 @@ from alembic.script import ScriptDirectory
 
 from conftest import llama, lora_adapter
 from zoo import Registry
-from zoo.migrations import SCHEMA_HEAD
+from zoo.registry.migrations import SCHEMA_HEAD
 from zoo.errors import AlreadyExists, InUse, NotFound, ZooError
 
 
@@ -24,7 +24,7 @@ def sha(p):
 
 def test_schema_is_at_alembic_head(registry):
     cfg = Config()
-    cfg.set_main_option("script_location", "zoo:migrations")
+    cfg.set_main_option("script_location", "zoo.registry:migrations")
     assert ScriptDirectory.from_config(cfg).get_current_head() == SCHEMA_HEAD
     con = sqlite3.connect(registry.path)
     assert con.execute("select version_num from alembic_version").fetchone() == (SCHEMA_HEAD,)
@@ -197,7 +197,7 @@ def test_adapter_registration(registry, tmp_path):
 
 def test_tasks_and_metrics(registry, models, tmp_path):
     import torch
-    from zoo.taskdata import save_task_data
+    from zoo.checkpoints.taskdata import save_task_data
 
     save_task_data(tmp_path / "t.safetensors", {"test": (torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]))},
                    ["even", "odd"])

@@ -12,12 +12,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Checkpoint": "checkpoint", "TensorInfo": "checkpoint", "open_checkpoint": "checkpoint",
-    "read_safetensors_header": "checkpoint",
-    "CompatReport": "compat", "Finding": "compat", "compare": "compat",
+    "Checkpoint": "checkpoints.reader", "TensorInfo": "checkpoints.reader",
+    "open_checkpoint": "checkpoints.reader", "read_safetensors_header": "checkpoints.reader",
+    "CompatReport": "checkpoints.compat", "Finding": "checkpoints.compat", "compare": "checkpoints.compat",
     "ZooError": "errors",
-    "Registry": "registry", "default_path": "registry",
-    "list_models": "listing",
+    "Registry": "registry.catalogue", "default_path": "registry.catalogue",
+    "list_models": "registry.listing",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

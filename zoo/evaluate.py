@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checkpoint import read_task_heads
-from .errors import ZooError
-from .registry import Registry
-from .taskdata import load_split, task_info
+from zoo.checkpoints.reader import read_task_heads
+from zoo.errors import ZooError
+from zoo.registry import Registry
+from zoo.checkpoints.taskdata import load_split, task_info
 
 
 def load_model(registry: Registry, ref: str, task: str | None = None):

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .merger import Merger
-from .parity import ParitySettings, distill
-from .runtime import Body, make_forward
-from .train import Forward, Result, Settings, TaskData, learn
+from zoo.merge.learned.merger import Merger
+from zoo.merge.learned.parity import ParitySettings, distill
+from zoo.merge.learned.runtime import Body, make_forward
+from zoo.merge.learned.train import Forward, Result, Settings, TaskData, learn
 
 __all__ = ["Forward", "Merger", "ParitySettings", "Result", "Settings", "TaskData", "distill", "learn",
            "learn_merge"]

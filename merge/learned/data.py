@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from zoo.checkpoint import open_safetensors
+from zoo.checkpoints.reader import open_safetensors
 from zoo.errors import NotFound, ZooError
-from zoo.taskdata import FORMAT as TASK_FORMAT
-from zoo.taskdata import load_split, task_info
+from zoo.checkpoints.taskdata import FORMAT as TASK_FORMAT
+from zoo.checkpoints.taskdata import load_split, task_info
 
-from .train import TaskData
+from zoo.merge.learned.train import TaskData
 
 if TYPE_CHECKING:
     from zoo.registry import Registry

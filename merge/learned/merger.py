@@ -2,7 +2,7 @@
 frozen task vectors, producing merged parameters for ``torch.func.functional_call``.
 
 θ = θ₀ + Σᵢ wᵢ · (m ⊙ τᵢ) / mean(m), per tensor. The mask m is shared by every task
-(spec §1.1), so the sum is computed as m ⊙ Σᵢ wᵢτᵢ. Every tensor lives in one flat
+(arXiv 2312.06173), so the sum is computed as m ⊙ Σᵢ wᵢτᵢ. Every tensor lives in one flat
 vector (masked tensors first), so a step is a few large operations, not a few per
 tensor: that is what keeps a GPU busy. With fixed weights Σᵢ wᵢτᵢ is computed once,
 in task arithmetic's order, so an all-ones mask gives task arithmetic's bits.
@@ -237,7 +237,7 @@ def load_mask(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(binary mask, logits) from a file written by ``save_mask``."""
     import json
 
-    from zoo.checkpoint import open_safetensors
+    from zoo.checkpoints.reader import open_safetensors
     from zoo.errors import CheckpointError
 
     ck = open_safetensors(path)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..methods import MergeMethod, Param, _bool, _density, _number, register
-from .objectives import OBJECTIVES
+from zoo.merge.methods import MergeMethod, Param, _bool, _density, _number, register
+from zoo.merge.learned.objectives import OBJECTIVES
 
 
 def _positive_int(v: Any) -> str | None:
@@ -123,7 +123,7 @@ def _tau(v: Any) -> str | None:
 
 
 def _trainable(v: Any) -> str | None:
-    from .parity import TRAINABLE
+    from zoo.merge.learned.parity import TRAINABLE
 
     parts = [x.strip() for x in str(v).split(",")] if isinstance(v, str) else []
     return None if parts and all(x in TRAINABLE for x in parts) else \
@@ -134,7 +134,7 @@ def _trainable(v: Any) -> str | None:
 class Parity(LearnedMethod):
     """Parity distillation (after MPA): the experts label their own tasks' unlabeled
     pools; the merge trains only where an expert is reliable and the merge disagrees,
-    re-selecting those samples each round (spec: mergelock-and-parity.md B.4)."""
+    re-selecting those samples each round (MPA, arXiv 2509.16633, adapted to merging)."""
 
     name = "parity"
     parameters = {

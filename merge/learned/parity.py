@@ -1,6 +1,6 @@
 """Parity distillation, after MPA (*Model Parity Aligner*): the experts teach the merged
 model without labels, only where they are reliable and the merged model disagrees
-(spec: shared/specs/mergelock-and-parity.md, part B).
+(Model Parity Aligner, arXiv 2509.16633, EMNLP 2025).
 
 Per round:
 1. **Pseudo-annotate** (once, cached): expert t labels its own task's unlabeled pool,
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from zoo.errors import ZooError
 
-from .merger import MaskSample, Merger, rescale
-from .train import Forward, Report, Result, TaskData
+from zoo.merge.learned.merger import MaskSample, Merger, rescale
+from zoo.merge.learned.train import Forward, Report, Result, TaskData
 
 # teacher(batch of inputs) -> logits; each task has its own (its expert, or a named teacher)
 Teacher = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -184,7 +184,7 @@ class Selection:
 
 def parity_rule(confidence: torch.Tensor, pred: torch.Tensor, view_pred: torch.Tensor | None,
                 student_pred: torch.Tensor, tau: float) -> Selection:
-    """MPA's selection rule for classifiers (spec B.4): reliable = confidence ≥ τ and the
+    """MPA's selection rule for classifiers (MPA, adapted): reliable = confidence ≥ τ and the
     same label on the second view (when there is one); parity = reliable and the merged
     model's label differs. Unreliable samples are dropped whether or not they agree."""
     reliable = confidence >= tau

@@ -9,19 +9,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from zoo.compat import compare, is_head
+from zoo.checkpoints.compat import compare, is_head
 from zoo.errors import IncompatibleModels, ZooError
-from zoo.checkpoint import open_model
-from zoo.taskdata import task_info
+from zoo.registry.resolve import open_model
+from zoo.checkpoints.taskdata import task_info
 
-from ..plan import Plan, read_input
-from .data import from_path, from_registry, from_task_file
-from .merger import Merger
-from .objectives import default_split, supervised
-from .parity import Log, ParitySettings, Teacher, TeacherFactory, distill
-from .runtime import Body, build_body, make_forward
-from .start import resolve_start, ties_prestep
-from .train import Forward, Report, Result, TaskData, calibrated, learn, settings_from
+from zoo.merge.plan import Plan, read_input
+from zoo.merge.learned.data import from_path, from_registry, from_task_file
+from zoo.merge.learned.merger import Merger
+from zoo.merge.learned.objectives import default_split, supervised
+from zoo.merge.learned.parity import Log, ParitySettings, Teacher, TeacherFactory, distill
+from zoo.merge.learned.runtime import Body, build_body, make_forward
+from zoo.merge.learned.start import resolve_start, ties_prestep
+from zoo.merge.learned.train import Forward, Report, Result, TaskData, calibrated, learn, settings_from
 
 if TYPE_CHECKING:
     from zoo.registry import Registry

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from zoo.checkpoint import Checkpoint
+from zoo.checkpoints.reader import Checkpoint
 from zoo.errors import ZooError
 
-from .train import Forward
+from zoo.merge.learned.train import Forward
 
 
 class Body:

@@ -18,8 +18,8 @@ import torch
 
 from zoo.errors import ZooError
 
-from ..methods import elect_sign, get_method, trim_magnitude
-from ..recipe import resolve
+from zoo.merge.methods import elect_sign, get_method, trim_magnitude
+from zoo.merge.recipe import resolve
 
 if TYPE_CHECKING:
     from zoo.registry import Registry
@@ -150,14 +150,14 @@ def _rebuild(recipe: dict[str, Any], ref: str | None, registry: "Registry | None
     if registry is not None and ref is not None:
         arts = recipe.get("artifacts") or {}
         if "mask" in arts:
-            from .merger import load_mask
+            from zoo.merge.learned.merger import load_mask
 
             start.mask_bits, start.mask_logits = load_mask(registry.artifact(ref, "mask"))
             start.mask = "^(?:" + "|".join(re.escape(n) for n in start.mask_bits) + ")$"
         elif mask:
             raise ZooError(f"start {label}: its mask artifact is missing from the lineage")
         if "offsets" in arts:
-            from zoo.checkpoint import open_safetensors
+            from zoo.checkpoints.reader import open_safetensors
 
             ck = open_safetensors(registry.artifact(ref, "offsets"))
             start.offsets = {n: ck.read_tensor(n).float() for n in ck.tensors}

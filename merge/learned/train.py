@@ -1,5 +1,5 @@
 """The optimisation loops of the learned merges: AdaMerging, Concrete task arithmetic
-and Concrete AdaMerging (spec: shared/specs/merging-algorithms.md §1, §2, §5).
+and Concrete AdaMerging (AdaMerging, arXiv 2310.02575; Concrete subspace learning, arXiv 2312.06173).
 
 Everything here works on tensors and callables, not on files: a ``forward(task, params,
 batch)`` that returns logits, and per-task data. The registry-level pipeline
@@ -20,8 +20,8 @@ import torch
 
 from zoo.errors import ZooError
 
-from .merger import MaskSample, Merger, rescale
-from .objectives import cross_entropy, entropy, supervised
+from zoo.merge.learned.merger import MaskSample, Merger, rescale
+from zoo.merge.learned.objectives import cross_entropy, entropy, supervised
 
 # forward(task index, merged parameters, batch of model inputs) -> logits
 Forward = Callable[[int, dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
@@ -194,7 +194,7 @@ def learn(merger: Merger, forward: Forward, data: list[TaskData], s: Settings,
     elif s.method == "concrete_adamerging":
         # Stage 1: alternate one inner Adam step on the coefficients (reset to init each
         # time, state kept) on a detached mask sample, and one Adam step on the mask
-        # logits through the same sample; first order only (spec §1.5, fusion_bench).
+        # logits through the same sample; first order only (Concrete subspace learning, arXiv 2312.06173, as FusionBench runs it).
         inner = torch.optim.Adam([merger.weights], lr=s.inner_lr, betas=(0.9, 0.999))
         outer = torch.optim.Adam([merger.logit_flat], lr=s.lr, betas=(0.9, 0.999))
         total = s.steps + s.stage2_steps

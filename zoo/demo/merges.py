@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from zoo.demo import DemoResult
+from zoo.demo.build import DemoResult
 from zoo.evaluate import accuracy, evaluate, load_model
 from zoo.registry import Registry
-from zoo.taskdata import load_split, task_info
+from zoo.checkpoints.taskdata import load_split, task_info
 
-from .recipe import from_dict
-from .run import run
+from zoo.merge.recipe import from_dict
+from zoo.merge.run import run
 
 MERGES = {
     "ta": {"merge_method": "task_arithmetic", "weight": 0.3, "parameters": {}},

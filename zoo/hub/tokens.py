@@ -15,8 +15,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AlreadyExists, NotFound, ZooError
-from .names import validate_name
+from zoo.errors import AlreadyExists, NotFound, ZooError
+from zoo.registry.names import validate_name
 
 PREFIX = "zoo_"
 SCOPES = ("read", "write")

@@ -20,9 +20,9 @@ from typing import Iterable
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from .errors import ZooError
-from .registry import Registry
-from .schema import HubCommit, HubEntry, HubRef, HubRepo
+from zoo.errors import ZooError
+from zoo.registry import Registry
+from zoo.registry.schema import HubCommit, HubEntry, HubRef, HubRepo
 
 DEFAULT_BRANCH = "main"
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")

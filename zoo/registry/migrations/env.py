@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from zoo.schema import Base
+from zoo.registry.schema import Base
 
 target_metadata = Base.metadata
 

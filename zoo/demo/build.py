@@ -4,7 +4,7 @@ A small ViT base is pre-trained on digit identity with half of the training imag
 then fine-tuned into one expert per task (each with its own transform, label set and
 new linear head). Everything is seeded; the built checkpoints are cached, so a second
 run only registers and prints. The design and its measured interference are in
-``shared/specs/demo-zoo-feasibility.md`` (configuration F).
+a feasibility study of merging interference on this zoo (configuration F).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .registry import Registry
+from zoo.registry import Registry
 
 DEMO_VERSION = 2  # bump when the build changes, so old caches are not reused
 
@@ -161,7 +161,7 @@ def build(cfg: DemoConfig, out: Path, log: Callable[[str], None] = print) -> Pat
     import transformers
     from transformers import ViTForImageClassification
 
-    from .taskdata import save_task_data
+    from zoo.checkpoints.taskdata import save_task_data
 
     transformers.utils.logging.disable_progress_bar()
 
@@ -216,7 +216,7 @@ def build(cfg: DemoConfig, out: Path, log: Callable[[str], None] = print) -> Pat
 def run_demo(registry: Registry, cfg: DemoConfig = FULL, log: Callable[[str], None] = print,
              cache: Path | None = None) -> DemoResult:
     """Build (or reuse) the demo zoo, register it, and measure every expert."""
-    from .evaluate import evaluate
+    from zoo.evaluate import evaluate
 
     t0 = time.perf_counter()
     key = cfg.key()
@@ -267,7 +267,7 @@ def run_demo(registry: Registry, cfg: DemoConfig = FULL, log: Callable[[str], No
 
 
 def _split_sizes(path: Path) -> dict[str, int]:
-    from .taskdata import task_info
+    from zoo.checkpoints.taskdata import task_info
 
     return task_info(path)["splits"]
 

@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-from .checkpoint import SIDECAR_SUFFIXES
-from .errors import AlreadyExists, ZooError
-from .hub_repos import git_blob_oid
-from .progress import ProgressFactory
-from .registry import Registry
-from .store import datasync, hash_file
+from zoo.checkpoints.reader import SIDECAR_SUFFIXES
+from zoo.errors import AlreadyExists, ZooError
+from zoo.hub.repos import git_blob_oid
+from zoo.progress import ProgressFactory
+from zoo.registry import Registry
+from zoo.fileio import datasync
+from zoo.registry.store import hash_file
 
 # Top-level files a checkpoint is made of: its weights and the checkpoint reader's
 # sidecars (a card other than README.md is the repository's own). Nothing else is

@@ -23,12 +23,11 @@ from math import prod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckpointError, NotFound
+from zoo.errors import CheckpointError, NotFound
 
 if TYPE_CHECKING:  # torch is imported lazily: inspection never needs it
     import torch
 
-    from .registry import Registry
 
 # Bytes per element of each safetensors dtype.
 DTYPE_SIZES: dict[str, int] = {
@@ -434,16 +433,3 @@ def read_task_heads(folder: Path) -> dict[str, dict[str, Any]]:
     return entries
 
 
-def open_model(label: str, registry: "Registry | None") -> tuple[Checkpoint, dict[str, Any] | None]:
-    """A registry name (preferred, when there is a registry) or a path on disk: its
-    checkpoint, and for a registered model the registry's record (``show``).
-
-    It lives here, not in ``registry.py``, so that a merge of paths never imports the
-    registry (SQLAlchemy alone takes about 0.6 s to import).
-    """
-    if registry is not None and registry.has(label):
-        info = registry.show(label)
-        return registry.checkpoint(info["ref"]), info
-    if Path(label).exists():
-        return open_checkpoint(label), None
-    raise NotFound(f"{label!r} is neither a registered model nor a path")

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from zoo.demo import DemoResult
+from zoo.demo.build import DemoResult
 from zoo.registry import Registry
-from zoo.taskdata import load_split
+from zoo.checkpoints.taskdata import load_split
 
-from .attack import realign
-from .run import protect
+from zoo.protect.attack import realign
+from zoo.protect.run import protect
 
 VICTIM = "digit"  # the task whose expert is protected: the one the other tasks merge best with
 SEED = 0
@@ -38,7 +38,7 @@ def protect_demo(registry: Registry, demo: DemoResult, merge_rows: list[dict[str
     """Protect ``victim``'s expert, merge with it, attack it; with ``learned``, also level
     the task-arithmetic merge by parity distillation, the protected expert teaching its
     task. Return the table and the headline numbers."""
-    from merge.demo import LABELS, MERGES, PARITY, measure, merge_experts
+    from zoo.demo.merges import LABELS, MERGES, PARITY, measure, merge_experts
 
     prefix, tasks = demo.config.prefix, list(demo.experts)
     locked, realigned = f"{prefix}-{victim}-locked", f"{prefix}-{victim}-realigned"
@@ -103,12 +103,12 @@ def publish_demo(registry: Registry, demo: DemoResult, merge_rows: list[dict[str
     import tempfile
     from pathlib import Path
 
-    from merge.demo import measure
-    from zoo.hub_client import pull
-    from zoo.hub_server import ServeSettings, running
-    from zoo.tokens import TokenSet, create_token
+    from zoo.demo.merges import measure
+    from zoo.hub.client import pull
+    from zoo.hub.server.app import ServeSettings, running
+    from zoo.hub.tokens import TokenSet, create_token
 
-    from .publish import publish
+    from zoo.publish import publish
 
     tasks = list(demo.experts)
     merges = [r for r in merge_rows if r.get("model")]

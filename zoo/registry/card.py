@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:  # merge/ imports this module; the registry (SQLAlchemy) loads only when used
-    from .registry import Registry
+    from zoo.registry import Registry
 
 # Learned merges keep these (large, per-tensor) in the registry's lineage only.
 PRIVATE_LEARNED = ("coefficients", "coefficient_tensors", "table", "offset_tensors")

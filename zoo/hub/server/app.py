@@ -41,21 +41,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from .errors import ZooError
-from .hub_repos import (
-    DEFAULT_BRANCH,
-    Change,
-    Entry,
-    HubError,
-    HubRepos,
-    RepoNotFound,
-    check_path,
-    check_repo_id,
-    folders,
-)
-from .registry import Registry
-from .store import DISK_FULL, datasync, start_writeback
-from .tokens import Holder, TokenSet
+from zoo.errors import ZooError
+from zoo.hub.repos import DEFAULT_BRANCH, Change, Entry, HubError, HubRepos, RepoNotFound, check_path, check_repo_id, folders
+from zoo.registry import Registry
+from zoo.fileio import DISK_FULL, datasync, start_writeback
+from zoo.hub.tokens import Holder, TokenSet
 
 log = logging.getLogger("zoo.serve")
 

@@ -20,24 +20,12 @@ import stat
 import threading
 from pathlib import Path
 
-from .errors import StorageError
-from .progress import Advance, ignore
+from zoo.errors import StorageError
+from zoo.fileio import DISK_FULL, datasync, start_writeback
+from zoo.progress import Advance, ignore
 
 CHUNK = 1 << 20  # 1 MiB: measured faster than 8 MiB for copy loops (stays in cache)
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def datasync(fd: int) -> None:
-    """Put a file's data on disk (fdatasync; fsync where there is none, as on macOS)."""
-    (getattr(os, "fdatasync", None) or os.fsync)(fd)
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing a range to disk now, without waiting (Linux:
-    POSIX_FADV_DONTNEED starts writeback of dirty pages); a no-op where unsupported."""
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def hash_file(path: Path, advance: Advance = ignore) -> tuple[str, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InvalidName
+from zoo.errors import InvalidName
 
 # Letters, digits, dot, dash, underscore; no leading dot or dash so a name is never
 # a hidden file or an option.

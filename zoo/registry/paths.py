@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import NotFound
+from zoo.errors import NotFound
 
 DEFAULT_FILENAME = "registry.db"
 ENV_VAR = "ZOO_REGISTRY"

@@ -15,13 +15,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from zoo.card import hub_card
+from zoo.registry.card import hub_card
 from zoo.errors import ZooError
-from zoo.hub_client import push_folder
+from zoo.hub.client import push_folder
 from zoo.progress import ProgressFactory, no_progress
 from zoo.registry import Registry
 
-from .run import protect
+from zoo.protect.run import protect
 
 PROTECTABLE = ("expert", "merged")
 

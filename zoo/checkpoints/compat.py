@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .checkpoint import Checkpoint
+from zoo.checkpoints.reader import Checkpoint
 
 # Tensors that belong to one task and are never merged. Matches a path component.
 DEFAULT_HEAD_PATTERNS = (r"(^|\.)classifier\.", r"(^|\.)score\.", r"(^|\.)qa_outputs\.")

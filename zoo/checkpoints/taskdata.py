@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import open_safetensors
-from .errors import CheckpointError
+from zoo.checkpoints.reader import open_safetensors
+from zoo.errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch

@@ -21,16 +21,17 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload
 
-from . import db
-from .checkpoint import Checkpoint, open_checkpoint, open_model  # noqa: F401 (open_model: re-exported)
-from .compat import DEFAULT_HEAD_PATTERNS, CompatReport, compare
-from .errors import AlreadyExists, IncompatibleModels, InUse, NotFound, StorageError, ZooError
-from .listing import iso_utc, list_models
-from .names import parse_ref, validate_name
-from .paths import existing_registry, keys_path, registry_path, store_path
-from .schema import KINDS, File, HubEntry, LineageEdge, Metric, Model, ModelTag, ProtectionKey, Recipe, Task
-from .progress import ProgressFactory, no_progress
-from .store import BlobStore, hash_file
+from zoo.registry import database as db
+from zoo.checkpoints.reader import Checkpoint, open_checkpoint
+from zoo.registry.resolve import open_model  # noqa: F401 (open_model: re-exported)
+from zoo.checkpoints.compat import DEFAULT_HEAD_PATTERNS, CompatReport, compare
+from zoo.errors import AlreadyExists, IncompatibleModels, InUse, NotFound, StorageError, ZooError
+from zoo.registry.listing import iso_utc, list_models
+from zoo.registry.names import parse_ref, validate_name
+from zoo.registry.paths import existing_registry, keys_path, registry_path, store_path
+from zoo.registry.schema import KINDS, File, HubEntry, LineageEdge, Metric, Model, ModelTag, ProtectionKey, Recipe, Task
+from zoo.progress import ProgressFactory, no_progress
+from zoo.registry.store import BlobStore, hash_file
 
 
 def default_path() -> Path:

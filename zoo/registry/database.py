@@ -12,8 +12,8 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import OperationalError
 
-from .errors import ZooError
-from .migrations import SCHEMA_HEAD
+from zoo.errors import ZooError
+from zoo.registry.migrations import SCHEMA_HEAD
 
 BUSY_TIMEOUT_MS = 60_000
 
@@ -56,7 +56,7 @@ def upgrade(engine: Engine, path: Path) -> None:
     from filelock import FileLock
 
     cfg = Config()
-    cfg.set_main_option("script_location", "zoo:migrations")
+    cfg.set_main_option("script_location", "zoo.registry:migrations")
     known = {r.revision for r in ScriptDirectory.from_config(cfg).walk_revisions()}
     if current is not None and current not in known:
         raise ZooError(f"{path} was written by a newer zoo (schema {current}); upgrade zoo to use it")

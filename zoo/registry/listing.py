@@ -12,9 +12,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from .errors import NotFound, ZooError
-from .migrations import SCHEMA_HEAD
-from .names import parse_ref
+from zoo.errors import NotFound, ZooError
+from zoo.registry.migrations import SCHEMA_HEAD
+from zoo.registry.names import parse_ref
 
 KINDS = ("base", "expert", "adapter", "merged", "protected")  # as in schema.KINDS, without importing the ORM
 
@@ -47,7 +47,7 @@ def list_models(path: Path, kind: str | None = None, base: str | None = None, ta
     if kind is not None and kind not in KINDS:
         raise ZooError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     if schema_revision(path) != SCHEMA_HEAD:
-        from .registry import Registry
+        from zoo.registry import Registry
 
         Registry(path).close()  # brings the schema up to date
     where, args = [], []

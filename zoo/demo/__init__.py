@@ -1,0 +1,1 @@
+"""The built-in demo zoo: build it offline, merge it, protect and publish it."""

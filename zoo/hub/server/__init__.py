@@ -1,0 +1,1 @@
+"""``zoo serve``: a Hugging Face Hub-compatible server backed by the registry."""
