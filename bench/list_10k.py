@@ -36,7 +36,7 @@ FLOOR = ("import json, sqlite3, sys; con = sqlite3.connect(sys.argv[1]); cur = c
 def fill(reg: Registry, n: int) -> None:
     now = datetime.now(timezone.utc)
     tasks = [f"task{i}" for i in range(20)]
-    with reg._write() as s:
+    with reg.db.write() as s:
         s.execute(insert(Task), [{"name": t, "created_at": now} for t in tasks])
         common = dict(form="model", model_type="llama", hidden_size=4096, num_layers=32, num_heads=32,
                       num_kv_heads=8, vocab_size=32000, architecture={"model_type": "llama"}, tensor_count=291,

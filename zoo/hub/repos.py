@@ -155,7 +155,7 @@ class HubRepos:
         check_repo_id(repo_id)
         change = Change(summary="initial commit", files={".gitattributes": self.stage(GITATTRIBUTES)})
         try:
-            with self.registry._store_lock(exclusive=False), self.registry._write() as s:
+            with self.registry.db.store_lock(exclusive=False), self.registry.db.write() as s:
                 if s.scalar(select(HubRepo.id).where(HubRepo.repo_type == "model", HubRepo.repo_id == repo_id)):
                     return False
                 repo = HubRepo(repo_type="model", repo_id=repo_id, private=private)
@@ -170,18 +170,18 @@ class HubRepos:
 
     def revision(self, repo_id: str, rev: str = DEFAULT_BRANCH) -> Revision:
         """Resolve a branch name or a commit sha of ``repo_id``."""
-        with self.registry._read() as s:
+        with self.registry.db.read() as s:
             repo = self._repo(s, repo_id)
             commit = self._commit(s, repo, rev)
             return Revision(commit.sha, commit.created_at, repo.private)
 
     def entries(self, repo_id: str, sha: str) -> list[Entry]:
-        with self.registry._read() as s:
+        with self.registry.db.read() as s:
             rows = s.scalars(select(HubEntry).where(HubEntry.commit_sha == sha).order_by(HubEntry.path)).all()
             return [_entry(r) for r in rows]
 
     def entry(self, repo_id: str, sha: str, path: str) -> Entry:
-        with self.registry._read() as s:
+        with self.registry.db.read() as s:
             row = s.get(HubEntry, (sha, path))
             if row is None:
                 raise EntryNotFound(f"{path} not found in {repo_id} at {sha}")
@@ -189,7 +189,7 @@ class HubRepos:
 
     def repo_blob_size(self, repo_id: str, sha256: str) -> int | None:
         """The size of a blob some commit of ``repo_id`` holds (None when none does)."""
-        with self.registry._read() as s:
+        with self.registry.db.read() as s:
             repo = self._repo(s, repo_id)
             return s.scalar(select(HubEntry.size).join(HubCommit, HubCommit.sha == HubEntry.commit_sha)
                             .where(HubCommit.repo_pk == repo.id, HubEntry.sha256 == sha256).limit(1))
@@ -198,7 +198,7 @@ class HubRepos:
         return self.store.path(entry.sha256)
 
     def is_private(self, repo_id: str) -> bool:
-        with self.registry._read() as s:
+        with self.registry.db.read() as s:
             return self._repo(s, repo_id).private
 
     # -- writing --------------------------------------------------------------------
@@ -220,7 +220,7 @@ class HubRepos:
         if change.parent is not None and not (isinstance(change.parent, str) and COMMIT_SHA.match(change.parent)):
             raise HubError(f"parentCommit must be a 40-hex commit sha, not {change.parent!r}")
         try:
-            with self.registry._store_lock(exclusive=False), self.registry._write() as s:
+            with self.registry.db.store_lock(exclusive=False), self.registry.db.write() as s:
                 repo = self._repo(s, repo_id)
                 ref = s.get(HubRef, (repo.id, branch))
                 if ref is None:
@@ -314,7 +314,7 @@ class HubRepos:
         return commit
 
     def list_repos(self) -> list[dict]:
-        with self.registry._read() as s:
+        with self.registry.db.read() as s:
             out = []
             for repo in s.scalars(select(HubRepo).order_by(HubRepo.repo_id)):
                 ref = s.get(HubRef, (repo.id, DEFAULT_BRANCH))

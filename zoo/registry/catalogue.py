@@ -8,17 +8,15 @@ interrupted ``add`` leaves no half-registered model.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from zoo.registry import database as db
@@ -50,49 +48,18 @@ class Registry:
             if not self.path.parent.is_dir():
                 raise NotFound(f"cannot create a registry at {self.path}: {self.path.parent} does not exist")
         self.store = BlobStore(store_path(self.path))
-        self.engine = db.make_engine(self.path)
-        try:
-            db.upgrade(self.engine, self.path)
-        except OperationalError as e:
-            raise ZooError(f"cannot open registry {self.path}: {e.orig}") from None
+        self.db = db.Database(self.path, self.store)
+        self.engine = self.db.engine
         self.views = self.store.root / "views"
 
     def close(self) -> None:
-        self.engine.dispose()
+        self.db.close()
 
     def __enter__(self) -> "Registry":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- sessions and locks --------------------------------------------------------
-    @contextmanager
-    def _read(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as s:
-            yield s
-
-    @contextmanager
-    def _write(self) -> Iterator[Session]:
-        """One write transaction, holding SQLite's write lock from its first statement."""
-        try:
-            with Session(self.engine.execution_options(zoo_write=True), expire_on_commit=False) as s:
-                with s.begin():
-                    yield s
-        except OperationalError as e:
-            raise ZooError(f"registry {self.path} is busy or unwritable: {e.orig}") from None
-
-    @contextmanager
-    def _store_lock(self, exclusive: bool) -> Iterator[None]:
-        """Adds share the store; removing blobs excludes them, so a blob never vanishes
-        between its copy and the commit that references it."""
-        self.store.ensure()
-        fd = os.open(self.store.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)
 
     # -- lookups -------------------------------------------------------------------
     def _resolve(self, s: Session, ref: str) -> Model:
@@ -128,7 +95,7 @@ class Registry:
         In-place models are their own folder; stored models get a folder of read-only
         symlinks into the store, made once and reused.
         """
-        with self._read() as s:
+        with self.db.read() as s:
             m = self._resolve(s, ref)
             files = [(f.relpath, self.file_path(f)) for f in m.files]
             key = f"{m.id}-{m.name}@{m.version}"
@@ -215,7 +182,7 @@ class Registry:
         key_id = _key_id(key) if key is not None else None
 
         # Read phase: names, base and parents must exist; the expert must fit its base.
-        with self._read() as s:
+        with self.db.read() as s:
             if self._exists(s, name) and not new_version:
                 raise AlreadyExists(
                     f"a model named {name!r} already exists; choose another --name, "
@@ -231,7 +198,7 @@ class Registry:
         # Copy phase: outside any transaction, under a shared store lock.
         total = sum(p.stat().st_size for p in ckpt.files.values())
         advance = progress(f"{'hashing' if in_place else 'adding'} {name}", total)
-        with self._store_lock(exclusive=False):
+        with self.db.store_lock(exclusive=False):
             self.store.clean_tmp()
             rows = []
             for rel, p in sorted(ckpt.files.items()):
@@ -255,7 +222,7 @@ class Registry:
             # Write phase: one transaction.
             arch = ckpt.architecture()
             try:
-                with self._write() as s:
+                with self.db.write() as s:
                     latest = s.scalar(select(func.max(Model.version)).where(Model.name == name))
                     if latest is not None and not new_version:
                         raise AlreadyExists(f"a model named {name!r} already exists; choose another --name")
@@ -303,7 +270,7 @@ class Registry:
 
     def show(self, ref: str) -> dict[str, Any]:
         """Everything the registry knows about one model."""
-        with self._read() as s:
+        with self.db.read() as s:
             m = self._resolve(s, ref)
             d = _summary(m)
             d.update(
@@ -326,7 +293,7 @@ class Registry:
 
     def artifact(self, ref: str, key: str) -> Path:
         """The stored file of one of a model's lineage artifacts (e.g. ``mask``)."""
-        with self._read() as s:
+        with self.db.read() as s:
             m = self._resolve(s, ref)
             entry = _artifacts(m).get(key)
             if entry is None:
@@ -344,14 +311,14 @@ class Registry:
 
     def key(self, ref: str) -> dict[str, Any] | None:
         """The key stored for a protected model, or None."""
-        with self._read() as s:
+        with self.db.read() as s:
             m = self._resolve(s, ref)
             return dict(m.key.key) if m.key is not None else None
 
     def set_key(self, ref: str, key: dict[str, Any], replace: bool = False) -> str:
         """Store a protected model's key (``zoo key import``); returns the model's ref."""
         key_id = _key_id(key)
-        with self._write() as s:
+        with self.db.write() as s:
             m = self._resolve(s, ref)
             if m.kind != "protected":
                 raise ZooError(f"{m.ref} is a {m.kind} model; keys belong to protected models")
@@ -366,7 +333,7 @@ class Registry:
 
     def lineage(self, ref: str) -> dict[str, Any]:
         """The tree of models this one was made from: merge parents, and each one's base."""
-        with self._read() as s:
+        with self.db.read() as s:
             return self._lineage_node(s, self._resolve(s, ref), role=None, seen=set())
 
     def _lineage_node(self, s: Session, m: Model, role: str | None, seen: set[int]) -> dict[str, Any]:
@@ -413,7 +380,7 @@ class Registry:
             else:
                 if Path(ref).exists() and not self.has(ref):
                     raise ZooError(f"{ref} is a path: say which base to check it against with --base")
-                with self._read() as s:
+                with self.db.read() as s:
                     m = self._resolve(s, ref)
                     if m.base is None:
                         raise ZooError(f"{m.ref} has no registered base; pass --base")
@@ -425,7 +392,7 @@ class Registry:
     def has(self, ref: str) -> bool:
         """Whether ``ref`` (NAME or NAME@N) names a registered model."""
         try:
-            with self._read() as s:
+            with self.db.read() as s:
                 self._resolve(s, ref)
             return True
         except ZooError:
@@ -433,7 +400,7 @@ class Registry:
 
     def find_hub(self, repo_id: str, revision: str) -> str | None:
         """The model pulled from ``repo_id`` at commit ``revision``, if there is one."""
-        with self._read() as s:
+        with self.db.read() as s:
             m = s.scalars(select(Model).where(Model.hub_repo == repo_id, Model.hub_revision == revision)
                           .order_by(Model.id).limit(1)).first()
             return m.ref if m is not None else None
@@ -442,7 +409,7 @@ class Registry:
     def verify(self, ref: str | None = None, progress: ProgressFactory | None = None) -> list[dict[str, Any]]:
         """Re-hash files (and lineage artifacts) and report every one that changed or went missing."""
         progress = progress or no_progress
-        with self._read() as s:
+        with self.db.read() as s:
             models = [self._resolve(s, ref)] if ref else s.scalars(
                 select(Model).options(selectinload(Model.files)).order_by(Model.name, Model.version)).all()
             items = [(m.ref, f.relpath, f.sha256, f.size, self.file_path(f)) for m in models for f in m.files]
@@ -471,7 +438,7 @@ class Registry:
             raise ZooError(f"{dest} already exists and is not empty; choose a new folder")
         if not dest.parent.is_dir():
             raise ZooError(f"{dest.parent} does not exist")
-        with self._read() as s:
+        with self.db.read() as s:
             m = self._resolve(s, ref)
             files = [(f.relpath, self.file_path(f), f.size) for f in m.files]
         advance = (progress or no_progress)(f"exporting {ref}", sum(sz for *_, sz in files))
@@ -503,7 +470,7 @@ class Registry:
         add, remove = list(add), list(remove)
         for t in add:
             _validate_tag(t)
-        with self._write() as s:
+        with self.db.write() as s:
             m = self._resolve(s, ref)
             have = {t.tag for t in m.tags}
             m.tags = [ModelTag(tag=t) for t in sorted((have | set(add)) - set(remove))]
@@ -515,8 +482,8 @@ class Registry:
         Refuses while other models depend on it (as their base or merge parent)
         unless ``force``; then those models keep their lineage by name.
         """
-        with self._store_lock(exclusive=True):
-            with self._write() as s:
+        with self.db.store_lock(exclusive=True):
+            with self.db.write() as s:
                 m = self._resolve(s, ref)
                 deps = self._dependents(s, m)
                 if deps and not force:
@@ -558,9 +525,9 @@ class Registry:
         """
         cutoff = time.time() - older_than
         removed, freed = 0, 0
-        with self._store_lock(exclusive=True):
+        with self.db.store_lock(exclusive=True):
             self.store.clean_tmp()
-            with self._read() as s:
+            with self.db.read() as s:
                 used = self._in_use(s)
             for d in sorted(self.store.all_digests() - used):
                 try:
@@ -580,12 +547,12 @@ class Registry:
         """Register a task, its label set and its data file (copied into the store)."""
         validate_name(name, "task")
         digest = None
-        with self._store_lock(exclusive=False):
+        with self.db.store_lock(exclusive=False):
             if data is not None:
                 if not Path(data).is_file():
                     raise NotFound(f"task data {data} does not exist")
                 digest, _ = self.store.ingest(Path(data))
-            with self._write() as s:
+            with self.db.write() as s:
                 t = s.scalars(select(Task).where(Task.name == name)).first()
                 if t is None:
                     t = Task(name=name)
@@ -602,16 +569,16 @@ class Registry:
                 return _task(t)
 
     def tasks(self) -> list[dict[str, Any]]:
-        with self._read() as s:
+        with self.db.read() as s:
             return [_task(t) for t in s.scalars(select(Task).order_by(Task.name))]
 
     def task(self, name: str) -> dict[str, Any]:
-        with self._read() as s:
+        with self.db.read() as s:
             return _task(self._task(s, name))
 
     def task_data(self, name: str) -> Path:
         """The path of a task's data file in the store."""
-        with self._read() as s:
+        with self.db.read() as s:
             t = self._task(s, name)
             if not t.data_sha256:
                 raise NotFound(f"task {name!r} has no data registered")
@@ -622,7 +589,7 @@ class Registry:
 
     def record_metric(self, ref: str, task: str | None, metric: str, value: float, *,
                       split: str | None = None, dataset: str | None = None) -> dict[str, Any]:
-        with self._write() as s:
+        with self.db.write() as s:
             m = self._resolve(s, ref)
             row = Metric(model_id=m.id, task=self._task(s, task) if task else None, metric=metric,
                          value=float(value), split=split, dataset=dataset)
@@ -632,7 +599,7 @@ class Registry:
 
     def metrics(self, ref: str | None = None, task: str | None = None) -> list[dict[str, Any]]:
         """Recorded metrics, oldest first, with the model they belong to."""
-        with self._read() as s:
+        with self.db.read() as s:
             q = select(Metric, Model).join(Model, Metric.model_id == Model.id).order_by(Metric.id)
             if ref:
                 q = q.where(Metric.model_id == self._resolve(s, ref).id)

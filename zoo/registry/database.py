@@ -7,12 +7,18 @@ with a lock upgrade error. The schema is brought up to date by Alembic on open.
 
 from __future__ import annotations
 
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from zoo.errors import ZooError
+from zoo.registry.store import BlobStore
 from zoo.registry.migrations import SCHEMA_HEAD
 
 BUSY_TIMEOUT_MS = 60_000
@@ -67,3 +73,49 @@ def upgrade(engine: Engine, path: Path) -> None:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
             conn.commit()
+
+
+class Database:
+    """The doors into a registry's database and store that the layers above use: a read
+    session, one write transaction, and the store lock. Opening it brings the schema up
+    to date."""
+
+    def __init__(self, path: Path, store: BlobStore):
+        self.path = path
+        self.store = store
+        self.engine = make_engine(path)
+        try:
+            upgrade(self.engine, path)
+        except OperationalError as e:
+            raise ZooError(f"cannot open registry {path}: {e.orig}") from None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reading (no write lock)."""
+        with Session(self.engine, expire_on_commit=False) as s:
+            yield s
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """One write transaction, holding SQLite's write lock from its first statement."""
+        try:
+            with Session(self.engine.execution_options(zoo_write=True), expire_on_commit=False) as s:
+                with s.begin():
+                    yield s
+        except OperationalError as e:
+            raise ZooError(f"registry {self.path} is busy or unwritable: {e.orig}") from None
+
+    @contextmanager
+    def store_lock(self, exclusive: bool) -> Iterator[None]:
+        """Adds share the store; removing blobs excludes them, so a blob never vanishes
+        between its copy and the commit that references it."""
+        self.store.ensure()
+        fd = os.open(self.store.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)

@@ -350,7 +350,7 @@ class HubApp:
         return Response(status_code=200)
 
     def _adopt(self, tmp: Path, digest: str) -> None:
-        with self.registry._store_lock(exclusive=False):  # not while `zoo rm` removes blobs
+        with self.registry.db.store_lock(exclusive=False):  # not while `zoo rm` removes blobs
             self.registry.store.adopt(tmp, digest)
 
     async def commit(self, request: Request, repo_id: str, branch: str) -> Response:
