@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from zoo.registry.card import public_recipe
+from zoo.registry import card
 from zoo.progress import no_progress
 
 from zoo.merge import engine
@@ -37,16 +37,9 @@ def resolved_recipe(plan: Plan) -> dict[str, Any]:
 
 def model_card(name: str, plan: Plan, recipe: dict[str, Any]) -> str:
     parents = ([plan.base] if plan.base is not None else []) + plan.models
-    front = {
-        "base_model": [p.ref or p.label for p in parents],
-        "base_model_relation": "merge",
-        "library_name": "transformers",
-        "tags": ["merge", "zoo"],
-    }
-    body = yaml.safe_dump(public_recipe(recipe), sort_keys=True)  # per-tensor values stay in the lineage
+    front = card.front_matter([p.ref or p.label for p in parents], "merge", [card.MERGE_TAG, card.TAG])
+    body = yaml.safe_dump(card.public_recipe(recipe), sort_keys=True)  # per-tensor values stay in the lineage
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
-        f"# {name}", "",
         f"Merged with zoo using `{plan.recipe.merge_method}`"
         + (f" on top of `{front['base_model'][0]}`." if plan.base is not None else "."), "",
         "Models merged:", "",
@@ -69,7 +62,7 @@ def model_card(name: str, plan: Plan, recipe: dict[str, Any]) -> str:
                   f"`{learned['objective']}` ({kind}, split `{learned['split']}`).", ""]
     if plan.heads and any(plan.heads.values()):
         lines += ["Each expert's task head is kept unmerged in `task_heads.safetensors`.", ""]
-    return "\n".join(lines)
+    return card.render(front, name, lines)
 
 
 def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" = None,

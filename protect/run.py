@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 
 from zoo.checkpoints.reader import Checkpoint
+from zoo.registry import card
 from zoo.errors import AlreadyExists, NotFound, ZooError
 from zoo.progress import ProgressFactory, no_progress
 from zoo.registry.resolve import open_model
@@ -75,11 +75,8 @@ def _keep(folder: Path, out: str | None, out_path: Path | None, registry: "Regis
 def protected_card(name: str, source: Source, key: Key, stats: LockStats, check: dict[str, Any] | None) -> str:
     """The protected model's card: what was done and the public key id, never the key."""
     base = (source.info or {}).get("base")
-    front = {**({"base_model": [base]} if base else {}), "library_name": "transformers",
-             "tags": ["zoo", "mergelock", "protected"]}
+    front = card.front_matter([base] if base else [], None, [card.TAG, card.MERGELOCK_TAG, "protected"])
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
-        f"# {name}", "",
         f"Protected with zoo's MergeLock (version {VERSION}). Every attention layer's query-key and "
         "value-output branches carry per-head invertible transforms, so this model computes the same "
         "outputs as the model it was made from, but merging its weights with other fine-tuned models "
@@ -94,7 +91,7 @@ def protected_card(name: str, source: Source, key: Key, stats: LockStats, check:
     lines += ["", "MergeLock protects the weights against naive merging only: the outputs are unchanged, so "
               "distilling from this model works as well as from the original, and a least-squares realignment "
               "against the public base model can undo much of the transform.", ""]
-    return "\n".join(lines)
+    return card.render(front, name, lines)
 
 
 def protect(source: str, out: str | None = None, *, registry: "Registry | None" = None,
@@ -190,9 +187,9 @@ def unlock(source: str, out: str | None = None, *, registry: "Registry | None" =
         stats = lock_checkpoint(src.ckpt, key, folder, unlock=True, layout=layout, shard_bytes=shard_bytes,
                                 progress=progress, label=name, reference=reference)
         digests = {**stats.digests, **copy_sidecars(src.ckpt, folder, heads=True)}
-        lines = ["---", yaml.safe_dump({"library_name": "transformers", "tags": ["zoo"]}).rstrip(), "---", "",
-                 f"# {name}", "", f"Unlocked from `{src.label}` with MergeLock key `{key.key_id}`.", ""]
-        digests["README.md"] = write_file(folder / "README.md", "\n".join(lines).encode())
+        text = card.render(card.front_matter(tags=[card.TAG]), name,
+                           [f"Unlocked from `{src.label}` with MergeLock key `{key.key_id}`.", ""])
+        digests["README.md"] = write_file(folder / "README.md", text.encode())
         report = {**stats.to_dict(), "dtype": _dtype(src.ckpt, layout),
                   "compared_with": original if reference is not None else None}
         recipe = {"method": f"{ALGORITHM}-unlock", "version": VERSION, "key_id": key.key_id, "source": src.label,

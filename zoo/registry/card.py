@@ -10,6 +10,7 @@ those of the model it protects: MergeLock changes the weights, not the lineage.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -20,6 +21,41 @@ if TYPE_CHECKING:  # merge/ imports this module; the registry (SQLAlchemy) loads
 # Learned merges keep these (large, per-tensor) in the registry's lineage only.
 PRIVATE_LEARNED = ("coefficients", "coefficient_tensors", "table", "offset_tensors")
 RELATION = {"merged": "merge", "expert": "finetune", "adapter": "adapter"}
+LIBRARY = "transformers"  # explicit: the Hub no longer infers it
+TAG = "zoo"
+MERGE_TAG = "merge"
+MERGELOCK_TAG = "mergelock"
+
+
+def front_matter(parents: Sequence[str] = (), relation: str | None = None,
+                 tags: Sequence[str] = ()) -> dict[str, Any]:
+    """A card's Hub metadata: ``base_model`` (the parents) with ``base_model_relation``,
+    ``library_name`` and ``tags`` (in the order given)."""
+    front: dict[str, Any] = {}
+    if parents:
+        front["base_model"] = list(parents)
+        if relation is not None:
+            front["base_model_relation"] = relation
+    front["library_name"] = LIBRARY
+    front["tags"] = list(tags)
+    return front
+
+
+def render(front: dict[str, Any], title: str, body: Sequence[str]) -> str:
+    """A whole card: the front matter between ``---`` lines, a title, then ``body``'s lines."""
+    return "\n".join(["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {title}", "",
+                      *body])
+
+
+def read_front_matter(text: str) -> Any:
+    """The YAML between a card's leading ``---`` lines (None when there is none); a
+    ValueError when it is not closed. Parsed with ``yaml.safe_load``: cards are hostile."""
+    if not text.startswith("---"):
+        return None
+    end = text.find("\n---", 3)
+    if end < 0:
+        raise ValueError("the front matter has no closing '---'")
+    return yaml.safe_load(text[3:end])
 
 
 def public_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -48,14 +84,10 @@ def hub_card(registry: "Registry", ref: str, title: str | None = None) -> str:
     if protected and source and registry.has(source):
         origin = registry.show(source)
     parents = [p["ref"] for p in origin["parents"]] or ([origin["base"]] if origin.get("base") else [])
-    front: dict[str, Any] = {}
-    if parents:
-        front["base_model"] = [_hub_name(registry, p) for p in parents]
-        front["base_model_relation"] = RELATION.get(origin["kind"], "finetune")
-    front["library_name"] = "transformers"
-    front["tags"] = ["zoo"] + (["merge"] if origin["kind"] == "merged" else []) + (["mergelock"] if protected else [])
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
-             f"# {title or model['name']}", ""]
+    front = front_matter([_hub_name(registry, p) for p in parents], RELATION.get(origin["kind"], "finetune"),
+                         [TAG] + ([MERGE_TAG] if origin["kind"] == "merged" else [])
+                         + ([MERGELOCK_TAG] if protected else []))
+    lines = []
     what = {"merged": "a merge", "expert": "a fine-tuned expert", "base": "a base model",
             "adapter": "a LoRA adapter"}.get(origin["kind"], "a model")
     lines += [f"Published with zoo: {what}" + (f" of `{origin['base']}`" if origin.get("base") else "") + ".", ""]
@@ -82,7 +114,7 @@ def hub_card(registry: "Registry", ref: str, title: str | None = None) -> str:
         lines += [f"| `{r}` | {m['task'] or '-'} | {m['metric']} | {m['split'] or '-'} | {_value(m)} |"
                   for r, m in metrics]
         lines.append("")
-    return "\n".join(lines)
+    return render(front, title or model["name"], lines)
 
 
 def _value(m: dict[str, Any]) -> str:

@@ -43,7 +43,7 @@ from starlette.routing import Route
 
 from zoo.errors import ZooError
 from zoo.hub.repos import DEFAULT_BRANCH, Change, Entry, HubError, HubRepos, RepoNotFound, check_path, check_repo_id, folders
-from zoo.registry import Registry
+from zoo.registry import Registry, card
 from zoo.fileio import DISK_FULL, datasync, start_writeback
 from zoo.hub.tokens import Holder, TokenSet
 
@@ -227,7 +227,7 @@ class HubApp:
         if readme is None:
             return {}
         try:
-            meta = front_matter(self.repos.blob(readme).read_text("utf-8"))
+            meta = card.read_front_matter(self.repos.blob(readme).read_text("utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError):
             return {}
         return meta if isinstance(meta, dict) else {}
@@ -413,7 +413,7 @@ class HubApp:
     async def validate_yaml(self, request: Request) -> Response:
         body = await json_body(request, limit=CARD_LIMIT)  # open to all: small, and parsed off the loop
         try:
-            meta = await run_in_threadpool(front_matter, str(body.get("content") or ""))
+            meta = await run_in_threadpool(card.read_front_matter, str(body.get("content") or ""))
             if meta is not None and not isinstance(meta, dict):
                 raise ValueError("the front matter must be a mapping")
         except (yaml.YAMLError, ValueError) as e:
@@ -460,16 +460,6 @@ def media_type(path: str) -> str:
     if path.endswith((".md", ".txt")):
         return "text/plain; charset=utf-8"
     return "application/octet-stream"
-
-
-def front_matter(text: str) -> Any:
-    """The YAML between a card's leading ``---`` lines (None when there is none)."""
-    if not text.startswith("---"):
-        return None
-    end = text.find("\n---", 3)
-    if end < 0:
-        raise ValueError("the front matter has no closing '---'")
-    return yaml.safe_load(text[3:end])
 
 
 async def json_body(request: Request, limit: int = 16 * 1024 * 1024) -> dict[str, Any]:
