@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from zoo.registry import card
+from zoo.registry.records import Measurement, NewModel
 from zoo.progress import no_progress
 
 from zoo.merge import engine
@@ -123,11 +124,11 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
                       [("expert", m.ref) for m in plan.models if m.ref]
             parents += lineage_extras(recipe_d.get("learned"), registry, parents)
             tasks = sorted({t for m in plan.models for t in m.tasks})
-            info = registry.add(folder, out, "merged", base=plan.base.ref if plan.base is not None else None,
-                                parents=parents, recipe=recipe_d, tasks=tasks, adopt=digests, check_base=False,
-                                head_patterns=tuple(plan.recipe.heads), artifacts=artifacts or None,
-                                metadata={"heads": {str(k): v for k, v in plan.heads.items() if v}},
-                                metrics=[x for x in parity_metrics(recipe_d.get("learned")) if x["task"] in tasks])
+            info = registry.register(NewModel(
+                folder, out, "merged", digests, base=plan.base.ref if plan.base is not None else None,
+                parents=parents, recipe=recipe_d, tasks=tasks, head_patterns=tuple(plan.recipe.heads),
+                artifacts=artifacts, metadata={"heads": {str(k): v for k, v in plan.heads.items() if v}},
+                metrics=[Measurement(**x) for x in parity_metrics(recipe_d.get("learned")) if x["task"] in tasks]))
             if learned is not None and result.rounds:
                 info["parity"] = result.rounds
             return info

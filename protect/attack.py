@@ -9,7 +9,6 @@ merging; the demo measures how much of the merge the attack brings back.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +17,8 @@ import torch
 from zoo.checkpoints.reader import Checkpoint
 from zoo.errors import ZooError
 from zoo.checkpoints.writer import copy_sidecars
+from zoo.registry.destination import Destination
+from zoo.registry.records import NewModel
 
 from zoo.protect.layouts import Attention, layout_for
 from zoo.protect.lock import stream_attention
@@ -80,13 +81,9 @@ def realign(registry: "Registry", protected: str, out: str) -> dict[str, Any]:
     info = registry.show(protected)
     if info["base"] is None:
         raise ZooError(f"{protected} has no registered base; the attack needs the public base model")
-    folder = registry.store.temp_path(".realign")
-    folder.mkdir(parents=True)
-    try:
+    dest = Destination.check(out, None, registry)
+    with dest.workspace(".realign") as folder:
         digests = realign_checkpoint(registry.checkpoint(info["ref"]), registry.checkpoint(info["base"]), folder)
-        return registry.add(folder, out, "expert", base=info["base"], parents=[("source", info["ref"])],
-                            recipe={"method": "realign-attack", "source": info["ref"], "base": info["base"]},
-                            tasks=info["tasks"], tags=["realigned"], adopt=digests, check_base=False,
-                            metadata=info["metadata"] or None)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        return dest.keep(NewModel(folder, out, "expert", digests, base=info["base"], parents=[("source", info["ref"])],
+                                  recipe={"method": "realign-attack", "source": info["ref"], "base": info["base"]},
+                                  tasks=info["tasks"], tags=["realigned"], metadata=info["metadata"] or None))

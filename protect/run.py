@@ -8,7 +8,6 @@ recipe carry only the public ``key_id``. Output appears only when complete.
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,8 @@ from zoo.registry import card
 from zoo.errors import AlreadyExists, NotFound, ZooError
 from zoo.progress import ProgressFactory, no_progress
 from zoo.registry.resolve import open_model
-from zoo.registry.destination import check_destination, temp_folder
+from zoo.registry.destination import Destination
+from zoo.registry.records import NewModel
 from zoo.checkpoints.writer import copy_sidecars, write_file
 
 from zoo.protect.keys import key_record, read_key_file, write_key_file
@@ -49,27 +49,14 @@ def _dtype(ckpt: Checkpoint, layout: Layout) -> str:
     return Counter(ckpt.tensors[n].dtype for n in layout.roles).most_common(1)[0][0]
 
 
-def _workspace(registry: "Registry | None", out_dir: Path | None, suffix: str) -> Path:
-    if out_dir is None:
-        folder = registry.store.temp_path(suffix)
-        folder.mkdir(parents=True)
-        return folder
-    return temp_folder(out_dir.parent, out_dir.name)
-
-
-def _keep(folder: Path, out: str | None, out_path: Path | None, registry: "Registry | None", kind: str,
-          src: Source, recipe: dict[str, Any], digests: dict[str, str], key: dict[str, Any] | None = None
-          ) -> dict[str, Any]:
-    """Register the finished ``folder`` as ``out`` (the source's base, tasks and metadata,
-    the source as lineage parent), or rename it to ``out_path``."""
-    if out is None:
-        folder.rename(out_path)
-        return {"path": str(out_path)}
+def _new_model(folder: Path, name: str, kind: str, src: Source, recipe: dict[str, Any], digests: dict[str, str],
+               key: dict[str, Any] | None = None) -> NewModel:
+    """The result as the registry takes it: the source's base, tasks and metadata, and
+    the source as lineage parent."""
     info = src.info or {}
-    return registry.add(folder, out, kind, base=None if kind == "base" else info.get("base"),
-                        parents=[("source", src.label)] if src.info else [], recipe=recipe,
-                        tasks=info.get("tasks", ()), adopt=digests, check_base=False,
-                        metadata=info.get("metadata") or None, key=key)
+    return NewModel(folder, name, kind, digests, base=None if kind == "base" else info.get("base"),
+                    parents=[("source", src.label)] if src.info else [], recipe=recipe,
+                    tasks=info.get("tasks", ()), metadata=info.get("metadata") or None, key=key)
 
 
 def protected_card(name: str, source: Source, key: Key, stats: LockStats, check: dict[str, Any] | None) -> str:
@@ -107,48 +94,49 @@ def protect(source: str, out: str | None = None, *, registry: "Registry | None" 
     kept and refuses a result outside the tolerance. ``seed`` makes the key (and so the
     bytes) reproducible; without it the seed is 128 random bits.
     """
-    out_path = check_destination(out, out_dir, registry, shard_bytes)
+    dest = Destination.check(out, out_dir, registry, shard_bytes)
     src = _open(source, registry)
     if src.info is not None and src.info["kind"] == "protected":
         raise ZooError(f"{src.label} is already protected; protect its source instead")
     layout = layout_for(src.ckpt)
     dtype = _dtype(src.ckpt, layout)
     key = Key.new(DEFAULT_MAX_COND.get(dtype, 30.0) if max_cond is None else max_cond, seed)
-    owner = f"{out}@1" if out is not None else out_path.name  # a new name, so its first version
-    default = registry.keys_dir / f"{owner}.key" if out is not None else out_path.with_name(f"{owner}.key")
+    owner = f"{out}@1" if dest.registers else dest.label  # a new name, so its first version
+    default = registry.keys_dir / f"{owner}.key" if dest.registers else dest.path.with_name(f"{owner}.key")
     key_path = Path(key_file) if key_file else default
     if key_path.exists():
         raise AlreadyExists(f"{key_path} already exists; choose another --key-file")
-    name = out or out_path.name
-    folder = _workspace(registry, out_path, ".protect")
+    name = dest.label
     key_written = None
-    try:
-        stats = lock_checkpoint(src.ckpt, key, folder, layout=layout, shard_bytes=shard_bytes,
-                                progress=progress, label=name)
-        digests = {**stats.digests, **copy_sidecars(src.ckpt, folder, heads=True)}
-        check = None
-        if verify:
-            from zoo.protect.verify import compare
+    with dest.workspace(".protect") as folder:
+        try:
+            stats = lock_checkpoint(src.ckpt, key, folder, layout=layout, shard_bytes=shard_bytes,
+                                    progress=progress, label=name)
+            digests = {**stats.digests, **copy_sidecars(src.ckpt, folder, heads=True)}
+            check = None
+            if verify:
+                from zoo.protect.verify import compare
 
-            check = compare(src.ckpt.path, folder, dtype, {"max_cond_qk": stats.cond_qk, "max_cond_vo": stats.cond_vo})
-            if not check["passed"]:
-                raise ZooError(f"verification failed: max relative error {check['max_rel_error']:.2e}, top-1 "
-                               f"agreement {100 * check['top1_agreement']:.1f}%, KL {check['kl']:.2e} "
-                               f"(gate: {check['gate']}); nothing was written. Try a smaller --max-cond")
-        digests["README.md"] = write_file(folder / "README.md", protected_card(name, src, key, stats, check).encode())
-        recipe = {"method": ALGORITHM, "version": VERSION, "max_cond": key.max_cond, "key_id": key.key_id,
-                  "source": src.label, "source_kind": (src.info or {}).get("kind"), "lock": stats.to_dict(),
-                  **({"verify": check} if check is not None else {})}
-        key_written = write_key_file(key_path, key, owner)
-        result = _keep(folder, out, out_path, registry, "protected", src, recipe, digests, key=key_record(key))
-        result = {**result, "key_file": str(key_written), "key_id": key.key_id, "lock": stats.to_dict(),
-                  **({"verify": check} if check is not None else {})}
-        key_written = None  # kept with its model
-        return result
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        if key_written is not None:  # the model was not kept, so neither is its key
-            key_written.unlink(missing_ok=True)
+                check = compare(src.ckpt.path, folder, dtype,
+                                {"max_cond_qk": stats.cond_qk, "max_cond_vo": stats.cond_vo})
+                if not check["passed"]:
+                    raise ZooError(f"verification failed: max relative error {check['max_rel_error']:.2e}, top-1 "
+                                   f"agreement {100 * check['top1_agreement']:.1f}%, KL {check['kl']:.2e} "
+                                   f"(gate: {check['gate']}); nothing was written. Try a smaller --max-cond")
+            digests["README.md"] = write_file(folder / "README.md",
+                                              protected_card(name, src, key, stats, check).encode())
+            recipe = {"method": ALGORITHM, "version": VERSION, "max_cond": key.max_cond, "key_id": key.key_id,
+                      "source": src.label, "source_kind": (src.info or {}).get("kind"), "lock": stats.to_dict(),
+                      **({"verify": check} if check is not None else {})}
+            key_written = write_key_file(key_path, key, owner)
+            result = dest.keep(_new_model(folder, name, "protected", src, recipe, digests, key=key_record(key)))
+            result = {**result, "key_file": str(key_written), "key_id": key.key_id, "lock": stats.to_dict(),
+                      **({"verify": check} if check is not None else {})}
+            key_written = None  # kept with its model
+            return result
+        finally:
+            if key_written is not None:  # the model was not kept, so neither is its key
+                key_written.unlink(missing_ok=True)
 
 
 def _key_for(src: Source, registry: "Registry | None", key_file: str | Path | None) -> Key:
@@ -174,16 +162,15 @@ def unlock(source: str, out: str | None = None, *, registry: "Registry | None" =
     written to ``out_dir``. When the original model is still registered, every
     restored tensor is compared with it and the largest relative error is reported.
     """
-    out_path = check_destination(out, out_dir, registry, shard_bytes)
+    dest = Destination.check(out, out_dir, registry, shard_bytes)
     src = _open(source, registry)
     key = _key_for(src, registry, key_file)
     layout = layout_for(src.ckpt)
     recipe_src = ((src.info or {}).get("recipe") or {})
     original = recipe_src.get("source")
     reference = registry.checkpoint(original) if registry is not None and original and registry.has(original) else None
-    name = out or out_path.name
-    folder = _workspace(registry, out_path, ".unlock")
-    try:
+    name = dest.label
+    with dest.workspace(".unlock") as folder:
         stats = lock_checkpoint(src.ckpt, key, folder, unlock=True, layout=layout, shard_bytes=shard_bytes,
                                 progress=progress, label=name, reference=reference)
         digests = {**stats.digests, **copy_sidecars(src.ckpt, folder, heads=True)}
@@ -194,8 +181,6 @@ def unlock(source: str, out: str | None = None, *, registry: "Registry | None" =
                   "compared_with": original if reference is not None else None}
         recipe = {"method": f"{ALGORITHM}-unlock", "version": VERSION, "key_id": key.key_id, "source": src.label,
                   "unlock": report}
-        result = _keep(folder, out, out_path, registry, kind or recipe_src.get("source_kind") or "expert", src,
-                       recipe, digests)
-        return {**result, "unlock": report}
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        kept = dest.keep(_new_model(folder, name, kind or recipe_src.get("source_kind") or "expert", src,
+                                    recipe, digests))
+        return {**kept, "unlock": report}

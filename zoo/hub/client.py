@@ -31,6 +31,7 @@ from zoo.errors import AlreadyExists, ZooError
 from zoo.hub.repos import git_blob_oid
 from zoo.progress import ProgressFactory
 from zoo.registry import Registry
+from zoo.registry.records import NewModel
 from zoo.fileio import datasync
 from zoo.registry.store import hash_file
 
@@ -238,8 +239,8 @@ def pull(
                                pool.map(lambda s: _verified(tmp / s.rfilename, s, repo_id), siblings)))
         meta = {"hub": {"endpoint": public_url(url), "repo": repo_id, "revision": sha,
                         "card": info.card_data.to_dict() if info.card_data else None}}
-        added = registry.add(tmp, name, kind, base=base, hub_repo=repo_id, hub_revision=sha, adopt=digests,
-                             metadata=meta, progress=progress, check_base=base is not None)
+        added = registry.register(NewModel(tmp, name, kind, digests, base=base, metadata=meta, hub_repo=repo_id,
+                                           hub_revision=sha, check_base=base is not None), progress=progress)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**registry.show(added["ref"]), "pulled": True}

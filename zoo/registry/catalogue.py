@@ -29,6 +29,7 @@ from zoo.registry.names import parse_ref, validate_name
 from zoo.registry.paths import existing_registry, keys_path, registry_path, store_path
 from zoo.registry.schema import KINDS, File, HubEntry, LineageEdge, Metric, Model, ModelTag, ProtectionKey, Recipe, Task
 from zoo.progress import ProgressFactory, no_progress
+from zoo.registry.records import Measurement, NewModel
 from zoo.registry.store import BlobStore, hash_file
 
 
@@ -140,28 +141,52 @@ class Registry:
         metadata: dict[str, Any] | None = None,
         parents: Sequence[tuple[str, str]] = (),
         recipe: dict[str, Any] | None = None,
-        hub_repo: str | None = None,
-        hub_revision: str | None = None,
         head_patterns: tuple[str, ...] = DEFAULT_HEAD_PATTERNS,
         progress: ProgressFactory | None = None,
+    ) -> dict[str, Any]:
+        """Register a checkpoint from disk (``zoo add``). Copies its files into the store
+        unless ``in_place``; an expert or adapter is checked against its ``base`` first.
+        A model merged elsewhere can bring its lineage: ``parents`` as ``(role, ref)``
+        pairs and the ``recipe`` that made it."""
+        return self._insert(path, name, kind, base=base, tasks=tasks, tags=tags, in_place=in_place,
+                            new_version=new_version, metadata=metadata, parents=parents, recipe=recipe,
+                            head_patterns=head_patterns, progress=progress)
+
+    def register(self, new: NewModel, progress: ProgressFactory | None = None) -> dict[str, Any]:
+        """Register a model zoo wrote itself (see ``NewModel``): the writers' one door."""
+        return self._insert(new.folder, new.name, new.kind, base=new.base, tasks=new.tasks, tags=new.tags,
+                            metadata=new.metadata, parents=new.parents, recipe=new.recipe,
+                            hub_repo=new.hub_repo, hub_revision=new.hub_revision, head_patterns=new.head_patterns,
+                            progress=progress, adopt=new.digests, check_base=new.check_base,
+                            artifacts=new.artifacts, key=new.key, metrics=new.metrics)
+
+    def _insert(
+        self,
+        path: str | os.PathLike[str],
+        name: str,
+        kind: str,
+        *,
+        base: str | None,
+        tasks: Sequence[str],
+        tags: Sequence[str],
+        metadata: dict[str, Any] | None,
+        head_patterns: tuple[str, ...],
+        progress: ProgressFactory | None,
+        in_place: bool = False,
+        new_version: bool = False,
+        parents: Sequence[tuple[str, str]] = (),
+        recipe: dict[str, Any] | None = None,
+        hub_repo: str | None = None,
+        hub_revision: str | None = None,
         adopt: dict[str, str] | None = None,
         check_base: bool = True,
         artifacts: dict[str, Path] | None = None,
         key: dict[str, Any] | None = None,
-        metrics: Sequence[dict[str, Any]] = (),
+        metrics: Sequence[Measurement] = (),
     ) -> dict[str, Any]:
-        """Register a checkpoint. Copies its files into the store unless ``in_place``.
-
-        ``parents`` are ``(role, ref)`` pairs and ``recipe`` the recipe that made a
-        merged or protected model; both go into the lineage. ``adopt`` is for zoo's
-        own writers: a folder made in the store's temp area whose files are moved
-        into the store, with the digests computed while writing them. ``artifacts``
-        are files that belong to the lineage rather than to the checkpoint (a learned
-        merge's mask): stored as blobs and listed in the recipe under ``artifacts``.
-        ``key`` is a protected model's key (with its public ``key_id``), stored in the
-        same transaction; so are ``metrics`` (dicts with ``task``, ``metric``, ``value``
-        and optional ``split`` and ``dataset``), measured while the model was made.
-        """
+        """Register a checkpoint in three phases: read and check, copy into the store
+        (outside any transaction, under a shared store lock), then one write transaction.
+        ``adopt`` holds the digests of a folder zoo wrote in the store's temp area."""
         validate_name(name)
         if kind not in KINDS:
             raise ZooError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -252,9 +277,9 @@ class Registry:
                                           recipe=recipe)
                     if key is not None:
                         m.key = ProtectionKey(key_id=key_id, key=key)
-                    m.metrics = [Metric(task=self._task(s, x["task"], create=True) if x.get("task") else None,
-                                        metric=x["metric"], value=float(x["value"]), split=x.get("split"),
-                                        dataset=x.get("dataset")) for x in metrics]
+                    m.metrics = [Metric(task=self._task(s, x.task, create=True) if x.task else None,
+                                        metric=x.metric, value=float(x.value), split=x.split,
+                                        dataset=x.dataset) for x in metrics]
                     s.add(m)
                     s.flush()
                     result = _summary(m)

@@ -1,18 +1,87 @@
-"""Where a new model goes: a new registry name, or a new folder written beside its
-final place and renamed into it only when complete."""
+"""Where a new model goes: a new registry name, or a new folder. The destination is
+checked before any work; the model is written in a temporary folder (the store's temp
+area, or a hidden folder beside the final one) and registered or renamed into place
+only when complete, so an interrupted command leaves nothing half-done."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any
 
 from zoo.errors import AlreadyExists, ZooError
 from zoo.registry.names import validate_name
 
 if TYPE_CHECKING:
     from zoo.registry import Registry
+    from zoo.registry.records import NewModel
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A checked destination: ``name`` in ``registry``, or the new folder ``path``."""
+
+    registry: "Registry | None"
+    name: str | None = None
+    path: Path | None = None
+
+    @classmethod
+    def check(cls, out: str | None, out_dir: "str | os.PathLike[str] | None", registry: "Registry | None",
+              shard_bytes: int | None = None) -> "Destination":
+        """A new registry name (``out``) or a new folder (``out_dir``, made absolute), not both."""
+        if (out is None) == (out_dir is None):
+            raise ZooError("give either a registry name (--out) or a folder (--out-dir) for the result")
+        if shard_bytes is not None and shard_bytes <= 0:
+            raise ZooError("--shard-size must be a positive number of bytes")
+        if out is not None:
+            validate_name(out)
+            if registry is None:
+                raise ZooError("registering the result needs a registry")
+            if registry.has(out):
+                raise AlreadyExists(f"a model named {out!r} already exists; choose another --out")
+            return cls(registry, name=out)
+        path = Path(out_dir).absolute()
+        if path.exists():
+            raise AlreadyExists(f"{path} already exists; choose a new folder")
+        if not path.parent.is_dir():
+            raise ZooError(f"{path.parent} does not exist")
+        return cls(registry, path=path)
+
+    @property
+    def registers(self) -> bool:
+        return self.name is not None
+
+    @property
+    def label(self) -> str:
+        """The new model's name: the registry name or the folder's name."""
+        return self.name if self.name is not None else self.path.name
+
+    @contextmanager
+    def workspace(self, suffix: str) -> Iterator[Path]:
+        """A fresh temporary folder to write the model in, removed on the way out
+        unless ``keep`` moved it into place."""
+        if self.registers:
+            folder = self.registry.store.temp_path(suffix)
+            folder.mkdir(parents=True)
+        else:
+            folder = temp_folder(self.path.parent, self.path.name)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def keep(self, new: "NewModel") -> dict[str, Any]:
+        """Register the finished folder under this destination's name (the registry's
+        record comes back), or rename it to the new folder (``{"path": ...}``)."""
+        if self.registers:
+            return self.registry.register(dataclasses.replace(new, name=self.name))
+        new.folder.rename(self.path)
+        return {"path": str(self.path)}
 
 
 def temp_folder(parent: Path, name: str) -> Path:
@@ -23,24 +92,7 @@ def temp_folder(parent: Path, name: str) -> Path:
     return path
 
 
-def check_destination(out: Optional[str], out_dir: "str | os.PathLike[str] | None", registry: "Registry | None",
+def check_destination(out: str | None, out_dir: "str | os.PathLike[str] | None", registry: "Registry | None",
                       shard_bytes: int) -> Path | None:
-    """Check where a new model will go before any work: a new registry name (``out``)
-    or a new folder (``out_dir``, returned absolute), not both."""
-    if (out is None) == (out_dir is None):
-        raise ZooError("give either a registry name (--out) or a folder (--out-dir) for the result")
-    if shard_bytes <= 0:
-        raise ZooError("--shard-size must be a positive number of bytes")
-    if out is not None:
-        validate_name(out)
-        if registry is None:
-            raise ZooError("registering the result needs a registry")
-        if registry.has(out):
-            raise AlreadyExists(f"a model named {out!r} already exists; choose another --out")
-        return None
-    path = Path(out_dir).absolute()
-    if path.exists():
-        raise AlreadyExists(f"{path} already exists; choose a new folder")
-    if not path.parent.is_dir():
-        raise ZooError(f"{path.parent} does not exist")
-    return path
+    """The folder a new model goes to (None when it is registered as ``out``)."""
+    return Destination.check(out, out_dir, registry, shard_bytes).path
