@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import llama, lora_adapter, vit
 from zoo import open_checkpoint, read_safetensors_header
-from zoo.checkpoints.reader import architecture_from_config
+from zoo.checkpoints.architecture import architecture_from_config
 from zoo.errors import CheckpointError
 
 

@@ -1,0 +1,39 @@
+"""Architecture facts from a model's ``config.json``: the fields the registry records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _first(cfg: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return None
+
+
+def architecture_from_config(config: dict[str, Any] | None) -> dict[str, Any]:
+    """The architecture fields the registry records, from a ``config.json`` dict.
+
+    Names differ across model families (``n_embd`` for GPT-2, ``d_model`` for T5), and
+    multi-tower models (CLIP) keep them in ``text_config``; both are handled.
+    """
+    if not config:
+        return {}
+    cfg = dict(config)
+    if _first(cfg, "hidden_size", "n_embd", "d_model", "dim") is None:
+        for sub in ("text_config", "language_config", "llm_config", "vision_config"):
+            if isinstance(cfg.get(sub), dict):
+                cfg = {**cfg[sub], "model_type": config.get("model_type")}
+                break
+    heads = _first(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads")
+    arch = {
+        "model_type": config.get("model_type"),
+        "architectures": config.get("architectures"),
+        "hidden_size": _first(cfg, "hidden_size", "n_embd", "d_model", "dim"),
+        "num_layers": _first(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+        "num_heads": heads,
+        "num_kv_heads": _first(cfg, "num_key_value_heads", "n_kv_heads", "multi_query_group_num") or heads,
+        "vocab_size": _first(cfg, "vocab_size", "padded_vocab_size"),
+    }
+    return {k: v for k, v in arch.items() if v is not None}
