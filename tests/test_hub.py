@@ -20,9 +20,9 @@ import torch
 
 from conftest import db_dump, vit
 from zoo import Registry
-from zoo.errors import ZooError
-from zoo.hub.client import PushConflict, pull, push_folder
-from zoo.hub.repos import git_blob_oid
+from zoo.errors import PushConflict, ZooError
+from zoo.hub.client import pull, push_folder
+from zoo.hub.git import git_blob_oid
 from zoo.hub.server.app import ServeSettings, running
 from zoo.hub.tokens import TokenSet, create_token
 

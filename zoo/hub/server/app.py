@@ -41,8 +41,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from zoo.errors import ZooError
-from zoo.hub.repos import DEFAULT_BRANCH, Change, Entry, HubError, HubRepos, RepoNotFound, check_path, check_repo_id, folders
+from zoo.errors import HubError, RepoNotFound, ZooError
+from zoo.hub.git import DEFAULT_BRANCH, check_path, check_repo_id
+from zoo.hub.repos import Change, Entry, HubRepos, folders
 from zoo.registry import Registry, card
 from zoo.fileio import DISK_FULL, datasync, start_writeback
 from zoo.hub.tokens import Holder, TokenSet
