@@ -23,7 +23,7 @@ from zoo import Registry
 from zoo.errors import PushConflict, ZooError
 from zoo.hub.client import pull, push_folder
 from zoo.hub.git import git_blob_oid
-from zoo.hub.server.app import ServeSettings, running
+from zoo.hub.server import ServeSettings, running
 from zoo.hub.tokens import TokenSet, create_token
 
 LFS = 4096  # the tiny model's weights go through LFS, its config inline: both paths run
@@ -712,7 +712,7 @@ def test_malformed_requests_get_a_400_not_a_500(hub):
 def test_an_upload_that_cannot_be_written_fails_cleanly(hub, monkeypatch):
     import errno
 
-    import zoo.hub.server.app as hs
+    import zoo.hub.server.uploads as hs
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
