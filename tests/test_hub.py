@@ -776,12 +776,12 @@ def test_a_hugging_face_token_is_not_sent_over_plain_http(hub, folder, registry,
         monkeypatch.setenv("HF_TOKEN", hub.read)  # this server's own token is sent
         assert not pull(registry, "team/t", endpoint=proxy.url, name="b")["pulled"]  # (same commit: no-op)
         assert hub.read.encode() in bytes(proxy.sent)
-        from zoo.hub.client import _token_for
+        from zoo.hub.client import token_for
 
-        assert _token_for(proxy.url, None) is None and _token_for("https://hub.example", None) is None
+        assert token_for(proxy.url, None) is None and token_for("https://hub.example", None) is None
         monkeypatch.setenv("HF_TOKEN", "hf_x")
-        assert _token_for(proxy.url, None) is False and _token_for("https://hub.example", None) is None
-        assert _token_for(proxy.url, "hf_explicit") == "hf_explicit"
+        assert token_for(proxy.url, None) is False and token_for("https://hub.example", None) is None
+        assert token_for(proxy.url, "hf_explicit") == "hf_explicit"
     finally:
         proxy.close()
 

@@ -95,7 +95,7 @@ def _configure_client() -> None:
         http11.HTTP11Connection.READ_NUM_BYTES = READ_BYTES
 
 
-def _token_for(endpoint: str, token: str | None) -> str | bool | None:
+def token_for(endpoint: str, token: str | None) -> str | bool | None:
     """The token to send. One given explicitly goes where it is told; otherwise
     huggingface_hub's own (``$HF_TOKEN``, else the stored login) is used, except that a
     Hugging Face token (``hf_...``) never travels over plain http, where anyone on the
@@ -206,7 +206,7 @@ def pull(
 
     repo_id, revision = parse_repo(repo)
     url = endpoint_of(endpoint)
-    token = _token_for(url, token)
+    token = token_for(url, token)
     api = _api(url, token)
     with hub_errors(url, repo_id, revision):
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
@@ -336,7 +336,7 @@ def push_folder(
 
     repo_id, _ = parse_repo(repo_id)
     url = endpoint_of(endpoint)
-    api = _api(url, _token_for(url, token))
+    api = _api(url, token_for(url, token))
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     adds = []
