@@ -2,8 +2,8 @@
 
 The server runs as its own process (``zoo serve``) on a loopback port, with a fresh
 registry for every run so nothing is de-duplicated; the client pushes with
-``zoo.hub_client.push_folder`` (LFS upload of the shards, one commit) and pulls into
-a fresh registry with ``zoo.hub_client.pull`` (``snapshot_download``, a hash check
+``zoo.hub.client.push_folder`` (LFS upload of the shards, one commit) and pulls into
+a fresh registry with ``zoo.hub.client.pull`` (``snapshot_download``, a hash check
 of every file, registration). The reference copies the same files with
 ``shutil.copyfile`` (the kernel's in-place copy) in the same run, and with a plain
 read/write loop, the floor of anything that writes bytes it received from user space. All inputs are in the page cache first; every

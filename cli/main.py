@@ -419,7 +419,7 @@ def serve(
     quiet: bool = typer.Option(False, "--quiet", help="No access log."),
 ) -> None:
     """Serve the registry as a Hugging Face Hub-compatible endpoint (HF_ENDPOINT=URL)."""
-    from zoo.hub.server.app import ServeSettings, serve as serve_api
+    from zoo.hub.server import ServeSettings, serve as serve_api
     from zoo.hub.tokens import TokenSet, default_token_file
 
     reg = _open(create=True)

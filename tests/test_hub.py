@@ -20,10 +20,10 @@ import torch
 
 from conftest import db_dump, vit
 from zoo import Registry
-from zoo.errors import ZooError
-from zoo.hub.client import PushConflict, pull, push_folder
-from zoo.hub.repos import git_blob_oid
-from zoo.hub.server.app import ServeSettings, running
+from zoo.errors import Conflict, HubError, PushConflict, RepoNotFound, ZooError
+from zoo.hub.client import pull, push_folder
+from zoo.hub.git import DEFAULT_BRANCH, GITATTRIBUTES, check_path, check_repo_id, git_blob_oid, is_lfs_oid, lfs_pointer
+from zoo.hub.server import ServeSettings, running
 from zoo.hub.tokens import TokenSet, create_token
 
 LFS = 4096  # the tiny model's weights go through LFS, its config inline: both paths run
@@ -93,6 +93,40 @@ def test_tokens_are_stored_hashed_and_checked(tmp_path):
         create_token(f, "alice")
     later = create_token(f, "bob", "read")  # picked up without reloading by hand
     assert ts.check(later).name == "bob" and not ts.check(later).can_write
+
+
+def test_git_facts_shared_by_client_and_server():
+    assert git_blob_oid(b"") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # what `git hash-object` says
+    assert git_blob_oid(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"
+    digest = hashlib.sha256(b"x").hexdigest()
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{digest}\nsize 1\n"
+    assert lfs_pointer(digest, 1) == pointer.encode()
+    assert is_lfs_oid(digest) and not any(map(is_lfs_oid, (digest.upper(), digest[:-1], digest + "\n", "")))
+    assert GITATTRIBUTES.startswith(b"*.safetensors filter=lfs") and DEFAULT_BRANCH == "main"
+    assert check_repo_id("team/model-1.0") == "team/model-1.0" and check_path("a/b.json") == "a/b.json"
+    for bad in ("a/b/c", "team/x.git", "-x", "", "team/"):
+        with pytest.raises(HubError, match="invalid repository id"):
+            check_repo_id(bad)
+    for bad in ("../x", "a//b", "/etc/passwd", ".git/config", "a\\b", "a/./b", "x\ny"):
+        with pytest.raises(HubError) as err:
+            check_path(bad)
+        assert err.value.code == "InvalidPath" and err.value.status == 400
+
+
+def test_hub_errors_live_with_the_other_errors():
+    assert issubclass(HubError, ZooError) and issubclass(PushConflict, ZooError)
+    assert (RepoNotFound("x").status, RepoNotFound("x").code) == (404, "RepoNotFound")
+    assert (Conflict("x").status, Conflict("x").code) == (412, "Conflict")
+    e = RepoNotFound("x", status=401)
+    assert (e.status, e.code, str(e)) == (401, "RepoNotFound", "x") and RepoNotFound.status == 404
+
+
+def test_the_client_loads_no_server_code(subprocess_env):
+    """pull and push need the Git facts, not the server: no Starlette, no served repositories."""
+    code = ("import sys, zoo.hub.client; "
+            "print(sorted(m for m in sys.modules if m.startswith(('zoo.hub.server', 'zoo.hub.repos', 'starlette'))))")
+    out = subprocess.run([sys.executable, "-c", code], env=subprocess_env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_push_then_pull_into_fresh_hf_home_is_byte_identical(hub, folder, tmp_path, registry):
@@ -712,7 +746,7 @@ def test_malformed_requests_get_a_400_not_a_500(hub):
 def test_an_upload_that_cannot_be_written_fails_cleanly(hub, monkeypatch):
     import errno
 
-    import zoo.hub.server.app as hs
+    import zoo.hub.server.uploads as hs
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -742,12 +776,12 @@ def test_a_hugging_face_token_is_not_sent_over_plain_http(hub, folder, registry,
         monkeypatch.setenv("HF_TOKEN", hub.read)  # this server's own token is sent
         assert not pull(registry, "team/t", endpoint=proxy.url, name="b")["pulled"]  # (same commit: no-op)
         assert hub.read.encode() in bytes(proxy.sent)
-        from zoo.hub.client import _token_for
+        from zoo.hub.client import token_for
 
-        assert _token_for(proxy.url, None) is None and _token_for("https://hub.example", None) is None
+        assert token_for(proxy.url, None) is None and token_for("https://hub.example", None) is None
         monkeypatch.setenv("HF_TOKEN", "hf_x")
-        assert _token_for(proxy.url, None) is False and _token_for("https://hub.example", None) is None
-        assert _token_for(proxy.url, "hf_explicit") == "hf_explicit"
+        assert token_for(proxy.url, None) is False and token_for("https://hub.example", None) is None
+        assert token_for(proxy.url, "hf_explicit") == "hf_explicit"
     finally:
         proxy.close()
 

@@ -39,3 +39,37 @@ class InUse(ZooError):
 
 class StorageError(ZooError):
     """A failure of the blob store, such as a full disk."""
+
+
+class PushConflict(ZooError):
+    """The branch moved on between reading its head and committing on it."""
+
+
+class HubError(ZooError):
+    """An error of ``zoo serve``, with the HTTP status and the ``X-Error-Code`` the Hub would send."""
+
+    status = 400
+    code = "BadRequest"
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+
+
+class RepoNotFound(HubError):
+    status, code = 404, "RepoNotFound"
+
+
+class RevisionNotFound(HubError):
+    status, code = 404, "RevisionNotFound"
+
+
+class EntryNotFound(HubError):
+    status, code = 404, "EntryNotFound"
+
+
+class Conflict(HubError):
+    status, code = 412, "Conflict"

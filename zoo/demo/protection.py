@@ -105,7 +105,7 @@ def publish_demo(registry: Registry, demo: DemoResult, merge_rows: list[dict[str
 
     from zoo.demo.merges import measure
     from zoo.hub.client import pull
-    from zoo.hub.server.app import ServeSettings, running
+    from zoo.hub.server import ServeSettings, running
     from zoo.hub.tokens import TokenSet, create_token
 
     from zoo.publish import publish

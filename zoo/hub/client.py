@@ -6,7 +6,7 @@ against the hash the Hub lists for it, and registers it with its repo id and com
 sha. ``push_folder`` uploads a folder in one commit on the branch's current head
 (``parent_commit``), so a concurrent push makes one of the two fail instead of
 silently overwriting it. What is pushed (and whether it must be protected first) is
-decided a layer up, in ``protect.publish``.
+decided a floor up, in ``zoo.publish``.
 
 The endpoint is ``endpoint=``, else ``$HF_ENDPOINT``, else the Hugging Face Hub; the
 token is ``token=``, else ``$HF_TOKEN`` or ``huggingface_hub``'s stored login. A token
@@ -27,12 +27,12 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from zoo.checkpoints.reader import SIDECAR_SUFFIXES
-from zoo.errors import AlreadyExists, ZooError
-from zoo.hub.repos import git_blob_oid
+from zoo.errors import AlreadyExists, PushConflict, ZooError
+from zoo.fileio import datasync
+from zoo.hub.git import DEFAULT_BRANCH, git_blob_oid
 from zoo.progress import ProgressFactory
 from zoo.registry import Registry
 from zoo.registry.records import NewModel
-from zoo.fileio import datasync
 from zoo.registry.store import hash_file
 
 # Top-level files a checkpoint is made of: its weights and the checkpoint reader's
@@ -43,10 +43,6 @@ PULL_SUFFIXES = (*MODEL_SUFFIXES, "README.md")
 PUSH_REPLACES = [f"*{s}" for s in MODEL_SUFFIXES]
 TIMEOUT_ENV = "ZOO_HUB_TIMEOUT"
 READ_BYTES = 1 << 20
-
-
-class PushConflict(ZooError):
-    """The branch moved on between reading its head and committing on it."""
 
 
 def parse_repo(ref: str) -> tuple[str, str | None]:
@@ -100,7 +96,7 @@ def _configure_client() -> None:
         http11.HTTP11Connection.READ_NUM_BYTES = READ_BYTES
 
 
-def _token_for(endpoint: str, token: str | None) -> str | bool | None:
+def token_for(endpoint: str, token: str | None) -> str | bool | None:
     """The token to send. One given explicitly goes where it is told; otherwise
     huggingface_hub's own (``$HF_TOKEN``, else the stored login) is used, except that a
     Hugging Face token (``hf_...``) never travels over plain http, where anyone on the
@@ -134,7 +130,7 @@ def hub_errors(endpoint: str, repo_id: str, revision: str | None = None) -> Iter
     except errors.OfflineModeIsEnabled:
         raise ZooError("HF_HUB_OFFLINE is set: unset it to pull or push") from None
     except errors.RevisionNotFoundError:
-        raise ZooError(f"revision {revision or 'main'!r} not found in {repo_id} on {where}") from None
+        raise ZooError(f"revision {revision or DEFAULT_BRANCH!r} not found in {repo_id} on {where}") from None
     except errors.RepositoryNotFoundError:
         raise ZooError(f"{repo_id} not found on {where} (if it is private, set HF_TOKEN to a token "
                        "that can read it)") from None
@@ -211,7 +207,7 @@ def pull(
 
     repo_id, revision = parse_repo(repo)
     url = endpoint_of(endpoint)
-    token = _token_for(url, token)
+    token = token_for(url, token)
     api = _api(url, token)
     with hub_errors(url, repo_id, revision):
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
@@ -341,7 +337,7 @@ def push_folder(
 
     repo_id, _ = parse_repo(repo_id)
     url = endpoint_of(endpoint)
-    api = _api(url, _token_for(url, token))
+    api = _api(url, token_for(url, token))
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     adds = []
@@ -367,9 +363,10 @@ def push_folder(
                                                    commit_description=description, revision=branch,
                                                    parent_commit=parent)
     commit = info.oid if info is not None else parent  # nothing to commit: the branch already holds it
-    return {"repo_id": repo_id, "endpoint": public_url(url), "branch": branch or "main", "parent": parent,
-            "commit": commit, "unchanged": info is None, "url": f"{public_url(url)}/{repo_id}/commit/{commit}",
-            "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+    return {"repo_id": repo_id, "endpoint": public_url(url), "branch": branch or DEFAULT_BRANCH,
+            "parent": parent, "commit": commit, "unchanged": info is None,
+            "url": f"{public_url(url)}/{repo_id}/commit/{commit}", "files": len(files),
+            "bytes": sum(p.stat().st_size for p in files)}
 
 
 def _same(path: Path, remote, digests: dict[str, str] | None) -> bool:

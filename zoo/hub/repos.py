@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,92 +19,17 @@ from typing import Iterable
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from zoo.errors import ZooError
+from zoo.errors import Conflict, EntryNotFound, HubError, RepoNotFound, RevisionNotFound
+from zoo.hub.git import (COMMIT_SHA, DEFAULT_BRANCH, GITATTRIBUTES, check_path, check_repo_id, git_blob_oid,
+                         is_lfs_oid, lfs_pointer)
 from zoo.registry import Registry
 from zoo.registry.schema import HubCommit, HubEntry, HubRef, HubRepo
-
-DEFAULT_BRANCH = "main"
-COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
-REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-# What the Hub itself puts in a new repository's first commit.
-GITATTRIBUTES = (
-    "*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
-    "*.bin filter=lfs diff=lfs merge=lfs -text\n"
-    "*.pt filter=lfs diff=lfs merge=lfs -text\n"
-    "*.pth filter=lfs diff=lfs merge=lfs -text\n"
-    "*.h5 filter=lfs diff=lfs merge=lfs -text\n"
-    "*.onnx filter=lfs diff=lfs merge=lfs -text\n"
-    "*.msgpack filter=lfs diff=lfs merge=lfs -text\n"
-    "*.model filter=lfs diff=lfs merge=lfs -text\n"
-    "*.zip filter=lfs diff=lfs merge=lfs -text\n"
-).encode()
-
-
-class HubError(ZooError):
-    """An error with the HTTP status and the ``X-Error-Code`` the Hub would send."""
-
-    status = 400
-    code = "BadRequest"
-
-    def __init__(self, message: str, status: int | None = None, code: str | None = None):
-        super().__init__(message)
-        if status is not None:
-            self.status = status
-        if code is not None:
-            self.code = code
-
-
-class RepoNotFound(HubError):
-    status, code = 404, "RepoNotFound"
-
-
-class RevisionNotFound(HubError):
-    status, code = 404, "RevisionNotFound"
-
-
-class EntryNotFound(HubError):
-    status, code = 404, "EntryNotFound"
-
-
-class Conflict(HubError):
-    status, code = 412, "Conflict"
-
-
-def git_blob_oid(data: bytes) -> str:
-    """Git's object id of a file: sha1 of ``blob <size>\\0<bytes>``."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def lfs_pointer(sha256: str, size: int) -> bytes:
-    """The Git LFS pointer file that stands in the git tree for a large file."""
-    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
-
-
-def check_repo_id(repo_id: str) -> str:
-    """``name`` or ``namespace/name``, each part a Hub-style name."""
-    parts = repo_id.split("/")
-    if not 1 <= len(parts) <= 2 or not all(REPO_NAME.match(p) and not p.endswith((".git", ".")) for p in parts):
-        raise HubError(f"invalid repository id {repo_id!r}: use 'namespace/name' with letters, digits, '.', '-', '_'")
-    return repo_id
-
-
-def check_path(path: str) -> str:
-    """A file path inside a repository: relative, no '.', '..' or empty parts, no .git.
-
-    Clients write these paths under their download folder, so a path that could
-    climb out of it is refused, never normalised.
-    """
-    parts = path.split("/")
-    bad = (not path or len(path) > 1024 or "\\" in path or "\0" in path or path.startswith("/")
-           or any(p in ("", ".", "..", ".git") for p in parts) or any(ord(c) < 32 for c in path))
-    if bad:
-        raise HubError(f"invalid file path {path!r} in commit: paths must be relative, without '.', '..' "
-                       "or empty parts", code="InvalidPath")
-    return path
 
 
 @dataclass(frozen=True)
 class Entry:
+    """A file of a commit's tree: its bytes are the store's blob ``sha256``."""
+
     path: str
     sha256: str
     size: int
@@ -242,7 +166,7 @@ class HubRepos:
         adds: dict[str, Entry] = {}
         for path, (sha256, size) in change.lfs.items():
             check_path(path)
-            if not re.fullmatch(r"[0-9a-f]{64}", str(sha256)):
+            if not is_lfs_oid(str(sha256)):
                 raise HubError(f"{path}: invalid sha256 oid {sha256!r}")
             p = self.store.path(sha256)
             if not p.is_file() or p.stat().st_size != int(size):

@@ -1,67 +1,41 @@
-"""``zoo serve``: a Hugging Face Hub-compatible HTTP server over a registry.
-
-It speaks the subset of the Hub's API that ``huggingface_hub`` (and so
-``transformers``) uses to create a repository, upload a folder in one commit, list
-and download files: repo create, model info, tree, preupload, the NDJSON commit,
-the Git LFS batch API with a basic PUT upload, ``resolve`` with ETag and Range, and
-validate-yaml. Small files travel inline in the commit; large ones are PUT to a
-signed, short-lived URL and stream straight into the blob store, hashed as they
-arrive. Xet is not spoken: clients must set ``HF_HUB_DISABLE_XET=1`` (zoo's own
-pull and push do).
+"""The requests ``zoo serve`` answers: routing, auth, and one handler per Hub endpoint.
 
 Writes need a bearer token with the ``write`` scope (``zoo token create``); reads
-are open unless the server runs with ``reads="token"`` or the repository is private.
+are open unless the server runs with ``open_reads=False`` (``--private-reads``) or
+the repository is private.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
-import hmac
-import json
 import logging
-import os
-import queue
-import secrets
-import socket
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
-from urllib.parse import quote, unquote
+from typing import Any
+from urllib.parse import unquote
 
 import yaml
-from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse, Response
 
-from zoo.errors import ZooError
-from zoo.hub.repos import DEFAULT_BRANCH, Change, Entry, HubError, HubRepos, RepoNotFound, check_path, check_repo_id, folders
-from zoo.registry import Registry, card
-from zoo.fileio import DISK_FULL, datasync, start_writeback
+from zoo.errors import HubError, RepoNotFound, ZooError
+from zoo.hub.git import DEFAULT_BRANCH, check_path, check_repo_id, is_lfs_oid
+from zoo.hub.repos import Change, Entry, HubRepos, folders
+from zoo.hub.server.uploads import Uploads
+from zoo.hub.server.wire import JSON_LFS, BlobFile, base_url, error, json_body, media_type, ndjson, sibling
 from zoo.hub.tokens import Holder, TokenSet
+from zoo.registry import Registry, card
 
 log = logging.getLogger("zoo.serve")
 
 LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub's own cut: larger files go through LFS
-MAX_INLINE_LINE = 64 * 1024 * 1024  # one NDJSON line (an inline file, base64)
-BLOCK = 4 * 1024 * 1024  # upload bytes are handed to the writer thread in blocks this big
-UPLOAD_TTL = 3600  # seconds a signed upload URL stays valid
 CARD_LIMIT = 1024 * 1024  # model cards parsed for validate-yaml and model info
 KEYWORDS = {"revision", "tree", "preupload", "commit", "xet-write-token", "xet-read-token"}
 UNSUPPORTED = {"paths-info", "commits", "refs", "branch", "tag", "discussions", "settings", "resolve-cache",
                "compare", "super-squash", "treesize", "notebook", "scan"}
-JSON_LFS = "application/vnd.git-lfs+json"
-
-
-class BlobFile(FileResponse):
-    chunk_size = 1024 * 1024  # 64 KiB by default: too many event-loop turns for GB files
 
 
 @dataclass
@@ -80,11 +54,7 @@ class HubApp:
         self.registry = registry
         self.repos = HubRepos(registry)
         self.settings = settings
-        self.secret = secrets.token_bytes(32)  # signs upload URLs; new for each server run
-        # (repo, oid) uploaded through this server and not yet committed: a commit may name
-        # an LFS object only if it is here or already in that repository's history, so a
-        # write token cannot reach (or probe for) blobs of other repositories or models
-        self.uploads: dict[tuple[str, str], float] = {}
+        self.uploads = Uploads(registry)
 
     # -- auth ------------------------------------------------------------------------
     def holder(self, request: Request) -> Holder | None:
@@ -296,62 +266,31 @@ class HubApp:
         if not isinstance(objects, list):
             raise HubError("an LFS batch needs a list of objects")
         now = time.time()
-        self.uploads = {k: t for k, t in self.uploads.items() if now - t < 2 * UPLOAD_TTL}
+        self.uploads.expire(now)
         out = []
         for obj in objects:
             oid, size = (str(obj.get("oid", "")), obj.get("size")) if isinstance(obj, dict) else ("", None)
-            if len(oid) != 64 or not all(c in "0123456789abcdef" for c in oid) or not isinstance(size, int) \
-                    or size < 0:
+            if not is_lfs_oid(oid) or not isinstance(size, int) or size < 0:
                 out.append({"oid": oid, "size": size if isinstance(size, int) else 0,
                             "error": {"code": 422, "message": "oid must be a sha256 hex digest and size an int"}})
                 continue
             if await self._known(repo_id, oid) == size:
                 out.append({"oid": oid, "size": size})  # this repository has it: nothing to upload
                 continue
-            expires = int(now) + UPLOAD_TTL
-            sig = self._sign(repo_id, oid, size, expires)
-            href = (f"{base_url(request)}/api/lfs-upload/{oid}?repo={quote(repo_id, safe='')}&size={size}"
-                    f"&expires={expires}&sig={sig}")
             out.append({"oid": oid, "size": size, "authenticated": True,
-                        "actions": {"upload": {"href": href, "expires_in": UPLOAD_TTL}}})
+                        "actions": {"upload": self.uploads.action(base_url(request), repo_id, oid, size, now)}})
         return JSONResponse({"transfer": "basic", "objects": out, "hash_algo": "sha256"}, media_type=JSON_LFS)
 
     async def _known(self, repo_id: str, oid: str) -> int | None:
         """The size of an LFS object this repository may commit without uploading it."""
-        if (repo_id, oid) in self.uploads:
-            return self.registry.store.path(oid).stat().st_size if self.registry.store.has(oid) else None
+        if self.uploads.holds(repo_id, oid):
+            return self.uploads.stored_size(oid)
         return await run_in_threadpool(self.repos.repo_blob_size, repo_id, oid)
 
-    def _sign(self, repo_id: str, oid: str, size: int, expires: int) -> str:
-        return hmac.new(self.secret, f"{repo_id}\0{oid}\0{size}\0{expires}".encode(), hashlib.sha256).hexdigest()
-
     async def lfs_put(self, request: Request, oid: str) -> Response:
-        q = request.query_params
-        try:
-            repo_id, size, expires = q["repo"], int(q["size"]), int(q["expires"])
-        except (KeyError, ValueError):
-            raise HubError("upload URL is missing its repository, size or expiry; ask the LFS batch API for a "
-                           "new one", status=403, code="Forbidden") from None
-        if not hmac.compare_digest(self._sign(repo_id, oid, size, expires), q.get("sig", "")) \
-                or expires < time.time():
-            raise HubError("upload URL is invalid or expired; ask the LFS batch API for a new one",
-                           status=403, code="Forbidden")
-        store = self.registry.store
-        tmp = store.temp_path()
-        try:
-            digest, got = await receive_to_file(request.stream(), tmp, limit=size)
-            if got != size or digest != oid:
-                raise HubError(f"uploaded content does not match its oid (got {got} bytes, sha256 {digest[:12]})",
-                               status=400, code="BadRequest")
-            await run_in_threadpool(self._adopt, tmp, digest)
-        finally:
-            tmp.unlink(missing_ok=True)
-        self.uploads[repo_id, oid] = time.time()
+        repo_id, size = self.uploads.authorise(oid, request.query_params)
+        await self.uploads.receive(request.stream(), repo_id, oid, size)
         return Response(status_code=200)
-
-    def _adopt(self, tmp: Path, digest: str) -> None:
-        with self.registry.db.store_lock(exclusive=False):  # not while `zoo rm` removes blobs
-            self.registry.store.adopt(tmp, digest)
 
     async def commit(self, request: Request, repo_id: str, branch: str) -> Response:
         holder = self.need_write(request)
@@ -372,7 +311,7 @@ class HubApp:
                 change.lfs[path] = (oid, known)
             sha = await run_in_threadpool(self.repos.commit, repo_id, branch, change, holder.name)
             for oid, _ in change.lfs.values():
-                self.uploads.pop((repo_id, oid), None)
+                self.uploads.committed(repo_id, oid)
         finally:
             change.discard()
         return JSONResponse({"commitUrl": f"{base_url(request)}/{repo_id}/commit/{sha}", "commitOid": sha,
@@ -433,218 +372,3 @@ class HubApp:
         etag = entry.sha256 if entry.lfs else entry.git_oid
         headers = {"ETag": f'"{etag}"', "X-Repo-Commit": revision.sha, "Cache-Control": "no-cache"}
         return BlobFile(self.repos.blob(entry), headers=headers, media_type=media_type(path))
-
-
-# -- helpers -----------------------------------------------------------------------------
-def error(status: int, code: str, message: str, extra: dict | None = None,
-          headers: dict[str, str] | None = None) -> JSONResponse:
-    safe = message.encode("ascii", "replace").decode()[:500]
-    return JSONResponse({"error": message, **(extra or {})}, status_code=status,
-                        headers={"X-Error-Code": code, "X-Error-Message": safe, **(headers or {})})
-
-
-def base_url(request: Request) -> str:
-    return str(request.base_url).rstrip("/")
-
-
-def sibling(e: Entry) -> dict[str, Any]:
-    d: dict[str, Any] = {"rfilename": e.path, "size": e.size, "blobId": e.git_oid}
-    if e.lfs:
-        d["lfs"] = {"sha256": e.sha256, "size": e.size, "pointerSize": e.pointer_size()}
-    return d
-
-
-def media_type(path: str) -> str:
-    if path.endswith(".json"):
-        return "application/json"
-    if path.endswith((".md", ".txt")):
-        return "text/plain; charset=utf-8"
-    return "application/octet-stream"
-
-
-async def json_body(request: Request, limit: int = 16 * 1024 * 1024) -> dict[str, Any]:
-    """A JSON object body, refused past ``limit`` bytes rather than buffered whole."""
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise HubError(f"request body over {limit >> 20} MiB", status=413, code="PayloadTooLarge")
-    raw = bytes(buf)
-    try:
-        body = json.loads(raw or b"{}")
-    except ValueError:
-        raise HubError("the request body is not JSON") from None
-    if not isinstance(body, dict):
-        raise HubError("the request body must be a JSON object")
-    return body
-
-
-async def ndjson(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
-    """Parse a streamed NDJSON body one line at a time, holding at most one line."""
-    buf = bytearray()
-    async for chunk in chunks:
-        start = len(buf)
-        buf += chunk
-        while (i := buf.find(b"\n", start)) >= 0:
-            line = bytes(buf[:i])
-            del buf[: i + 1]
-            start = 0
-            if line.strip():
-                yield parse_line(line)
-        if len(buf) > MAX_INLINE_LINE:
-            raise HubError(f"a commit line is over {MAX_INLINE_LINE >> 20} MiB; send large files through LFS",
-                           status=413, code="PayloadTooLarge")
-    if buf.strip():
-        yield parse_line(bytes(buf))
-
-
-def parse_line(line: bytes) -> dict[str, Any]:
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        raise HubError("a commit line is not JSON") from None
-    if not isinstance(obj, dict):
-        raise HubError("a commit line must be a JSON object")
-    return obj
-
-
-async def receive_to_file(chunks: AsyncIterator[bytes], path: Path, limit: int) -> tuple[str, int]:
-    """Stream a request body into ``path``, durably; returns its sha256 and size.
-
-    The event loop only gathers the received chunks (no copies); a writer thread
-    hashes and writes them, so receiving, hashing and writing overlap (hashlib and
-    os.writev release the GIL). The file is on disk (fdatasync) before this returns:
-    a blob the store accepts survives a crash.
-    """
-    h = hashlib.sha256()
-    todo: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=4)
-    failure: list[BaseException] = []
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-
-    def writer() -> None:
-        written, ended = 0, False
-        try:
-            while (batch := todo.get()) is not None:
-                for chunk in batch:
-                    h.update(chunk)
-                left = sum(len(c) for c in batch)
-                start = written
-                while left:
-                    n = os.writev(fd, batch)
-                    left -= n
-                    written += n
-                    while batch and n >= len(batch[0]):  # a short write: resume where it stopped
-                        n -= len(batch.pop(0))
-                    if n:
-                        batch[0] = batch[0][n:]
-                # start writing this block to disk now, so the sync before the blob is
-                # accepted finds little left
-                start_writeback(fd, start, written - start)
-            ended = True
-            datasync(fd)
-        except BaseException as e:  # reported to the receiving side
-            failure.append(e)
-            while not ended and todo.get() is not None:  # let the receiving side finish handing over
-                pass
-
-    t = threading.Thread(target=writer, daemon=True)
-    t.start()
-    size = 0
-    batch: list[bytes] = []
-    held = 0
-
-    async def hand(items: list[bytes]) -> None:
-        try:
-            todo.put_nowait(items)
-        except queue.Full:
-            await asyncio.to_thread(todo.put, items)
-
-    try:
-        async for chunk in chunks:
-            size += len(chunk)
-            if size > limit:
-                raise HubError(f"upload is larger than the {limit} bytes announced", status=400)
-            batch.append(chunk)
-            held += len(chunk)
-            if held >= BLOCK or len(batch) >= 512:  # 512: writev's IOV_MAX is 1024
-                await hand(batch)
-                batch, held = [], 0
-            if failure:
-                break
-        if batch:
-            await hand(batch)
-    finally:
-        await asyncio.to_thread(todo.put, None)
-        await asyncio.to_thread(t.join)
-        os.close(fd)
-    if failure:
-        e = failure[0]
-        full = isinstance(e, OSError) and e.errno in DISK_FULL
-        raise HubError(f"cannot write the upload into the store: {e}", status=507 if full else 500,
-                       code="InsufficientStorage" if full else "InternalError")
-    return h.hexdigest(), size
-
-
-# -- running -------------------------------------------------------------------------------
-def make_app(registry: Registry, settings: ServeSettings) -> Starlette:
-    if not 0 <= settings.lfs_threshold <= MAX_INLINE_LINE * 3 // 4 - 1024:  # base64 grows a file by 4/3
-        raise ZooError(f"--lfs-threshold must be between 0 and {(MAX_INLINE_LINE * 3 // 4) >> 20} MiB: files "
-                       "above it travel inside the commit")
-    hub = HubApp(registry, settings)
-    methods = ["GET", "HEAD", "POST", "PUT"]
-    return Starlette(routes=[Route("/{path:path}", hub.dispatch, methods=methods)])
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """Listen on ``host:port`` (port 0: a free one), with a clear error when taken."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ZooError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port") from None
-    sock.listen(128)
-    return sock
-
-
-def _server(app: Starlette, access_log: bool):
-    import uvicorn
-
-    config = uvicorn.Config(app, log_level="info" if access_log else "warning", access_log=access_log,
-                            lifespan="off", timeout_keep_alive=30)
-    return uvicorn.Server(config)
-
-
-def serve(registry: Registry, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
-          on_ready=None, access_log: bool = True) -> None:
-    """Serve until interrupted. ``on_ready(url)`` is called once the socket listens."""
-    sock = bind(host, port)
-    url = f"http://{host}:{sock.getsockname()[1]}"
-    server = _server(make_app(registry, settings), access_log)
-    if on_ready is not None:
-        on_ready(url)
-    server.run(sockets=[sock])
-
-
-@contextlib.contextmanager
-def running(registry: Registry, settings: ServeSettings, host: str = "127.0.0.1",
-            port: int = 0) -> Iterator[str]:
-    """Serve from a background thread for the duration of a ``with`` block; yields the URL."""
-    sock = bind(host, port)
-    url = f"http://{host}:{sock.getsockname()[1]}"
-    server = _server(make_app(registry, settings), access_log=False)
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 30
-    while not server.started and t.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if not server.started:
-        sock.close()
-        raise ZooError(f"zoo serve did not start on {url}")
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        t.join(timeout=10)
-        sock.close()

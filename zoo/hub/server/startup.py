@@ -1,0 +1,81 @@
+"""Starting ``zoo serve``: the Starlette app over a registry, the socket, uvicorn."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from typing import Callable, Iterator
+
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from zoo.errors import ZooError
+from zoo.hub.server.app import HubApp, ServeSettings
+from zoo.hub.server.wire import MAX_INLINE_LINE
+from zoo.registry import Registry
+
+
+def make_app(registry: Registry, settings: ServeSettings) -> Starlette:
+    if not 0 <= settings.lfs_threshold <= MAX_INLINE_LINE * 3 // 4 - 1024:  # base64 grows a file by 4/3
+        raise ZooError(f"--lfs-threshold must be between 0 and {(MAX_INLINE_LINE * 3 // 4) >> 20} MiB: files "
+                       "above it travel inside the commit")
+    hub = HubApp(registry, settings)
+    methods = ["GET", "HEAD", "POST", "PUT"]
+    return Starlette(routes=[Route("/{path:path}", hub.dispatch, methods=methods)])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Listen on ``host:port`` (port 0: a free one), with a clear error when taken."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ZooError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port") from None
+    sock.listen(128)
+    return sock
+
+
+def _server(app: Starlette, access_log: bool):
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="info" if access_log else "warning", access_log=access_log,
+                            lifespan="off", timeout_keep_alive=30)
+    return uvicorn.Server(config)
+
+
+def serve(registry: Registry, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
+          on_ready: Callable[[str], None] | None = None, access_log: bool = True) -> None:
+    """Serve until interrupted. ``on_ready(url)`` is called once the socket listens."""
+    sock = bind(host, port)
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    server = _server(make_app(registry, settings), access_log)
+    if on_ready is not None:
+        on_ready(url)
+    server.run(sockets=[sock])
+
+
+@contextlib.contextmanager
+def running(registry: Registry, settings: ServeSettings, host: str = "127.0.0.1",
+            port: int = 0) -> Iterator[str]:
+    """Serve from a background thread for the duration of a ``with`` block; yields the URL."""
+    sock = bind(host, port)
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    server = _server(make_app(registry, settings), access_log=False)
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not server.started and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not server.started:
+        sock.close()
+        raise ZooError(f"zoo serve did not start on {url}")
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        t.join(timeout=10)
+        sock.close()
