@@ -5,8 +5,8 @@
 #   merge    `zoo merge` on CUDA against the CPU on the 1B family (bench/merge_cuda.py);
 #   learned  Concrete TA at ViT-B/32 size and the demo zoo's learned merges on the
 #            papers' schedule (bench/learned_gpu.py, bench/learned_demo.py).
-# Wheels for what that python lacks are in .whl/; the demo cache and a copy of
-# shared/bench/make_models.py in .gpu/ (carry both).
+# Wheels for what that python lacks are in .whl/; the demo cache and a script that
+# writes the 1B family (docs/results.md) in .gpu/ (carry both).
 set -u
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 SECTIONS=${*:-tests merge}

@@ -1,7 +1,7 @@
 """Benchmark: `zoo merge --device cuda` against `--device cpu` on the same machine, same run.
 
-The family is the synthetic LLaMA-layout base + 3 experts made by
-shared/bench/make_models.py (`--size medium`: about 1B parameters each, bf16). Cases as
+The family is a synthetic LLaMA-layout base + 3 experts (about 1B parameters each,
+bf16; docs/results.md describes it). Cases as
 in merge_vs_mergekit.py: task arithmetic (weight 0.3) and TIES (density 0.2), float32
 compute, bf16 out. For each device: wall time (whole process, start-up included) and
 peak anonymous / file-backed memory; then whether the two outputs are the same bytes

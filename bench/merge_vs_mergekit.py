@@ -1,7 +1,7 @@
 """Benchmark: `zoo merge` against mergekit's `mergekit-yaml` and a floor loop, same run.
 
-The family is the synthetic LLaMA-layout base + 3 experts (bf16) made by
-shared/bench/make_models.py (`--size medium`: about 1B parameters each). mergekit is
+The family is a synthetic LLaMA-layout base + 3 experts (bf16, about 1B parameters
+each; docs/results.md describes it). mergekit is
 installed in its own virtual environment, never as a project dependency. Both tools
 get the same mergekit-format recipe file, unchanged.
 

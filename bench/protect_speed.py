@@ -1,7 +1,7 @@
 """Benchmark: `zoo protect` against the time to read the model and write it back.
 
-The model is the benchmark family's base (shared/bench/make_models.py `--size
-medium`: LLaMA layout, 1.0B parameters, bf16, GQA 32/4 heads, 3 shards). Three
+The model is the benchmark family's base (docs/results.md: LLaMA layout, 1.0B
+parameters, bf16, GQA 32/4 heads, 3 shards). Three
 commands, alternated `--runs` times, each a fresh process writing a new folder on the
 same disk:
 

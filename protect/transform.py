@@ -36,8 +36,8 @@ from zoo.protect.layouts import Attention
 
 ALGORITHM = "mergelock"
 VERSION = 1
-# float32: the spec's 1e3 (A.3). Half precision: 30, not the spec's 1e2, which gave KL up to 1.2e-3 on
-# tiny bf16 models (30: at most 2.3e-4; the gate is 1e-3). Measured in bench/RESULTS.md.
+# float32: 1e3, as MergeLock (arXiv 2509.01548) bounds it. Half precision: 30, not 1e2, which gave KL up
+# to 1.2e-3 on tiny bf16 models (30: at most 2.3e-4; the gate is 1e-3). Measured in docs/results.md.
 DEFAULT_MAX_COND = {"F32": 1e3, "F64": 1e3, "BF16": 30.0, "F16": 30.0}
 
 

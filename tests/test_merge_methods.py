@@ -1,4 +1,4 @@
-"""Each merge method against the spec's formula, on small tensors, with edge cases."""
+"""Each merge method against its paper's formula, on small tensors, with edge cases."""
 
 from __future__ import annotations
 
