@@ -20,7 +20,7 @@ import torch
 
 from conftest import db_dump, vit
 from zoo import Registry
-from zoo.errors import Conflict, HubError, PushConflict, RepoNotFound, ZooError
+from zoo.errors import Conflict, HubError, NotFound, PushConflict, RepoNotFound, ZooError
 from zoo.hub.client import pull, push_folder
 from zoo.hub.git import DEFAULT_BRANCH, GITATTRIBUTES, check_path, check_repo_id, git_blob_oid, is_lfs_oid, lfs_pointer
 from zoo.hub.server import ServeSettings, running
@@ -812,3 +812,9 @@ def test_gc_removes_only_blobs_nothing_uses(hub, folder, tiny, registry, zoo_cli
     before = registry.store.all_digests()
     code, out, _ = zoo_cli("--registry", registry.path, "gc", "--older-than", "0", "--json")
     assert code == 0 and json.loads(out)["blobs_removed"] == 0 and registry.store.all_digests() == before
+
+
+def test_token_create_in_a_missing_folder_says_so(tmp_path):
+    with pytest.raises(NotFound, match="does not exist"):
+        create_token(tmp_path / "no-such-dir" / "registry.tokens", "me")
+    assert not (tmp_path / "no-such-dir").exists()

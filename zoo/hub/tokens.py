@@ -47,6 +47,8 @@ def create_token(file: Path, name: str, scope: str = "write") -> str:
     if scope not in SCOPES:
         raise ZooError(f"unknown scope {scope!r}; choose read or write")
     file = Path(file)
+    if not file.parent.is_dir():
+        raise NotFound(f"cannot write tokens to {file}: {file.parent} does not exist; create it or pass --token-file")
     lock = os.open(file.with_name(f".{file.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two creates at once must not drop a line
