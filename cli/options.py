@@ -1,5 +1,6 @@
-"""What every command group shares: the registry the command works on, and the options
-that read the same everywhere (``--registry``, ``--json``, ``--endpoint``).
+"""What every command group shares: the command class (plain click help), the registry
+the command works on, and the options that read the same everywhere (``--registry``,
+``--json``, ``--endpoint``).
 
 ``--registry`` is a global option (``zoo --registry X list``) that also works after the
 subcommand (``zoo list --registry X``); the one given last wins.

@@ -16,11 +16,14 @@ KINDS_HELP = "base | expert | adapter | merged | protected"
 
 
 @app.command()
-def init(registry: Optional[Path] = RegistryOpt) -> None:
+def init(as_json: bool = JsonOpt, registry: Optional[Path] = RegistryOpt) -> None:
     """Create an empty registry (and its blob store) in the working directory."""
     r = open_registry(create=True)
     r.store.ensure()
-    print(f"registry: {r.path}\nstore:    {r.store.root}")
+    if as_json:
+        render.emit_json({"registry": str(r.path), "store": str(r.store.root)})
+    else:
+        print(f"registry: {r.path}\nstore:    {r.store.root}")
 
 
 @app.command()

@@ -68,6 +68,8 @@ def test_registry_option_before_or_after_the_subcommand(zoo_cli, models, tmp_pat
 
 
 def test_json_where_it_makes_sense(zoo_cli, models, tmp_path):
+    code, out, _ = zoo_cli("init", "--json")
+    assert code == 0 and json.loads(out)["registry"] == str(tmp_path / "registry.db")
     assert zoo_cli("add", models["base"], "--name", "base", "--kind", "base")[0] == 0
     code, out, _ = zoo_cli("tag", "base", "x", "--json")
     assert code == 0 and json.loads(out) == {"model": "base", "tags": ["x"]}
