@@ -119,7 +119,8 @@ def _print_model(info: dict[str, Any]) -> None:
     if info["metrics"]:
         print("  metrics:")
         for m in info["metrics"]:
-            print(f"    {m['task'] or '-'}: {m['metric']} = {m['value']:.4f}  ({m['split'] or '-'}, {m['measured_at']})")
+            print(f"    {m['task'] or '-'}: {m['metric']} = {m['value']:.4f}  "
+                  f"({m['split'] or '-'}, {m['measured_at']})")
 
 
 @app.command()
