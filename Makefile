@@ -1,20 +1,23 @@
 # `make demo` and `make test` set everything up on a fresh machine, then run.
+# They install the versions pinned in constraints.txt; `make lock` updates the pins, on purpose.
 PYTHON ?= python3
 VENV   ?= .venv
 # The CPU build of torch; on a CUDA machine override, e.g. `make test TORCH='torch>=2.4'`.
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.zoo-installed
+PIP    := -m pip install --quiet -c constraints.txt
+LOCK_VENV := .venv-lock
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup bench docs lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python $(PIP) --upgrade pip
+	$(BIN)/python $(PIP) "$(TORCH)"
+	$(BIN)/python $(PIP) -e ".[test]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,14 +26,33 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The CLI reference, from every command's --help (tests/test_cli_help.py checks it is current).
+docs: $(STAMP)
+	$(BIN)/python -m zoo.cli.reference docs/cli.md
+
+# Resolve the newest versions pyproject.toml allows in a scratch venv and pin them all
+# (but zoo itself, and torch, which TORCH pins). Review the diff, run `make test`, commit.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[test]"
+	{ sed -n '/^#/p' constraints.txt; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -viE '^(zoo|torch|triton|nvidia-[^=]*)=='; \
+	} > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
+
 # merge_vs_mergekit.py and hub_transfer.py need the 1B family (and a mergekit venv): see bench/RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python bench/add_throughput.py
 	$(BIN)/python bench/list_10k.py
+	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/demo_interference.py
 	$(BIN)/python bench/learned_demo.py --investigate
 	$(BIN)/python bench/parity_demo.py
 	$(BIN)/python bench/protect_demo.py
 
 clean:
-	rm -rf $(VENV) registry.db registry.db-* registry.store
+	rm -rf $(VENV) $(LOCK_VENV) registry.db registry.db-* registry.store

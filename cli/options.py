@@ -1,0 +1,109 @@
+"""What every command group shares: the command class (plain click help), the registry
+the command works on, and the options that read the same everywhere (``--registry``,
+``--json``, ``--endpoint``).
+
+``--registry`` is a global option (``zoo --registry X list``) that also works after the
+subcommand (``zoo list --registry X``); the one given last wins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import typer
+from typer.core import TyperCommand
+
+if TYPE_CHECKING:  # the ORM is imported only by the commands that open a registry
+    from zoo.registry import Registry
+
+
+class Command(TyperCommand):
+    """A command whose arguments read as in click: ``MODEL``, ``[MODEL]``, ``MODEL...`` in
+    the usage line and the help, without typer's ``{MODEL}`` and ``<str>``."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        return pieces + [_argument_usage(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        args, opts = [], []
+        for p in self.get_params(ctx):
+            record = p.get_help_record(ctx)
+            if record is None:
+                continue
+            if p.param_type_name == "argument":
+                args.append((_argument_name(p), record[1]))
+            else:
+                opts.append(record)
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _argument_name(p: Any) -> str:
+    return p.metavar or p.name.upper()
+
+
+def _argument_usage(p: Any) -> str:
+    name = _argument_name(p) + ("..." if p.nargs != 1 else "")
+    return name if p.required else f"[{name}]"
+
+
+class Typer(typer.Typer):
+    """A command group whose commands are ``Command`` unless they name their own class."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or Command, **kwargs)
+
+
+class State:
+    """The registry path from the global ``--registry`` (None: $ZOO_REGISTRY, else ./registry.db)."""
+
+    registry: Optional[Path] = None
+
+
+def _remember_registry(value: Optional[Path]) -> Optional[Path]:
+    if value is not None:
+        State.registry = value
+    return value
+
+
+REGISTRY_HELP = "Registry database (default: $ZOO_REGISTRY, else ./registry.db)."
+
+
+# A subcommand's ``--registry`` reaches State through its callback, so the commands only
+# declare the parameter (expose_value=False: typer does not pass it). The root command
+# sets State on every run, so nothing carries over between runs in one process.
+RegistryOpt = typer.Option(None, "--registry", metavar="PATH", help=REGISTRY_HELP, callback=_remember_registry,
+                           expose_value=False)
+JsonOpt = typer.Option(False, "--json", help="Print JSON instead of text.")
+EndpointOpt = typer.Option(None, "--endpoint", metavar="URL",
+                           help="Hub URL (default: $HF_ENDPOINT, else huggingface.co). The token comes from "
+                                "$HF_TOKEN or `hf auth login`.")
+ShardSizeOpt = typer.Option(5_000_000_000, "--shard-size", metavar="BYTES", help="Bytes per output shard.")
+
+
+def registry_file() -> Path:
+    """The registry's absolute path (it need not exist)."""
+    from zoo.registry.paths import registry_path
+
+    return registry_path(State.registry)
+
+
+def open_registry(create: bool = False) -> "Registry":
+    from zoo.registry import Registry
+
+    return Registry(State.registry, create=create)
+
+
+def registry_if_any() -> "Registry | None":
+    """The registry if there is one (to resolve names), else None (paths only)."""
+    return open_registry() if registry_file().exists() else None
+
+
+def registry_for(out: Optional[str]) -> "Registry | None":
+    """For a command that makes a model: the registry to register ``out`` in (created if
+    needed), or without ``out`` the registry if there is one, to resolve names."""
+    return open_registry(create=True) if out is not None else registry_if_any()

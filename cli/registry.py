@@ -1,0 +1,254 @@
+"""The catalogue's commands: register, list, inspect, check, tag, remove and measure models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from zoo.cli import render
+from zoo.cli.options import JsonOpt, RegistryOpt, Typer, open_registry, registry_file
+
+app = Typer()
+
+KINDS_HELP = "base | expert | adapter | merged | protected"
+
+
+@app.command()
+def init(as_json: bool = JsonOpt, registry: Optional[Path] = RegistryOpt) -> None:
+    """Create an empty registry (and its blob store) in the working directory."""
+    r = open_registry(create=True)
+    r.store.ensure()
+    if as_json:
+        render.emit_json({"registry": str(r.path), "store": str(r.store.root)})
+    else:
+        print(f"registry: {r.path}\nstore:    {r.store.root}")
+
+
+@app.command()
+def add(
+    path: Path = typer.Argument(..., metavar="PATH", help="A model folder, PEFT adapter folder or .safetensors file."),
+    name: str = typer.Option(..., "--name", "-n", metavar="NAME",
+                             help="Registry name: letters, digits, '.', '-', '_'."),
+    kind: str = typer.Option("expert", "--kind", "-k", metavar="KIND", help=KINDS_HELP),
+    base: Optional[str] = typer.Option(None, "--base", "-b", metavar="MODEL", help="The base model (registry name)."),
+    task: list[str] = typer.Option([], "--task", "-t", metavar="TASK",
+                                   help="A task this model is for (repeatable)."),
+    tag: list[str] = typer.Option([], "--tag", metavar="TAG", help="A tag (repeatable)."),
+    in_place: bool = typer.Option(False, "--in-place", help="Register the files where they are; do not copy."),
+    new_version: bool = typer.Option(False, "--new-version", help="Add a new version of an existing name."),
+    as_json: bool = JsonOpt,
+    registry: Optional[Path] = RegistryOpt,
+) -> None:
+    """Register a checkpoint, copying its files into the content-addressed store."""
+    r = open_registry(create=True)
+    with render.progress_bars() as progress:
+        info = r.add(path, name, kind, base=base, tasks=task, tags=tag, in_place=in_place,
+                     new_version=new_version, progress=progress)
+    if as_json:
+        render.emit_json(info)
+    else:
+        print(f"added {info['ref']} ({info['kind']}, {info['parameters']:,} parameters, "
+              f"{render.human_bytes(info['bytes'])})")
+
+
+@app.command("list")
+def list_(
+    kind: Optional[str] = typer.Option(None, "--kind", "-k", metavar="KIND", help=f"Only this kind: {KINDS_HELP}."),
+    base: Optional[str] = typer.Option(None, "--base", "-b", metavar="MODEL", help="Only models on this base."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", metavar="TASK", help="Only models for this task."),
+    tag: Optional[str] = typer.Option(None, "--tag", metavar="TAG", help="Only models with this tag."),
+    as_json: bool = JsonOpt,
+    registry: Optional[Path] = RegistryOpt,
+) -> None:
+    """List registered models."""
+    # The fast path: sqlite3 only, neither SQLAlchemy nor torch.
+    from zoo.registry.listing import list_models
+    from zoo.registry.paths import existing_registry
+
+    rows = list_models(existing_registry(registry_file()), kind=kind, base=base, task=task, tag=tag)
+    if as_json:
+        render.emit_json(rows)
+        return
+    if not rows:
+        print("no models; add one with `zoo add PATH --name NAME --kind base`")
+        return
+    for row in rows:
+        row["size"] = render.human_bytes(row["bytes"])
+    render.table(rows, [("ref", "MODEL"), ("kind", "KIND"), ("base", "BASE"), ("model_type", "TYPE"),
+                        ("parameters", "PARAMS"), ("size", "SIZE"), ("tasks", "TASKS"), ("tags", "TAGS")])
+
+
+@app.command()
+def show(name: str = typer.Argument(..., metavar="MODEL", help="A registry name, optionally NAME@VERSION."),
+         as_json: bool = JsonOpt, registry: Optional[Path] = RegistryOpt) -> None:
+    """Everything the registry knows about one model."""
+    info = open_registry().show(name)
+    if as_json:
+        render.emit_json(info)
+    else:
+        _print_model(info)
+
+
+def _print_model(info: dict[str, Any]) -> None:
+    arch = info["architecture"]
+    t = info["tensors"]
+    print(f"{info['ref']}  ({info['kind']}, {info['form']})")
+    print(f"  base:         {info['base'] or '-'}")
+    print(f"  architecture: {arch.get('model_type', '-')}  hidden {arch.get('hidden_size', '-')}  "
+          f"layers {arch.get('num_layers', '-')}  heads {arch.get('num_heads', '-')}  "
+          f"kv heads {arch.get('num_kv_heads', '-')}  vocab {arch.get('vocab_size', '-')}")
+    print(f"  tensors:      {t['count']}  ({t['parameters']:,} parameters, {render.human_bytes(t['bytes'])}, "
+          + ", ".join(f"{k} x{v}" for k, v in t["dtypes"].items()) + ")")
+    src = info["source"]
+    where = f"{src['hub_repo']}@{src['hub_revision']}" if src["hub_repo"] else (src["path"] or "made by zoo")
+    print(f"  source:       {where}{'  (in place)' if src['in_place'] else ''}")
+    print(f"  tasks:        {', '.join(info['tasks']) or '-'}")
+    print(f"  tags:         {', '.join(info['tags']) or '-'}")
+    print(f"  created:      {info['created_at']}")
+    if info["parents"]:
+        print("  parents:      " + ", ".join(f"{p['role']}={p['ref']}" for p in info["parents"]))
+    if info["recipe"]:
+        print(f"  recipe:       {info['recipe']}")
+    if info["dependents"]:
+        print(f"  used by:      {', '.join(info['dependents'])}")
+    print("  files:")
+    for f in info["files"]:
+        print(f"    {f['path']:<36} {render.human_bytes(f['size']):>10}  sha256:{f['sha256'][:16]}")
+    if info["metrics"]:
+        print("  metrics:")
+        for m in info["metrics"]:
+            print(f"    {m['task'] or '-'}: {m['metric']} = {m['value']:.4f}  "
+                  f"({m['split'] or '-'}, {m['measured_at']})")
+
+
+@app.command()
+def lineage(name: str = typer.Argument(..., metavar="MODEL", help="A registry name."),
+            as_json: bool = JsonOpt, registry: Optional[Path] = RegistryOpt) -> None:
+    """The tree of models a model was made from."""
+    node = open_registry().lineage(name)
+    if as_json:
+        render.emit_json(node)
+    else:
+        print("\n".join(render.tree(node)))
+
+
+@app.command()
+def check(
+    models: list[str] = typer.Argument(..., metavar="MODEL", help="Registry names or paths."),
+    base: Optional[str] = typer.Option(None, "--base", "-b", metavar="MODEL",
+                                       help="Compare against this base (name or path)."),
+    as_json: bool = JsonOpt,
+    registry: Optional[Path] = RegistryOpt,
+) -> None:
+    """Check that experts line up with their base before a merge. Exits 1 on any error."""
+    reports = open_registry(create=False).check(models, base=base)
+    if as_json:
+        render.emit_json([r.to_dict() for r in reports])
+    else:
+        for rep in reports:
+            status = "ok" if rep.ok else f"{len(rep.errors)} error(s)"
+            print(f"{rep.model} vs {rep.base}: {status}")
+            for f in rep.findings:
+                where = f"{f.tensor}: " if f.tensor else ""
+                print(f"  {f.severity:<7} {f.kind:<7} {where}{f.detail}")
+    if not all(r.ok for r in reports):
+        raise typer.Exit(1)
+
+
+@app.command()
+def verify(name: Optional[str] = typer.Argument(None, metavar="MODEL", help="One model (default: all)."),
+           as_json: bool = JsonOpt, registry: Optional[Path] = RegistryOpt) -> None:
+    """Re-hash stored files and report every file that changed or went missing. Exits 1 on any."""
+    with render.progress_bars() as progress:
+        problems = open_registry().verify(name, progress=progress)
+    if as_json:
+        render.emit_json(problems)
+    elif not problems:
+        print("all files match their sha256")
+    else:
+        for p in problems:
+            print(f"{p['problem']:<8} {p['model']}  {p['file']}  ({p['path']})")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(name: str = typer.Argument(..., metavar="MODEL", help="A registry name."),
+           dest: Path = typer.Argument(..., metavar="DIR", help="A new (or empty) folder."),
+           as_json: bool = JsonOpt, registry: Optional[Path] = RegistryOpt) -> None:
+    """Rebuild a model's standard Hugging Face folder from the store."""
+    with render.progress_bars() as progress:
+        out = open_registry().export(name, dest, progress=progress)
+    if as_json:
+        render.emit_json({"model": name, "path": str(out)})
+    else:
+        print(f"exported {name} to {out}")
+
+
+@app.command()
+def tag(name: str = typer.Argument(..., metavar="MODEL", help="A registry name."),
+        tags: list[str] = typer.Argument(None, metavar="TAG", help="Tags to add."),
+        remove: list[str] = typer.Option([], "--remove", "-r", metavar="TAG", help="A tag to remove (repeatable)."),
+        as_json: bool = JsonOpt, registry: Optional[Path] = RegistryOpt) -> None:
+    """Add (and with --remove, drop) tags on a model."""
+    now = open_registry().tag(name, add=tags or [], remove=remove)
+    if as_json:
+        render.emit_json({"model": name, "tags": now})
+    else:
+        print(f"{name}: {', '.join(now) or '(no tags)'}")
+
+
+@app.command()
+def rm(name: str = typer.Argument(..., metavar="MODEL", help="A registry name."),
+       force: bool = typer.Option(False, "--force", help="Remove even if other models depend on it."),
+       as_json: bool = JsonOpt, registry: Optional[Path] = RegistryOpt) -> None:
+    """Remove a model, and the stored blobs no other model uses."""
+    res = open_registry().remove(name, force=force)
+    if as_json:
+        render.emit_json(res)
+        return
+    extra = f"; {len(res['dependents'])} dependent(s) keep their lineage by name" if res["dependents"] else ""
+    print(f"removed {res['removed']} ({res['blobs_freed']} blob(s) freed{extra})")
+
+
+@app.command()
+def tasks(as_json: bool = JsonOpt, registry: Optional[Path] = RegistryOpt) -> None:
+    """List registered tasks."""
+    rows = open_registry().tasks()
+    if as_json:
+        render.emit_json(rows)
+        return
+    for row in rows:
+        row["n_labels"] = len(row["labels"] or [])
+    render.table(rows, [("name", "TASK"), ("n_labels", "LABELS"), ("splits", "SPLITS"), ("description", "DATA")])
+
+
+@app.command("eval")
+def eval_(name: str = typer.Argument(..., metavar="MODEL", help="A registry name."),
+          task: list[str] = typer.Option([], "--task", "-t", metavar="TASK",
+                                         help="Task (repeatable; default: the model's own)."),
+          split: str = typer.Option("test", "--split", metavar="SPLIT", help="The task data's split."),
+          as_json: bool = JsonOpt, registry: Optional[Path] = RegistryOpt) -> None:
+    """Measure a model on a task's split and record the metric."""
+    from zoo.evaluate import evaluate
+
+    results = evaluate(open_registry(), name, task or None, split=split)
+    if as_json:
+        render.emit_json(results)
+    else:
+        render.table(results, [("model", "MODEL"), ("task", "TASK"), ("split", "SPLIT"), ("value", "ACCURACY"),
+                               ("n", "N")])
+
+
+@app.command()
+def gc(older_than: float = typer.Option(7200, "--older-than", metavar="SECONDS",
+                                        help="Only blobs at least this many seconds old."),
+       as_json: bool = JsonOpt, registry: Optional[Path] = RegistryOpt) -> None:
+    """Remove stored blobs nothing uses, such as uploads to `zoo serve` that were never committed."""
+    info = open_registry().collect(older_than=older_than)
+    if as_json:
+        render.emit_json(info)
+    else:
+        print(f"removed {info['blobs_removed']} unused blob(s), {render.human_bytes(info['bytes_freed'])}")
