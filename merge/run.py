@@ -46,20 +46,7 @@ def model_card(name: str, plan: Plan, recipe: dict[str, Any]) -> str:
         *[f"- `{m.ref or m.label}`" for m in plan.models], "",
         "## Recipe", "", "```yaml", body.rstrip(), "```", "",
     ]
-    learned = recipe.get("learned")
-    if learned and learned["objective"] == "parity":
-        start = learned["start"].get("model") or learned["start"]["method"]
-        lines += [f"Levelled by parity distillation from `{start}` ({learned['rounds']} round(s), "
-                  f"{learned['steps']} steps, training {', '.join(learned['train'])}; the merge after round "
-                  f"{learned['kept_round']} kept): label-free, each expert "
-                  f"labelled its own task's unlabeled `{learned['split']}` inputs and the merge trained only where "
-                  f"the expert was reliable (confidence ≥ {learned['tau']}, the same label on a second view) and "
-                  "the merge disagreed.", ""]
-    elif learned:
-        kind = ("supervised: cross-entropy on labelled data" if learned.get("supervised")
-                else "label-free: prediction entropy on unlabeled inputs")
-        lines += [f"Learned by running the model ({learned['steps']} steps) with objective "
-                  f"`{learned['objective']}` ({kind}, split `{learned['split']}`).", ""]
+    lines += plan.method.card_lines(recipe.get("learned"))
     if plan.heads and any(plan.heads.values()):
         lines += ["Each expert's task head is kept unmerged in `task_heads.safetensors`.", ""]
     return card.render(front, name, lines)
@@ -73,11 +60,11 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
 
     With ``out`` (a name) the result is registered in ``registry`` as a ``merged``
     model with its lineage; with ``out_dir`` it is written to that folder. Either way
-    it appears only when complete. Learned methods (``adamerging``, ``concrete_*``)
-    first run the model on each task's data; ``report(step, steps, loss, steps/s)``
-    follows them and ``log`` gets their notices (parity: a task with an empty parity
-    set). A parity merge's per-round table comes back under ``parity``, and its final
-    values are recorded as the model's metrics.
+    it appears only when complete. Learned methods (``adamerging``, ``concrete_*``,
+    ``parity``) first run the model on each task's data; ``report(step, steps, loss,
+    steps/s)`` follows them and ``log`` gets their notices (parity: a task with an empty
+    parity set). A parity merge's per-round table comes back under ``parity``, and the
+    method's measured values (``method.metrics``) are recorded as the model's metrics.
     """
     out_dir = check_destination(out, out_dir, registry, shard_bytes)
     plan = make_plan(recipe, registry)
@@ -91,12 +78,7 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
         learned = result.merged
         recipe_d["learned"] = {**used, "coefficients": result.coefficients,
                                "final_loss": result.history[-1]["loss"] if result.history else None}
-        if used.get("objective") == "parity":  # pin the start and the teachers at their versions
-            if used["start"].get("model"):
-                recipe_d["parameters"]["start"] = used["start"]["model"]
-            for spec, teacher in zip(recipe_d["models"], used["teachers"]):
-                if (spec.get("parameters") or {}).get("teacher"):
-                    spec["parameters"] = {**spec["parameters"], "teacher": teacher}
+        plan.method.pin(recipe_d, used)  # e.g. parity: the start and the teachers at their versions
     if out is not None:
         folder = registry.store.temp_path(".merge")
         folder.mkdir(parents=True)
@@ -121,13 +103,13 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
         if out is not None:
             parents = ([("base", plan.base.ref)] if plan.base is not None and plan.base.ref else []) + \
                       [("expert", m.ref) for m in plan.models if m.ref]
-            parents += lineage_extras(recipe_d.get("learned"), registry, parents)
+            parents += plan.method.lineage_parents(recipe_d.get("learned"), registry, parents)
             tasks = sorted({t for m in plan.models for t in m.tasks})
             info = registry.add(folder, out, "merged", base=plan.base.ref if plan.base is not None else None,
                                 parents=parents, recipe=recipe_d, tasks=tasks, adopt=digests, check_base=False,
                                 head_patterns=tuple(plan.recipe.heads), artifacts=artifacts or None,
                                 metadata={"heads": {str(k): v for k, v in plan.heads.items() if v}},
-                                metrics=[x for x in parity_metrics(recipe_d.get("learned")) if x["task"] in tasks])
+                                metrics=[x for x in plan.method.metrics(recipe_d.get("learned")) if x["task"] in tasks])
             if learned is not None and result.rounds:
                 info["parity"] = result.rounds
             return info
@@ -144,31 +126,3 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
         shutil.rmtree(folder, ignore_errors=True)
         mask_tmp.unlink(missing_ok=True)
         offsets_tmp.unlink(missing_ok=True)
-
-
-def lineage_extras(learned: dict[str, Any] | None, registry: "Registry",
-                   parents: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """A parity merge's start and its registered teachers that are not already parents."""
-    if not learned or learned.get("objective") != "parity":
-        return []
-    have = {ref for _, ref in parents}
-    out = [("start", learned["start"]["model"])] if learned["start"].get("model") else []
-    out += [("teacher", t) for t in dict.fromkeys(learned["teachers"]) if t not in have and registry.has(t)]
-    return out
-
-
-def parity_metrics(learned: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """A parity merge's kept round, per task, as registry metrics: the parity set's
-    size and the disagreement with the expert on the pool, and accuracy on the
-    measured split."""
-    if not learned or learned.get("objective") != "parity" or not learned.get("table"):
-        return []
-    out = []
-    for row in (r for r in learned["table"] if r["kept"]):
-        pool = {"task": row["task"], "split": learned["split"], "dataset": f"zoo-task:{row['task']}"}
-        out += [{**pool, "metric": "parity_set", "value": row["parity"]},
-                {**pool, "metric": "disagreement", "value": row["disagreement"]}]
-        if row["accuracy"] is not None:
-            out.append({"task": row["task"], "split": learned["eval_split"], "dataset": f"zoo-task:{row['task']}",
-                        "metric": "accuracy", "value": row["accuracy"]})
-    return out

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import zoo.merge as merge
 from conftest import db_dump, expert_family, llama, lora_adapter, store_listing, vit
-from zoo.merge.methods import merge_state_dicts
+from zoo.merge.state_dicts import merge_state_dicts
 from zoo import open_checkpoint
 from zoo.errors import AlreadyExists, IncompatibleModels, NotFound, ZooError
 
