@@ -96,8 +96,8 @@ def learn_merge(module: nn.Module, base: dict[str, torch.Tensor], experts: list[
     """
     m = get_method(method)
     if not isinstance(m, LearnedMethod) or type(m).fit is LearnedMethod.fit:  # parity: see learned.distill
-        raise ZooError(f"{method} is not a learned merge over coefficients and masks; use adamerging, concrete_ta "
-                       "or concrete_adamerging")
+        raise ZooError(f"learn_merge runs adamerging, concrete_ta or concrete_adamerging, not {method} "
+                       "(parity distillation: zoo.merge.learned.distill)")
     validate_params(m, settings, [])
     device = torch.device(device)
     s = m.settings(settings, seed=seed, autocast=autocast)
