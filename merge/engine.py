@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from zoo.checkpoints.reader import DTYPE_SIZES, HEADS_FILE
 from zoo.errors import ZooError
 from zoo.memory import keep_freed_memory
 from zoo.checkpoints.readahead import read_ahead
-from zoo.progress import ProgressFactory, no_progress
+from zoo.progress import Advance, ProgressFactory, ignore, no_progress
 
 from zoo.merge.methods import TensorContext, slices
 from zoo.merge.plan import Plan, read_input
@@ -60,7 +61,8 @@ def execute(plan: Plan, folder: Path, *, device: str = "auto", shard_bytes: int 
     of ``chunk_elems`` so memory stays small whatever the tensor size. A method that
     needs statistics over the whole model (TIES with ``trim: global``) first gets its
     own streaming passes over every merged tensor. ``progress`` gets a bar for those
-    passes and one for the merge, in bytes and tensors. Returns the sha256 of every
+    passes and one for the merge, in bytes and tensors; the merge bar also moves through
+    a streamed tensor's own statistics passes (TIES' thresholds). Returns the sha256 of every
     file written, keyed by its name in the folder. ``merged`` gives merged tensors
     already computed (a learned merge's), written in place of the method's.
     """
@@ -79,7 +81,8 @@ def execute(plan: Plan, folder: Path, *, device: str = "auto", shard_bytes: int 
             elif merged is not None:
                 writer.put(tensor_bytes(merged[name].to(TORCH_DTYPES[step.out.dtype])))
             elif _streamable(plan, name):
-                bufs = _merge_chunked(plan, step.out, dev, writer, chunk, bufs, model_stats)
+                bufs = _merge_chunked(plan, step.out, dev, writer, chunk, bufs, model_stats, advance)
+                continue  # the tensor's bytes were reported as its passes went
             else:
                 _merge_whole(plan, step.out, dev, writer, model_stats)
             advance(step.out.nbytes, 1)
@@ -241,8 +244,10 @@ def _inputs(plan: Plan, name: str) -> "tuple[list, list[str | None]]":
 
 
 def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardWriter, chunk: int,
-                   bufs: "_Buffers | None" = None, model_stats: dict | None = None) -> "_Buffers":
-    """Merge one tensor piece by piece; returns the buffers for the next tensor to reuse."""
+                   bufs: "_Buffers | None" = None, model_stats: dict | None = None,
+                   advance: Advance = ignore) -> "_Buffers":
+    """Merge one tensor piece by piece; returns the buffers for the next tensor to reuse.
+    ``advance`` gets the tensor's bytes as its statistics passes and its merge pass go."""
     name = out.name
     numel = math.prod(out.shape)
     params, options = plan.model_params(name), plan.options(name)
@@ -253,12 +258,14 @@ def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardW
     # a tensor held whole becomes task vectors once, for every pass and the merge
     deltas = whole and plan.method.accepts_deltas and plan.base is not None
     pieces, bufs, held = _pieces(plan, name, dev, chunk, bufs, whole, deltas)
+    streamed_passes = collector is not None and held is None
+    meter = _Meter(advance, out.nbytes, numel, lambda: 1 + (collector.passes if streamed_passes else 0))
     stats = model_stats
     if held is not None:
         stats = collector.gather_whole(*held, deltas, chunk)
     elif collector is not None:
         collector.use_sample(*_sample(plan, name, dev))
-        stats = collector.gather(pieces, deltas)
+        stats = collector.gather(meter.metered(pieces), deltas)
     ctx = TensorContext(name, plan.recipe.seed, stats, scratch=True, deltas=deltas)
     out_dtype = TORCH_DTYPES[out.dtype]
     with _single_thread(dev.type == "cpu" and not whole):
@@ -266,7 +273,41 @@ def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardW
             merged = plan.method.merge(b, xs, params, options, ctx)
             for data in bufs.output(merged, out_dtype):
                 writer.put(data)
+            meter.walked(xs[0].numel())
+    meter.finish()
     return bufs
+
+
+class _Meter:
+    """One streamed tensor's share of the merge bar (its bytes), spread over its walks:
+    each statistics pass (TIES' thresholds: one to three) and the merge pass, so the bar
+    moves while a large tensor is scanned. The walks are counted as they are planned
+    (``walks()``; a pass added late only slows the bar), and ``finish`` reports the
+    rest, so the tensor's total is exact."""
+
+    def __init__(self, advance: Advance, nbytes: int, numel: int, walks: Callable[[], int]):
+        self.advance, self.nbytes, self.numel, self.walks = advance, nbytes, max(1, numel), walks
+        self.elements = 0
+        self.reported = 0
+
+    def walked(self, n: int) -> None:
+        self.elements += n
+        due = min(self.nbytes, self.nbytes * self.elements // (self.walks() * self.numel))
+        if due > self.reported:
+            self.advance(due - self.reported)
+            self.reported = due
+
+    def metered(self, pieces: Callable[[], Iterable]) -> Callable[[], Iterator]:
+        """``pieces`` counting each piece once the consumer is done with it."""
+        def walk() -> Iterator:
+            for piece in pieces():
+                yield piece
+                self.walked(piece[1][0].numel())
+        return walk
+
+    def finish(self) -> None:
+        self.advance(self.nbytes - self.reported, 1)
+        self.reported = self.nbytes
 
 
 

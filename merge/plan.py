@@ -7,16 +7,15 @@ refused before the merge starts.
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from zoo.checkpoints.reader import Checkpoint
-from zoo.registry.resolve import open_model
 from zoo.checkpoints.compat import compare, is_head
-from zoo.errors import IncompatibleModels, ZooError
+from zoo.checkpoints.lora import LoraPair, read_adapter
+from zoo.checkpoints.reader import Checkpoint
 from zoo.checkpoints.writer import OutTensor
+from zoo.errors import IncompatibleModels, ZooError
+from zoo.registry.resolve import open_model
 
 from zoo.merge.methods import MergeMethod, get_method
 from zoo.merge.recipe import Recipe, resolve
@@ -31,17 +30,6 @@ FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 
 
 @dataclass
-class Lora:
-    """One LoRA pair of an adapter: delta = scale * B @ A for the base weight ``target``."""
-
-    a: str
-    b: str
-    scale: float
-    transpose: bool = False  # fan_in_fan_out layers (GPT-2 Conv1D)
-    embedding: bool = False
-
-
-@dataclass
 class Input:
     """A model going into the merge: where it came from and how to read it."""
 
@@ -50,7 +38,7 @@ class Input:
     ckpt: Checkpoint
     tasks: list[str] = field(default_factory=list)
     base_ref: str | None = None  # the base it was registered with
-    lora: dict[str, Lora] = field(default_factory=dict)  # base tensor name -> pair
+    lora: dict[str, LoraPair] = field(default_factory=dict)  # base tensor name -> pair
     overrides: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter tensor
 
     @property
@@ -87,36 +75,14 @@ def _open_input(label: str, registry: "Registry | None") -> Input:
     return Input(label, info["ref"], ckpt, tasks=info["tasks"], base_ref=info["base"])
 
 
-def _lora_pairs(adapter: Input, base: Checkpoint) -> None:
-    cfg = adapter.ckpt.config or {}
-    r = cfg.get("r", 8)
-    alpha = cfg.get("lora_alpha", r)
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-    rs = bool(cfg.get("use_rslora"))
-    fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
-    pairs: dict[str, dict[str, str]] = {}
-    for name in adapter.ckpt.tensors:
-        key = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
-        m = re.match(r"^(.*)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$", key) or \
-            re.match(r"^(.*)\.(lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?$", key)
-        if m:
-            pairs.setdefault(m.group(1), {})[m.group(2)] = name
-        else:
-            adapter.overrides[re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)] = name
-    for module, p in pairs.items():
-        target = module + ".weight"
-        if target not in base.tensors:
-            raise IncompatibleModels(f"{adapter.label}: adapter targets {module}, which the base does not have")
-        rank = next((v for k, v in rank_pattern.items() if module.endswith(k)), r)
-        a = next((v for k, v in alpha_pattern.items() if module.endswith(k)), alpha)
-        scale = a / math.sqrt(rank) if rs else a / rank
-        if "lora_A" in p and "lora_B" in p:
-            adapter.lora[target] = Lora(p["lora_A"], p["lora_B"], scale, transpose=fan_in_fan_out)
-        elif "lora_embedding_A" in p and "lora_embedding_B" in p:
-            adapter.lora[target] = Lora(p["lora_embedding_A"], p["lora_embedding_B"], scale, embedding=True)
-        else:
-            raise IncompatibleModels(f"{adapter.label}: {module} has only half of its LoRA pair")
+def _check_adapter(adapter: Input, base: Checkpoint, base_label: str, patterns: tuple[str, ...]) -> None:
+    """Check an adapter against the base it adapts (the compatibility check's adapter
+    rules) and read its LoRA pairs and saved tensors into ``adapter``."""
+    report = compare(adapter.ckpt, base, adapter.label, base_label, patterns)
+    if not report.ok:
+        raise IncompatibleModels(report.one_line())
+    parsed = read_adapter(adapter.ckpt)
+    adapter.lora, adapter.overrides = parsed.pairs, parsed.saved
 
 
 def make_plan(recipe: Recipe, registry: "Registry | None" = None) -> Plan:
@@ -138,7 +104,7 @@ def make_plan(recipe: Recipe, registry: "Registry | None" = None) -> Plan:
     patterns = tuple(recipe.heads)
     for i, m in enumerate(models):
         if m.is_adapter:
-            _lora_pairs(m, ref)
+            _check_adapter(m, ref, recipe.base_model or recipe.models[0].model, patterns)
             heads[i] = sorted(n for n in m.overrides if is_head(n, patterns))
             continue
         arch_m, arch_b = m.ckpt.architecture(), ref.architecture()
@@ -159,7 +125,7 @@ def make_plan(recipe: Recipe, registry: "Registry | None" = None) -> Plan:
 
 
 def read_input(inp: Input, name: str, base_tensor: "torch.Tensor | None") -> "torch.Tensor":
-    """One model's value of a tensor; for an adapter, base + scale * B @ A."""
+    """One model's value of a tensor; for an adapter, base + scale * B @ A (``LoraPair.delta``)."""
     if not inp.is_adapter:
         return inp.ckpt.read_tensor(name)
     if name in inp.overrides:
@@ -170,11 +136,7 @@ def read_input(inp: Input, name: str, base_tensor: "torch.Tensor | None") -> "to
         return base_tensor
     import torch
 
-    a = inp.ckpt.read_tensor(pair.a).to(torch.float32)
-    b = inp.ckpt.read_tensor(pair.b).to(torch.float32)
-    delta = (b @ a) * pair.scale
-    if pair.embedding or pair.transpose:
-        delta = delta.T
-    assert base_tensor is not None
+    assert pair.a is not None and pair.b is not None and base_tensor is not None
+    delta = pair.delta(inp.ckpt.read_tensor(pair.a), inp.ckpt.read_tensor(pair.b))
     # float32, not the base's dtype: rounding back to bf16 would lose most of a small delta
     return base_tensor.to(torch.float32) + delta.reshape(base_tensor.shape)

@@ -18,7 +18,7 @@ from typing import Any
 from zoo.checkpoints.compat import DEFAULT_HEAD_PATTERNS
 from zoo.errors import ZooError
 
-from zoo.merge.methods import get_method, validate_params
+from zoo.merge.methods import check_count, get_method, validate_params
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 UNSUPPORTED = ("slices", "modules", "tokenizer", "chat_template")
@@ -58,11 +58,7 @@ class Recipe:
             raise ZooError(f"{self.merge_method} needs a base model (base_model / --base)")
         if not self.models:
             raise ZooError("the recipe names no models to merge")
-        n = len(self.models)
-        if n < method.min_models:
-            raise ZooError(f"{method.name} needs at least {method.min_models} model(s) besides the base, got {n}")
-        if method.max_models is not None and n > method.max_models:
-            raise ZooError(f"{method.name} takes at most {method.max_models} model(s) besides the base, got {n}")
+        check_count(method, len(self.models))
         validate_params(method, _all_values(self.parameters, "parameters"),
                         [_all_values(m.parameters, f"parameters of {m.model}") for m in self.models])
         # Conditionals: check every value they can take.

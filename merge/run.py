@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -10,13 +9,13 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from zoo.registry import card
-from zoo.registry.records import Measurement, NewModel
+from zoo.registry.records import NewModel
 from zoo.progress import no_progress
 
 from zoo.merge import engine
 from zoo.merge.plan import Plan, make_plan
 from zoo.merge.recipe import Recipe
-from zoo.registry.destination import check_destination, temp_folder
+from zoo.registry.destination import Destination
 from zoo.checkpoints.writer import copy_sidecars, write_file
 
 if TYPE_CHECKING:
@@ -47,20 +46,7 @@ def model_card(name: str, plan: Plan, recipe: dict[str, Any]) -> str:
         *[f"- `{m.ref or m.label}`" for m in plan.models], "",
         "## Recipe", "", "```yaml", body.rstrip(), "```", "",
     ]
-    learned = recipe.get("learned")
-    if learned and learned["objective"] == "parity":
-        start = learned["start"].get("model") or learned["start"]["method"]
-        lines += [f"Levelled by parity distillation from `{start}` ({learned['rounds']} round(s), "
-                  f"{learned['steps']} steps, training {', '.join(learned['train'])}; the merge after round "
-                  f"{learned['kept_round']} kept): label-free, each expert "
-                  f"labelled its own task's unlabeled `{learned['split']}` inputs and the merge trained only where "
-                  f"the expert was reliable (confidence ≥ {learned['tau']}, the same label on a second view) and "
-                  "the merge disagreed.", ""]
-    elif learned:
-        kind = ("supervised: cross-entropy on labelled data" if learned.get("supervised")
-                else "label-free: prediction entropy on unlabeled inputs")
-        lines += [f"Learned by running the model ({learned['steps']} steps) with objective "
-                  f"`{learned['objective']}` ({kind}, split `{learned['split']}`).", ""]
+    lines += plan.method.card_lines(recipe.get("learned"))
     if plan.heads and any(plan.heads.values()):
         lines += ["Each expert's task head is kept unmerged in `task_heads.safetensors`.", ""]
     return card.render(front, name, lines)
@@ -74,15 +60,15 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
 
     With ``out`` (a name) the result is registered in ``registry`` as a ``merged``
     model with its lineage; with ``out_dir`` it is written to that folder. Either way
-    it appears only when complete. Learned methods (``adamerging``, ``concrete_*``)
-    first run the model on each task's data; ``report(step, steps, loss, steps/s)``
-    follows them and ``log`` gets their notices (parity: a task with an empty parity
-    set). A parity merge's per-round table comes back under ``parity``, and its final
-    values are recorded as the model's metrics.
+    it appears only when complete. Learned methods (``adamerging``, ``concrete_*``,
+    ``parity``) first run the model on each task's data; ``report(step, steps, loss,
+    steps/s)`` follows them and ``log`` gets their notices (parity: a task with an empty
+    parity set). A parity merge's per-round table comes back under ``parity``, and the
+    method's measured values (``method.metrics``) are recorded as the model's metrics.
     """
-    out_dir = check_destination(out, out_dir, registry, shard_bytes)
+    dest = Destination.check(out, out_dir, registry, shard_bytes)
     plan = make_plan(recipe, registry)
-    name = out or out_dir.name
+    name = dest.label
     recipe_d = resolved_recipe(plan)
     learned, artifacts = None, {}
     if plan.method.learned:
@@ -92,84 +78,49 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
         learned = result.merged
         recipe_d["learned"] = {**used, "coefficients": result.coefficients,
                                "final_loss": result.history[-1]["loss"] if result.history else None}
-        if used.get("objective") == "parity":  # pin the start and the teachers at their versions
-            if used["start"].get("model"):
-                recipe_d["parameters"]["start"] = used["start"]["model"]
-            for spec, teacher in zip(recipe_d["models"], used["teachers"]):
-                if (spec.get("parameters") or {}).get("teacher"):
-                    spec["parameters"] = {**spec["parameters"], "teacher": teacher}
-    if out is not None:
-        folder = registry.store.temp_path(".merge")
-        folder.mkdir(parents=True)
-    else:
-        folder = temp_folder(out_dir.parent, out_dir.name)
-    mask_tmp = folder.with_name(folder.name + ".mask.safetensors")
-    offsets_tmp = folder.with_name(folder.name + ".offsets.safetensors")
-    try:
-        if learned is not None and result.mask_bits is not None:
-            from zoo.merge.learned.merger import save_mask
+        plan.method.pin(recipe_d, used)  # e.g. parity: the start and the teachers at their versions
+    with dest.workspace(".merge") as folder:
+        mask_tmp = folder.with_name(folder.name + ".mask.safetensors")
+        offsets_tmp = folder.with_name(folder.name + ".offsets.safetensors")
+        try:
+            if learned is not None and result.mask_bits is not None:
+                from zoo.merge.learned.merger import save_mask
 
-            artifacts["mask"] = save_mask(result.mask_bits, result.mask_logits or {}, mask_tmp)
-        if learned is not None and result.offsets:
-            from safetensors.torch import save_file
+                artifacts["mask"] = save_mask(result.mask_bits, result.mask_logits or {}, mask_tmp)
+            if learned is not None and result.offsets:
+                from safetensors.torch import save_file
 
-            save_file({n: t.contiguous() for n, t in result.offsets.items()}, str(offsets_tmp))
-            artifacts["offsets"] = offsets_tmp
-        digests = engine.execute(plan, folder, device=device, shard_bytes=shard_bytes,
-                                 progress=progress or no_progress, label=name, merged=learned)
-        digests.update(copy_sidecars((plan.base if plan.base is not None else plan.models[0]).ckpt, folder))
-        digests["README.md"] = write_file(folder / "README.md", model_card(name, plan, recipe_d).encode())
-        if out is not None:
-            parents = ([("base", plan.base.ref)] if plan.base is not None and plan.base.ref else []) + \
-                      [("expert", m.ref) for m in plan.models if m.ref]
-            parents += lineage_extras(recipe_d.get("learned"), registry, parents)
-            tasks = sorted({t for m in plan.models for t in m.tasks})
-            info = registry.register(NewModel(
-                folder, out, "merged", digests, base=plan.base.ref if plan.base is not None else None,
-                parents=parents, recipe=recipe_d, tasks=tasks, head_patterns=tuple(plan.recipe.heads),
-                artifacts=artifacts, metadata={"heads": {str(k): v for k, v in plan.heads.items() if v}},
-                metrics=[Measurement(**x) for x in parity_metrics(recipe_d.get("learned")) if x["task"] in tasks]))
+                save_file({n: t.contiguous() for n, t in result.offsets.items()}, str(offsets_tmp))
+                artifacts["offsets"] = offsets_tmp
+            digests = engine.execute(plan, folder, device=device, shard_bytes=shard_bytes,
+                                     progress=progress or no_progress, label=name, merged=learned)
+            digests.update(copy_sidecars((plan.base if plan.base is not None else plan.models[0]).ckpt, folder))
+            digests["README.md"] = write_file(folder / "README.md", model_card(name, plan, recipe_d).encode())
+            kept = dest.keep(_new_model(folder, name, digests, plan, recipe_d, artifacts, registry))
+            if not dest.registers:
+                kept["files"] = sorted(digests)
+                for key, tmp in artifacts.items():  # no registry to hold the lineage: artifacts go beside it
+                    beside = dest.path.with_name(f"{dest.path.name}.{key}.safetensors")
+                    Path(tmp).rename(beside)
+                    kept[key] = str(beside)
             if learned is not None and result.rounds:
-                info["parity"] = result.rounds
-            return info
-        folder.rename(out_dir)
-        written: dict[str, Any] = {"path": str(out_dir), "files": sorted(digests)}
-        for key, tmp in artifacts.items():  # no registry to hold the lineage: artifacts go beside the folder
-            dest = out_dir.with_name(f"{out_dir.name}.{key}.safetensors")
-            Path(tmp).rename(dest)
-            written[key] = str(dest)
-        if learned is not None and result.rounds:
-            written["parity"] = result.rounds
-        return written
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        mask_tmp.unlink(missing_ok=True)
-        offsets_tmp.unlink(missing_ok=True)
+                kept["parity"] = result.rounds
+            return kept
+        finally:
+            mask_tmp.unlink(missing_ok=True)
+            offsets_tmp.unlink(missing_ok=True)
 
 
-def lineage_extras(learned: dict[str, Any] | None, registry: "Registry",
-                   parents: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """A parity merge's start and its registered teachers that are not already parents."""
-    if not learned or learned.get("objective") != "parity":
-        return []
-    have = {ref for _, ref in parents}
-    out = [("start", learned["start"]["model"])] if learned["start"].get("model") else []
-    out += [("teacher", t) for t in dict.fromkeys(learned["teachers"]) if t not in have and registry.has(t)]
-    return out
-
-
-def parity_metrics(learned: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """A parity merge's kept round, per task, as registry metrics: the parity set's
-    size and the disagreement with the expert on the pool, and accuracy on the
-    measured split."""
-    if not learned or learned.get("objective") != "parity" or not learned.get("table"):
-        return []
-    out = []
-    for row in (r for r in learned["table"] if r["kept"]):
-        pool = {"task": row["task"], "split": learned["split"], "dataset": f"zoo-task:{row['task']}"}
-        out += [{**pool, "metric": "parity_set", "value": row["parity"]},
-                {**pool, "metric": "disagreement", "value": row["disagreement"]}]
-        if row["accuracy"] is not None:
-            out.append({"task": row["task"], "split": learned["eval_split"], "dataset": f"zoo-task:{row['task']}",
-                        "metric": "accuracy", "value": row["accuracy"]})
-    return out
+def _new_model(folder: Path, name: str, digests: dict[str, str], plan: Plan, recipe_d: dict[str, Any],
+               artifacts: dict[str, Path], registry: "Registry | None") -> NewModel:
+    """The merge as the registry takes it: its parents, recipe, tasks, kept heads, and
+    what a learned method measured (only read when the merge is registered)."""
+    parents = ([("base", plan.base.ref)] if plan.base is not None and plan.base.ref else []) + \
+              [("expert", m.ref) for m in plan.models if m.ref]
+    if registry is not None:
+        parents += plan.method.lineage_parents(recipe_d.get("learned"), registry, parents)
+    tasks = sorted({t for m in plan.models for t in m.tasks})
+    return NewModel(folder, name, "merged", digests, base=plan.base.ref if plan.base is not None else None,
+                    parents=parents, recipe=recipe_d, tasks=tasks, head_patterns=tuple(plan.recipe.heads),
+                    artifacts=artifacts, metadata={"heads": {str(k): v for k, v in plan.heads.items() if v}},
+                    metrics=[m for m in plan.method.metrics(recipe_d.get("learned")) if m.task in tasks])

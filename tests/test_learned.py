@@ -14,7 +14,8 @@ from conftest import LABELS, vit
 from zoo.merge.learned import objectives, train
 from zoo.merge.learned.merger import Merger, load_mask, rescale
 from zoo.merge.learned.pipeline import learn_from_plan
-from zoo.merge.methods import merge_state_dicts
+from zoo.merge.methods import get_method
+from zoo.merge.state_dicts import merge_state_dicts
 from zoo.merge.plan import make_plan
 from zoo import open_checkpoint
 from zoo.errors import IncompatibleModels, ZooError
@@ -231,7 +232,8 @@ def test_nan_loss_stops_with_the_step_and_writes_nothing(registry, tiny):
         return out * float("nan") if calls["n"] > 6 else out  # step 3 goes bad
 
     with pytest.raises(ZooError, match="at step 3"):
-        train.learn(merger, forward, data, train.Settings("adamerging", steps=5, batch_size=2))
+        m = get_method("adamerging")
+        m.fit(merger, forward, data, m.settings({"steps": 5, "batch_size": 2}))
 
 
 def test_temperature_scaling_recovers_the_temperature():
@@ -251,7 +253,7 @@ def test_calibrated_entropy_records_the_temperatures(registry, tiny):
 
 # -- data from files ----------------------------------------------------------------------------
 def test_ties_prestep_keeps_the_entries_that_agree_with_the_elected_sign():
-    from zoo.merge.learned.start import ties_prestep
+    from zoo.merge.methods.adamerging import ties_prestep
 
     base, experts = family()
     tvs = task_vectors(base, experts)
@@ -266,7 +268,7 @@ def test_ties_prestep_keeps_the_entries_that_agree_with_the_elected_sign():
 
 
 def M_trim(t, density):
-    from zoo.merge.methods import trim_magnitude
+    from zoo.merge.methods.sparsify import trim_magnitude
 
     return trim_magnitude(t, density)
 

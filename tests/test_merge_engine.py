@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import zoo.merge as merge
 from conftest import db_dump, expert_family, llama, lora_adapter, store_listing, vit
-from zoo.merge.methods import merge_state_dicts
+from zoo.merge.state_dicts import merge_state_dicts
 from zoo import open_checkpoint
 from zoo.errors import AlreadyExists, IncompatibleModels, NotFound, ZooError
 
@@ -282,3 +282,37 @@ def test_progress_counts_tensors_and_bytes(registry, llama_family):
     assert merging[0] == sum(t.nbytes for t in out.tensors.values())
     (desc, scan), = bars.items()
     assert desc.startswith("scanning m") and scan[0] == scan[2] > 0 and scan[1] == scan[3] > 0
+
+
+def test_merge_bar_moves_during_the_ties_threshold_passes(registry, llama_family, monkeypatch):
+    """A streamed tensor's statistics passes move the merge bar before its merge pass
+    starts; each tensor still reports exactly its bytes, once."""
+    from zoo.merge import engine
+    from zoo.merge.methods.ties import Ties
+
+    monkeypatch.setattr(engine, "CHUNK_ELEMS", 256)
+    monkeypatch.setattr(engine, "STATS_WHOLE_ELEMS", 0)  # every tensor streamed, its passes too
+    events: list[tuple] = []
+
+    def factory(desc, total, total_items=0):
+        def advance(n, items=0):
+            events.append(("bar", desc, n, items))
+        return advance
+
+    merge_piece = Ties.merge
+
+    def recording(self, *args):
+        events.append(("merge",))
+        return merge_piece(self, *args)
+
+    monkeypatch.setattr(Ties, "merge", recording)
+    recipe = merge.from_dict({"merge_method": "ties", "base_model": "base",
+                              "models": [{"model": f"e{i}", "parameters": {"density": 0.2}} for i in range(3)]})
+    info = merge.run(recipe, "m", registry=registry, progress=factory)
+    first_merge = events.index(("merge",))
+    before = [e for e in events[:first_merge] if e[0] == "bar"]
+    assert before and all(e[1] == "merging m" and e[3] == 0 for e in before) and sum(e[2] for e in before) > 0
+    out = registry.checkpoint(info["ref"])
+    bars = [e for e in events if e[0] == "bar"]
+    assert sum(e[2] for e in bars) == sum(t.nbytes for t in out.tensors.values())
+    assert sum(e[3] for e in bars) == len(out.tensors)

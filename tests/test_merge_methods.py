@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 from zoo.merge import methods as M
+from zoo.merge import state_dicts as S
+from zoo.merge.methods import select
+from zoo.merge.methods.ties import TrimThresholds
 from zoo.errors import ZooError
 
 
@@ -25,7 +29,7 @@ def family():
 
 def test_task_arithmetic_formula(family):
     base, experts = family
-    out = M.task_arithmetic(base, experts, weight=0.3)
+    out = S.task_arithmetic(base, experts, weight=0.3)
     for k in base:
         expect = base[k] + 0.3 * sum(e[k] - base[k] for e in experts)
         torch.testing.assert_close(out[k], expect, rtol=0, atol=1e-6)
@@ -33,17 +37,17 @@ def test_task_arithmetic_formula(family):
 
 def test_task_arithmetic_lambda_and_zero_vectors(family):
     base, _ = family
-    out = M.merge_state_dicts("task_arithmetic", base, [dict(base), dict(base)], **{"lambda": 0.7})
+    out = S.merge_state_dicts("task_arithmetic", base, [dict(base), dict(base)], **{"lambda": 0.7})
     for k in base:
         assert torch.equal(out[k], base[k])  # zero task vectors give the base back exactly
 
 
 def test_linear_is_a_weighted_average(family):
     base, experts = family
-    out = M.linear(experts, weights=[1, 2, 3])
+    out = S.linear(experts, weights=[1, 2, 3])
     for k in base:
         torch.testing.assert_close(out[k], (experts[0][k] + 2 * experts[1][k] + 3 * experts[2][k]) / 6)
-    raw = M.merge_state_dicts("linear", None, experts, [{"weight": 0.5}] * 3, normalize=False)
+    raw = S.merge_state_dicts("linear", None, experts, [{"weight": 0.5}] * 3, normalize=False)
     torch.testing.assert_close(raw["b"], 0.5 * sum(e["b"] for e in experts))
 
 
@@ -72,7 +76,7 @@ def reference_ties(base, experts, density, weights, normalize):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_ties_matches_its_definition(family, density, normalize):
     base, experts = family
-    out = M.merge_state_dicts("ties", base, experts, [{"weight": 0.3, "density": density}] * 3, normalize=normalize)
+    out = S.merge_state_dicts("ties", base, experts, [{"weight": 0.3, "density": density}] * 3, normalize=normalize)
     for k in base:
         expect = reference_ties(base[k], [e[k] for e in experts], density, [0.3] * 3, normalize)
         torch.testing.assert_close(out[k], expect, rtol=0, atol=1e-6)
@@ -81,23 +85,23 @@ def test_ties_matches_its_definition(family, density, normalize):
 def test_ties_all_equal_signs_is_the_mean_or_sum():
     base = sd(w=[0.0, 0.0, 0.0])
     experts = [sd(w=[1.0, 2.0, 3.0]), sd(w=[3.0, 2.0, 1.0])]
-    mean = M.merge_state_dicts("ties", base, experts, [{"weight": 1.0, "density": 1.0}] * 2)
+    mean = S.merge_state_dicts("ties", base, experts, [{"weight": 1.0, "density": 1.0}] * 2)
     assert mean["w"].tolist() == [2.0, 2.0, 2.0]
-    total = M.merge_state_dicts("ties", base, experts, [{"weight": 1.0, "density": 1.0}] * 2, normalize=False)
+    total = S.merge_state_dicts("ties", base, experts, [{"weight": 1.0, "density": 1.0}] * 2, normalize=False)
     assert total["w"].tolist() == [4.0, 4.0, 4.0]
 
 
 def test_ties_sign_election_by_mass():
     base = sd(w=[0.0, 0.0])
     experts = [sd(w=[3.0, -1.0]), sd(w=[-1.0, -1.0]), sd(w=[-1.0, 5.0])]
-    out = M.merge_state_dicts("ties", base, experts, [{"weight": 1.0, "density": 1.0}] * 3)
+    out = S.merge_state_dicts("ties", base, experts, [{"weight": 1.0, "density": 1.0}] * 3)
     # entry 0: mass +1 -> keep only +3; entry 1: mass +3 -> keep only +5
     assert out["w"].tolist() == [3.0, 5.0]
 
 
 def test_ties_zero_task_vectors():
     base = sd(w=[1.0, -2.0])
-    out = M.merge_state_dicts("ties", base, [dict(base), dict(base)], [{"weight": 1.0, "density": 0.5}] * 2)
+    out = S.merge_state_dicts("ties", base, [dict(base), dict(base)], [{"weight": 1.0, "density": 0.5}] * 2)
     assert torch.equal(out["w"], base["w"])
 
 
@@ -105,14 +109,14 @@ def test_dare_is_seeded_unbiased_and_rescaled(family):
     base, _ = family
     big_base = {"w": torch.zeros(200, 200)}
     expert = {"w": torch.ones(200, 200)}
-    a = M.merge_state_dicts("dare_linear", big_base, [expert], [{"weight": 1.0, "density": 0.25}], seed=7)
-    b = M.merge_state_dicts("dare_linear", big_base, [expert], [{"weight": 1.0, "density": 0.25}], seed=7)
-    c = M.merge_state_dicts("dare_linear", big_base, [expert], [{"weight": 1.0, "density": 0.25}], seed=8)
+    a = S.merge_state_dicts("dare_linear", big_base, [expert], [{"weight": 1.0, "density": 0.25}], seed=7)
+    b = S.merge_state_dicts("dare_linear", big_base, [expert], [{"weight": 1.0, "density": 0.25}], seed=7)
+    c = S.merge_state_dicts("dare_linear", big_base, [expert], [{"weight": 1.0, "density": 0.25}], seed=8)
     assert torch.equal(a["w"], b["w"]) and not torch.equal(a["w"], c["w"])
     kept = a["w"] != 0
     assert torch.all(a["w"][kept] == 4.0)  # survivors rescaled by 1/density
     assert abs(kept.float().mean().item() - 0.25) < 0.01  # drop probability p = 0.75
-    off = M.merge_state_dicts("dare_linear", big_base, [expert], [{"weight": 1.0, "density": 0.25}], seed=7,
+    off = S.merge_state_dicts("dare_linear", big_base, [expert], [{"weight": 1.0, "density": 0.25}], seed=7,
                               rescale=False)
     assert torch.all(off["w"][off["w"] != 0] == 1.0)
 
@@ -120,14 +124,14 @@ def test_dare_is_seeded_unbiased_and_rescaled(family):
 def test_dare_ties_with_density_one_is_ties(family):
     base, experts = family
     p = [{"weight": 0.3, "density": 1.0}] * 3
-    torch.testing.assert_close(M.merge_state_dicts("dare_ties", base, experts, p),
-                               M.merge_state_dicts("ties", base, experts, p))
+    torch.testing.assert_close(S.merge_state_dicts("dare_ties", base, experts, p),
+                               S.merge_state_dicts("ties", base, experts, p))
 
 
 def test_breadcrumbs_drops_outliers_and_small_entries():
     base = sd(w=[0.0] * 10)
     expert = sd(w=[float(i) for i in range(1, 11)])  # magnitudes 1..10
-    out = M.merge_state_dicts("breadcrumbs", base, [expert], [{"weight": 1.0, "density": 0.5, "gamma": 0.2}])
+    out = S.merge_state_dicts("breadcrumbs", base, [expert], [{"weight": 1.0, "density": 0.5, "gamma": 0.2}])
     # drop the top 2 (9, 10) and the bottom 3 (1, 2, 3): keep 4..8
     assert out["w"].tolist() == [0, 0, 0, 4, 5, 6, 7, 8, 0, 0]
 
@@ -135,19 +139,19 @@ def test_breadcrumbs_drops_outliers_and_small_entries():
 def test_slerp_formula_and_endpoints():
     base = sd(w=[1.0, 0.0])
     other = sd(w=[0.0, 2.0])
-    mid = M.slerp(base, other, t=0.5)["w"]
+    mid = S.slerp(base, other, t=0.5)["w"]
     theta = math.pi / 2
     expect = [math.sin(theta / 2) / math.sin(theta) * 1.0, math.sin(theta / 2) / math.sin(theta) * 2.0]
     torch.testing.assert_close(mid, torch.tensor(expect))
-    assert torch.equal(M.slerp(base, other, t=0.0)["w"], base["w"])
-    torch.testing.assert_close(M.slerp(base, other, t=1.0)["w"], other["w"])
-    colinear = M.slerp(base, sd(w=[3.0, 0.0]), t=0.5)["w"]  # falls back to lerp
+    assert torch.equal(S.slerp(base, other, t=0.0)["w"], base["w"])
+    torch.testing.assert_close(S.slerp(base, other, t=1.0)["w"], other["w"])
+    colinear = S.slerp(base, sd(w=[3.0, 0.0]), t=0.5)["w"]  # falls back to lerp
     torch.testing.assert_close(colinear, torch.tensor([2.0, 0.0]))
 
 
 def test_model_stock_formula(family):
     base, experts = family
-    out = M.model_stock(base, experts)
+    out = S.model_stock(base, experts)
     for k in base:
         offs = [(e[k] - base[k]).reshape(-1) for e in experts]
         cos = [torch.dot(offs[i], offs[j]) / (offs[i].norm() * offs[j].norm()) for i in range(3) for j in range(i + 1, 3)]
@@ -165,11 +169,11 @@ def test_ties_global_trim_uses_one_threshold_per_model(family, normalize):
     names = list(base)
     flat = lambda sd_: torch.cat([sd_[k].reshape(-1) for k in names])  # noqa: E731
     expect = reference_ties(flat(base), [flat(e) for e in experts], 0.2, [0.3] * 3, normalize)
-    out = M.merge_state_dicts("ties", base, experts, [{"weight": 0.3, "density": 0.2}] * 3,
+    out = S.merge_state_dicts("ties", base, experts, [{"weight": 0.3, "density": 0.2}] * 3,
                               normalize=normalize, trim="global")
     torch.testing.assert_close(flat(out), expect, rtol=0, atol=1e-6)
     # and it differs from the per-tensor trim on this family (the test can fail)
-    per_tensor = M.ties(base, experts, density=0.2, weight=0.3, normalize=normalize)
+    per_tensor = S.ties(base, experts, density=0.2, weight=0.3, normalize=normalize)
     assert not torch.equal(flat(per_tensor), flat(out))
 
 
@@ -188,7 +192,7 @@ def test_ties_global_trim_needs_one_density_and_scope_for_the_model():
 def test_heads_and_integer_buffers_are_skipped():
     base = {"w": torch.zeros(2), "head": torch.zeros(10, 2), "ids": torch.arange(3)}
     e = {"w": torch.ones(2), "head": torch.zeros(3, 2), "ids": torch.arange(3)}
-    out = M.task_arithmetic(base, [e])
+    out = S.task_arithmetic(base, [e])
     assert set(out) == {"w"}
 
 
@@ -205,16 +209,16 @@ def test_heads_and_integer_buffers_are_skipped():
 def test_bad_parameters_are_refused(bad, msg):
     base = {"w": torch.zeros(3)}
     with pytest.raises(ZooError, match=msg):
-        M.merge_state_dicts(bad.get("method", "ties"), base, [{"w": torch.ones(3)}],
+        S.merge_state_dicts(bad.get("method", "ties"), base, [{"w": torch.ones(3)}],
                             bad.get("model_params", [{"density": 0.5}]), **bad.get("options", {}))
 
 
 def test_model_counts():
     base = {"w": torch.zeros(3)}
     with pytest.raises(ZooError, match="at most 1"):
-        M.merge_state_dicts("slerp", base, [base, base])
+        S.merge_state_dicts("slerp", base, [base, base])
     with pytest.raises(ZooError, match="at least 2"):
-        M.model_stock(base, [base])
+        S.model_stock(base, [base])
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
@@ -255,8 +259,8 @@ def test_radix_threshold_is_exact(kind):
         a = torch.zeros(n)
         a[:1000] = torch.rand(1000, generator=g)
     for k in (1, 7, n // 5, n // 2, n - 1, n):
-        assert M.kth_largest_abs(a, k) == float(a.abs().sort(descending=True).values[k - 1])
-        sel = M.TopKThreshold(k)  # the streaming two-pass select, in uneven pieces
+        assert select.kth_largest_abs(a, k) == float(a.abs().sort(descending=True).values[k - 1])
+        sel = select.TopKThreshold(k)  # the streaming two-pass select, in uneven pieces
         for p in (0, 1):
             for off in range(0, n, 70_001):
                 sel.update(p, a[off:off + 70_001])
@@ -273,7 +277,7 @@ def test_streamed_trim_thresholds_take_one_pass_with_a_sample_and_stay_exact(sam
     base = torch.randn(n, generator=g)
     xs = [base + 0.01 * torch.randn(n, generator=g) * (i + 1) for i in range(3)]
     densities = [0.2, 0.5, 0.9]
-    col = M._TrimThresholds(n, densities)
+    col = TrimThresholds(n, densities)
     idx = torch.arange(0, n, 7)
     if sample != "none":
         sampled = [x[idx].clone() for x in xs]
@@ -294,7 +298,7 @@ def test_streamed_trim_thresholds_take_one_pass_with_a_sample_and_stay_exact(sam
     assert len(passes) == {"representative": 1, "misleading for one model": 3, "none": 2}[sample]
 
 
-class _CountingSelect(M.TopKThreshold):
+class _CountingSelect(select.TopKThreshold):
     made = 0
 
     def __init__(self, k):
@@ -306,17 +310,65 @@ class _CountingSelect(M.TopKThreshold):
 def test_bracketed_select_is_exact_and_falls_back(monkeypatch, case):
     """One counting pass inside a sampled bracket; where the strided sample does not
     represent the tensor, or the bracket is too wide, the two-pass select answers."""
-    monkeypatch.setattr(M, "TopKThreshold", _CountingSelect)
-    monkeypatch.setattr(M, "SELECT_SLICE", 50_000)  # several counting slices
+    monkeypatch.setattr(select, "TopKThreshold", _CountingSelect)
+    monkeypatch.setattr(select, "SELECT_SLICE", 50_000)  # several counting slices
     _CountingSelect.made = 0
     g = torch.Generator().manual_seed(3)
     n = 400_000
     a = torch.randn(n, generator=g) * 0.01
     if case == "sample misses":
-        a[:: n // M.SELECT_SAMPLE] = 0  # exactly the sampled entries are zero: the bracket is all zeros
+        a[:: n // select.SELECT_SAMPLE] = 0  # exactly the sampled entries are zero: the bracket is all zeros
     if case == "bracket too wide":
-        monkeypatch.setattr(M, "SELECT_MAX_BINS", 16)
+        monkeypatch.setattr(select, "SELECT_MAX_BINS", 16)
     expected_fallback = case != "bracket"
     for k in (999, n // 5, n // 2):  # (near k = 1 or n the sample cannot bracket: tested above)
-        assert M.kth_largest_abs(a, k) == float(a.abs().sort(descending=True).values[k - 1]), k
+        assert select.kth_largest_abs(a, k) == float(a.abs().sort(descending=True).values[k - 1]), k
     assert _CountingSelect.made == (3 if expected_fallback else 0)
+
+
+def test_every_method_documents_itself():
+    """What the CLI help reads: a summary line, a paper, and a documented, checked
+    default for every parameter."""
+    assert list(M.METHODS) == ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "linear",
+                               "slerp", "model_stock", "adamerging", "concrete_ta", "concrete_adamerging", "parity"]
+    for name, m in M.METHODS.items():
+        assert m.name == name and M.get_method(name) is m
+        assert m.summary and "\n" not in m.summary, name
+        assert m.reference and (re.search(r"arXiv \d{4}\.\d{4,5}", m.reference) or "1985" in m.reference), name
+        rows = M.describe(m)
+        assert [(r.scope, r.name) for r in rows] == [("global", k) for k in m.parameters] + \
+            [("per-model", k) for k in m.model_parameters]
+        for r in rows:
+            table = m.parameters if r.scope == "global" else m.model_parameters
+            assert r.doc and r.default == table[r.name].default, (name, r.name)
+            if r.default is not None and table[r.name].check is not None:
+                assert table[r.name].check(r.default) is None, (name, r.name)  # defaults pass their own check
+    assert M.get_method("ties").reference.endswith("arXiv 2306.01708")
+    assert [m.name for m in M.METHODS.values() if m.learned] == ["adamerging", "concrete_ta", "concrete_adamerging",
+                                                                 "parity"]
+    with pytest.raises(ZooError, match="unknown merge method 'nope'; choose one of adamerging"):
+        M.get_method("nope")
+
+
+def test_a_method_is_one_class_in_one_module():
+    """No import cycle: the methods stand on the learned merges' toolbox (merger, loops,
+    start records) and import nothing above them (plan, engine, recipe, run, pipeline);
+    the toolbox imports no method."""
+    import ast
+    from pathlib import Path
+
+    root = Path(M.__file__).parent.parent
+
+    def imports(path: Path) -> set[str]:
+        """What ``path`` imports when it runs (not for type checking)."""
+        tree = ast.parse(path.read_text())
+        tree.body = [n for n in tree.body if not (isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")]
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
+            {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    above = {"zoo.merge.engine", "zoo.merge.plan", "zoo.merge.recipe", "zoo.merge.run", "zoo.merge.state_dicts",
+             "zoo.merge.learned.pipeline", "zoo.merge.learned.rebuild"}
+    for path in (root / "methods").glob("*.py"):
+        assert not imports(path) & above, path.name
+    for name in ("merger", "objectives", "train", "parity", "start", "data", "runtime", "__init__"):
+        assert not [m for m in imports(root / "learned" / f"{name}.py") if m.startswith("zoo.merge.methods")], name

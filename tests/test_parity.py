@@ -13,8 +13,9 @@ import torch.nn.functional as F
 import zoo.merge as merge
 from conftest import LABELS, perturbed_expert
 from zoo.merge.learned.merger import Merger
-from zoo.merge.learned.parity import ParitySettings, TeacherFactory, distill, parity_loss, parity_rule, weak_view
+from zoo.merge.learned.parity import TeacherFactory, distill, parity_loss, parity_rule, weak_view
 from zoo.merge.learned.train import TaskData
+from zoo.merge.methods import get_method
 from zoo import open_checkpoint
 from zoo.errors import ZooError
 from zoo.evaluate import evaluate
@@ -25,6 +26,11 @@ def recipe(start: str = "task_arithmetic", models=None, **params):
     models = models or [{"model": f"e{i}"} for i in range(len(LABELS))]
     return merge.from_dict({"merge_method": "parity", "base_model": "base", "seed": params.pop("seed", 0),
                             "models": models, "parameters": params})
+
+
+def settings(**options):
+    """Distillation settings: the parity method's defaults under ``options``."""
+    return get_method("parity").settings(options)
 
 
 def weights(registry, name):
@@ -62,7 +68,7 @@ def test_parity_rule_on_all_four_cases():
 def test_parity_loss_is_ce_plus_scaled_kl_plus_agreeing_kl():
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
-    s = ParitySettings(kl_weight=0.5, kl_temperature=2.0, agree_weight=0.1)
+    s = settings(kl_weight=0.5, kl_temperature=2.0, agree_weight=0.1)
 
     def kl(p_logits, q_logits):  # KL(p ‖ q), mean over rows
         p = p_logits.softmax(-1)
@@ -71,7 +77,7 @@ def test_parity_loss_is_ce_plus_scaled_kl_plus_agreeing_kl():
     expect = (F.cross_entropy(student[:4], teacher[:4].argmax(-1)) + 0.5 * 4 * kl(teacher[:4] / 2, student[:4] / 2)
               + 0.1 * kl(teacher[4:], student[4:]))
     torch.testing.assert_close(parity_loss(student, teacher, 4, s), expect)
-    plain = ParitySettings(kl_weight=0.0, agree_weight=0.0)
+    plain = settings(kl_weight=0.0, agree_weight=0.0)
     torch.testing.assert_close(parity_loss(student, teacher, 4, plain),
                                F.cross_entropy(student[:4], teacher[:4].argmax(-1)))
 
@@ -126,7 +132,7 @@ def test_teacher_outputs_are_computed_once_and_reused_across_rounds():
         return make
 
     merger = Merger(base, [{k: e[k] - base[k] for k in base} for e in experts], coefficients="layer")
-    s = ParitySettings(tau=0.05, view="noise", rounds=4, steps=3, batch_size=8)
+    s = settings(tau=0.05, view="noise", rounds=4, steps=3, batch_size=8)
     result = distill(merger, forward, [factory(0), factory(1)], data, s)
     assert built == [1, 1]
     assert calls == [2, 2]  # one chunk of 40, and its second view: once, not once per round or step
@@ -140,7 +146,7 @@ def test_empty_parity_set_is_reported_and_skipped():
     merger = Merger(base, tvs, coefficients="layer", init=0.0)
     teachers = [lambda: (lambda b: forward(0, base, b)), lambda: (lambda b: forward(1, experts[1], b))]
     notes = []
-    result = distill(merger, forward, teachers, data, ParitySettings(tau=0.05, view="none", rounds=2, steps=4),
+    result = distill(merger, forward, teachers, data, settings(tau=0.05, view="none", rounds=2, steps=4),
                      log=notes.append)
     assert any("'t0' has an empty parity set" in n for n in notes)
     first = [r for r in result.rounds if r["round"] == 0]
@@ -156,7 +162,7 @@ def test_label_set_mismatch_is_refused():
     teachers = [lambda: (lambda b: forward(0, experts[0], b)), wide]
     with pytest.raises(ZooError, match="task 't1': its teacher predicts 5 labels but the merged model's head "
                                        "for it has 3"):
-        distill(merger, forward, teachers, data, ParitySettings(tau=0.05, view="none"))
+        distill(merger, forward, teachers, data, settings(tau=0.05, view="none"))
 
 
 @pytest.mark.parametrize("tau", [0.0, -0.1, 1.5])
@@ -244,8 +250,8 @@ def test_a_start_with_other_experts_is_refused(registry, tiny):
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("lam", [1.0, 0.5])
 def test_ties_directions_times_weights_are_the_ties_merge(normalize, lam):
-    from zoo.merge.learned.start import ties_directions
-    from zoo.merge.methods import merge_state_dicts
+    from zoo.merge.methods.ties import ties_directions
+    from zoo.merge.state_dicts import merge_state_dicts
 
     g = torch.Generator().manual_seed(4)
     base = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g)}

@@ -48,20 +48,23 @@ CHUNK = 256  # examples per forward when labelling or measuring a whole pool
 
 @dataclass
 class ParitySettings:
-    tau: float = 0.9  # reliability: the expert's confidence at least this
-    view: str = "auto"  # the second weak view: shift | noise | drop | none | auto
-    view_strength: float = 0.1  # noise: std as a fraction of the input's; drop: token fraction
-    rounds: int = 3
-    steps: int = 100  # optimisation steps per round
-    keep: str = "best"  # best: the round with the least disagreement on the pools (label-free); last
-    lr: float = 1e-2
-    batch_size: int = 16  # parity samples per task per step (and as many agreeing ones)
-    train: tuple[str, ...] = ("coefficients",)
-    params: str = r"norm|\.bias$"  # train includes params: which tensors get a trained offset
-    kl_weight: float = 0.0  # T²·KL(expert ‖ merged) at kl_temperature, on parity samples
-    kl_temperature: float = 2.0
-    agree_weight: float = 1.0  # KL(expert ‖ merged) on reliable samples that agree
-    temperature: float = 0.5  # Concrete mask temperature (train includes mask)
+    """A distillation's settings, every one resolved: ``Parity.settings`` fills them from
+    the parity method's parameter table (its one set of defaults) and the recipe."""
+
+    tau: float  # reliability: the expert's confidence at least this
+    view: str  # the second weak view: shift | noise | drop | none | auto
+    view_strength: float  # noise: std as a fraction of the input's; drop: token fraction
+    rounds: int
+    steps: int  # optimisation steps per round
+    keep: str  # best: the round with the least disagreement on the pools (label-free); last
+    lr: float
+    batch_size: int  # parity samples per task per step (and as many agreeing ones)
+    train: tuple[str, ...]  # of TRAINABLE
+    params: str  # train includes params: which tensors get a trained offset
+    kl_weight: float  # T²·KL(expert ‖ merged) at kl_temperature, on parity samples
+    kl_temperature: float
+    agree_weight: float  # KL(expert ‖ merged) on reliable samples that agree
+    temperature: float  # Concrete mask temperature (train includes mask)
     seed: int = 0
     autocast: bool = False  # bf16 forward (CUDA)
     pad_id: int = 0  # the token a dropped token becomes (view drop)

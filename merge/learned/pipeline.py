@@ -1,6 +1,6 @@
 """From a merge plan (registry names or paths) to a learned merge's parameters: read the
-base and task vectors, build the model and each task's head, load each task's data,
-and run the loop in ``train``."""
+base and task vectors, build the model and each task's head, load each task's data and
+each task's teacher, and hand them to the method's ``learn``."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from zoo.checkpoints.taskdata import task_info
 
 from zoo.merge.plan import Plan, read_input
 from zoo.merge.learned.data import from_path, from_registry, from_task_file
-from zoo.merge.learned.merger import Merger
 from zoo.merge.learned.objectives import default_split, supervised
-from zoo.merge.learned.parity import Log, ParitySettings, Teacher, TeacherFactory, distill
+from zoo.merge.learned.parity import Log, Teacher, TeacherFactory
+from zoo.merge.learned.rebuild import resolve_start
 from zoo.merge.learned.runtime import Body, build_body, make_forward
-from zoo.merge.learned.start import resolve_start, ties_prestep
-from zoo.merge.learned.train import Forward, Report, Result, TaskData, calibrated, learn, settings_from
+from zoo.merge.learned.start import Start
+from zoo.merge.learned.train import Forward, Report, Result, TaskData
 
 if TYPE_CHECKING:
     from zoo.registry import Registry
@@ -105,77 +105,63 @@ def _autocast(options: dict[str, Any], device: torch.device) -> bool:
     return on
 
 
+@dataclass
+class PlanInputs:
+    """What a learned method reads from a merge plan: its resolved global parameters,
+    each task's data, the base and task vectors with the runnable model, each task's
+    teacher, and the start a distillation begins from. The method's ``learn`` asks
+    for what it needs, in the order it needs it."""
+
+    plan: Plan
+    registry: "Registry | None"
+    device: torch.device
+    report: Report | None = None
+    log: Log | None = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.plan.options("")
+
+    @property
+    def seed(self) -> int:
+        return self.plan.recipe.seed
+
+    @property
+    def autocast(self) -> bool:
+        """bf16 autocast: precision bf16, or auto on CUDA (a one-line error for bf16 on the CPU)."""
+        return _autocast(self.options, self.device)
+
+    @property
+    def pad_id(self) -> int:
+        """The token id a dropped token becomes: the base's pad token."""
+        assert self.plan.base is not None
+        return int((self.plan.base.ckpt.config or {}).get("pad_token_id") or 0)
+
+    def task_data(self, objective: str, split: str | None) -> list[TaskData]:
+        return task_data(self.plan, self.registry, objective, split)
+
+    def eval_data(self, split: str | None) -> list[TaskData | None]:
+        return eval_data(self.plan, self.registry, split)
+
+    def parts(self) -> Parts:
+        return read_parts(self.plan, self.device)
+
+    def teachers(self, parts: Parts) -> tuple[list[TeacherFactory], list[str]]:
+        return _teachers(self.plan, self.registry, parts, self.device)
+
+    def start(self, spec: str, task_vectors: list[dict[str, torch.Tensor]]) -> Start:
+        """The start ``spec`` names, over these task vectors (``merge.learned.rebuild``)."""
+        plan = self.plan
+        assert plan.base is not None
+        return resolve_start(spec, plan.recipe.to_dict(), [m.ref or m.label for m in plan.models],
+                             plan.base.ref or plan.base.label, self.registry, task_vectors)
+
+
 def learn_from_plan(plan: Plan, registry: "Registry | None", device: torch.device,
                     report: Report | None = None, log: Log | None = None) -> tuple[Result, dict[str, Any]]:
-    """Run the plan's learned merge; returns the result and the settings used."""
-    if plan.recipe.merge_method == "parity":
-        return parity_from_plan(plan, registry, device, report, log)
-    options = plan.options("")
-    s = settings_from(options, plan.recipe.merge_method, plan.recipe.seed)
-    s.autocast = _autocast(options, device)
-    data = task_data(plan, registry, s.objective, options.get("split"))
-    parts = read_parts(plan, device)
-    tvs = parts.task_vectors
-    if options.get("ties"):
-        tvs = ties_prestep(tvs, float(options.get("ties_density", 0.2)))
-    merger = s.merger(parts.base, tvs, device)
-    del tvs
-    parts.task_vectors = []  # the merger holds its own copy
-    forward = parts.forward
-    temps = None
-    if options.get("calibrate"):
-        forward, temps = calibrated(forward, merger, task_data(plan, registry, "ce", options.get("calibration_split")))
-    result = learn(merger, forward, data, s, report)
-    used = {"objective": s.objective, "supervised": supervised(s.objective),
-            "split": options.get("split") or default_split(s.objective),
-            "coefficient_scope": s.coefficients, "steps": result.steps_done, "seconds": round(result.seconds, 3),
-            "tasks": [d.name for d in data], "coefficient_tensors": merger.names}
-    if temps is not None:
-        used["temperatures"] = temps  # fitted on labelled validation data
-        used["calibration_split"] = options.get("calibration_split") or default_split("ce")
-    return result, used
-
-
-def parity_from_plan(plan: Plan, registry: "Registry | None", device: torch.device,
-                     report: Report | None = None, log: Log | None = None) -> tuple[Result, dict[str, Any]]:
-    """Parity distillation: rebuild the start merge, label each task's pool with its
-    teacher, and level the merge round by round (``merge.learned.parity``)."""
-    assert plan.base is not None
-    options = plan.options("")
-    keys = ParitySettings.__dataclass_fields__
-    s = ParitySettings(**{k: v for k, v in options.items() if k in keys and k not in ("train", "seed", "autocast")},
-                       train=tuple(x.strip() for x in str(options.get("train", "coefficients")).split(",")),
-                       seed=plan.recipe.seed, autocast=_autocast(options, device),
-                       pad_id=int((plan.base.ckpt.config or {}).get("pad_token_id") or 0))
-    split = options.get("split") or "train"
-    data = task_data(plan, registry, "entropy", split)
-    evals = eval_data(plan, registry, options.get("eval_split", "test"))
-    parts = read_parts(plan, device)
-    start = resolve_start(options.get("start", "task_arithmetic"), plan.recipe.to_dict(),
-                          [m.ref or m.label for m in plan.models], plan.base.ref or plan.base.label, registry,
-                          parts.task_vectors)
-    mask = start.mask or (options.get("mask", ".*") if "mask" in s.train else None)
-    merger = Merger(parts.base, start.directions, coefficients=options.get("coefficients", "layer"), mask=mask,
-                    temperature=s.temperature, device=device)
-    merger.set_coefficients(start.coefficient_matrix(merger.names))
-    if start.mask_logits:
-        merger.set_logits(start.mask_logits)
-    teachers, sources = _teachers(plan, registry, parts, device)
-    start.directions = []  # the merger holds its own copy
-    result = distill(merger, parts.forward, teachers, data, s, start_bits=start.mask_bits,
-                     start_offsets=start.offsets, eval_data=evals, report=report, log=log)
-    used = {"objective": "parity", "supervised": False, "split": split, "start": start.record,
-            "teachers": sources, "tau": s.tau, "view": s.view, "train": list(s.train),
-            "coefficient_scope": merger.mode, "rounds": s.rounds, "steps": result.steps_done,
-            "seconds": round(result.seconds, 3), "tasks": [d.name for d in data],
-            "eval_split": options.get("eval_split", "test"), "keep": s.keep,
-            "kept_round": next(r["round"] for r in result.rounds if r["kept"]), "table": result.rounds,
-            "coefficient_tensors": merger.names}
-    if mask:
-        used["mask"] = mask
-    if result.offsets:
-        used["offset_tensors"] = sorted(result.offsets)
-    return result, used
+    """Run the plan's learned merge (its method's ``learn``); returns the result and
+    what to record in the lineage."""
+    return plan.method.learn(PlanInputs(plan, registry, device, report, log))
 
 
 def _teachers(plan: Plan, registry: "Registry | None", parts: Parts,

@@ -1,10 +1,11 @@
-"""The optimisation loops of the learned merges: AdaMerging, Concrete task arithmetic
-and Concrete AdaMerging (AdaMerging, arXiv 2310.02575; Concrete subspace learning, arXiv 2312.06173).
+"""What the learned merges' optimisation loops share: task data, seeded batches, the
+summed objective, the step history and the result (each method's loop is its
+``fit``: AdaMerging, arXiv 2310.02575; Concrete subspace learning, arXiv 2312.06173).
 
 Everything here works on tensors and callables, not on files: a ``forward(task, params,
 batch)`` that returns logits, and per-task data. The registry-level pipeline
-(``merge.learned.run``) builds those from checkpoints; research code can pass its own,
-e.g. a CLIP image encoder with zero-shot text heads.
+(``merge.learned.pipeline``) builds those from checkpoints; research code can pass its
+own, e.g. a CLIP image encoder with zero-shot text heads.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from zoo.errors import ZooError
 
-from zoo.merge.learned.merger import MaskSample, Merger, rescale
+from zoo.merge.learned.merger import MaskSample, Merger
 from zoo.merge.learned.objectives import cross_entropy, entropy, supervised
 
 # forward(task index, merged parameters, batch of model inputs) -> logits
@@ -44,34 +45,34 @@ class TaskData:
 
 @dataclass
 class Settings:
-    method: str  # adamerging | concrete_ta | concrete_adamerging
-    objective: str = "entropy"
-    coefficients: str = "layer"  # task | layer (concrete_ta: fixed)
-    steps: int = 500
-    stage2_steps: int = 1000
-    lr: float = 1e-3
-    inner_lr: float = 1.0
-    init: float = 0.3
-    clamp: bool = False
-    mask: str = ".*"
-    temperature: float = 0.5
-    batch_size: int = 16
+    """A learned merge's settings, every one resolved: ``LearnedMethod.settings`` fills
+    them from the method's parameter table (its one set of defaults) and the recipe.
+    A field is None where the method has no such setting."""
+
+    objective: str  # entropy | ce
+    steps: int  # optimisation steps (concrete_adamerging: stage 1)
+    lr: float
+    batch_size: int
+    coefficients: str  # fixed | task | layer
+    init: float  # starting (fixed: the) coefficient
+    clamp: bool | None = None  # clamp coefficients to [0, 1] in the forward
+    mask: str | None = None  # regex of the masked tensors; None: no mask
+    temperature: float | None = None  # Concrete temperature (masked merges)
+    stage2_steps: int | None = None  # concrete_adamerging's stage 2
+    inner_lr: float | None = None  # concrete_adamerging's inner coefficient steps
     seed: int = 0
     autocast: bool = False  # bf16 forward (CUDA)
 
-    def __post_init__(self) -> None:
-        if self.method == "concrete_ta":  # the coefficients stay at init (λ); only the mask learns
-            self.coefficients = "fixed"
-
     @property
     def masked(self) -> bool:
-        return self.method in ("concrete_ta", "concrete_adamerging")
+        return self.mask is not None
 
     def merger(self, base: dict[str, torch.Tensor], task_vectors: list[dict[str, torch.Tensor]],
                device: torch.device | str) -> Merger:
         """The trainable merge these settings describe."""
-        return Merger(base, task_vectors, coefficients=self.coefficients, init=self.init, clamp=self.clamp,
-                      mask=self.mask if self.masked else None, temperature=self.temperature, device=device)
+        extra = {"temperature": self.temperature} if self.temperature is not None else {}
+        return Merger(base, task_vectors, coefficients=self.coefficients, init=self.init, clamp=bool(self.clamp),
+                      mask=self.mask, device=device, **extra)
 
 
 @dataclass
@@ -147,96 +148,55 @@ def _check(loss: torch.Tensor, step: int, what: str) -> float:
     return value
 
 
-def learn(merger: Merger, forward: Forward, data: list[TaskData], s: Settings,
-          report: Report | None = None) -> Result:
-    """Run one learned merge and return its final parameters."""
-    validate(data, s.objective, s.batch_size)
-    if len(data) != merger.n_tasks:
-        raise ZooError(f"{merger.n_tasks} experts but data for {len(data)} tasks")
-    device = merger.base[merger.names[0]].device
-    gen = torch.Generator().manual_seed(s.seed)  # batches
-    noise = torch.Generator(device=device).manual_seed(s.seed)  # mask draws, on the mask's device
-    torch.manual_seed(s.seed)
-    batches = Batches(data, s.batch_size, gen, device)
-    report = report or (lambda *a: None)
-    history: list[dict[str, float]] = []
-    t0 = time.perf_counter()
-    done = 0
+class Loop:
+    """What every learned merge's optimisation loop shares: seeded batches and mask
+    noise, the summed objective over tasks, the step history, and the final merge."""
 
-    def tick(step: int, total: int, loss: float, **extra: float) -> None:
-        nonlocal done
-        done += 1
-        history.append({"step": step, "loss": loss, **extra})
-        report(step, total, loss, done / max(time.perf_counter() - t0, 1e-9))
+    def __init__(self, merger: Merger, forward: Forward, data: list[TaskData], s: Settings,
+                 report: Report | None = None):
+        validate(data, s.objective, s.batch_size)
+        if len(data) != merger.n_tasks:
+            raise ZooError(f"{merger.n_tasks} experts but data for {len(data)} tasks")
+        self.merger, self.forward, self.s = merger, forward, s
+        device = merger.base[merger.names[0]].device
+        gen = torch.Generator().manual_seed(s.seed)  # batches
+        self.noise = torch.Generator(device=device).manual_seed(s.seed)  # mask draws, on the mask's device
+        torch.manual_seed(s.seed)
+        self.batches = Batches(data, s.batch_size, gen, device)
+        self.report = report or (lambda *a: None)
+        self.history: list[dict[str, float]] = []
+        self.t0 = time.perf_counter()
+        self.done = 0
 
-    mask_bits = None
-    if s.method == "adamerging":
-        opt = torch.optim.Adam([merger.weights], lr=s.lr, betas=(0.9, 0.999))
-        for step in range(1, s.steps + 1):
-            loss = _loss(merger.merged(), forward, batches, s.objective, s.autocast)
-            value = _check(loss, step, s.objective)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tick(step, s.steps, value)
-        final_mask: MaskSample | None = None
-    elif s.method == "concrete_ta":
-        opt = torch.optim.Adam([merger.logit_flat], lr=s.lr, betas=(0.9, 0.999))
-        for step in range(1, s.steps + 1):
-            loss = _loss(merger.merged(merger.sample(noise)), forward, batches, s.objective, s.autocast)
-            value = _check(loss, step, s.objective)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tick(step, s.steps, value)
-        mask_bits = merger.draw_bits(noise)
-        final_mask = rescale(mask_bits)
-    elif s.method == "concrete_adamerging":
-        # Stage 1: alternate one inner Adam step on the coefficients (reset to init each
-        # time, state kept) on a detached mask sample, and one Adam step on the mask
-        # logits through the same sample; first order only (Concrete subspace learning, arXiv 2312.06173, as FusionBench runs it).
-        inner = torch.optim.Adam([merger.weights], lr=s.inner_lr, betas=(0.9, 0.999))
-        outer = torch.optim.Adam([merger.logit_flat], lr=s.lr, betas=(0.9, 0.999))
-        total = s.steps + s.stage2_steps
-        for step in range(1, s.steps + 1):
-            merger.reset_coefficients()
-            sample = merger.sample(noise)
-            detached = MaskSample({n: v.detach() for n, v in sample.values.items()})
-            loss_w = _loss(merger.merged(detached), forward, batches, s.objective, s.autocast)
-            _check(loss_w, step, s.objective)
-            inner.zero_grad(set_to_none=True)
-            loss_w.backward()
-            inner.step()
-            loss_m = _loss(merger.merged(sample), forward, batches, s.objective, s.autocast)
-            value = _check(loss_m, step, s.objective)
-            outer.zero_grad(set_to_none=True)
-            merger.weights.grad = None
-            loss_m.backward()
-            outer.step()
-            tick(step, total, value, stage=1)
-        # Stage 2: freeze one mask draw; AdaMerging inside it from the initial coefficients.
-        mask_bits = merger.draw_bits(noise)
-        final_mask = rescale(mask_bits)
-        merger.reset_coefficients()
-        opt = torch.optim.Adam([merger.weights], lr=s.lr, betas=(0.9, 0.999))
-        for step in range(s.steps + 1, total + 1):
-            loss = _loss(merger.merged(final_mask), forward, batches, s.objective, s.autocast)
-            value = _check(loss, step, s.objective)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tick(step, total, value, stage=2)
-    else:
-        raise ZooError(f"unknown learned merge {s.method!r}")
-    seconds = time.perf_counter() - t0
-    with torch.no_grad():
-        merged = {n: t.detach().float().cpu() for n, t in merger.merged(final_mask).items()}
-    for n, t in merged.items():
-        if not torch.isfinite(t).all():
-            raise ZooError(f"the merged tensor {n} has NaN or infinite values; nothing was written")
-    return Result(merged, merger.coefficients_list(), mask_bits and {n: b.cpu() for n, b in mask_bits.items()},
-                  {n: x.cpu() for n, x in merger.logits_dict().items()} if mask_bits else None,
-                  history, seconds, done)
+    def loss(self, params: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, float]:
+        """Σ over tasks of the objective on one batch each, and its value (a one-line
+        error where it is not finite)."""
+        loss = _loss(params, self.forward, self.batches, self.s.objective, self.s.autocast)
+        return loss, _check(loss, step, self.s.objective)
+
+    def tick(self, step: int, total: int, loss: float, **extra: float) -> None:
+        self.done += 1
+        self.history.append({"step": step, "loss": loss, **extra})
+        self.report(step, total, loss, self.done / max(time.perf_counter() - self.t0, 1e-9))
+
+    def result(self, final_mask: MaskSample | None = None,
+               mask_bits: dict[str, torch.Tensor] | None = None) -> Result:
+        """The merge after the loop (with ``final_mask`` applied), checked finite."""
+        seconds = time.perf_counter() - self.t0
+        merger = self.merger
+        with torch.no_grad():
+            merged = {n: t.detach().float().cpu() for n, t in merger.merged(final_mask).items()}
+        for n, t in merged.items():
+            if not torch.isfinite(t).all():
+                raise ZooError(f"the merged tensor {n} has NaN or infinite values; nothing was written")
+        return Result(merged, merger.coefficients_list(), mask_bits and {n: b.cpu() for n, b in mask_bits.items()},
+                      {n: x.cpu() for n, x in merger.logits_dict().items()} if mask_bits else None,
+                      self.history, seconds, self.done)
+
+
+def adam(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
+    """The papers' optimiser: Adam with betas (0.9, 0.999)."""
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> float:
@@ -273,9 +233,3 @@ def calibrated(forward: Forward, merger: Merger, data: list[TaskData]) -> tuple[
     def scaled(task: int, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return forward(task, params, batch) / temps[task]
     return scaled, temps
-
-
-def settings_from(options: dict[str, Any], method: str, seed: int) -> Settings:
-    """Settings from a recipe's resolved global parameters."""
-    keys = Settings.__dataclass_fields__
-    return Settings(method=method, seed=seed, **{k: v for k, v in options.items() if k in keys and k != "method"})

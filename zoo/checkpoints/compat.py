@@ -3,8 +3,8 @@
 Reports, by tensor name, tensors that are missing or extra, shape and dtype
 mismatches, vocabulary size differences, and tied versus untied embeddings.
 Task-specific heads (classifiers) are expected to differ and are reported as such,
-never as errors. LoRA adapters are checked module by module against the base weights
-they would modify.
+never as errors. LoRA adapters (parsed by ``zoo.checkpoints.lora``) are checked module
+by module against the base weights they would modify.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from zoo.checkpoints.lora import base_name, read_adapter
 from zoo.checkpoints.reader import Checkpoint
 
 # Tensors that belong to one task and are never merged. Matches a path component.
 DEFAULT_HEAD_PATTERNS = (r"(^|\.)classifier\.", r"(^|\.)score\.", r"(^|\.)qa_outputs\.")
 OUTPUT_EMBEDDINGS = ("lm_head.weight",)
 INPUT_EMBEDDING_HINTS = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "shared.weight")
-PEFT_PREFIX = "base_model.model."
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 
@@ -145,18 +145,16 @@ def compare(model: Checkpoint, base: Checkpoint, model_name: str = "model", base
 
 def _compare_adapter(adapter: Checkpoint, base: Checkpoint, report: CompatReport,
                      head_patterns: tuple[str, ...]) -> None:
-    """Check every LoRA pair against the base weight it modifies."""
+    """Check every LoRA pair against the base weight it modifies (``zoo.checkpoints.lora``
+    parses the adapter, as the merge planner does)."""
     add = report.findings.append
-    pairs: dict[str, dict[str, Any]] = {}
-    for name, info in adapter.tensors.items():
-        key = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-        m = re.match(r"^(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?\.weight$", key) \
-            or re.match(r"^(.*)\.(lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?$", key)
-        if m:
-            pairs.setdefault(m.group(1), {})[m.group(2)] = info
-            continue
-        # Full tensors saved by modules_to_save: compared like a full checkpoint's.
-        key = re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
+    parsed = read_adapter(adapter)
+    for name in parsed.unsupported:
+        add(Finding(ERROR, "adapter", base_name(name), "a LoRA variant zoo cannot merge (DoRA magnitudes, AdaLoRA "
+                                                       "singular values or LoRA biases); merge it into the model first"))
+    # Full tensors saved by modules_to_save: compared like a full checkpoint's.
+    for key, name in parsed.saved.items():
+        info = adapter.tensors[name]
         b = base.tensors.get(key)
         if b is None:
             add(Finding(INFO if is_head(key, head_patterns) else ERROR,
@@ -165,41 +163,25 @@ def _compare_adapter(adapter: Checkpoint, base: Checkpoint, report: CompatReport
             head = is_head(key, head_patterns)
             add(Finding(INFO if head else ERROR, "head" if head else "shape", key,
                         f"{_fmt(info.shape)} vs base {_fmt(b.shape)}"))
-    for module, parts in sorted(pairs.items()):
-        target = base.tensors.get(module + ".weight")
+    for pair in sorted(parsed.pairs.values(), key=lambda p: p.module):
+        target = base.tensors.get(pair.target)
         if target is None:
-            add(Finding(ERROR, "missing", module + ".weight", "adapter targets a module the base does not have"))
+            add(Finding(ERROR, "missing", pair.target, "adapter targets a module the base does not have"))
             continue
-        if "lora_A" in parts or "lora_B" in parts:
-            a, b = parts.get("lora_A"), parts.get("lora_B")
-            if a is None or b is None:
-                add(Finding(ERROR, "adapter", module, "lora_A or lora_B is missing"))
-                continue
-            out_f, in_f = target.shape[0], prod_rest(target.shape)
-            if a.shape[0] != b.shape[-1] or a.shape[-1] != in_f or b.shape[0] != out_f:
-                add(Finding(ERROR, "adapter", module,
-                            f"B{_fmt(b.shape)}·A{_fmt(a.shape)} does not fit base {_fmt(target.shape)}"))
-        else:
-            a, b = parts.get("lora_embedding_A"), parts.get("lora_embedding_B")
-            if a is None or b is None:
-                add(Finding(ERROR, "adapter", module, "lora_embedding_A or lora_embedding_B is missing"))
-                continue
-            if a.shape[-1] != target.shape[0] or b.shape[0] != target.shape[-1] or a.shape[0] != b.shape[-1]:
-                add(Finding(ERROR, "adapter", module,
-                            f"embedding B{_fmt(b.shape)}·A{_fmt(a.shape)} does not fit base {_fmt(target.shape)}"))
+        parts = "lora_embedding_A or lora_embedding_B" if pair.embedding else "lora_A or lora_B"
+        if not pair.complete:
+            add(Finding(ERROR, "adapter", pair.module, f"{parts} is missing"))
+            continue
+        a, b = adapter.tensors[pair.a].shape, adapter.tensors[pair.b].shape
+        if not pair.fits(a, b, target.shape):
+            what = "embedding " if pair.embedding else ""
+            add(Finding(ERROR, "adapter", pair.module,
+                        f"{what}B{_fmt(b)}·A{_fmt(a)} does not fit base {_fmt(target.shape)}"))
     if adapter.config:
         r = adapter.config.get("r")
-        if not pairs:
+        if not parsed.pairs:
             add(Finding(WARNING, "adapter", None, "adapter has no LoRA weights"))
         elif r is not None:
-            ranks = {p["lora_A"].shape[0] for p in pairs.values() if "lora_A" in p}
+            ranks = {adapter.tensors[p.a].shape[0] for p in parsed.pairs.values() if p.a and not p.embedding}
             if ranks and ranks != {r} and not adapter.config.get("rank_pattern"):
                 add(Finding(WARNING, "adapter", None, f"adapter_config r={r} but weights have rank {sorted(ranks)}"))
-
-
-def prod_rest(shape: tuple[int, ...]) -> int:
-    """Input features of a weight: every dimension after the first (convolutions too)."""
-    n = 1
-    for d in shape[1:]:
-        n *= d
-    return n

@@ -69,7 +69,9 @@ class Destination:
             folder = self.registry.store.temp_path(suffix)
             folder.mkdir(parents=True)
         else:
-            folder = temp_folder(self.path.parent, self.path.name)
+            folder = self.path.parent / f".{self.path.name}.{os.getpid()}.writing"
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
         try:
             yield folder
         finally:
@@ -83,16 +85,3 @@ class Destination:
         new.folder.rename(self.path)
         return {"path": str(self.path)}
 
-
-def temp_folder(parent: Path, name: str) -> Path:
-    """A fresh hidden folder beside the final one, renamed into place when complete."""
-    path = parent / f".{name}.{os.getpid()}.writing"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
-
-
-def check_destination(out: str | None, out_dir: "str | os.PathLike[str] | None", registry: "Registry | None",
-                      shard_bytes: int) -> Path | None:
-    """The folder a new model goes to (None when it is registered as ``out``)."""
-    return Destination.check(out, out_dir, registry, shard_bytes).path

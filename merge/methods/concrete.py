@@ -1,0 +1,97 @@
+"""Concrete subspace learning: a shared Concrete (RelaxedBernoulli) mask over the task
+vectors, learned with fixed coefficients (Concrete TA) or alternating with them and
+then AdaMerging inside the frozen mask (Concrete AdaMerging)."""
+
+from __future__ import annotations
+
+from zoo.merge.learned.merger import MaskSample, rescale
+from zoo.merge.learned.train import Loop, adam
+from zoo.merge.methods.base import register
+from zoo.merge.methods.learned import COEF, COMMON, MASK, LearnedMethod
+from zoo.merge.methods.params import Param, check_non_negative_int, check_number, check_positive, \
+    check_positive_int
+
+CONCRETE_REFERENCE = ('Tang et al., "Concrete Subspace Learning based Interference Elimination for Multi-task '
+                      'Model Fusion", arXiv 2312.06173')
+
+
+class ConcreteMethod(LearnedMethod):
+    """A learned merge with a shared Concrete mask over the task vectors."""
+
+    reference = CONCRETE_REFERENCE
+
+    def start_directions(self, source):
+        return source.task_vectors, self.option(source.global_parameters, "mask")
+
+
+@register
+class ConcreteTA(ConcreteMethod):
+    """Concrete task arithmetic: one shared Concrete mask over the task vectors, coefficients fixed at ``init``."""
+
+    name = "concrete_ta"
+    parameters = {**COMMON, **MASK, "init": Param(0.3, check_number, "the fixed coefficient λ"),
+                  "steps": Param(2000, check_positive_int, "optimisation steps")}
+    fixed_settings = {"coefficients": "fixed"}  # the coefficients stay at init (λ); only the mask learns
+
+    def fit(self, merger, forward, data, s, report=None):
+        loop = Loop(merger, forward, data, s, report)
+        opt = adam([merger.logit_flat], s.lr)
+        for step in range(1, s.steps + 1):
+            loss, value = loop.loss(merger.merged(merger.sample(loop.noise)), step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loop.tick(step, s.steps, value)
+        mask_bits = merger.draw_bits(loop.noise)
+        return loop.result(rescale(mask_bits), mask_bits)
+
+
+@register
+class ConcreteAdaMerging(ConcreteMethod):
+    """Concrete AdaMerging: learn a shared mask alternating with the coefficients, then AdaMerging inside it.
+
+    Stage 1 alternates coefficient and mask steps; stage 2 freezes one mask draw and
+    runs AdaMerging inside it.
+    """
+
+    name = "concrete_adamerging"
+    parameters = {**COMMON, **COEF, **MASK,
+                  "steps": Param(1000, check_positive_int, "stage-1 (mask) steps"),
+                  "stage2_steps": Param(1000, check_non_negative_int, "stage-2 (AdaMerging in the frozen mask) steps"),
+                  "inner_lr": Param(1.0, check_positive, "stage-1 inner learning rate of the coefficients")}
+
+    def fit(self, merger, forward, data, s, report=None):
+        loop = Loop(merger, forward, data, s, report)
+        # Stage 1: alternate one inner Adam step on the coefficients (reset to init each
+        # time, state kept) on a detached mask sample, and one Adam step on the mask
+        # logits through the same sample; first order only (arXiv 2312.06173, as
+        # FusionBench runs it).
+        inner = adam([merger.weights], s.inner_lr)
+        outer = adam([merger.logit_flat], s.lr)
+        total = s.steps + s.stage2_steps
+        for step in range(1, s.steps + 1):
+            merger.reset_coefficients()
+            sample = merger.sample(loop.noise)
+            detached = MaskSample({n: v.detach() for n, v in sample.values.items()})
+            loss_w, _ = loop.loss(merger.merged(detached), step)
+            inner.zero_grad(set_to_none=True)
+            loss_w.backward()
+            inner.step()
+            loss_m, value = loop.loss(merger.merged(sample), step)
+            outer.zero_grad(set_to_none=True)
+            merger.weights.grad = None
+            loss_m.backward()
+            outer.step()
+            loop.tick(step, total, value, stage=1)
+        # Stage 2: freeze one mask draw; AdaMerging inside it from the initial coefficients.
+        mask_bits = merger.draw_bits(loop.noise)
+        final_mask = rescale(mask_bits)
+        merger.reset_coefficients()
+        opt = adam([merger.weights], s.lr)
+        for step in range(s.steps + 1, total + 1):
+            loss, value = loop.loss(merger.merged(final_mask), step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loop.tick(step, total, value, stage=2)
+        return loop.result(final_mask, mask_bits)

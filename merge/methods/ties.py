@@ -1,0 +1,228 @@
+"""TIES-Merging: trim each task vector by magnitude, elect the sign by mass, merge the
+agreeing entries; with the exact per-tensor (or whole-model) trim thresholds computed
+in streaming passes, and the merge as coefficients over directions for parity starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from zoo.errors import ZooError
+
+from zoo.merge.learned.start import Start
+from zoo.merge.methods.base import StatsCollector, register
+from zoo.merge.methods.params import Param, check_bool, check_density, check_number
+from zoo.merge.methods.select import Bracket, TopKThreshold, kth_largest_abs
+from zoo.merge.methods.sparsify import elect_sign, trim_magnitude
+from zoo.merge.methods.task_arithmetic import TV_PARAMS, WEIGHT_DOC, TaskVectorMerge
+
+
+def check_trim_scope(v: Any) -> str | None:
+    """per_tensor or global."""
+    return None if v in ("per_tensor", "global") else "must be per_tensor or global"
+
+
+@register
+class Ties(TaskVectorMerge):
+    """TIES: trim task vectors to ``density`` by magnitude, elect signs by mass, merge the agreeing entries.
+
+    normalize=true gives dis-mean, false dis-sum.
+    """
+
+    name = "ties"
+    reference = ('Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023, '
+                 'arXiv 2306.01708')
+    consensus = True
+    elementwise = True
+    accepts_deltas = True
+    rebuildable = True
+
+    parameters = {**TV_PARAMS, "normalize": Param(True, check_bool, TV_PARAMS["normalize"].doc),
+                  "rescale": Param(False, check_bool, "unused by TIES; accepted for mergekit recipes"),
+                  "trim": Param("per_tensor", check_trim_scope,
+                                "per_tensor: each tensor keeps its top density (mergekit); global: one "
+                                "threshold per model over the whole flattened model (the TIES paper)")}
+    model_parameters = {"weight": Param(0.3, check_number, WEIGHT_DOC),
+                        "density": Param(1.0, check_density, "fraction of the task vector kept, by magnitude")}
+
+    def merge(self, base, tensors, params, options, ctx):
+        if ctx.scratch and ctx.stats is not None:
+            weights = [float(self.model_option(p, "weight")) for p in params]
+            return ties_in_place(base, tensors, weights, self.option(options, "normalize"),
+                                 self.option(options, "lambda"), ctx.stats["thresholds"], ctx.deltas)
+        return super().merge(base, tensors, params, options, ctx)
+
+    def sparsify(self, delta, index, params, options, ctx):
+        thresholds = (ctx.stats or {}).get("thresholds")
+        if thresholds is not None and thresholds[index] is None:  # k == 0: nothing survives
+            return torch.zeros_like(delta)
+        return trim_magnitude(delta, self.model_option(params, "density"),
+                              thresholds[index] if thresholds is not None else None)
+
+    def stats_collector(self, numel, params, options):
+        if self.option(options, "trim") == "global":
+            return None  # thresholds come from model_collector
+        densities = [self.model_option(p, "density") for p in params]
+        return TrimThresholds(numel, densities) if any(d < 1 for d in densities) else None
+
+    def model_collector(self, tensors):
+        scopes = {self.option(o, "trim") for _, o, _ in tensors}
+        if "global" not in scopes:
+            return None
+        if len(scopes) > 1:
+            raise ZooError("trim: global must apply to every merged tensor; set it once in the global parameters")
+        densities = None
+        for params, _, _ in tensors:
+            d = [self.model_option(p, "density") for p in params]
+            if densities is not None and d != densities:
+                raise ZooError("trim: global needs one density per model for the whole model; "
+                               "drop the per-tensor density filters or use trim: per_tensor")
+            densities = d
+        if densities is None or all(d >= 1 for d in densities):
+            return None
+        return TrimThresholds(sum(n for _, _, n in tensors), densities)
+
+    def as_start(self, source):
+        """Directions d_t (trimmed, sign-agreeing, dis-mean divided) with coefficients lambda * w_t."""
+        directions, weights = ties_directions(source.task_vectors, source.params, source.options)
+        return Start(directions, weights)
+
+
+def ties_directions(task_vectors: list[dict[str, torch.Tensor]], params: dict[str, list[dict[str, Any]]],
+                    options: dict[str, dict[str, Any]]) -> tuple[list[dict[str, torch.Tensor]], dict[str, list[float]]]:
+    """TIES as coefficients over directions: d_t = trimmed tau_t where its weighted sign
+    agrees with the elected one, divided by the agreeing weights' sum under dis-mean
+    (``normalize``), and coefficient lambda * w_t; sum_t lambda * w_t * d_t is then the
+    TIES merge (the same ``elect_sign`` as ``Ties.merge``)."""
+    ties = Ties()
+    out: list[dict[str, torch.Tensor]] = [{} for _ in task_vectors]
+    weights = {}
+    for name in task_vectors[0]:
+        p, o = params[name], options[name]
+        w = [float(ties.model_option(x, "weight")) for x in p]
+        trimmed = torch.stack([trim_magnitude(tv[name], float(ties.model_option(x, "density")))
+                               for tv, x in zip(task_vectors, p)])
+        wt = torch.tensor(w).view(-1, *[1] * (trimmed.dim() - 1))
+        agree, divisor = elect_sign(trimmed * wt, wt)
+        d = trimmed * agree
+        if ties.option(o, "normalize"):
+            d = d / divisor
+        for t in range(len(task_vectors)):
+            out[t][name] = d[t]
+        weights[name] = [x * float(ties.option(o, "lambda")) for x in w]
+    return out, weights
+
+
+def ties_in_place(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], normalize: bool,
+                  lam: float, thresholds: list[float | None], deltas: bool = False) -> torch.Tensor:
+    """TIES on the engine's scratch buffers with thresholds known: the same result as
+    the stacked formula, bit for bit, in fewer passes over memory.
+
+    With s = ±1 the elected sign, an entry of x agrees when x·s > 0, so the agreeing
+    sum is s · Σ relu(x·s); negation is exact, so this equals summing the agreeing
+    entries themselves in the same order.
+    """
+    for x, w, thr in zip(tensors, weights, thresholds):
+        if not deltas:
+            x.sub_(base)
+        if thr is None:
+            x.zero_()
+        elif thr > 0:
+            # zero |x| < thr in one fused pass: hardshrink zeroes |x| <= lambda, and
+            # lambda is the float just below thr
+            torch.hardshrink(x, _below(thr, x.dtype), out=x)
+        x.mul_(w)
+    sign = torch.add(tensors[0], tensors[1]) if len(tensors) > 1 else tensors[0].clone()
+    for x in tensors[2:]:
+        sign.add_(x)
+    sign.ge_(0).mul_(2).sub_(1)  # the elected sign: + where the mass is >= 0
+    mixed = torch.zeros_like(base)
+    divisor = torch.zeros_like(base) if normalize else None
+    for x, w in zip(tensors, weights):
+        x.mul_(sign).clamp_(min=0)  # |x| where x agrees with the elected sign, else 0
+        mixed.add_(x)
+        if divisor is not None:
+            divisor.add_(x.sign_(), alpha=w)
+    mixed.mul_(sign)
+    if divisor is not None:
+        # 0 -> 1, as divisor[divisor == 0] = 1 does: adding the float 0/1 mask is
+        # exact and ten times faster than masked_fill_ on CPU
+        mixed.div_(divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor))))
+    if lam != 1:
+        mixed.mul_(lam)
+    return mixed.add_(base)
+
+
+def _below(value: float, dtype: torch.dtype) -> float:
+    """The largest number of ``dtype`` below ``value`` (value > 0)."""
+    import numpy as np
+
+    if dtype == torch.bfloat16:  # numpy has no bfloat16: step its bit pattern down by one
+        bits = torch.tensor([value], dtype=torch.bfloat16).view(torch.int16) - 1
+        return float(bits.view(torch.bfloat16))
+    np_dtype = {torch.float64: np.float64, torch.float16: np.float16}.get(dtype, np.float32)
+    return float(np.nextafter(np_dtype(value), np_dtype(0)))
+
+
+class TrimThresholds(StatsCollector):
+    """Each model's trim threshold over the whole tensor (TIES): the two radix passes,
+    or, given a sample, one bracketed pass and the radix passes only for the models
+    whose bracket missed."""
+
+    passes = 2
+
+    def __init__(self, numel: int, densities: list[float]):
+        self.n = numel
+        self.sel = [TopKThreshold(int(d * numel)) if d < 1 and int(d * numel) > 0 else None for d in densities]
+        self.none = [d < 1 and int(d * numel) <= 0 for d in densities]
+        self.found: list[float | None] = [None] * len(densities)
+        self.brackets: list[Bracket | None] | None = None
+
+    def gather_whole(self, base, tensors, deltas=False, slice_elems=1 << 18):
+        if not deltas:
+            return super().gather_whole(base, tensors, deltas, slice_elems)
+        return {"thresholds": [None if none else (kth_largest_abs(x, s.k) if s is not None else 0.0)
+                               for s, none, x in zip(self.sel, self.none, tensors)]}
+
+    def use_sample(self, base, tensors):
+        self.brackets = []
+        for s, x in zip(self.sel, tensors):
+            b = Bracket(x - base if base is not None else x, s.k, self.n) if s is not None else None
+            self.brackets.append(b if b is not None and b.usable else None)
+        self.passes = 1
+
+    def _radix_pass(self, pass_no: int) -> int | None:
+        """The radix pass that ``pass_no`` is (None: the bracketed pass)."""
+        if self.brackets is None:
+            return pass_no
+        return None if pass_no == 0 else pass_no - 1
+
+    def update(self, pass_no, base, tensors, deltas=False):
+        q = self._radix_pass(pass_no)
+        buf = None
+        for i, (s, x) in enumerate(zip(self.sel, tensors)):
+            counter = (self.brackets[i] if q is None else s) if self.found[i] is None else None
+            if s is None or counter is None:
+                continue
+            if not deltas:
+                x = buf = torch.sub(x, base, out=buf)
+            if q is None:
+                counter.update(x)
+            else:
+                counter.update(q, x)
+
+    def end_pass(self, pass_no):
+        q = self._radix_pass(pass_no)
+        if q is None:
+            self.found = [b.value() if b is not None else None for b in self.brackets]
+            if any(s is not None and v is None for s, v in zip(self.sel, self.found)):
+                self.passes = 3  # the radix select for those
+            return
+        for s, v in zip(self.sel, self.found):
+            if s is not None and v is None:
+                s.end_pass(q)
+
+    def result(self):
+        return {"thresholds": [None if none else (v if v is not None else (s.value() if s is not None else 0.0))
+                               for s, none, v in zip(self.sel, self.none, self.found)]}
