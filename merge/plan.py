@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from zoo.checkpoints.compat import compare, is_head
+from zoo.checkpoints.compat import compare
+from zoo.checkpoints.heads import is_head
 from zoo.checkpoints.lora import LoraPair, read_adapter
 from zoo.checkpoints.reader import Checkpoint
 from zoo.checkpoints.writer import OutTensor

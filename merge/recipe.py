@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zoo.checkpoints.compat import DEFAULT_HEAD_PATTERNS
+from zoo.checkpoints.heads import DEFAULT_HEAD_PATTERNS
 from zoo.errors import ZooError
 
 from zoo.merge.methods import check_count, get_method, validate_params

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zoo.checkpoints.reader import read_task_heads
+from zoo.checkpoints.heads import read_task_heads
 from zoo.errors import ZooError
 from zoo.registry import Registry
 from zoo.checkpoints.taskdata import load_split, task_info

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from zoo.checkpoints.compat import compare, is_head
+from zoo.checkpoints.compat import compare
+from zoo.checkpoints.heads import is_head
 from zoo.errors import IncompatibleModels, ZooError
 from zoo.registry.resolve import open_model
 from zoo.checkpoints.taskdata import task_info

@@ -9,15 +9,13 @@ by module against the base weights they would modify.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from zoo.checkpoints.lora import base_name, read_adapter
+from zoo.checkpoints.heads import DEFAULT_HEAD_PATTERNS, is_head
 from zoo.checkpoints.reader import Checkpoint
 
-# Tensors that belong to one task and are never merged. Matches a path component.
-DEFAULT_HEAD_PATTERNS = (r"(^|\.)classifier\.", r"(^|\.)score\.", r"(^|\.)qa_outputs\.")
 OUTPUT_EMBEDDINGS = ("lm_head.weight",)
 INPUT_EMBEDDING_HINTS = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "shared.weight")
 
@@ -72,10 +70,6 @@ class CompatReport:
             where = f"{ex.tensor}: " if ex.tensor else ""
             parts.append(f"{len(items)} {label} (e.g. {where}{ex.detail})")
         return f"{self.model} does not match base {self.base}: " + "; ".join(parts)
-
-
-def is_head(name: str, patterns: tuple[str, ...] = DEFAULT_HEAD_PATTERNS) -> bool:
-    return any(re.search(p, name) for p in patterns)
 
 
 def _tied(ckpt: Checkpoint) -> bool | None:

@@ -50,7 +50,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 
 FORMS = ("model", "adapter", "file")
-# Written by merges: each expert's task head, kept unmerged (see read_task_heads).
+# Written by merges: each expert's task head, kept unmerged (zoo.checkpoints.heads).
 HEADS_FILE = "task_heads.safetensors"
 
 
@@ -378,25 +378,3 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     for name, p in _sidecars(path, set(files)).items():
         files.setdefault(name, p)
     return Checkpoint(path, "model" if config is not None else "file", files, tensors, config, meta)
-
-
-def read_task_heads(folder: Path) -> dict[str, dict[str, Any]]:
-    """The task heads a merged model keeps, by expert: its tasks, labels and tensors.
-
-    Returns {} for a folder without ``task_heads.safetensors``.
-    """
-    path = Path(folder) / HEADS_FILE
-    if not path.is_file():
-        return {}
-    tensors, meta = read_safetensors_header(path)
-    try:
-        entries = json.loads(meta.get("zoo_heads", "{}"))
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: corrupt zoo_heads metadata") from None
-    ckpt = Checkpoint(path, "file", {HEADS_FILE: path}, tensors, None, meta)
-    for key, entry in entries.items():
-        entry["checkpoint"] = ckpt
-        entry["prefix"] = f"{key}/"
-    return entries
-
-

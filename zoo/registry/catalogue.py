@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session, selectinload
 from zoo.registry import database as db
 from zoo.checkpoints.reader import Checkpoint, open_checkpoint
 from zoo.registry.resolve import open_model  # noqa: F401 (open_model: re-exported)
-from zoo.checkpoints.compat import DEFAULT_HEAD_PATTERNS, CompatReport, compare
+from zoo.checkpoints.compat import CompatReport, compare
+from zoo.checkpoints.heads import DEFAULT_HEAD_PATTERNS
 from zoo.errors import AlreadyExists, IncompatibleModels, InUse, NotFound, StorageError, ZooError
 from zoo.registry.listing import iso_utc, list_models
 from zoo.registry.names import parse_ref, validate_name

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zoo.checkpoints.compat import DEFAULT_HEAD_PATTERNS
+from zoo.checkpoints.heads import DEFAULT_HEAD_PATTERNS
 
 
 @dataclass(frozen=True)
