@@ -166,3 +166,55 @@ def test_the_checker_sees_a_wrong_import(tmp_path):
     assert [(t, n) for _, t, n in found] == [("zoo.cli.main", ["app"]), ("zoo.registry.catalogue", ["_summary"])]
     assert FLOORS[part_of("zoo.cli.main")] > FLOORS[part_of("zoo.checkpoints.bad")]
     assert _names_zoo_object(ast.parse(bad.read_text()), "registry")
+
+
+def runtime_imports(module: str, path: Path) -> set[str]:
+    """zoo modules ``module`` imports when it runs: every import, lazy ones included,
+    except those only for type checkers (``if TYPE_CHECKING:``)."""
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            typing_only |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    out = set()
+    for line, target, _ in imports(module, path):
+        if any(getattr(n, "lineno", None) == line and id(n) in typing_only for n in ast.walk(tree)
+               if isinstance(n, (ast.Import, ast.ImportFrom))):
+            continue
+        out.add(target if target in MODULES else target.rpartition(".")[0] if target.rpartition(".")[0] in MODULES
+                else target)
+    return {t for t in out if t in MODULES and t != module}
+
+
+def test_no_import_cycles():
+    """No module depends on itself through others, lazy imports included: a cycle means
+    two modules are one concept, or one of them sits on the wrong floor."""
+    graph = {m: runtime_imports(m, p) for m, p in MODULES.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"

@@ -26,9 +26,9 @@ from zoo.checkpoints.compat import CompatReport, compare
 from zoo.checkpoints.heads import DEFAULT_HEAD_PATTERNS
 from zoo.errors import AlreadyExists, IncompatibleModels, InUse, NotFound, StorageError, ZooError
 from zoo.registry.listing import iso_utc, list_models
-from zoo.registry.names import parse_ref, validate_name
+from zoo.registry.names import KINDS, parse_ref, validate_name
 from zoo.registry.paths import existing_registry, keys_path, registry_path, store_path
-from zoo.registry.schema import KINDS, File, HubEntry, LineageEdge, Metric, Model, ModelTag, ProtectionKey, Recipe, Task
+from zoo.registry.schema import File, HubEntry, LineageEdge, Metric, Model, ModelTag, ProtectionKey, Recipe, Task
 from zoo.progress import ProgressFactory, no_progress
 from zoo.registry.records import Measurement, NewModel
 from zoo.registry.store import BlobStore, hash_file

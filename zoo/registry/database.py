@@ -75,6 +75,17 @@ def upgrade(engine: Engine, path: Path) -> None:
             conn.commit()
 
 
+def upgrade_file(path: Path) -> None:
+    """Bring the registry database at ``path`` up to date (``zoo list`` on an old file)."""
+    engine = make_engine(path)
+    try:
+        upgrade(engine, path)
+    except OperationalError as e:
+        raise ZooError(f"cannot open registry {path}: {e.orig}") from None
+    finally:
+        engine.dispose()
+
+
 class Database:
     """The doors into a registry's database and store that the layers above use: a read
     session, one write transaction, and the store lock. Opening it brings the schema up

@@ -14,9 +14,8 @@ from typing import Any
 
 from zoo.errors import NotFound, ZooError
 from zoo.registry.migrations import SCHEMA_HEAD
-from zoo.registry.names import parse_ref
+from zoo.registry.names import KINDS, parse_ref
 
-KINDS = ("base", "expert", "adapter", "merged", "protected")  # as in schema.KINDS, without importing the ORM
 
 _SQL = """
 SELECT m.id, m.name, m.version, m.kind, m.form, b.name, b.version, m.model_type, m.param_count, m.total_bytes,
@@ -47,9 +46,9 @@ def list_models(path: Path, kind: str | None = None, base: str | None = None, ta
     if kind is not None and kind not in KINDS:
         raise ZooError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     if schema_revision(path) != SCHEMA_HEAD:
-        from zoo.registry import Registry
+        from zoo.registry.database import upgrade_file  # SQLAlchemy and Alembic: only when needed
 
-        Registry(path).close()  # brings the schema up to date
+        upgrade_file(path)
     where, args = [], []
     con = connect_readonly(path)
     try:

@@ -8,6 +8,9 @@ from zoo.errors import InvalidName
 
 # Letters, digits, dot, dash, underscore; no leading dot or dash so a name is never
 # a hidden file or an option.
+# What a registered model can be; the schema checks it and `zoo list` filters by it.
+KINDS = ("base", "expert", "adapter", "merged", "protected")
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
 

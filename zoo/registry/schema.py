@@ -23,7 +23,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-KINDS = ("base", "expert", "adapter", "merged", "protected")
+from zoo.registry.names import KINDS
+
 
 
 def utcnow() -> datetime:
