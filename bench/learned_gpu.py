@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import save  # noqa: E402
 
-from zoo.merge.learned import TaskData, learn_merge  # noqa: E402
+from zoo.merge.learned import TaskData  # noqa: E402
+from zoo.merge.state_dicts import learn_merge  # noqa: E402
 
 
 def main() -> None:

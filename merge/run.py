@@ -72,7 +72,7 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
     recipe_d = resolved_recipe(plan)
     learned, artifacts = None, {}
     if plan.method.learned:
-        from zoo.merge.learned.pipeline import learn_from_plan
+        from zoo.merge.learning import learn_from_plan
 
         result, used = learn_from_plan(plan, registry, engine.pick_device(device), report, log)
         learned = result.merged

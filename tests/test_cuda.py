@@ -73,7 +73,7 @@ def test_learned_merges_run_on_cuda(registry, tiny, method):
     its losses differ from the CPU's: finite, and the result comes back to the CPU."""
     import math
 
-    from zoo.merge.learned.pipeline import learn_from_plan
+    from zoo.merge.learning import learn_from_plan
     from zoo.merge.plan import make_plan
 
     extra = {"stage2_steps": 3} if method == "concrete_adamerging" else {}
@@ -92,7 +92,7 @@ def test_learned_merges_run_on_cuda(registry, tiny, method):
 def test_learned_merge_on_cuda_with_bf16_autocast_learns_and_registers(registry, tiny):
     """precision auto is bf16 autocast on CUDA: the loss still falls, and the registered
     model keeps the base's float32."""
-    from zoo.merge.learned.pipeline import learn_from_plan
+    from zoo.merge.learning import learn_from_plan
     from zoo.merge.plan import make_plan
     from zoo import open_checkpoint
 

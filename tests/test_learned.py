@@ -13,7 +13,7 @@ import zoo.merge as merge
 from conftest import LABELS, vit
 from zoo.merge.learned import objectives, train
 from zoo.merge.learned.merger import Merger, load_mask, rescale
-from zoo.merge.learned.pipeline import learn_from_plan
+from zoo.merge.learning import learn_from_plan
 from zoo.merge.methods import get_method
 from zoo.merge.state_dicts import merge_state_dicts
 from zoo.merge.plan import make_plan

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zoo.merge as merge
-from zoo.merge.learned.pipeline import learn_from_plan
+from zoo.merge.learning import learn_from_plan
 from zoo.merge.methods import get_method
 from zoo.merge.plan import make_plan
 

@@ -13,7 +13,7 @@ Per round:
 
 What trains is the merge itself: its coefficients, its shared Concrete mask logits, or
 a small named subset of parameters, so the result stays a plain merged checkpoint.
-Everything here works on tensors and callables; ``merge.learned.pipeline`` builds them
+Everything here works on tensors and callables; ``merge.learning`` builds them
 from checkpoints.
 """
 

@@ -3,7 +3,7 @@ trains, coefficients over per-task directions (and a mask, and parameter offsets
 that training the coefficients, the mask or the offsets moves that very merge.
 
 Each rebuildable method turns a merge it made into a ``Start`` (``as_start``); the
-start named in a recipe is found in ``merge.learned.rebuild``.
+start named in a recipe is found in ``merge.starts``.
 """
 
 from __future__ import annotations

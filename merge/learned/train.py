@@ -4,7 +4,7 @@ summed objective, the step history and the result (each method's loop is its
 
 Everything here works on tensors and callables, not on files: a ``forward(task, params,
 batch)`` that returns logits, and per-task data. The registry-level pipeline
-(``merge.learned.pipeline``) builds those from checkpoints; research code can pass its
+(``merge.learning``) builds those from checkpoints; research code can pass its
 own, e.g. a CLIP image encoder with zero-shot text heads.
 """
 

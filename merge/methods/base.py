@@ -119,7 +119,7 @@ class MergeMethod:
 
     # -- learned merges ---------------------------------------------------------------------
     def learn(self, inputs: Any) -> "tuple[Result, dict[str, Any]]":
-        """Learn the merge from a plan's inputs (``merge.learned.pipeline.PlanInputs``);
+        """Learn the merge from a plan's inputs (``zoo.merge.learned.inputs.LearnInputs``);
         returns the result and what to record in the lineage."""
         raise NotImplementedError(f"{self.name} merges tensor by tensor; it learns nothing")
 

@@ -4,7 +4,7 @@ lineage record), their paragraph of the model card, and their rebuild as a parit
 start from the learned coefficients in their lineage.
 
 They do not merge tensor by tensor: ``merge.run`` hands them to
-``merge.learned.pipeline``, which calls ``learn`` with the plan's inputs.
+``merge.learning``, which calls ``learn`` with the plan's inputs.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from zoo.merge.methods.params import (Param, check_bool, check_choice, check_num
 if TYPE_CHECKING:
     import torch
 
-    from zoo.merge.learned.pipeline import PlanInputs
+    from zoo.merge.learned.inputs import LearnInputs
 
 COMMON = {
     "objective": Param("entropy", check_choice(*OBJECTIVES),
@@ -83,7 +83,7 @@ class LearnedMethod(MergeMethod):
         prepares them (AdaMerging++)."""
         return task_vectors
 
-    def learn(self, inputs: "PlanInputs") -> tuple[Result, dict[str, Any]]:
+    def learn(self, inputs: "LearnInputs") -> tuple[Result, dict[str, Any]]:
         options = inputs.options
         s = self.settings(options, seed=inputs.seed, autocast=inputs.autocast)
         data = inputs.task_data(s.objective, self.option(options, "split"))
@@ -122,7 +122,7 @@ class LearnedMethod(MergeMethod):
 
     def as_start(self, source: StartSource) -> Start:
         """The learned coefficients from the lineage, over the directions they scaled
-        (the mask and offsets artifacts are loaded by ``merge.learned.rebuild``)."""
+        (the mask and offsets artifacts are loaded by ``merge.starts``)."""
         directions, mask = self.start_directions(source)
         learned = source.learned
         coefficients, tensors = learned.get("coefficients"), learned.get("coefficient_tensors")

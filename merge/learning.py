@@ -19,8 +19,9 @@ from zoo.merge.plan import Plan, read_input
 from zoo.merge.learned.data import from_path, from_registry, from_task_file
 from zoo.merge.learned.objectives import default_split, supervised
 from zoo.merge.learned.parity import Log, Teacher, TeacherFactory
-from zoo.merge.learned.rebuild import resolve_start
-from zoo.merge.learned.runtime import Body, build_body, make_forward
+from zoo.merge.starts import resolve_start
+from zoo.merge.learned.inputs import Parts
+from zoo.merge.learned.runtime import build_body, make_forward
 from zoo.merge.learned.start import Start
 from zoo.merge.learned.train import Forward, Report, Result, TaskData
 
@@ -66,19 +67,6 @@ def eval_data(plan: Plan, registry: "Registry | None", split: str | None) -> lis
             continue
         out.append(from_task_file(path, task, split, True) if split in task_info(path)["splits"] else None)
     return out
-
-
-@dataclass
-class Parts:
-    """What every learned merge reads: the base's merged tensors, each expert's task
-    vector, the runnable body and each task's head."""
-
-    names: list[str]
-    base: dict[str, torch.Tensor]
-    task_vectors: list[dict[str, torch.Tensor]]
-    body: Body
-    heads: list[dict[str, torch.Tensor]]
-    forward: Forward
 
 
 def read_parts(plan: Plan, device: torch.device) -> Parts:
@@ -151,7 +139,7 @@ class PlanInputs:
         return _teachers(self.plan, self.registry, parts, self.device)
 
     def start(self, spec: str, task_vectors: list[dict[str, torch.Tensor]]) -> Start:
-        """The start ``spec`` names, over these task vectors (``merge.learned.rebuild``)."""
+        """The start ``spec`` names, over these task vectors (``merge.starts``)."""
         plan = self.plan
         assert plan.base is not None
         return resolve_start(spec, plan.recipe.to_dict(), [m.ref or m.label for m in plan.models],
