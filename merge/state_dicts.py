@@ -47,37 +47,44 @@ def merge_state_dicts(method: str, base: dict[str, torch.Tensor] | None, models:
     return {name: m.merge(*inputs(name), model_params, options, TensorContext(name, seed, stats)) for name in names}
 
 
-def task_arithmetic(base, models, weight: float = 0.3, **kw):
-    """theta_0 + sum_i weight * (theta_i - theta_0)."""
-    return merge_state_dicts("task_arithmetic", base, models, [{"weight": weight} for _ in models], **kw)
+def _each(models, **given) -> list[dict[str, Any]]:
+    """The same per-model parameters for every model; a parameter left as None takes the
+    method's own default (its class's table: one set of defaults)."""
+    return [{k: v for k, v in given.items() if v is not None} for _ in models]
 
 
-def ties(base, models, density: float = 0.2, weight: float = 1.0, **kw):
-    """TIES with the paper's trim (density 0.2); ``normalize`` false gives dis-sum."""
-    return merge_state_dicts("ties", base, models, [{"weight": weight, "density": density} for _ in models], **kw)
+def task_arithmetic(base, models, weight: float | None = None, **kw):
+    """theta_0 + lambda * sum_i weight * (theta_i - theta_0)."""
+    return merge_state_dicts("task_arithmetic", base, models, _each(models, weight=weight), **kw)
 
 
-def dare_linear(base, models, density: float = 0.5, weight: float = 0.3, **kw):
-    return merge_state_dicts("dare_linear", base, models, [{"weight": weight, "density": density} for _ in models], **kw)
+def ties(base, models, density: float | None = None, weight: float | None = None, **kw):
+    """TIES; ``normalize`` false gives dis-sum. The paper trims to density 0.2."""
+    return merge_state_dicts("ties", base, models, _each(models, weight=weight, density=density), **kw)
 
 
-def dare_ties(base, models, density: float = 0.5, weight: float = 1.0, **kw):
-    return merge_state_dicts("dare_ties", base, models, [{"weight": weight, "density": density} for _ in models], **kw)
+def dare_linear(base, models, density: float | None = None, weight: float | None = None, **kw):
+    return merge_state_dicts("dare_linear", base, models, _each(models, weight=weight, density=density), **kw)
 
 
-def breadcrumbs(base, models, density: float = 0.9, gamma: float = 0.01, weight: float = 0.3, **kw):
-    return merge_state_dicts("breadcrumbs", base, models,
-                             [{"weight": weight, "density": density, "gamma": gamma} for _ in models], **kw)
+def dare_ties(base, models, density: float | None = None, weight: float | None = None, **kw):
+    return merge_state_dicts("dare_ties", base, models, _each(models, weight=weight, density=density), **kw)
+
+
+def breadcrumbs(base, models, density: float | None = None, gamma: float | None = None, weight: float | None = None,
+                **kw):
+    return merge_state_dicts("breadcrumbs", base, models, _each(models, weight=weight, density=density, gamma=gamma),
+                             **kw)
 
 
 def linear(models, weights: list[float] | None = None, **kw):
-    """Weighted average of the models (equal weights by default)."""
-    weights = weights or [1.0] * len(models)
-    return merge_state_dicts("linear", None, models, [{"weight": w} for w in weights], **kw)
+    """Weighted average of the models (the method's default weight for each: equal weights)."""
+    params = [{"weight": w} for w in weights] if weights is not None else _each(models)
+    return merge_state_dicts("linear", None, models, params, **kw)
 
 
-def slerp(base, other, t: float = 0.5, **kw):
-    return merge_state_dicts("slerp", base, [other], t=t, **kw)
+def slerp(base, other, t: float | None = None, **kw):
+    return merge_state_dicts("slerp", base, [other], **({"t": t} if t is not None else {}), **kw)
 
 
 def model_stock(base, models, **kw):
