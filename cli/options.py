@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 from typer.core import TyperCommand
 
+from zoo.checkpoints.writer import DEFAULT_SHARD_BYTES
+
 if TYPE_CHECKING:  # the ORM is imported only by the commands that open a registry
     from zoo.registry import Registry
 
@@ -82,7 +84,7 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON instead of text.")
 EndpointOpt = typer.Option(None, "--endpoint", metavar="URL",
                            help="Hub URL (default: $HF_ENDPOINT, else huggingface.co). The token comes from "
                                 "$HF_TOKEN or `hf auth login`.")
-ShardSizeOpt = typer.Option(5_000_000_000, "--shard-size", metavar="BYTES", help="Bytes per output shard.")
+ShardSizeOpt = typer.Option(DEFAULT_SHARD_BYTES, "--shard-size", metavar="BYTES", help="Bytes per output shard.")
 
 
 def registry_file() -> Path:

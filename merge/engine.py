@@ -25,11 +25,10 @@ from zoo.progress import Advance, ProgressFactory, ignore, no_progress
 
 from zoo.merge.methods import TensorContext, slices
 from zoo.merge.plan import Plan, read_input
-from zoo.checkpoints.writer import OutTensor, ShardWriter, plan_shards, tensor_bytes, write_file
+from zoo.checkpoints.writer import DEFAULT_SHARD_BYTES, OutTensor, ShardWriter, plan_shards, tensor_bytes, write_file
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 COMPUTE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-DEFAULT_SHARD_BYTES = 5 * 1000**3
 
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from zoo.checkpoints.compat import compare
 from zoo.checkpoints.heads import is_head
 from zoo.checkpoints.lora import LoraPair, read_adapter
-from zoo.checkpoints.reader import Checkpoint
+from zoo.checkpoints.reader import FLOAT_DTYPES, Checkpoint
 from zoo.checkpoints.writer import OutTensor
 from zoo.errors import IncompatibleModels, ZooError
 from zoo.registry.resolve import open_model
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from zoo.registry import Registry
 
 SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
-FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 
 
 @dataclass

@@ -16,7 +16,7 @@ from zoo.merge import engine
 from zoo.merge.plan import Plan, make_plan
 from zoo.merge.recipe import Recipe
 from zoo.registry.destination import Destination
-from zoo.checkpoints.writer import copy_sidecars, write_file
+from zoo.checkpoints.writer import DEFAULT_SHARD_BYTES, copy_sidecars, write_file
 
 if TYPE_CHECKING:
     from zoo.progress import ProgressFactory
@@ -53,7 +53,7 @@ def model_card(name: str, plan: Plan, recipe: dict[str, Any]) -> str:
 
 
 def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" = None,
-        out_dir: str | Path | None = None, device: str = "auto", shard_bytes: int = engine.DEFAULT_SHARD_BYTES,
+        out_dir: str | Path | None = None, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_BYTES,
         progress: "ProgressFactory | None" = None, report: "Report | None" = None,
         log: "Callable[[str], None] | None" = None) -> dict[str, Any]:
     """Merge to disk, tensor by tensor.

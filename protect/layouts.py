@@ -15,10 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from zoo.checkpoints.reader import Checkpoint
+from zoo.checkpoints.reader import FLOAT_DTYPES, Checkpoint
 from zoo.errors import ZooError
 
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 # Known architectures that normalise q and k per head: a general QK transform changes
 # what they compute (MergeLock, arXiv 2509.01548). Refused with that reason rather than "unknown".

@@ -18,12 +18,11 @@ from zoo.checkpoints.reader import Checkpoint
 from zoo.memory import keep_freed_memory
 from zoo.progress import ProgressFactory, no_progress
 from zoo.checkpoints.readahead import read_ahead
-from zoo.checkpoints.writer import OutTensor, ShardWriter, plan_shards, tensor_bytes
+from zoo.checkpoints.writer import DEFAULT_SHARD_BYTES, OutTensor, ShardWriter, plan_shards, tensor_bytes
 
 from zoo.protect.layouts import Attention, Layout, layout_for
 from zoo.protect.transform import Key, apply, draw, role_factors
 
-DEFAULT_SHARD_BYTES = 5 * 1000**3
 
 
 @dataclass

@@ -21,11 +21,11 @@ from zoo.progress import ProgressFactory, no_progress
 from zoo.registry.resolve import open_model
 from zoo.registry.destination import Destination
 from zoo.registry.records import NewModel
-from zoo.checkpoints.writer import copy_sidecars, write_file
+from zoo.checkpoints.writer import DEFAULT_SHARD_BYTES, copy_sidecars, write_file
 
 from zoo.protect.keys import key_record, read_key_file, write_key_file
 from zoo.protect.layouts import Layout, layout_for
-from zoo.protect.lock import DEFAULT_SHARD_BYTES, LockStats, lock_checkpoint
+from zoo.protect.lock import LockStats, lock_checkpoint
 from zoo.protect.transform import ALGORITHM, DEFAULT_MAX_COND, VERSION, Key
 
 if TYPE_CHECKING:

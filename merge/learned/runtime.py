@@ -94,18 +94,6 @@ def _folder(ckpt: Checkpoint) -> Path | None:
     return files[0].parent if files else None
 
 
-def _tied_names(module: nn.Module) -> list[str]:
-    """Parameters that share storage with another (tied embeddings): not saved twice."""
-    seen: dict[int, str] = {}
-    tied = []
-    for name, p in module.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied.append(name)
-        else:
-            seen[id(p)] = name
-    return tied
-
-
 def make_forward(body: Body, heads: list[dict[str, torch.Tensor]]) -> Forward:
     """forward(task, merged body, batch) = the module with the merged body and task's
     head (all named as in the checkpoint)."""

@@ -37,6 +37,8 @@ DTYPE_SIZES: dict[str, int] = {
     "U64": 8, "U32": 4, "U16": 2, "U8": 1,
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8,
 }
+# The floating-point dtypes: what merges and MergeLock transform (the rest is copied).
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # The safetensors format caps the JSON header at 100 MB; anything larger is corrupt.
 MAX_HEADER_BYTES = 100 * 1000 * 1000
 

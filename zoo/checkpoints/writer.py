@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     import torch
 
 
+# Bytes per output shard unless told otherwise (the Hub's and mergekit's 5 GB).
+DEFAULT_SHARD_BYTES = 5 * 1000**3
 SKIP_SIDECARS = {"README.md", "model.safetensors.index.json"}
 
 
