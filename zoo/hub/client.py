@@ -27,11 +27,12 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from zoo.checkpoints.reader import SIDECAR_SUFFIXES
-from zoo.errors import AlreadyExists, PushConflict, ZooError
+from zoo.errors import PushConflict, ZooError
 from zoo.fileio import datasync
 from zoo.hub.git import DEFAULT_BRANCH, git_blob_oid
 from zoo.progress import ProgressFactory
 from zoo.registry import Registry
+from zoo.registry.destination import Destination
 from zoo.registry.records import NewModel
 from zoo.registry.store import hash_file
 
@@ -222,10 +223,8 @@ def pull(
                        "zoo never loads pickle checkpoints")
     kind = kind or _kind_from_card(info)
     name = name or repo_id.split("/")[-1]
-    if registry.has(name):
-        raise AlreadyExists(f"a model named {name!r} already exists; pass --name to pull under another name")
-    tmp = registry.store.temp_path(".pull")
-    try:
+    dest = Destination.check(name, None, registry, name_option="--name")
+    with dest.workspace(".pull") as tmp:
         with hub_errors(url, repo_id, revision), _flushing(tmp):
             snapshot_download(repo_id, revision=sha, allow_patterns=[s.rfilename for s in siblings],
                               local_dir=tmp, endpoint=url, token=token)
@@ -235,10 +234,8 @@ def pull(
                                pool.map(lambda s: _verified(tmp / s.rfilename, s, repo_id), siblings)))
         meta = {"hub": {"endpoint": public_url(url), "repo": repo_id, "revision": sha,
                         "card": info.card_data.to_dict() if info.card_data else None}}
-        added = registry.register(NewModel(tmp, name, kind, digests, base=base, metadata=meta, hub_repo=repo_id,
-                                           hub_revision=sha, check_base=base is not None), progress=progress)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        added = dest.keep(NewModel(tmp, name, kind, digests, base=base, metadata=meta, hub_repo=repo_id,
+                                   hub_revision=sha, check_base=base is not None), progress)
     return {**registry.show(added["ref"]), "pulled": True}
 
 

@@ -18,6 +18,7 @@ from zoo.errors import AlreadyExists, ZooError
 from zoo.registry.names import validate_name
 
 if TYPE_CHECKING:
+    from zoo.progress import ProgressFactory
     from zoo.registry import Registry
     from zoo.registry.records import NewModel
 
@@ -32,8 +33,9 @@ class Destination:
 
     @classmethod
     def check(cls, out: str | None, out_dir: "str | os.PathLike[str] | None", registry: "Registry | None",
-              shard_bytes: int | None = None) -> "Destination":
-        """A new registry name (``out``) or a new folder (``out_dir``, made absolute), not both."""
+              shard_bytes: int | None = None, name_option: str = "--out") -> "Destination":
+        """A new registry name (``out``) or a new folder (``out_dir``, made absolute), not
+        both. ``name_option`` is the command's option for the name, for the error."""
         if (out is None) == (out_dir is None):
             raise ZooError("give either a registry name (--out) or a folder (--out-dir) for the result")
         if shard_bytes is not None and shard_bytes <= 0:
@@ -43,7 +45,7 @@ class Destination:
             if registry is None:
                 raise ZooError("registering the result needs a registry")
             if registry.has(out):
-                raise AlreadyExists(f"a model named {out!r} already exists; choose another --out")
+                raise AlreadyExists(f"a model named {out!r} already exists; choose another {name_option}")
             return cls(registry, name=out)
         path = Path(out_dir).absolute()
         if path.exists():
@@ -77,11 +79,11 @@ class Destination:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def keep(self, new: "NewModel") -> dict[str, Any]:
+    def keep(self, new: "NewModel", progress: "ProgressFactory | None" = None) -> dict[str, Any]:
         """Register the finished folder under this destination's name (the registry's
         record comes back), or rename it to the new folder (``{"path": ...}``)."""
         if self.registers:
-            return self.registry.register(dataclasses.replace(new, name=self.name))
+            return self.registry.register(dataclasses.replace(new, name=self.name), progress)
         new.folder.rename(self.path)
         return {"path": str(self.path)}
 
