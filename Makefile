@@ -2,11 +2,14 @@
 # They install the versions pinned in constraints.txt; `make lock` updates the pins, on purpose.
 PYTHON ?= python3
 VENV   ?= .venv
-# The CPU build of torch; on a CUDA machine override, e.g. `make test TORCH='torch>=2.4'`.
+# torch is pinned here, not in constraints.txt: this machine's pip takes a local CPU wheel
+# of 2.13.0. Elsewhere choose the build you want, e.g. `make test TORCH='torch>=2.4'`.
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.zoo-installed
 PIP    := -m pip install --quiet -c constraints.txt
+# pip builds zoo itself in an isolated environment; the variable pins setuptools there too.
+PINNED := PIP_CONSTRAINT=$(CURDIR)/constraints.txt
 LOCK_VENV := .venv-lock
 
 .PHONY: demo test setup bench docs lock clean
@@ -17,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python $(PIP) --upgrade pip
 	$(BIN)/python $(PIP) "$(TORCH)"
-	$(BIN)/python $(PIP) -e ".[test]"
+	$(PINNED) $(BIN)/python $(PIP) -e ".[test]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -44,7 +47,7 @@ lock:
 	mv constraints.txt.new constraints.txt
 	rm -rf $(LOCK_VENV)
 
-# merge_vs_mergekit.py and hub_transfer.py need the 1B family (and a mergekit venv): see bench/RESULTS.md.
+# merge_vs_mergekit.py and hub_transfer.py need the 1B family (and a mergekit venv): see docs/results.md.
 bench: $(STAMP)
 	$(BIN)/python bench/add_throughput.py
 	$(BIN)/python bench/list_10k.py
