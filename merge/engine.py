@@ -267,14 +267,51 @@ def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardW
         stats = collector.gather(meter.metered(pieces), deltas)
     ctx = TensorContext(name, plan.recipe.seed, stats, scratch=True, deltas=deltas)
     out_dtype = TORCH_DTYPES[out.dtype]
+    watch = FiniteWatch(plan, name, dev)
     with _single_thread(dev.type == "cpu" and not whole):
         for b, xs in pieces():
+            watch.inputs(b, xs)  # before merge, which may overwrite them
             merged = plan.method.merge(b, xs, params, options, ctx)
+            watch.output(merged)
             for data in bufs.output(merged, out_dtype):
                 writer.put(data)
             meter.walked(xs[0].numel())
+    watch.check()
     meter.finish()
     return bufs
+
+
+class FiniteWatch:
+    """Refuses NaN and infinities, in any input or in the merge, naming the tensor.
+
+    It keeps one running sum per input and one for the merged values, on the compute
+    device: a NaN or an infinity anywhere makes its sum non-finite (finite weights never
+    sum to 1e38), so the only cost is one reduction per piece, read from cache, and one
+    device sync per tensor."""
+
+    def __init__(self, plan: Plan, name: str, dev: torch.device):
+        self.plan, self.name = plan, name
+        self.sums = torch.zeros(len(plan.models) + 2, dtype=torch.float64, device=dev)
+        self.seen: list[torch.Tensor | None] = []
+
+    def inputs(self, base: torch.Tensor | None, xs: list[torch.Tensor]) -> None:
+        zero = self.sums.new_zeros(())
+        self.sums[:-1] += torch.stack([base.sum() if base is not None else zero, *(x.sum() for x in xs)])
+
+    def output(self, merged: torch.Tensor) -> None:
+        self.sums[-1] += merged.sum()
+
+    def check(self) -> None:
+        if bool(torch.isfinite(self.sums).all()):
+            return
+        labels = [f"the base {self.plan.base.label}" if self.plan.base is not None else "the base",
+                  *(m.label for m in self.plan.models)]
+        for label, s in zip(labels, self.sums[:-1].tolist()):
+            if not math.isfinite(s):
+                raise ZooError(f"{label} has NaN or infinite values in {self.name}; nothing was written. "
+                               "`zoo check` lists every such tensor")
+        raise ZooError(f"merging {self.name} gave NaN or infinite values although every input is finite; "
+                       "nothing was written. Try a smaller weight or lambda, or compute in float32")
 
 
 class _Meter:
@@ -339,8 +376,12 @@ def _merge_whole(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardWri
                  model_stats: dict | None = None) -> None:
     name = out.name
     b, xs = _whole_inputs(plan, name, dev)
+    watch = FiniteWatch(plan, name, dev)
+    watch.inputs(b, xs)
     merged = plan.method.merge(b, xs, plan.model_params(name), plan.options(name),
                                TensorContext(name, plan.recipe.seed, model_stats))
+    watch.output(merged)
+    watch.check()
     writer.put(tensor_bytes(merged.to(TORCH_DTYPES[out.dtype])))
 
 

@@ -11,9 +11,12 @@ zoo adds ``seed`` (for DARE) and ``heads`` (patterns of task-specific tensors).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from zoo.checkpoints.heads import DEFAULT_HEAD_PATTERNS
 from zoo.errors import ZooError
@@ -156,28 +159,35 @@ def from_dict(data: dict[str, Any]) -> Recipe:
 
 def load(path: str | Path) -> Recipe:
     """Read a YAML (or JSON) recipe file."""
-    import yaml
-
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ZooError(f"cannot read recipe {path}: {e.strerror or e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         raise ZooError(f"{path}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
     return from_dict(data)
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 (and mergekit, through pydantic)
+    do: ``1e-3`` and ``3e38`` are floats, not the strings YAML 1.1 makes of them."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def parse_param(text: str) -> tuple[str, Any]:
     """``key=value`` from the command line; the value is read as YAML (numbers, booleans)."""
-    import yaml
-
     if "=" not in text:
         raise ZooError(f"--param {text!r}: expected KEY=VALUE")
     key, _, raw = text.partition("=")
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

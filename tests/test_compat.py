@@ -77,3 +77,26 @@ def test_lora_adapter_against_base(tmp_path):
     other = compare(open_checkpoint(lora_adapter(tmp_path / "wide", base)),
                     open_checkpoint(vit(tmp_path / "v")))
     assert {f.kind for f in other.errors} == {"missing"}
+
+
+def test_check_reads_every_value_for_nan_and_infinities(tmp_path, registry):
+    """`zoo check` reports a tensor holding NaN or an infinity, by name, as an error (the
+    header comparison alone cannot see it); a finite model stays ok."""
+    from zoo.checkpoints.compat import nonfinite
+
+    base = vit(tmp_path / "b")
+    expert = vit(tmp_path / "e", 2, seed=1)
+    registry.add(base, "base", "base")
+    registry.add(expert, "e", "expert", base="base")
+    assert nonfinite(open_checkpoint(expert)) == [] and registry.check(["e"])[0].ok
+    sd = load_file(str(expert / "model.safetensors"))
+    name = sorted(n for n in sd if n.endswith("query.weight"))[0]
+    sd[name].view(-1)[3] = float("nan")
+    last = sorted(sd)[-1]
+    sd[last].view(-1)[-1] = float("-inf")
+    save_file(sd, str(expert / "model.safetensors"))
+    found = nonfinite(open_checkpoint(expert), piece=5)  # a NaN found in any piece, not only the first
+    assert {(f.severity, f.kind, f.tensor) for f in found} == {("error", "nonfinite", name),
+                                                                ("error", "nonfinite", last)}
+    rep = registry.check([str(expert)], base="base")[0]
+    assert not rep.ok and {f.tensor for f in rep.errors} == {name, last}

@@ -316,3 +316,39 @@ def test_merge_bar_moves_during_the_ties_threshold_passes(registry, llama_family
     bars = [e for e in events if e[0] == "bar"]
     assert sum(e[2] for e in bars) == sum(t.nbytes for t in out.tensors.values())
     assert sum(e[3] for e in bars) == len(out.tensors)
+
+
+@pytest.mark.parametrize("method,bad", [("task_arithmetic", float("nan")), ("ties", float("inf")),
+                                        ("slerp", float("nan")), ("linear", float("-inf"))])
+def test_non_finite_inputs_are_refused_by_name(registry, llama_family, tmp_path, method, bad):
+    """A NaN or an infinity in an expert stops the merge with the tensor's and the model's
+    name; nothing is written or registered (streamed, whole and held paths alike)."""
+    from safetensors.torch import save_file
+
+    base, experts = llama_family[0], llama_family[1]
+    sd = load_file(str(experts[0] / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    sd[name] = sd[name].clone()
+    sd[name].view(-1)[7] = bad
+    sick = tmp_path / "sick"
+    sick.mkdir()
+    save_file(sd, str(sick / "model.safetensors"))
+    (sick / "config.json").write_text((experts[0] / "config.json").read_text())
+    before, blobs = db_dump(registry.path), store_listing(registry.path)
+    models = [str(sick)] if method == "slerp" else [str(sick), str(experts[1])]
+    params = ["density=0.5"] if method == "ties" else []
+    with pytest.raises(ZooError, match=rf"sick has NaN or infinite values in {name}; nothing was written"):
+        merge.run(merge.from_cli(method, str(base), models, params), "new", registry=registry)
+    with pytest.raises(ZooError, match="NaN or infinite"):
+        merge.run(merge.from_cli(method, str(base), models, params), out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    assert db_dump(registry.path) == before and store_listing(registry.path) == blobs
+
+
+def test_a_merge_that_overflows_is_refused(registry, llama_family, tmp_path):
+    """Finite inputs whose merge is not finite (a huge lambda) are refused too."""
+    base, experts = llama_family[0], llama_family[1]
+    with pytest.raises(ZooError, match="gave NaN or infinite values although every input is finite"):
+        merge.run(merge.from_cli("task_arithmetic", str(base), [str(e) for e in experts], ["weight=3e38", "lambda=3e38"]),
+                  out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -374,3 +374,20 @@ def test_a_method_is_one_class_in_one_module():
     for path in (root / "learned").glob("*.py"):
         wrong = [m for m in imports(path) if m.startswith("zoo.merge.methods") or m in above]
         assert not wrong, (path.name, wrong)
+
+
+def test_numbers_in_exponent_form_are_numbers():
+    """1e-3 is a float in YAML 1.2 and in mergekit's recipes; PyYAML's 1.1 rules made it a
+    string, so `--param lr=1e-3` and `lambda: 3e2` in a recipe were refused."""
+    from zoo.merge.recipe import from_dict, parse_param
+
+    assert parse_param("lr=1e-3") == ("lr", 0.001)
+    assert parse_param("lambda=3E2") == ("lambda", 300.0)
+    assert parse_param("name=e5") == ("name", "e5")
+    assert parse_param("weight=0.5") == ("weight", 0.5) and parse_param("steps=10") == ("steps", 10)
+    import yaml
+    from zoo.merge.recipe import RecipeLoader
+
+    data = yaml.load("merge_method: task_arithmetic\nbase_model: b\nparameters: {lambda: 5e-1}\n"
+                     "models: [{model: a, parameters: {weight: 1e0}}]\n", Loader=RecipeLoader)
+    assert from_dict(data).parameters == {"lambda": 0.5}

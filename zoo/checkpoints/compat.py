@@ -14,7 +14,7 @@ from typing import Any
 
 from zoo.checkpoints.lora import base_name, read_adapter
 from zoo.checkpoints.heads import DEFAULT_HEAD_PATTERNS, is_head
-from zoo.checkpoints.reader import Checkpoint
+from zoo.checkpoints.reader import FLOAT_DTYPES, Checkpoint
 
 OUTPUT_EMBEDDINGS = ("lm_head.weight",)
 INPUT_EMBEDDING_HINTS = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "shared.weight")
@@ -27,7 +27,7 @@ class Finding:
     """One difference between a model and its base."""
 
     severity: str  # error | warning | info
-    kind: str  # missing | extra | shape | dtype | vocab | tied | head | adapter
+    kind: str  # missing | extra | shape | dtype | vocab | tied | head | adapter | nonfinite
     tensor: str | None
     detail: str
 
@@ -179,3 +179,26 @@ def _compare_adapter(adapter: Checkpoint, base: Checkpoint, report: CompatReport
             ranks = {adapter.tensors[p.a].shape[0] for p in parsed.pairs.values() if p.a and not p.embedding}
             if ranks and ranks != {r} and not adapter.config.get("rank_pattern"):
                 add(Finding(WARNING, "adapter", None, f"adapter_config r={r} but weights have rank {sorted(ranks)}"))
+
+
+def nonfinite(ckpt: Checkpoint, piece: int = 1 << 22) -> list[Finding]:
+    """An error for each floating-point tensor holding a NaN or an infinity. Unlike
+    ``compare`` (headers only), this reads every value, a piece at a time."""
+    import torch
+
+    found = []
+    buf = None
+    for name, info in ckpt.tensors.items():
+        if info.dtype not in FLOAT_DTYPES:
+            continue
+        for off in range(0, info.numel, piece):
+            n = min(piece, info.numel - off)
+            if buf is None or buf.numel() < n * 8:
+                buf = torch.empty(piece * 8, dtype=torch.uint8)
+            x = ckpt.read_range(name, off, n, out=buf)
+            if not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).sum())
+                found.append(Finding(ERROR, "nonfinite", name, f"NaN or infinite values ({bad} in elements "
+                                                                 f"{off}..{off + n}); a merge refuses them"))
+                break
+    return found

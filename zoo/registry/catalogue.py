@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, selectinload
 from zoo.registry import database as db
 from zoo.checkpoints.reader import Checkpoint, open_checkpoint
 from zoo.registry.resolve import open_model  # noqa: F401 (open_model: re-exported)
-from zoo.checkpoints.compat import CompatReport, compare
+from zoo.checkpoints.compat import CompatReport, compare, nonfinite
 from zoo.checkpoints.heads import DEFAULT_HEAD_PATTERNS
 from zoo.errors import AlreadyExists, IncompatibleModels, InUse, NotFound, StorageError, ZooError
 from zoo.registry.listing import iso_utc, list_models
@@ -391,7 +391,8 @@ class Registry:
     # -- compatibility ---------------------------------------------------------------
     def check(self, refs: Sequence[str], base: str | None = None,
               head_patterns: tuple[str, ...] = DEFAULT_HEAD_PATTERNS) -> list[CompatReport]:
-        """Compare each model (a registry name or a path) with its base.
+        """Compare each model (a registry name or a path) with its base, and read every
+        value of the model for NaN and infinities.
 
         The base is ``base`` when given, else each model's registered base.
         """
@@ -412,7 +413,9 @@ class Registry:
                         raise ZooError(f"{m.ref} has no registered base; pass --base")
                     bname = m.base.ref
                 b = self.checkpoint(bname)
-            reports.append(compare(ckpt, b, ref, str(bname), head_patterns))
+            report = compare(ckpt, b, ref, str(bname), head_patterns)
+            report.findings += nonfinite(ckpt)
+            reports.append(report)
         return reports
 
     def has(self, ref: str) -> bool:
