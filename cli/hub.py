@@ -103,16 +103,17 @@ def serve(
     from zoo.hub.server import ServeSettings, serve as serve_api
     from zoo.hub.tokens import TokenSet, default_token_file
 
-    reg = open_registry(create=True)
-    tokens = TokenSet.load(token_file or default_token_file(reg.path), missing_ok=token_file is None)
+    path = registry_file()
+    tokens = TokenSet.load(token_file or default_token_file(path), missing_ok=token_file is None)
     settings = ServeSettings(tokens, open_reads=not private_reads, lfs_threshold=lfs_threshold)
 
     def ready(url: str) -> None:
         writers = f"{len(tokens)} token(s)" if len(tokens) else "no tokens yet: read-only until `zoo token create`"
-        print(f"serving {reg.path} at {url} ({writers}; reads {'need a token' if private_reads else 'open'}). "
+        print(f"serving {path} at {url} ({writers}; reads {'need a token' if private_reads else 'open'}). "
               f"Clients: HF_ENDPOINT={url} HF_HUB_DISABLE_XET=1", flush=True)
 
-    serve_api(reg, settings, host=host, port=port, on_ready=ready, access_log=not quiet)
+    serve_api(lambda: open_registry(create=True), settings, host=host, port=port, on_ready=ready,
+              access_log=not quiet)
 
 
 @token_app.command("create")

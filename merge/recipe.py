@@ -163,6 +163,8 @@ def load(path: str | Path) -> Recipe:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ZooError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ZooError(f"recipe {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
     try:
         data = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:

@@ -167,3 +167,35 @@ def test_disk_fills_on_a_real_small_filesystem(tmp_path, models, subprocess_env)
         assert db_dump(reg) == before and store_listing(reg) == blobs
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_registry_file_that_is_not_a_database(zoo_cli, tmp_path):
+    (tmp_path / "registry.db").write_bytes(b"not a database, just bytes\n" * 100)
+    for args in (["list"], ["list", "--json"], ["show", "x"], ["gc"]):
+        code, out, err = zoo_cli(*args)
+        assert code == 1 and "Traceback" not in err, err
+        assert err.strip().splitlines() == [f"error: {tmp_path / 'registry.db'} is not a zoo registry (file is not "
+                                            "a database); point --registry at a registry.db, or move this file away "
+                                            "and run `zoo init`"]
+    assert (tmp_path / "registry.db").read_bytes() == b"not a database, just bytes\n" * 100
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["serve", "--port", "99999"], r"--port 99999 is not a port"),
+    (["serve", "--host", "256.1.1.1", "--port", "0"], r"--host '256.1.1.1' is not an address of this machine"),
+])
+def test_serve_with_a_bad_address_says_which_and_leaves_no_registry(zoo_cli, tmp_path, args, pattern):
+    code, _, err = zoo_cli(*args)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err
+    assert __import__("re").search(pattern, lines[0]), lines[0]
+    assert not (tmp_path / "registry.db").exists()
+
+
+def test_gc_with_a_negative_age(zoo_cli, seeded):
+    assert_refused(zoo_cli, seeded, ["gc", "--older-than", "-5"], r"--older-than -5 is not an age")
+
+
+def test_a_recipe_that_is_not_utf8(zoo_cli, seeded, tmp_path):
+    (tmp_path / "r.yml").write_bytes(b"merge_method: ties\n\xff\xfe base_model: base\n")
+    assert_refused(zoo_cli, seeded, ["merge", tmp_path / "r.yml", "--out", "m"], r"is not UTF-8 text \(byte 19\)")

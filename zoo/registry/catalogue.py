@@ -552,6 +552,8 @@ class Registry:
         Runs under the store's exclusive lock, so no add or commit is between copying a
         blob and recording it.
         """
+        if not older_than >= 0:
+            raise ZooError(f"--older-than {older_than:g} is not an age; give seconds, 0 or more")
         cutoff = time.time() - older_than
         removed, freed = 0, 0
         with self.db.store_lock(exclusive=True):

@@ -14,10 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session
 
 from zoo.errors import ZooError
+from zoo.registry.listing import not_a_registry
 from zoo.registry.store import BlobStore
 from zoo.registry.migrations import SCHEMA_HEAD
 
@@ -82,6 +83,8 @@ def upgrade_file(path: Path) -> None:
         upgrade(engine, path)
     except OperationalError as e:
         raise ZooError(f"cannot open registry {path}: {e.orig}") from None
+    except DatabaseError as e:
+        raise not_a_registry(path, e.orig) from None
     finally:
         engine.dispose()
 
@@ -99,6 +102,8 @@ class Database:
             upgrade(self.engine, path)
         except OperationalError as e:
             raise ZooError(f"cannot open registry {path}: {e.orig}") from None
+        except DatabaseError as e:
+            raise not_a_registry(path, e.orig) from None
 
     def close(self) -> None:
         self.engine.dispose()

@@ -100,5 +100,13 @@ def schema_revision(path: Path) -> str | None:
         return con.execute("SELECT version_num FROM alembic_version").fetchone()[0]
     except (sqlite3.OperationalError, TypeError):
         return None
+    except sqlite3.DatabaseError as e:
+        raise not_a_registry(path, e) from None
     finally:
         con.close()
+
+
+def not_a_registry(path: Path, e: Exception) -> ZooError:
+    """The error for a registry file that SQLite cannot read as a database."""
+    return ZooError(f"{path} is not a zoo registry ({e}); point --registry at a registry.db, or move this file "
+                    "away and run `zoo init`")

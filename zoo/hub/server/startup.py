@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import threading
 import time
@@ -28,13 +29,24 @@ def make_app(registry: Registry, settings: ServeSettings) -> Starlette:
 
 def bind(host: str, port: int) -> socket.socket:
     """Listen on ``host:port`` (port 0: a free one), with a clear error when taken."""
+    if not 0 <= port <= 65535:
+        raise ZooError(f"--port {port} is not a port; choose one from 0 (any free one) to 65535")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+    except socket.gaierror:
+        sock.close()
+        raise ZooError(f"--host {host!r} is not an address of this machine; use 127.0.0.1 (the default) "
+                       "or 0.0.0.0 for every interface") from None
     except OSError as e:
         sock.close()
-        raise ZooError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port") from None
+        if e.errno == errno.EADDRINUSE:
+            raise ZooError(f"cannot listen on {host}:{port}: the port is in use; choose another --port") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise ZooError(f"cannot listen on {host}:{port}: {host} is not an address of this machine; "
+                           "use 127.0.0.1 (the default) or 0.0.0.0") from None
+        raise ZooError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.listen(128)
     return sock
 
@@ -47,10 +59,17 @@ def _server(app: Starlette, access_log: bool):
     return uvicorn.Server(config)
 
 
-def serve(registry: Registry, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
-          on_ready: Callable[[str], None] | None = None, access_log: bool = True) -> None:
-    """Serve until interrupted. ``on_ready(url)`` is called once the socket listens."""
+def serve(registry: "Registry | Callable[[], Registry]", settings: ServeSettings, host: str = "127.0.0.1",
+          port: int = 8000, on_ready: Callable[[str], None] | None = None, access_log: bool = True) -> None:
+    """Serve until interrupted. ``on_ready(url)`` is called once the socket listens.
+    ``registry`` may be a function that opens it: it is called only once the address is
+    bound, so a bad --host or --port leaves no new registry behind."""
     sock = bind(host, port)
+    try:
+        registry = registry() if callable(registry) else registry
+    except BaseException:
+        sock.close()
+        raise
     url = f"http://{host}:{sock.getsockname()[1]}"
     server = _server(make_app(registry, settings), access_log)
     if on_ready is not None:
