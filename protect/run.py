@@ -94,7 +94,8 @@ def protect(source: str, out: str | None = None, *, registry: "Registry | None" 
     into ``key_file`` (default: ``registry.keys/NAME@V.key``, or ``DIR.key`` beside an
     ``out_dir``). ``verify`` runs both models with ``transformers`` before anything is
     kept and refuses a result outside the tolerance. ``seed`` makes the key (and so the
-    bytes) reproducible; without it the seed is 128 random bits.
+    tensors) reproducible; without it the seed is 128 random bits. Every shard's header
+    carries a fresh salted key check value.
     """
     dest = Destination.check(out, out_dir, registry, shard_bytes)
     src = _open(source, registry)
