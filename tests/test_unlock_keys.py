@@ -151,7 +151,8 @@ def test_a_wrong_key_is_refused_on_every_route(scene, registry, tmp_path, zoo_cl
     same.check()
     # the right key is taken at import, and then unlocks from the registry (as a base: `zoo add` recorded none)
     assert protect.import_key(registry, scene["key_file"], "p") == {"model": "p@1", "key_id": key_id}
-    assert protect.unlock("p", "p-back", registry=registry, kind="base")["key_check"] == "the key check value in its files"
+    got = protect.unlock("p", "p-back", registry=registry, kind="base")
+    assert got["key_check"] == "the key check value in its files"
 
 
 def test_a_model_that_was_never_protected_is_refused(scene, registry, tmp_path, zoo_cli):
