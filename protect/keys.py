@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from zoo.errors import AlreadyExists, NotFound, StorageError, ZooError
 
+from zoo.protect.keycheck import lock_record
 from zoo.protect.transform import Key
 
 if TYPE_CHECKING:
@@ -83,14 +84,16 @@ def import_key(registry: "Registry", path: str | os.PathLike[str], model: str | 
                replace: bool = False) -> dict[str, str]:
     """Store a key file's key for ``model`` (default: the model the file names).
 
-    A model whose lineage records the key id it was locked with only takes that key.
+    The key is checked against the model first, as unlock checks it: against the key
+    check value its files carry or, for a model protected before check values, the key
+    id its recipe or card records. A key that does not match is refused.
     """
     key, named = read_key_file(path)
     target = model or named
     if not target:
         raise ZooError(f"{path} names no model; pass --model NAME")
-    recorded = (registry.show(target).get("recipe") or {}).get("key_id")
-    if recorded is not None and recorded != key.key_id:
-        raise ZooError(f"key {key.key_id} does not belong to {target}, which was locked with key {recorded}")
+    info = registry.show(target)
+    if info["kind"] == "protected":  # other kinds: set_key says keys belong to protected models
+        lock_record(info["ref"], registry.checkpoint(info["ref"]), info).verify(key, "does not belong to")
     ref = registry.set_key(target, key_record(key), replace=replace)
     return {"model": ref, "key_id": key.key_id}

@@ -4,6 +4,8 @@ Every tensor is handled on its own: an attention tensor's transform depends only
 the key and its sublayer, so the checkpoint streams in its own order. A background
 thread reads the next tensor while this one transforms and the shard writer's thread
 writes; memory holds a few tensors and the writer's queue, whatever the model size.
+A lock stamps every shard's header with a fresh key check value (``keycheck``); an
+unlock writes plain headers, so its output is not taken for a protected model.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from zoo.progress import ProgressFactory, no_progress
 from zoo.checkpoints.readahead import read_ahead
 from zoo.checkpoints.writer import DEFAULT_SHARD_BYTES, OutTensor, ShardWriter, plan_shards, tensor_bytes
 
+from zoo.protect.keycheck import KeyCheck
 from zoo.protect.layouts import Attention, Layout, layout_for
 from zoo.protect.transform import Key, apply, draw, role_factors
 
@@ -52,9 +55,11 @@ TensorFn = Callable[[Attention, str, str, torch.Tensor], torch.Tensor]
 
 def stream_attention(ckpt: Checkpoint, folder: Path, fn: TensorFn, layout: Layout, *,
                      shard_bytes: int = DEFAULT_SHARD_BYTES, progress: ProgressFactory = no_progress,
-                     desc: str = "writing", reference: Checkpoint | None = None) -> tuple[dict[str, str], int, float]:
+                     desc: str = "writing", reference: Checkpoint | None = None,
+                     metadata: dict[str, str] | None = None) -> tuple[dict[str, str], int, float]:
     """Copy ``ckpt`` into ``folder`` (existing, empty), replacing each attention tensor
-    ``t`` by ``fn(sublayer, role, name, t)``. Names, dtypes and order are kept.
+    ``t`` by ``fn(sublayer, role, name, t)``. Names, dtypes and order are kept;
+    ``metadata`` goes into every shard's header.
 
     Returns the files' sha256, the number of tensors changed, and (with ``reference``)
     the largest max|Δ| / max|reference| over them.
@@ -63,7 +68,7 @@ def stream_attention(ckpt: Checkpoint, folder: Path, fn: TensorFn, layout: Layou
     names = list(ckpt.tensors)
     outs = [OutTensor(n, ckpt.tensors[n].dtype, tuple(ckpt.tensors[n].shape)) for n in names]
     advance = progress(desc, sum(o.nbytes for o in outs), len(outs))
-    writer = ShardWriter(folder, plan_shards(outs, shard_bytes))
+    writer = ShardWriter(folder, plan_shards(outs, shard_bytes), metadata=metadata)
     changed, worst = 0, 0.0
     try:
         # fresh tensors each time (the writer may still hold an untouched one's bytes), two ahead
@@ -88,8 +93,9 @@ def lock_checkpoint(ckpt: Checkpoint, key: Key, folder: Path, *, unlock: bool = 
                     progress: ProgressFactory = no_progress, label: str = "model",
                     reference: Checkpoint | None = None) -> LockStats:
     """Write ``ckpt`` into ``folder`` (existing, empty), locked with ``key`` (or, with
-    ``unlock``, unlocked). With ``reference`` (the original, when unlocking), each
-    restored tensor is compared with it (``max_rel_error``)."""
+    ``unlock``, unlocked). A locked model's shards carry the key's check value. With
+    ``reference`` (the original, when unlocking), each restored tensor is compared with
+    it (``max_rel_error``)."""
     layout = layout or layout_for(ckpt)
     transforms = {att.unit: draw(key, att) for att in layout.units}  # two d×d matrices per KV group
     factors = {att.unit: role_factors(transforms[att.unit], att, unlock) for att in layout.units}
@@ -99,7 +105,8 @@ def lock_checkpoint(ckpt: Checkpoint, key: Key, folder: Path, *, unlock: bool = 
 
     digests, changed, worst = stream_attention(
         ckpt, folder, transform, layout, shard_bytes=shard_bytes, progress=progress,
-        desc=f"{'unlocking' if unlock else 'protecting'} {label}", reference=reference)
+        desc=f"{'unlocking' if unlock else 'protecting'} {label}", reference=reference,
+        metadata=None if unlock else KeyCheck.new(key).metadata())
     conds = list(transforms.values())
     return LockStats(layout.model_type, len(layout.units), changed,
                      max((t.qk.cond for t in conds), default=1.0), max((t.vo.cond for t in conds), default=1.0),

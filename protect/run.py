@@ -3,7 +3,8 @@
 A protected model is registered as kind ``protected`` with its source in the lineage
 and its key in the registry (same transaction), and the key is also written to a key
 file with mode 0600. Key material never enters the model's files: the card and the
-recipe carry only the public ``key_id``. Output appears only when complete.
+recipe carry only the public ``key_id``, the shards' headers a salted key check value
+(``keycheck``) that unlock checks every key against. Output appears only when complete.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from zoo.registry.destination import Destination
 from zoo.registry.records import NewModel
 from zoo.checkpoints.writer import DEFAULT_SHARD_BYTES, copy_sidecars, write_file
 
+from zoo.protect.keycheck import lock_record, read_check
 from zoo.protect.keys import key_record, read_key_file, write_key_file
 from zoo.protect.layouts import Layout, layout_for
 from zoo.protect.lock import LockStats, lock_checkpoint
@@ -92,12 +94,15 @@ def protect(source: str, out: str | None = None, *, registry: "Registry | None" 
     into ``key_file`` (default: ``registry.keys/NAME@V.key``, or ``DIR.key`` beside an
     ``out_dir``). ``verify`` runs both models with ``transformers`` before anything is
     kept and refuses a result outside the tolerance. ``seed`` makes the key (and so the
-    bytes) reproducible; without it the seed is 128 random bits.
+    tensors) reproducible; without it the seed is 128 random bits. Every shard's header
+    carries a fresh salted key check value.
     """
     dest = Destination.check(out, out_dir, registry, shard_bytes)
     src = _open(source, registry)
     if src.info is not None and src.info["kind"] == "protected":
         raise ZooError(f"{src.label} is already protected; protect its source instead")
+    if read_check(src.ckpt, src.label) is not None:
+        raise ZooError(f"{src.label} is already protected (it carries MergeLock metadata); protect its source instead")
     layout = layout_for(src.ckpt)
     dtype = _dtype(src.ckpt, layout)
     key = Key.new(DEFAULT_MAX_COND.get(dtype, 30.0) if max_cond is None else max_cond, seed)
@@ -139,8 +144,10 @@ def protect(source: str, out: str | None = None, *, registry: "Registry | None" 
                 key_written.unlink(missing_ok=True)
 
 
-def _key_for(src: Source, registry: "Registry | None", key_file: str | Path | None) -> Key:
-    recorded = ((src.info or {}).get("recipe") or {}).get("key_id")
+def _key_for(src: Source, registry: "Registry | None", key_file: str | Path | None) -> tuple[Key, str]:
+    """The key (from ``key_file``, else the registry) once checked against the model;
+    and what it was checked against. Refuses an unprotected model before asking for a key."""
+    record = lock_record(src.label, src.ckpt, src.info)
     if key_file is not None:
         key, _ = read_key_file(key_file)
     else:
@@ -148,9 +155,7 @@ def _key_for(src: Source, registry: "Registry | None", key_file: str | Path | No
         if stored is None:
             raise NotFound(f"no key for {src.label} in the registry; pass --key FILE")
         key = Key.from_dict(stored)
-    if recorded is not None and key.key_id != recorded:
-        raise ZooError(f"key {key.key_id} does not unlock {src.label}, which was locked with key {recorded}")
-    return key
+    return key, record.verify(key)
 
 
 def unlock(source: str, out: str | None = None, *, registry: "Registry | None" = None,
@@ -161,10 +166,13 @@ def unlock(source: str, out: str | None = None, *, registry: "Registry | None" =
     The result is registered (kind ``kind``, default the source's original kind) or
     written to ``out_dir``. When the original model is still registered, every
     restored tensor is compared with it and the largest relative error is reported.
+    A key that does not match the model's key check value (or, for a model protected
+    before check values, its recorded key id) is refused, and so is a model that is not
+    protected; nothing is written then. ``key_check`` says what the key was checked against.
     """
     dest = Destination.check(out, out_dir, registry, shard_bytes)
     src = _open(source, registry)
-    key = _key_for(src, registry, key_file)
+    key, checked = _key_for(src, registry, key_file)
     layout = layout_for(src.ckpt)
     recipe_src = ((src.info or {}).get("recipe") or {})
     original = recipe_src.get("source")
@@ -183,4 +191,4 @@ def unlock(source: str, out: str | None = None, *, registry: "Registry | None" =
                   "unlock": report}
         kept = dest.keep(_new_model(folder, name, kind or recipe_src.get("source_kind") or "expert", src,
                                     recipe, digests))
-        return {**kept, "unlock": report}
+        return {**kept, "unlock": report, "key_check": checked}

@@ -78,11 +78,16 @@ class Key:
             raise ZooError(f"not a valid {ALGORITHM} key ({e.__class__.__name__}: {e})") from None
 
     @property
+    def material(self) -> bytes:
+        """The whole key (seed, bound, algorithm, version) as canonical bytes."""
+        return json.dumps(self.to_dict(), sort_keys=True).encode()
+
+    @property
     def key_id(self) -> str:
-        """A public fingerprint naming the key. It reveals nothing of a random seed, but a
-        small chosen seed can be found from it by trying seeds, as from the weights."""
-        raw = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(b"zoo-mergelock-key-id\0" + raw).hexdigest()[:16]
+        """A public fingerprint naming the key: 64 bits of an unsalted sha256 of the whole key.
+        It reveals nothing of a random seed, but a small chosen seed can be found from it by
+        trying seeds, as from the weights, and one key used twice shows the same id."""
+        return hashlib.sha256(b"zoo-mergelock-key-id\0" + self.material).hexdigest()[:16]
 
 
 class _Stream:

@@ -1,5 +1,5 @@
 """MergeLock: equivalence per architecture on multi-token inputs, unlock round trips,
-reproducible bytes, no key material in the output, keys in the registry, refusals, and
+reproducible tensors, no key material in the output, keys in the registry, refusals, and
 the realignment attack."""
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def test_protect_is_exact_reversible_reproducible_and_keyless(arch, tmp_path):
     changed = {n for n in before if before[n] != locked[n]}
     assert changed == set(layout.roles)  # every Q/K/V/O tensor moved, nothing else did
 
-    # the same seed gives the same bytes; another seed different ones
+    # the same seed gives the same tensors (the headers' salted key check values differ); another seed other ones
     protect.protect(str(src), out_dir=tmp_path / "again", seed=1234567)
     assert _tensors(tmp_path / "again") == locked
     protect.protect(str(src), out_dir=tmp_path / "other", seed=7654321)

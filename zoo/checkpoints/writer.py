@@ -80,14 +80,17 @@ class ShardWriter:
     """Writes planned shards into ``folder`` from a background thread.
 
     ``put(bytes)`` hands over the next bytes in plan order; ``close()`` waits, writes
-    the index and returns each file's sha256.
+    the index and returns each file's sha256. ``metadata`` (default ``{"format": "pt"}``)
+    goes into every shard's header.
     """
 
     QUEUE_DEPTH = 4  # pieces handed over but not yet written
 
-    def __init__(self, folder: Path, shards: list[list[OutTensor]], depth: int = QUEUE_DEPTH):
+    def __init__(self, folder: Path, shards: list[list[OutTensor]], depth: int = QUEUE_DEPTH,
+                 metadata: dict[str, str] | None = None):
         self.folder = folder
         self.shards = shards
+        self.metadata = metadata
         self.names = shard_names(len(shards))
         self.digests: dict[str, str] = {}
         self.depth = depth
@@ -101,7 +104,7 @@ class ShardWriter:
             for name, tensors in zip(self.names, self.shards):
                 h = hashlib.sha256()
                 with open(self.folder / name, "wb", buffering=0) as f:
-                    head = header_bytes(tensors)
+                    head = header_bytes(tensors, self.metadata)
                     f.write(head)
                     h.update(head)
                     for t in tensors:
