@@ -18,7 +18,7 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session
 
 from zoo.errors import ZooError
-from zoo.registry.listing import not_a_registry
+from zoo.registry.paths import not_a_registry
 from zoo.registry.store import BlobStore
 from zoo.registry.migrations import SCHEMA_HEAD
 

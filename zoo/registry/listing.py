@@ -15,6 +15,7 @@ from typing import Any
 from zoo.errors import NotFound, ZooError
 from zoo.registry.migrations import SCHEMA_HEAD
 from zoo.registry.names import KINDS, parse_ref
+from zoo.registry.paths import not_a_registry
 
 
 _SQL = """
@@ -105,8 +106,3 @@ def schema_revision(path: Path) -> str | None:
     finally:
         con.close()
 
-
-def not_a_registry(path: Path, e: Exception) -> ZooError:
-    """The error for a registry file that SQLite cannot read as a database."""
-    return ZooError(f"{path} is not a zoo registry ({e}); point --registry at a registry.db, or move this file "
-                    "away and run `zoo init`")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from zoo.errors import NotFound
+from zoo.errors import NotFound, ZooError
 
 DEFAULT_FILENAME = "registry.db"
 ENV_VAR = "ZOO_REGISTRY"
@@ -33,3 +33,9 @@ def store_path(registry: Path) -> Path:
 def keys_path(registry: Path) -> Path:
     """Key files beside a registry: ``registry.db`` -> ``registry.keys/``."""
     return registry.with_suffix(".keys")
+
+
+def not_a_registry(path: Path, e: Exception) -> ZooError:
+    """The error for a registry file that SQLite cannot read as a database."""
+    return ZooError(f"{path} is not a zoo registry ({e}); point --registry at a registry.db, or move this file "
+                    "away and run `zoo init`")
