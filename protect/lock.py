@@ -10,6 +10,8 @@ unlock writes plain headers, so its output is not taken for a protected model.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 from zoo.checkpoints.reader import Checkpoint
+from zoo.errors import ZooError
 from zoo.memory import keep_freed_memory
 from zoo.progress import ProgressFactory, no_progress
 from zoo.checkpoints.readahead import read_ahead
@@ -74,8 +77,14 @@ def stream_attention(ckpt: Checkpoint, folder: Path, fn: TensorFn, layout: Layou
         # fresh tensors each time (the writer may still hold an untouched one's bytes), two ahead
         for name, tensor in read_ahead(lambda _, n: (n, ckpt.read_tensor(n)), names, sets=3):
             role = layout.roles.get(name)
+            if not _finite(tensor):
+                raise ZooError(f"{name} has NaN or infinite values; nothing was written. `zoo check` lists every "
+                               "such tensor")
             if role is not None:
                 tensor = fn(role[0], role[1], name, tensor)
+                if not _finite(tensor):
+                    raise ZooError(f"transforming {name} gave NaN or infinite values although it is finite; "
+                                   "nothing was written. Try a smaller --max-cond")
                 changed += 1
                 if reference is not None and name in reference.tensors:
                     worst = max(worst, _rel_error(reference.read_tensor(name), tensor))
@@ -111,6 +120,11 @@ def lock_checkpoint(ckpt: Checkpoint, key: Key, folder: Path, *, unlock: bool = 
     return LockStats(layout.model_type, len(layout.units), changed,
                      max((t.qk.cond for t in conds), default=1.0), max((t.vo.cond for t in conds), default=1.0),
                      digests, worst if reference is not None else None)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN and no infinity: one float32 sum (any NaN or infinity makes it non-finite)."""
+    return not t.is_floating_point() or math.isfinite(float(torch.sum(t, dtype=torch.float32)))
 
 
 def _rel_error(ref: torch.Tensor, got: torch.Tensor) -> float:

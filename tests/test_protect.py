@@ -316,3 +316,28 @@ def test_realignment_attack_recovers_most_of_a_small_task_vector(registry, tmp_p
         delta = (f.read_tensor(n) - b.read_tensor(n)).norm()
         assert (lk.read_tensor(n) - f.read_tensor(n)).norm() > 5 * delta, n
         assert (rl.read_tensor(n) - f.read_tensor(n)).norm() < delta, n  # most of the task vector is back
+
+
+@pytest.mark.parametrize("where", ["query", "other"])
+def test_non_finite_weights_are_refused_by_name(registry, tmp_path, where):
+    """A NaN or an infinity in any tensor (a transformed one or one copied as is) stops the
+    protection with the tensor's name; nothing is registered, no key or temp file is left."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import db_dump, store_listing
+
+    src = tiny(tmp_path / "src", "bert")
+    sd = load_file(str(src / "model.safetensors"))
+    name = sorted(n for n in sd if (n.endswith("query.weight") if where == "query" else "dense" in n and
+                                    "attention" not in n and n.endswith(".weight")))[0]
+    sd[name].view(-1)[1] = float("nan") if where == "query" else float("inf")
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    registry.add(src, "m", "base")
+    before, blobs = db_dump(registry.path), store_listing(registry.path)
+    with pytest.raises(ZooError, match=rf"^{name} has NaN or infinite values; nothing was written"):
+        protect.protect("m", "m-locked", registry=registry)
+    with pytest.raises(ZooError, match="NaN or infinite"):
+        protect.protect(str(src), out_dir=tmp_path / "out", registry=registry)
+    assert db_dump(registry.path) == before and store_listing(registry.path) == blobs
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.key").exists()
+    assert not list(registry.keys_dir.glob("*")) if registry.keys_dir.exists() else True
