@@ -35,8 +35,8 @@ def pull(
     from zoo.hub.client import pull as pull_api
 
     with render.progress_bars() as progress:
-        info = pull_api(open_registry(create=True), repo, name=name, kind=kind, base=base, endpoint=endpoint,
-                        progress=progress)
+        info = pull_api(lambda: open_registry(create=True), repo, name=name, kind=kind, base=base,
+                        endpoint=endpoint, progress=progress)
     if as_json:
         render.emit_json(info)
         return

@@ -593,6 +593,13 @@ def test_every_command_fails_clearly_when_the_endpoint_is_unreachable(registry, 
                 assert r.returncode == 1 and r.stderr.count("\n") == 1, (cmd, r.stderr[-1500:])
                 assert said in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)
                 assert time.monotonic() - t < 60
+        # a pull that cannot reach its Hub leaves no new registry behind (here: none in the working folder)
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        r = subprocess.run([sys.executable, "-m", "zoo.cli.main", "pull", "team/m", "--endpoint", dead],
+                           env={k: v for k, v in env.items() if k != "ZOO_REGISTRY"}, cwd=fresh,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "cannot reach" in r.stderr and list(fresh.iterdir()) == [], r.stderr
         # serve: a port in use is one line too
         r = subprocess.run([sys.executable, "-m", "zoo.cli.main", "serve", "--port", str(silent.getsockname()[1])],
                            env=env, capture_output=True, text=True, timeout=120)

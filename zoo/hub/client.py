@@ -23,7 +23,7 @@ import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from zoo.checkpoints.reader import SIDECAR_SUFFIXES
@@ -189,7 +189,7 @@ def _lfs_transfers() -> Iterator[None]:
 
 # -- pull ----------------------------------------------------------------------------------
 def pull(
-    registry: Registry,
+    registry: "Registry | Callable[[], Registry]",
     repo: str,
     *,
     name: str | None = None,
@@ -202,7 +202,9 @@ def pull(
     """Download ``repo`` (``namespace/name[@revision]``) and register it.
 
     Returns the registered model's summary with ``pulled`` False when that commit
-    was already in the registry (nothing is downloaded then).
+    was already in the registry (nothing is downloaded then). ``registry`` may be a
+    function that opens it: it is called once the Hub has answered, so a pull that
+    cannot reach its Hub leaves no new registry behind.
     """
     from huggingface_hub import snapshot_download
 
@@ -212,6 +214,7 @@ def pull(
     api = _api(url, token)
     with hub_errors(url, repo_id, revision):
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    registry = registry() if callable(registry) else registry
     sha = info.sha
     have = registry.find_hub(repo_id, sha)
     if have is not None:
