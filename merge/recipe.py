@@ -22,6 +22,7 @@ from zoo.checkpoints.heads import DEFAULT_HEAD_PATTERNS
 from zoo.errors import ZooError
 
 from zoo.merge.methods import check_count, get_method, validate_params
+from zoo.merge.methods.base import LOOP_PARAMETERS
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 UNSUPPORTED = ("slices", "modules", "tokenizer", "chat_template")
@@ -132,6 +133,9 @@ def from_dict(data: dict[str, Any]) -> Recipe:
     if "merge_method" not in data:
         raise ZooError("the recipe has no merge_method")
     models = []
+    if not isinstance(data.get("models") or [], list):
+        raise ZooError(f"models must be a list of {{model: NAME}} entries, got {data['models']!r}; e.g. "
+                       "models: [{model: expert1}, {model: expert2}]")
     for entry in data.get("models") or []:
         if not isinstance(entry, dict) or "model" not in entry:
             raise ZooError(f"each models entry needs a 'model' key, got {entry!r}")
@@ -216,6 +220,8 @@ def with_overrides(recipe: Recipe, params: list[str], seed: int | None = None) -
         elif key in m.parameters:
             recipe.parameters[key] = value
         else:
+            if key in LOOP_PARAMETERS and not m.learned:
+                validate_params(m, {key: value}, [])  # says that the method does not train
             known = ", ".join(sorted({*m.parameters, *m.model_parameters})) or "none"
             raise ZooError(f"{recipe.merge_method}: unknown parameter {key!r} (parameters: {known})")
     if seed is not None:

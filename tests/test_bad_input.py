@@ -199,3 +199,47 @@ def test_gc_with_a_negative_age(zoo_cli, seeded):
 def test_a_recipe_that_is_not_utf8(zoo_cli, seeded, tmp_path):
     (tmp_path / "r.yml").write_bytes(b"merge_method: ties\n\xff\xfe base_model: base\n")
     assert_refused(zoo_cli, seeded, ["merge", tmp_path / "r.yml", "--out", "m"], r"is not UTF-8 text \(byte 19\)")
+
+
+def test_a_symlink_loop_is_named_as_such(zoo_cli, seeded, tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    assert_refused(zoo_cli, seeded, ["add", tmp_path / "loop", "--name", "x", "--kind", "base"],
+                   r"a symbolic link that cannot be followed")
+
+
+def test_a_checkpoint_without_tensors(zoo_cli, seeded, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({}, str(tmp_path / "empty.safetensors"))
+    assert_refused(zoo_cli, seeded, ["add", tmp_path / "empty.safetensors", "--name", "x", "--kind", "base"],
+                   r"holds no tensors")
+
+
+def test_overlapping_tensor_bytes_are_refused_as_safetensors_does(zoo_cli, seeded, tmp_path):
+    import json
+
+    header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}
+    raw = json.dumps(header).encode()
+    (tmp_path / "overlap.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(16))
+    assert_refused(zoo_cli, seeded, ["add", tmp_path / "overlap.safetensors", "--name", "x", "--kind", "base"],
+                   r"tensors 'a' and 'b' share bytes")
+
+
+def test_a_new_version_of_another_architecture(zoo_cli, seeded, tmp_path):
+    from conftest import llama
+
+    assert_refused(zoo_cli, seeded, ["add", llama(tmp_path / "llama"), "--name", "base", "--kind", "base",
+                                     "--new-version"], r"base@1 is a vit model; a new version must be the same "
+                                                       r"architecture \(got llama\)")
+
+
+def test_recipe_models_given_as_a_string(zoo_cli, seeded, tmp_path):
+    (tmp_path / "r.yml").write_text("merge_method: task_arithmetic\nbase_model: base\nmodels: parity\n")
+    assert_refused(zoo_cli, seeded, ["merge", tmp_path / "r.yml", "--out", "m"],
+                   r"models must be a list of \{model: NAME\} entries, got 'parity'")
+
+
+def test_steps_on_a_method_that_does_not_train(zoo_cli, seeded):
+    assert_refused(zoo_cli, seeded, ["merge", "--method", "ties", "--base", "base", "parity", "--steps", "5",
+                                     "--out", "m"], r"ties does not train, so it takes no steps")

@@ -237,7 +237,15 @@ def check_count(method: MergeMethod, n: int) -> None:
         raise ZooError(f"{method.name} takes at most {method.max_models} model(s) besides the base, got {n}")
 
 
+# What only learned merges take (their training loop); named so a data-free method can say it does not train.
+LOOP_PARAMETERS = ("steps", "lr", "batch_size")
+
+
 def _check_param(method: MergeMethod, table: dict[str, Param], what: str, listing: str, key: str, value: Any) -> None:
+    if key not in table and key in LOOP_PARAMETERS and not method.learned:
+        learned = ", ".join(name for name, m in METHODS.items() if m.learned)
+        raise ZooError(f"{method.name} does not train, so it takes no {key}: --steps, --lr and --batch-size are for "
+                       f"learned merges ({learned})")
     if key not in table:
         known = ", ".join(sorted(table)) or "none"
         raise ZooError(f"{method.name}: unknown {what} {key!r} ({listing}: {known})")

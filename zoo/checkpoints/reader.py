@@ -141,6 +141,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
                 f"but the file has {size} bytes"
             )
         tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
+    # As safetensors itself: the tensors tile the data exactly, with no byte in two tensors.
+    spans = sorted((t.start, t.end, t.name) for t in tensors.values())
+    for (s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensors {n0!r} and {n1!r} share bytes "
+                                  f"{s1}..{min(e0, spans[-1][1])}")
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
@@ -331,8 +337,16 @@ def open_safetensors(path: str | os.PathLike[str]) -> Checkpoint:
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a checkpoint folder or file by its headers. Raises ``CheckpointError``."""
-    path = Path(path)
+    ckpt = _open_checkpoint(Path(path))
+    if not ckpt.tensors:
+        raise CheckpointError(f"{path}: the checkpoint holds no tensors")
+    return ckpt
+
+
+def _open_checkpoint(path: Path) -> Checkpoint:
     if not path.exists():
+        if path.is_symlink():
+            raise CheckpointError(f"{path}: a symbolic link that cannot be followed (a loop, or its target is gone)")
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:

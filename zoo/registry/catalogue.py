@@ -214,6 +214,8 @@ class Registry:
                     f"a model named {name!r} already exists; choose another --name, "
                     "or pass --new-version to add a new version of it"
                 )
+            if new_version and self._exists(s, name):
+                _same_model(self._resolve(s, name), kind, ckpt.architecture())
             base_ref = self._resolve(s, base).ref if base else None
             parent_refs = [(role, self._resolve(s, r).ref) for role, r in parents]
         if base_ref is not None and check_base:
@@ -643,6 +645,17 @@ def _key_id(key: dict[str, Any]) -> str:
     if "key_id" not in key:
         raise ZooError("a protection key needs its key_id")
     return str(key["key_id"])
+
+
+def _same_model(previous: Model, kind: str, arch: dict[str, Any]) -> None:
+    """A new version replaces the model it versions: same kind and architecture."""
+    if previous.kind != kind:
+        raise ZooError(f"{previous.ref} is a {previous.kind} model; a new version must be one too (got {kind}); "
+                       "register it under another --name")
+    before, now = previous.model_type, arch.get("model_type")
+    if before and now and before != now:
+        raise IncompatibleModels(f"{previous.ref} is a {before} model; a new version must be the same architecture "
+                                 f"(got {now}); register it under another --name")
 
 
 def _validate_tag(tag: str) -> None:
