@@ -825,3 +825,14 @@ def test_token_create_in_a_missing_folder_says_so(tmp_path):
     with pytest.raises(NotFound, match="does not exist"):
         create_token(tmp_path / "no-such-dir" / "registry.tokens", "me")
     assert not (tmp_path / "no-such-dir").exists()
+
+
+@pytest.mark.parametrize("content", [b"garbage\x00\xff\nline\n", b"name\tnope\n"])
+def test_a_damaged_token_file_is_one_line_and_left_alone(tmp_path, content):
+    file = tmp_path / "registry.tokens"
+    file.write_bytes(content)
+    with pytest.raises(ZooError, match=r"is not a token file|not a token line"):
+        TokenSet.load(file)
+    with pytest.raises(ZooError, match=r"is not a token file|not a token line"):
+        create_token(file, "me")
+    assert file.read_bytes() == content

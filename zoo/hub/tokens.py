@@ -52,7 +52,10 @@ def create_token(file: Path, name: str, scope: str = "write") -> str:
     lock = os.open(file.with_name(f".{file.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two creates at once must not drop a line
-        lines = file.read_text().splitlines() if file.exists() else []
+        lines = []
+        if file.exists():
+            _read(file)  # a damaged file is refused, never appended to
+            lines = _lines(file)
         if any(line.split("\t")[0] == name for line in lines if line.strip()):
             raise AlreadyExists(f"a token named {name!r} is already in {file}; choose another --name")
         token = PREFIX + secrets.token_urlsafe(32)
@@ -123,9 +126,20 @@ def _stamp(file: Path) -> tuple[int, int, int] | None:
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
+def _lines(file: Path) -> list[str]:
+    """The token file's lines; one line of error for a file that is not one."""
+    try:
+        return file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ZooError(f"{file} is not a token file (not UTF-8 text at byte {e.start}); move it away and make "
+                       "tokens again with `zoo token create`") from None
+    except OSError as e:
+        raise ZooError(f"cannot read token file {file}: {e.strerror or e}") from None
+
+
 def _read(file: Path) -> dict[str, Holder]:
     entries: dict[str, Holder] = {}
-    for i, line in enumerate(file.read_text().splitlines(), 1):
+    for i, line in enumerate(_lines(file), 1):
         if not line.strip() or line.startswith("#"):
             continue
         parts = line.split("\t")
