@@ -100,6 +100,10 @@ def main() -> None:
     except typer.Abort:
         render.error("aborted")
         sys.exit(1)
+    except OSError as e:  # the machine said no (disk, permissions, a mount): one line, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        render.error(f"{where}{e.strerror or e}; nothing was changed")
+        sys.exit(1)
     except Exception as e:
         if not isinstance(e, _click_errors()):
             raise

@@ -34,7 +34,10 @@ def write_key_file(path: str | os.PathLike[str], key: Key, model: str) -> Path:
     path = Path(path).absolute()
     if path.exists():
         raise AlreadyExists(f"{path} already exists; choose another key file")
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise StorageError(f"cannot write the key file {path}: {e.strerror or e}") from None
     data = (json.dumps({"format": FORMAT, "model": model, **key_record(key)}, indent=2) + "\n").encode()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

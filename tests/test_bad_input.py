@@ -243,3 +243,54 @@ def test_recipe_models_given_as_a_string(zoo_cli, seeded, tmp_path):
 def test_steps_on_a_method_that_does_not_train(zoo_cli, seeded):
     assert_refused(zoo_cli, seeded, ["merge", "--method", "ties", "--base", "base", "parity", "--steps", "5",
                                      "--out", "m"], r"ties does not train, so it takes no steps")
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """A small tmpfs of our own (needs root; skipped where mounting is not allowed);
+    ``mount("ro")`` remounts it read-only."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+
+    def remount(mode: str) -> Path:
+        subprocess.run(["mount", "-o", f"remount,{mode}", str(mnt)], check=True)
+        return mnt
+    try:
+        yield remount
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_registry_on_read_only_storage_reads_and_refuses_writes_in_one_line(zoo_cli, seeded, mount):
+    mnt = mount("rw")
+    import sqlite3
+
+    with sqlite3.connect(seeded) as con:  # as a cleanly closed registry is: everything in the main file
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    shutil.copy(seeded, mnt / "registry.db")
+    shutil.copytree(seeded.with_name("registry.store"), mnt / "registry.store")
+    mount("ro")
+    reg = ["--registry", str(mnt / "registry.db")]
+    code, out, err = zoo_cli("list", *reg)
+    assert code == 0 and "parity@1" in out, err
+    code, out, err = zoo_cli("show", "parity", *reg)
+    assert code == 0 and "parity@1" in out, err
+    assert zoo_cli("verify", *reg)[0] == 0
+    code, _, err = zoo_cli("tag", "parity", "x", *reg)
+    assert code == 1 and err.strip().splitlines() == [
+        f"error: registry {mnt / 'registry.db'} is busy or unwritable: attempt to write a readonly database"]
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["export", "parity", "{mnt}/out"], r"cannot write to {mnt}: Read-only file system; choose another folder"),
+    (["merge", "--method", "task_arithmetic", "--base", "base", "parity", "--out-dir", "{mnt}/m"],
+     r"cannot write to {mnt}: Read-only file system; choose a writable --out-dir"),
+    (["key", "export", "locked", "--out", "{mnt}/k/locked.key"], r"cannot write the key file {mnt}/k/locked.key"),
+])
+def test_writing_to_read_only_storage_is_one_line(zoo_cli, seeded, mount, args, pattern, models):
+    assert zoo_cli("protect", "parity", "--out", "locked", "--seed", "1")[0] == 0
+    mnt = mount("ro")
+    assert_refused(zoo_cli, seeded, [a.format(mnt=mnt) for a in args], pattern.format(mnt=mnt))

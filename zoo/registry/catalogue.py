@@ -475,7 +475,10 @@ class Registry:
         advance = (progress or no_progress)(f"exporting {ref}", sum(sz for *_, sz in files))
         tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        try:
+            tmp.mkdir()
+        except OSError as e:
+            raise StorageError(f"cannot write to {dest.parent}: {e.strerror or e}; choose another folder") from None
         try:
             for rel, p, size in files:
                 if not p.is_file():

@@ -18,7 +18,7 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session
 
 from zoo.errors import ZooError
-from zoo.registry.paths import not_a_registry
+from zoo.registry.paths import not_a_registry, on_read_only_storage
 from zoo.registry.store import BlobStore
 from zoo.registry.migrations import SCHEMA_HEAD
 
@@ -26,15 +26,20 @@ BUSY_TIMEOUT_MS = 60_000
 
 
 def make_engine(path: Path) -> Engine:
-    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+    """An engine for the registry at ``path``; on read-only storage it opens the file
+    read-only and immutable (reads work; a write fails with one line)."""
+    read_only = on_read_only_storage(path)
+    url = f"sqlite:///file:{path}?mode=ro&immutable=1&uri=true" if read_only else f"sqlite:///{path}"
+    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:  # pragma: no cover - exercised by every test
         dbapi_conn.isolation_level = None  # transactions are begun below, not by the driver
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
+        if not read_only:
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
@@ -58,6 +63,9 @@ def upgrade(engine: Engine, path: Path) -> None:
     current = _current_revision(engine)
     if current == SCHEMA_HEAD:
         return
+    if on_read_only_storage(path):
+        raise ZooError(f"{path} is on read-only storage and its schema ({current}) is older than this zoo's; "
+                       "upgrade a writable copy first")
     from alembic.config import Config
     from alembic.script import ScriptDirectory
     from filelock import FileLock

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zoo.errors import AlreadyExists, ZooError
+from zoo.errors import AlreadyExists, StorageError, ZooError
 from zoo.registry.names import validate_name
 
 if TYPE_CHECKING:
@@ -73,7 +73,11 @@ class Destination:
         else:
             folder = self.path.parent / f".{self.path.name}.{os.getpid()}.writing"
             shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
+            try:
+                folder.mkdir(parents=True)
+            except OSError as e:
+                raise StorageError(f"cannot write to {self.path.parent}: {e.strerror or e}; choose a writable "
+                                   "--out-dir") from None
         try:
             yield folder
         finally:

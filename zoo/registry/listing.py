@@ -15,7 +15,7 @@ from typing import Any
 from zoo.errors import NotFound, ZooError
 from zoo.registry.migrations import SCHEMA_HEAD
 from zoo.registry.names import KINDS, parse_ref
-from zoo.registry.paths import not_a_registry
+from zoo.registry.paths import not_a_registry, on_read_only_storage
 
 
 _SQL = """
@@ -36,7 +36,8 @@ def iso_utc(value: Any) -> str | None:
 
 
 def connect_readonly(path: Path) -> sqlite3.Connection:
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+    immutable = "&immutable=1" if on_read_only_storage(path) else ""
+    con = sqlite3.connect(f"file:{path}?mode=ro{immutable}", uri=True, timeout=60)
     con.execute("PRAGMA busy_timeout=60000")
     return con
 

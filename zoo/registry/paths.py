@@ -35,6 +35,12 @@ def keys_path(registry: Path) -> Path:
     return registry.with_suffix(".keys")
 
 
+def on_read_only_storage(path: Path) -> bool:
+    """True when the registry's folder cannot be written (a read-only mount): SQLite then
+    opens it as immutable, since nobody can change it, and reads work."""
+    return path.exists() and not os.access(path.parent, os.W_OK)
+
+
 def not_a_registry(path: Path, e: Exception) -> ZooError:
     """The error for a registry file that SQLite cannot read as a database."""
     return ZooError(f"{path} is not a zoo registry ({e}); point --registry at a registry.db, or move this file "
