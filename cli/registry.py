@@ -251,4 +251,6 @@ def gc(older_than: float = typer.Option(7200, "--older-than", metavar="SECONDS",
     if as_json:
         render.emit_json(info)
     else:
-        print(f"removed {info['blobs_removed']} unused blob(s), {render.human_bytes(info['bytes_freed'])}")
+        folders = f" and {info['folders_removed']} half-written folder(s) of killed commands" \
+            if info["folders_removed"] else ""
+        print(f"removed {info['blobs_removed']} unused blob(s){folders}, {render.human_bytes(info['bytes_freed'])}")

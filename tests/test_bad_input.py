@@ -294,3 +294,28 @@ def test_writing_to_read_only_storage_is_one_line(zoo_cli, seeded, mount, args, 
     assert zoo_cli("protect", "parity", "--out", "locked", "--seed", "1")[0] == 0
     mnt = mount("ro")
     assert_refused(zoo_cli, seeded, [a.format(mnt=mnt) for a in args], pattern.format(mnt=mnt))
+
+
+def test_gc_removes_the_folder_a_killed_out_dir_merge_left(zoo_cli, seeded, tmp_path):
+    """kill -9 during `zoo merge --out-dir` leaves its hidden folder; `zoo gc` removes it
+    and counts its bytes; a second `--out-dir` write beside it removes such folders too."""
+    env = {**os.environ, "ZOO_REGISTRY": str(seeded)}
+    script = ("import os, signal, sys\n"
+              "from zoo.cli.main import main\n"
+              "import zoo.merge.engine as e\n"
+              "real = e.execute\n"
+              "def die(plan, folder, **kw):\n"
+              "    (folder / 'partial.safetensors').write_bytes(b'x' * 123456)\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "e.execute = die\n"
+              "sys.argv = ['zoo', 'merge', '--method', 'task_arithmetic', '--base', 'base', 'parity', '--out-dir', "
+              f"{str(tmp_path / 'out')!r}]\n"
+              "main()\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name.endswith(".writing")]
+    code, out, err = zoo_cli("gc", "--json")
+    got = __import__("json").loads(out)
+    assert code == 0 and got["folders_removed"] == 1 and got["bytes_freed"] >= 123456, err
+    assert not left.exists() and not (tmp_path / "out").exists()
+    assert list((seeded.with_name("registry.store") / "workspaces").iterdir()) == []

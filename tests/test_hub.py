@@ -810,7 +810,7 @@ def test_gc_removes_only_blobs_nothing_uses(hub, folder, tiny, registry, zoo_cli
     server = hub.registry
     kept = server.store.all_digests() - {oid}
     assert server.collect()["blobs_removed"] == 0 and server.store.has(oid)  # too young
-    assert server.collect(older_than=0) == {"blobs_removed": 1, "bytes_freed": len(orphan)}
+    assert server.collect(older_than=0) == {"blobs_removed": 1, "folders_removed": 0, "bytes_freed": len(orphan)}
     assert server.store.all_digests() == kept
     from huggingface_hub import snapshot_download
 

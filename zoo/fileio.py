@@ -19,3 +19,14 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     POSIX_FADV_DONTNEED starts writeback of dirty pages); a no-op where unsupported."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (temp files are tagged with their writer's pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -30,6 +30,7 @@ from zoo.registry.names import KINDS, parse_ref, validate_name
 from zoo.registry.paths import existing_registry, keys_path, registry_path, store_path
 from zoo.registry.schema import File, HubEntry, LineageEdge, Metric, Model, ModelTag, ProtectionKey, Recipe, Task
 from zoo.progress import ProgressFactory, no_progress
+from zoo.registry.destination import collect_workspaces
 from zoo.registry.records import Measurement, NewModel
 from zoo.registry.store import BlobStore, hash_file
 
@@ -573,7 +574,8 @@ class Registry:
                 if st.st_mtime <= cutoff:
                     self.store.remove(d)
                     removed, freed = removed + 1, freed + st.st_size
-        return {"blobs_removed": removed, "bytes_freed": freed}
+            folders, folder_bytes = collect_workspaces(self.store.root)
+        return {"blobs_removed": removed, "folders_removed": folders, "bytes_freed": freed + folder_bytes}
 
     # -- tasks and metrics -----------------------------------------------------------
     def add_task(self, name: str, labels: Sequence[str] | None = None, data: str | os.PathLike[str] | None = None,

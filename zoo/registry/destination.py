@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zoo.errors import AlreadyExists, StorageError, ZooError
+from zoo.fileio import pid_alive
 from zoo.registry.names import validate_name
 
 if TYPE_CHECKING:
@@ -71,17 +73,35 @@ class Destination:
             folder = self.registry.store.temp_path(suffix)
             folder.mkdir(parents=True)
         else:
-            folder = self.path.parent / f".{self.path.name}.{os.getpid()}.writing"
+            remove_stale_workspaces(self.path.parent)
+            folder = self.path.parent / f".{self.path.name}.{os.getpid()}{WRITING}"
             shutil.rmtree(folder, ignore_errors=True)
             try:
                 folder.mkdir(parents=True)
             except OSError as e:
                 raise StorageError(f"cannot write to {self.path.parent}: {e.strerror or e}; choose a writable "
                                    "--out-dir") from None
+        record = self._record(folder)
         try:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+            if record is not None:
+                record.unlink(missing_ok=True)
+
+    def _record(self, folder: Path) -> Path | None:
+        """A folder outside the store is noted in the registry's store while it is
+        written, so that `zoo gc` finds it if this process is killed (kill -9)."""
+        if self.registers or self.registry is None:
+            return None  # the store's own temp area is cleaned by the store
+        records = self.registry.store.root / WORKSPACES
+        try:
+            records.mkdir(parents=True, exist_ok=True)
+            record = records / f"{os.getpid()}-{secrets.token_hex(8)}"
+            record.write_text(str(folder))
+        except OSError:
+            return None  # a read-only registry: the next write beside the folder removes it
+        return record
 
     def keep(self, new: "NewModel", progress: "ProgressFactory | None" = None) -> dict[str, Any]:
         """Register the finished folder under this destination's name (the registry's
@@ -91,3 +111,61 @@ class Destination:
         new.folder.rename(self.path)
         return {"path": str(self.path)}
 
+
+
+WRITING = ".writing"  # the suffix of a folder being written beside its final place
+WORKSPACES = "workspaces"  # in the store: notes of folders being written elsewhere, for `zoo gc`
+
+
+def _writer_pid(folder: Path) -> int | None:
+    """The pid in ``.NAME.PID.writing`` (None for any other name)."""
+    parts = folder.name.rsplit(".", 2)
+    if folder.name.startswith(".") and folder.name.endswith(WRITING) and len(parts) == 3 and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def remove_stale_workspaces(parent: Path) -> tuple[int, int]:
+    """Remove the half-written folders that killed processes left in ``parent``; returns
+    how many and their bytes."""
+    removed = freed = 0
+    try:
+        candidates = [p for p in parent.iterdir() if p.is_dir() and p.name.endswith(WRITING)]
+    except OSError:
+        return 0, 0
+    for folder in candidates:
+        pid = _writer_pid(folder)
+        if pid is not None and pid != os.getpid() and not pid_alive(pid):
+            size = _size(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                removed, freed = removed + 1, freed + size
+    return removed, freed
+
+
+def collect_workspaces(store_root: Path) -> tuple[int, int]:
+    """For `zoo gc`: the folders noted in the store whose writers died, removed; returns
+    how many and their bytes."""
+    records = store_root / WORKSPACES
+    if not records.is_dir():
+        return 0, 0
+    removed = freed = 0
+    for record in records.iterdir():
+        pid = record.name.split("-", 1)[0]
+        if not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        try:
+            folder = Path(record.read_text().strip())
+        except (OSError, UnicodeDecodeError):
+            folder = None
+        if folder is not None and _writer_pid(folder) == int(pid) and folder.is_dir():
+            size = _size(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                removed, freed = removed + 1, freed + size
+        record.unlink(missing_ok=True)
+    return removed, freed
