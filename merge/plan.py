@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from zoo.checkpoints.compat import compare
 from zoo.checkpoints.heads import is_head
 from zoo.checkpoints.lora import LoraPair, read_adapter
-from zoo.checkpoints.reader import FLOAT_DTYPES, Checkpoint
+from zoo.checkpoints.reader import FLOAT_DTYPES, MERGELOCK_METADATA, Checkpoint
 from zoo.checkpoints.writer import OutTensor
 from zoo.errors import IncompatibleModels, ZooError
 from zoo.registry.resolve import open_model
@@ -38,12 +38,18 @@ class Input:
     ckpt: Checkpoint
     tasks: list[str] = field(default_factory=list)
     base_ref: str | None = None  # the base it was registered with
+    kind: str | None = None  # its registry kind (None for a path)
     lora: dict[str, LoraPair] = field(default_factory=dict)  # base tensor name -> pair
     overrides: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter tensor
 
     @property
     def is_adapter(self) -> bool:
         return self.ckpt.form == "adapter"
+
+    @property
+    def is_protected(self) -> bool:
+        """MergeLock-protected: registered so, or stamped so in its files."""
+        return self.kind == "protected" or MERGELOCK_METADATA in self.ckpt.metadata
 
 
 @dataclass
@@ -72,7 +78,7 @@ def _open_input(label: str, registry: "Registry | None") -> Input:
     ckpt, info = open_model(label, registry)
     if info is None:
         return Input(label, None, ckpt)
-    return Input(label, info["ref"], ckpt, tasks=info["tasks"], base_ref=info["base"])
+    return Input(label, info["ref"], ckpt, tasks=info["tasks"], base_ref=info["base"], kind=info["kind"])
 
 
 def _check_adapter(adapter: Input, base: Checkpoint, base_label: str, patterns: tuple[str, ...]) -> None:

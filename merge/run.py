@@ -68,6 +68,10 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
     """
     dest = Destination.check(out, out_dir, registry, shard_bytes)
     plan = make_plan(recipe, registry)
+    for m in plan.models:
+        if m.is_protected:
+            _warn(log, f"warning: {m.ref or m.label} is MergeLock-protected: merging its weights gives a broken "
+                       "model by design (unlock it first with its key, or leave it out)")
     name = dest.label
     recipe_d = resolved_recipe(plan)
     learned, artifacts = None, {}
@@ -124,3 +128,13 @@ def _new_model(folder: Path, name: str, digests: dict[str, str], plan: Plan, rec
                     parents=parents, recipe=recipe_d, tasks=tasks, head_patterns=tuple(plan.recipe.heads),
                     artifacts=artifacts, metadata={"heads": {str(k): v for k, v in plan.heads.items() if v}},
                     metrics=[m for m in plan.method.metrics(recipe_d.get("learned")) if m.task in tasks])
+
+
+def _warn(log: "Callable[[str], None] | None", message: str) -> None:
+    """To the caller's log (the CLI's stderr), else as a Python warning."""
+    if log is not None:
+        log(message)
+    else:
+        import warnings
+
+        warnings.warn(message, stacklevel=3)

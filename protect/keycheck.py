@@ -26,13 +26,13 @@ from typing import Any
 
 import yaml
 
-from zoo.checkpoints.reader import Checkpoint, read_safetensors_header
+from zoo.checkpoints.reader import MERGELOCK_METADATA, Checkpoint, read_safetensors_header
 from zoo.errors import ZooError
 from zoo.registry import card
 
 from zoo.protect.transform import ALGORITHM, VERSION, Key
 
-METADATA_KEY = "zoo_mergelock"  # the safetensors header metadata entry
+METADATA_KEY = MERGELOCK_METADATA  # the safetensors header metadata entry
 CHECK = "hmac-sha256"
 CONTEXT = b"zoo-mergelock-key-check\0"
 SALT_BYTES = 16

@@ -352,3 +352,23 @@ def test_a_merge_that_overflows_is_refused(registry, llama_family, tmp_path):
         merge.run(merge.from_cli("task_arithmetic", str(base), [str(e) for e in experts], ["weight=3e38", "lambda=3e38"]),
                   out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_merge_with_a_protected_model_warns(registry, llama_family, tmp_path):
+    """Merging MergeLock-protected weights gives a broken model by design: the merge says so
+    (by registry kind, and by the files' stamp for a path), and still runs (the demo
+    measures exactly that)."""
+    import zoo.protect as protect
+
+    base, experts = llama_family
+    protect.protect("e0", "e0-locked", registry=registry, seed=3)
+    protect.protect(str(experts[1]), out_dir=tmp_path / "locked-path", registry=registry, seed=4)
+    said: list[str] = []
+    merge.run(merge.from_cli("task_arithmetic", "base", ["e0-locked", str(tmp_path / "locked-path"), "e2"], []),
+              out_dir=tmp_path / "m", registry=registry, log=said.append)
+    assert [s.split(" is ")[0] for s in said] == ["warning: e0-locked@1", f"warning: {tmp_path / 'locked-path'}"]
+    assert all("MergeLock-protected" in s for s in said) and (tmp_path / "m").is_dir()
+    said.clear()
+    merge.run(merge.from_cli("task_arithmetic", "base", ["e0", "e1"], []), out_dir=tmp_path / "m2",
+              registry=registry, log=said.append)
+    assert said == []

@@ -52,6 +52,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 
 FORMS = ("model", "adapter", "file")
+# The header metadata entry MergeLock stamps on every shard of a protected model.
+MERGELOCK_METADATA = "zoo_mergelock"
 # Written by merges: each expert's task head, kept unmerged (zoo.checkpoints.heads).
 HEADS_FILE = "task_heads.safetensors"
 
