@@ -220,11 +220,16 @@ def _expected_shapes(arch: Arch, d: Dims) -> dict[str, tuple[int, ...]]:
             "v": (kv, d.hidden), "v_bias": (kv,), "o": (d.hidden, q)}
 
 
-def layout_for(ckpt: Checkpoint) -> Layout:
-    """The attention layout of a model folder, or a one-line refusal saying why not."""
+def layout_for(ckpt: Checkpoint, label: str | None = None) -> Layout:
+    """The attention layout of a model folder, or a one-line refusal saying why not
+    (naming the model as the user did: ``label``, else its path)."""
+    label = label or str(ckpt.path)
+    if ckpt.form == "adapter":
+        raise ZooError(f"{label} is a LoRA adapter: MergeLock protects whole models; merge the adapter into its base "
+                       "first (zoo merge --method task_arithmetic --base BASE ADAPTER --param weight=1) and protect that")
     cfg = ckpt.config if ckpt.form == "model" else None
     if not cfg:
-        raise ZooError(f"{ckpt.path}: MergeLock needs the model's config.json to know its architecture; "
+        raise ZooError(f"{label}: MergeLock needs the model's config.json to know its architecture; "
                        "protect a Hugging Face model folder")
     mt = cfg.get("model_type")
     if mt in QK_NORM_TYPES or any(re.search(r"\.(q_norm|k_norm|q_layernorm|k_layernorm)\.", n) for n in ckpt.tensors):

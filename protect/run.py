@@ -103,7 +103,7 @@ def protect(source: str, out: str | None = None, *, registry: "Registry | None" 
         raise ZooError(f"{src.label} is already protected; protect its source instead")
     if read_check(src.ckpt, src.label) is not None:
         raise ZooError(f"{src.label} is already protected (it carries MergeLock metadata); protect its source instead")
-    layout = layout_for(src.ckpt)
+    layout = layout_for(src.ckpt, src.label)
     dtype = _dtype(src.ckpt, layout)
     key = Key.new(DEFAULT_MAX_COND.get(dtype, 30.0) if max_cond is None else max_cond, seed)
     owner = f"{out}@1" if dest.registers else dest.label  # a new name, so its first version
@@ -173,7 +173,7 @@ def unlock(source: str, out: str | None = None, *, registry: "Registry | None" =
     dest = Destination.check(out, out_dir, registry, shard_bytes)
     src = _open(source, registry)
     key, checked = _key_for(src, registry, key_file)
-    layout = layout_for(src.ckpt)
+    layout = layout_for(src.ckpt, src.label)
     recipe_src = ((src.info or {}).get("recipe") or {})
     original = recipe_src.get("source")
     reference = registry.checkpoint(original) if registry is not None and original and registry.has(original) else None

@@ -319,3 +319,18 @@ def test_gc_removes_the_folder_a_killed_out_dir_merge_left(zoo_cli, seeded, tmp_
     assert code == 0 and got["folders_removed"] == 1 and got["bytes_freed"] >= 123456, err
     assert not left.exists() and not (tmp_path / "out").exists()
     assert list((seeded.with_name("registry.store") / "workspaces").iterdir()) == []
+
+
+def test_an_adapter_where_a_model_is_needed_says_so(zoo_cli, tmp_path):
+    from conftest import llama, lora_adapter
+
+    base = llama(tmp_path / "b")
+    lora_adapter(tmp_path / "a", base)
+    assert zoo_cli("add", base, "--name", "b", "--kind", "base")[0] == 0
+    assert zoo_cli("add", tmp_path / "a", "--name", "a", "--kind", "adapter", "--base", "b")[0] == 0
+    reg = tmp_path / "registry.db"
+    line = assert_refused(zoo_cli, reg, ["protect", "a", "--out", "x"], r"^error: a@1 is a LoRA adapter: MergeLock "
+                                                                        r"protects whole models")
+    assert str(tmp_path / "registry.store") not in line  # the user's name, not a store path
+    code, out, _ = zoo_cli("check", "b", "--base", "a")
+    assert code == 1 and "a is a LoRA adapter, not a base model" in out and "shape" not in out

@@ -95,6 +95,10 @@ def compare(model: Checkpoint, base: Checkpoint, model_name: str = "model", base
             head_patterns: tuple[str, ...] = DEFAULT_HEAD_PATTERNS) -> CompatReport:
     """Compare a full checkpoint or a LoRA adapter with its base."""
     report = CompatReport(model_name, base_name)
+    if base.form == "adapter":
+        report.findings.append(Finding(ERROR, "adapter", None, f"{base_name} is a LoRA adapter, not a base model; "
+                                                               "give the model it was trained on as the base"))
+        return report
     if model.form == "adapter":
         _compare_adapter(model, base, report, head_patterns)
         return report

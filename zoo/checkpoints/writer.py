@@ -132,10 +132,10 @@ class ShardWriter:
         if e is None:
             return
         if isinstance(e, OSError) and e.errno in DISK_FULL:
-            raise StorageError(f"disk full while writing the merged model into {self.folder}; "
-                               "free some space and run the merge again") from None
+            raise StorageError(f"disk full while writing the new model; nothing was kept. Free some space and run the "
+                               "command again") from None
         if isinstance(e, OSError):
-            raise StorageError(f"cannot write the merged model: {e.strerror or e}") from None
+            raise StorageError(f"cannot write the new model: {e.strerror or e}; nothing was kept") from None
         raise e
 
     def put(self, data: bytes | memoryview) -> None:
