@@ -79,6 +79,20 @@ def _click_errors() -> tuple[type[Exception], ...]:
     return tuple(types)
 
 
+def _interrupted(e: BaseException) -> bool:
+    """Whether Ctrl-C caused ``e``: Python wraps a KeyboardInterrupt raised inside some
+    machinery (a class body's ``__set_name__`` during an import, for one) in another
+    exception."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def main() -> None:
     """Entry point: a usage error is click's usage line and error (exit 2); a user error
     is one line on stderr (exit 1); never a traceback."""
@@ -105,6 +119,9 @@ def main() -> None:
         render.error(f"{where}{e.strerror or e}; nothing was changed")
         sys.exit(1)
     except Exception as e:
+        if _interrupted(e):
+            render.error("interrupted; no half-finished change was saved")
+            sys.exit(130)
         if not isinstance(e, _click_errors()):
             raise
         if hasattr(e, "show"):

@@ -32,7 +32,7 @@ from zoo.registry.schema import File, HubEntry, LineageEdge, Metric, Model, Mode
 from zoo.progress import ProgressFactory, no_progress
 from zoo.registry.destination import collect_workspaces
 from zoo.registry.records import Measurement, NewModel
-from zoo.registry.store import BlobStore, hash_file
+from zoo.registry.store import BlobStore, HeldInterrupts, hash_file
 
 
 def default_path() -> Path:
@@ -224,31 +224,46 @@ class Registry:
             if not report.ok:
                 raise IncompatibleModels(f"{report.one_line()}; run `zoo check {path} --base {base}` for the full list")
 
-        # Copy phase: outside any transaction, under a shared store lock.
+        # Copy phase: outside any transaction, under a shared store lock. Ctrl-C is held to
+        # safe points (each chunk, and the moment before the blobs are sealed), and blobs are
+        # sealed only inside the transaction, so an interrupted add leaves neither a temp
+        # file nor a blob that no model uses.
         total = sum(p.stat().st_size for p in ckpt.files.values())
         advance = progress(f"{'hashing' if in_place else 'adding'} {name}", total)
-        with self.db.store_lock(exclusive=False):
+        with self.db.store_lock(exclusive=False), HeldInterrupts() as held, self.store.staging() as staged:
+            advance = held.checked(advance)
             self.store.clean_tmp()
             rows = []
+            sealing: list[tuple[Path, str, Path]] = []  # (file, sha256, its source), sealed at the commit
             for rel, p in sorted(ckpt.files.items()):
                 if in_place:
                     digest, size = hash_file(p, advance)
                     rows.append(File(relpath=rel, sha256=digest, size=size, external_path=str(p.resolve())))
-                elif adopt is not None:
-                    digest, size = self.store.adopt(p, adopt.get(rel), advance)
-                    rows.append(File(relpath=rel, sha256=digest, size=size))
+                    continue
+                if adopt is not None:
+                    digest, size = adopt.get(rel), p.stat().st_size
+                    if digest is None:
+                        digest, size = hash_file(p, advance)
+                    else:
+                        advance(size)
+                    sealing.append((p, digest, p))
                 else:
-                    digest, size = self.store.ingest(p, advance)
-                    rows.append(File(relpath=rel, sha256=digest, size=size))
+                    tmp, digest, size = self.store.stage(p, advance)
+                    staged.append(tmp)
+                    sealing.append((tmp, digest, p))
+                rows.append(File(relpath=rel, sha256=digest, size=size))
             if artifacts:
                 if recipe is None:
                     raise ZooError("artifacts belong to a recipe; pass one")
                 recipe = {**recipe, "artifacts": {}}
                 for art, path in sorted(artifacts.items()):
-                    digest, size = self.store.ingest(Path(path))
+                    tmp, digest, size = self.store.stage(Path(path))
+                    staged.append(tmp)
+                    sealing.append((tmp, digest, Path(path)))
                     recipe["artifacts"][art] = {"sha256": digest, "size": size, "file": f"{art}{Path(path).suffix}"}
+            held.check()
 
-            # Write phase: one transaction.
+            # Write phase: one transaction; the blobs are sealed just before it commits.
             arch = ckpt.architecture()
             try:
                 with self.db.write() as s:
@@ -286,6 +301,9 @@ class Registry:
                                         dataset=x.dataset) for x in metrics]
                     s.add(m)
                     s.flush()
+                    held.check()  # the last moment to back out
+                    for file, digest, source in sealing:
+                        self.store.seal(file, digest, source)
                     result = _summary(m)
             except IntegrityError:
                 raise AlreadyExists(f"a model named {name!r} was added concurrently; choose another --name") from None
