@@ -26,7 +26,7 @@ from types import FrameType
 from typing import Any
 
 from zoo.errors import StorageError
-from zoo.fileio import DISK_FULL, datasync, start_writeback
+from zoo.fileio import DISK_FULL, datasync, pid_alive, start_writeback
 from zoo.progress import Advance, ignore
 
 CHUNK = 1 << 20  # 1 MiB: measured faster than 8 MiB for copy loops (stays in cache)
@@ -196,16 +196,6 @@ def _free_buffer(free: queue.SimpleQueue[bytearray | None], hasher: threading.Th
         return buf
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class BlobStore:
     """Blobs named by their sha256 under ``root``."""
 
@@ -230,7 +220,7 @@ class BlobStore:
             return
         for p in self.tmp.iterdir():
             pid = p.name.split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 try:
                     if p.is_dir():
                         shutil.rmtree(p, ignore_errors=True)
