@@ -95,8 +95,21 @@ def _interrupted(e: BaseException) -> bool:
 
 def main() -> None:
     """Entry point: a usage error is click's usage line and error (exit 2); a user error
-    is one line on stderr (exit 1); never a traceback."""
+    is one line on stderr (exit 1); never a traceback. A registry the failed command
+    made for itself is removed again."""
     _quiet_third_party_bars()
+    State.created = None
+    try:
+        _run()
+    except SystemExit as e:
+        if e.code not in (0, None) and State.created is not None:
+            from zoo.registry.listing import discard_if_unused
+
+            discard_if_unused(State.created)
+        raise
+
+
+def _run() -> None:
     try:
         rv = app(standalone_mode=False)
         if rv == 130:  # typer turns Ctrl-C into exit code 130

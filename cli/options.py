@@ -64,6 +64,7 @@ class State:
     """The registry path from the global ``--registry`` (None: $ZOO_REGISTRY, else ./registry.db)."""
 
     registry: Optional[Path] = None
+    created: Optional[Path] = None  # a registry this command made; removed again if the command fails
 
 
 def _remember_registry(value: Optional[Path]) -> Optional[Path]:
@@ -97,7 +98,12 @@ def registry_file() -> Path:
 def open_registry(create: bool = False) -> "Registry":
     from zoo.registry import Registry
 
-    return Registry(State.registry, create=create)
+    path = registry_file()
+    new = create and not path.exists()
+    reg = Registry(State.registry, create=create)
+    if new:
+        State.created = reg.path
+    return reg
 
 
 def registry_if_any() -> "Registry | None":

@@ -399,7 +399,11 @@ def _write_heads(plan: Plan, folder: Path) -> dict[str, str]:
                         "id2label": (cfg or {}).get("id2label")}
         for n in names:
             src = m.overrides.get(n, n) if m.is_adapter else n
-            tensors.append((f"{key}/{n}", m.ckpt.read_tensor(src)))
+            t = m.ckpt.read_tensor(src)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ZooError(f"{m.ref or m.label} has NaN or infinite values in {n}; nothing was written. "
+                               "`zoo check` lists every such tensor")
+            tensors.append((f"{key}/{n}", t))
     if not tensors:
         return {}
     from zoo.checkpoints.writer import header_bytes

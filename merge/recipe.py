@@ -178,7 +178,17 @@ def load(path: str | Path) -> Recipe:
 
 class RecipeLoader(yaml.SafeLoader):
     """PyYAML's safe loader, reading numbers as YAML 1.2 (and mergekit, through pydantic)
-    do: ``1e-3`` and ``3e38`` are floats, not the strings YAML 1.1 makes of them."""
+    do: ``1e-3`` and ``3e38`` are floats, not the strings YAML 1.1 makes of them. A key
+    given twice in one mapping is an error, not a silent last-one-wins."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in seen:
+                raise ZooError(f"the recipe gives {key!r} twice (line {key_node.start_mark.line + 1}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 RecipeLoader.add_implicit_resolver(

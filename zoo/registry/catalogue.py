@@ -27,7 +27,7 @@ from zoo.checkpoints.heads import DEFAULT_HEAD_PATTERNS
 from zoo.errors import AlreadyExists, IncompatibleModels, InUse, NotFound, StorageError, ZooError
 from zoo.registry.listing import iso_utc, list_models
 from zoo.registry.names import KINDS, parse_ref, validate_name
-from zoo.registry.paths import existing_registry, keys_path, registry_path, store_path
+from zoo.registry.paths import existing_registry, keys_path, missing_folder, registry_path, store_path
 from zoo.registry.schema import File, HubEntry, LineageEdge, Metric, Model, ModelTag, ProtectionKey, Recipe, Task
 from zoo.progress import ProgressFactory, no_progress
 from zoo.registry.destination import collect_workspaces
@@ -49,7 +49,7 @@ class Registry:
             if not create:
                 existing_registry(self.path)  # raises with the hint
             if not self.path.parent.is_dir():
-                raise NotFound(f"cannot create a registry at {self.path}: {self.path.parent} does not exist")
+                raise NotFound(f"cannot create a registry at {self.path}: {missing_folder(self.path.parent)}")
         self.store = BlobStore(store_path(self.path))
         self.db = db.Database(self.path, self.store)
         self.engine = self.db.engine
@@ -487,7 +487,7 @@ class Registry:
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise ZooError(f"{dest} already exists and is not empty; choose a new folder")
         if not dest.parent.is_dir():
-            raise ZooError(f"{dest.parent} does not exist")
+            raise ZooError(f"{missing_folder(dest.parent)}; choose a new folder in an existing one")
         with self.db.read() as s:
             m = self._resolve(s, ref)
             files = [(f.relpath, self.file_path(f), f.size) for f in m.files]

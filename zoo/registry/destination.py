@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from zoo.errors import AlreadyExists, StorageError, ZooError
 from zoo.fileio import pid_alive
 from zoo.registry.names import validate_name
+from zoo.registry.paths import missing_folder
 
 if TYPE_CHECKING:
     from zoo.progress import ProgressFactory
@@ -53,7 +54,7 @@ class Destination:
         if path.exists():
             raise AlreadyExists(f"{path} already exists; choose a new folder")
         if not path.parent.is_dir():
-            raise ZooError(f"{path.parent} does not exist")
+            raise ZooError(f"{missing_folder(path.parent)}; choose a new folder in an existing one")
         return cls(registry, path=path)
 
     @property

@@ -8,6 +8,7 @@ writes goes through the ORM in ``registry.py``, and ``Registry.list`` calls this
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from zoo.errors import NotFound, ZooError
 from zoo.registry.migrations import SCHEMA_HEAD
 from zoo.registry.names import KINDS, parse_ref
-from zoo.registry.paths import not_a_registry, on_read_only_storage
+from zoo.registry.paths import keys_path, not_a_registry, on_read_only_storage, store_path
 
 
 _SQL = """
@@ -107,3 +108,28 @@ def schema_revision(path: Path) -> str | None:
     finally:
         con.close()
 
+
+def discard_if_unused(path: Path) -> bool:
+    """Remove a registry that holds nothing (no model, task or served repository) with its
+    store and side files: what a command that made it and then failed leaves. Returns
+    whether it was removed; a registry with anything in it is never touched."""
+    try:
+        con = connect_readonly(path)
+        try:
+            used = sum(con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                       for table in ("models", "tasks", "hub_repos"))
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+    store = store_path(path)
+    if used or any(p.is_file() for p in (store / "blobs").rglob("*")):
+        return False
+    for side in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"),
+                 path.with_name(path.name + ".lock")):
+        side.unlink(missing_ok=True)
+    shutil.rmtree(store, ignore_errors=True)
+    keys = keys_path(path)
+    if keys.is_dir() and not any(keys.iterdir()):
+        keys.rmdir()
+    return True

@@ -13,7 +13,15 @@ ENV_VAR = "ZOO_REGISTRY"
 
 def registry_path(path: str | os.PathLike[str] | None = None) -> Path:
     """The absolute registry path for an explicit path or the defaults."""
-    return Path(path if path is not None else (os.environ.get(ENV_VAR) or DEFAULT_FILENAME)).absolute()
+    p = Path(path if path is not None else (os.environ.get(ENV_VAR) or DEFAULT_FILENAME)).absolute()
+    if p.is_dir():
+        raise ZooError(f"{p} is a folder; the registry is a file in it, e.g. --registry {p / DEFAULT_FILENAME}")
+    return p
+
+
+def missing_folder(folder: Path) -> str:
+    """Why a new file or folder cannot go into ``folder``: it is missing, or not a folder."""
+    return f"{folder} is not a folder" if folder.exists() else f"{folder} does not exist"
 
 
 def existing_registry(path: str | os.PathLike[str] | None = None) -> Path:

@@ -21,6 +21,6 @@ def open_model(label: str, registry: "Registry | None") -> tuple[Checkpoint, dic
     if registry is not None and registry.has(label):
         info = registry.show(label)
         return registry.checkpoint(info["ref"]), info
-    if Path(label).exists():
+    if Path(label).exists() or Path(label).is_symlink():  # the reader names a broken link or a loop
         return open_checkpoint(label), None
     raise NotFound(f"{label!r} is neither a registered model nor a path")
