@@ -292,7 +292,6 @@ class FiniteWatch:
     def __init__(self, plan: Plan, name: str, dev: torch.device):
         self.plan, self.name = plan, name
         self.sums = torch.zeros(len(plan.models) + 2, dtype=torch.float64, device=dev)
-        self.seen: list[torch.Tensor | None] = []
 
     def inputs(self, base: torch.Tensor | None, xs: list[torch.Tensor]) -> None:
         zero = self.sums.new_zeros(())

@@ -52,10 +52,8 @@ def create_token(file: Path, name: str, scope: str = "write") -> str:
     lock = os.open(file.with_name(f".{file.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two creates at once must not drop a line
-        lines = []
-        if file.exists():
-            _read(file)  # a damaged file is refused, never appended to
-            lines = _lines(file)
+        lines = _lines(file) if file.exists() else []
+        _parse(lines, file)  # a damaged file is refused, never appended to
         if any(line.split("\t")[0] == name for line in lines if line.strip()):
             raise AlreadyExists(f"a token named {name!r} is already in {file}; choose another --name")
         token = PREFIX + secrets.token_urlsafe(32)
@@ -138,8 +136,13 @@ def _lines(file: Path) -> list[str]:
 
 
 def _read(file: Path) -> dict[str, Holder]:
+    return _parse(_lines(file), file)
+
+
+def _parse(lines: list[str], file: Path) -> dict[str, Holder]:
+    """Token hash -> holder, from the file's lines; one line of error for a bad line."""
     entries: dict[str, Holder] = {}
-    for i, line in enumerate(_lines(file), 1):
+    for i, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):
             continue
         parts = line.split("\t")
