@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from zoo.checkpoints.reader import DTYPE_SIZES, HEADS_FILE
-from zoo.errors import ZooError
+from zoo.errors import NonFiniteValues, ZooError
 from zoo.memory import keep_freed_memory
 from zoo.checkpoints.readahead import read_ahead
 from zoo.progress import Advance, ProgressFactory, ignore, no_progress
@@ -307,8 +307,7 @@ class FiniteWatch:
                   *(m.label for m in self.plan.models)]
         for label, s in zip(labels, self.sums[:-1].tolist()):
             if not math.isfinite(s):
-                raise ZooError(f"{label} has NaN or infinite values in {self.name}; nothing was written. "
-                               "`zoo check` lists every such tensor")
+                raise NonFiniteValues(self.name, label)
         raise ZooError(f"merging {self.name} gave NaN or infinite values although every input is finite; "
                        "nothing was written. Try a smaller weight or lambda, or compute in float32")
 
@@ -400,8 +399,7 @@ def _write_heads(plan: Plan, folder: Path) -> dict[str, str]:
             src = m.overrides.get(n, n) if m.is_adapter else n
             t = m.ckpt.read_tensor(src)
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ZooError(f"{m.ref or m.label} has NaN or infinite values in {n}; nothing was written. "
-                               "`zoo check` lists every such tensor")
+                raise NonFiniteValues(n, m.ref or m.label)
             tensors.append((f"{key}/{n}", t))
     if not tensors:
         return {}

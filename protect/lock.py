@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from zoo.checkpoints.reader import Checkpoint
-from zoo.errors import ZooError
+from zoo.errors import NonFiniteValues, ZooError
 from zoo.memory import keep_freed_memory
 from zoo.progress import ProgressFactory, no_progress
 from zoo.checkpoints.readahead import read_ahead
@@ -78,8 +78,7 @@ def stream_attention(ckpt: Checkpoint, folder: Path, fn: TensorFn, layout: Layou
         for name, tensor in read_ahead(lambda _, n: (n, ckpt.read_tensor(n)), names, sets=3):
             role = layout.roles.get(name)
             if not _finite(tensor):
-                raise ZooError(f"{name} has NaN or infinite values; nothing was written. `zoo check` lists every "
-                               "such tensor")
+                raise NonFiniteValues(name)
             if role is not None:
                 tensor = fn(role[0], role[1], name, tensor)
                 if not _finite(tensor):

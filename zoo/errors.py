@@ -37,6 +37,15 @@ class InUse(ZooError):
     """A model that other models depend on."""
 
 
+class NonFiniteValues(ZooError):
+    """A tensor read as input holds NaN or an infinity: merges and protection refuse it."""
+
+    def __init__(self, tensor: str, model: str | None = None):
+        where = f"{model} has NaN or infinite values in {tensor}" if model else \
+            f"{tensor} has NaN or infinite values"
+        super().__init__(f"{where}; nothing was written. `zoo check` lists every such tensor")
+
+
 class StorageError(ZooError):
     """A failure of the blob store, such as a full disk."""
 
