@@ -23,7 +23,7 @@ from zoo.merge.starts import resolve_start
 from zoo.merge.learned.inputs import Parts
 from zoo.merge.learned.runtime import build_body, make_forward
 from zoo.merge.learned.start import Start
-from zoo.merge.learned.train import Forward, Report, Result, TaskData
+from zoo.merge.learned.train import Report, Result, TaskData
 
 if TYPE_CHECKING:
     from zoo.registry import Registry

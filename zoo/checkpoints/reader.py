@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zoo.checkpoints.architecture import architecture_from_config
-from zoo.errors import CheckpointError, NotFound
+from zoo.errors import CheckpointError
 
 if TYPE_CHECKING:  # torch is imported lazily: inspection never needs it
     import torch

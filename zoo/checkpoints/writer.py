@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import queue
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from zoo.checkpoints.reader import DTYPE_SIZES, HEADS_FILE, Checkpoint
-from zoo.errors import AlreadyExists, StorageError, ZooError
+from zoo.errors import StorageError
 from zoo.fileio import DISK_FULL
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ from types import FrameType
 from typing import Any
 
 from zoo.errors import StorageError
-from zoo.fileio import DISK_FULL, datasync, pid_alive, start_writeback
+from zoo.fileio import DISK_FULL, pid_alive
 from zoo.progress import Advance, ignore
 
 CHUNK = 1 << 20  # 1 MiB: measured faster than 8 MiB for copy loops (stays in cache)
