@@ -62,7 +62,9 @@ class HubApp:
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         return self.settings.tokens.check(token)
 
-    def need_write(self, request: Request) -> Holder:
+    async def need_write(self, request: Request, repo_id: str | None = None) -> Holder:
+        """The holder of the request's token, refused unless it may write to ``repo_id``
+        (or, without one, write at all)."""
         holder = self.holder(request)
         if holder is None:
             raise HubError("writing needs a token of this server (`zoo token create`)", status=401,
@@ -156,7 +158,7 @@ class HubApp:
                              "auth": {"type": "access_token", "accessToken": {"role": holder.scope}}})
 
     async def create_repo(self, request: Request) -> Response:
-        holder = self.need_write(request)
+        holder = await self.need_write(request)
         body = await json_body(request)
         if body.get("type", "model") not in ("model", None):
             raise HubError("zoo serve holds model repositories only")
@@ -233,7 +235,7 @@ class HubApp:
 
     # -- uploads ---------------------------------------------------------------------
     async def preupload(self, request: Request, repo_id: str, rev: str) -> Response:
-        self.need_write(request)
+        await self.need_write(request, repo_id)
         if request.query_params.get("create_pr"):
             raise HubError("zoo serve has no pull requests; push to a branch")
         body = await json_body(request)
@@ -256,8 +258,8 @@ class HubApp:
         return JSONResponse({"files": files, "commitOid": revision.sha})
 
     async def lfs_batch(self, request: Request, repo_id: str) -> Response:
-        self.need_write(request)
         check_repo_id(repo_id)
+        await self.need_write(request, repo_id)
         await run_in_threadpool(self.repos.revision, repo_id, DEFAULT_BRANCH)  # the repository must exist
         body = await json_body(request)
         if body.get("operation") != "upload":
@@ -293,7 +295,7 @@ class HubApp:
         return Response(status_code=200)
 
     async def commit(self, request: Request, repo_id: str, branch: str) -> Response:
-        holder = self.need_write(request)
+        holder = await self.need_write(request, repo_id)
         if request.query_params.get("create_pr"):
             raise HubError("zoo serve has no pull requests; push to a branch")
         await run_in_threadpool(self.repos.revision, repo_id, branch)
