@@ -239,10 +239,12 @@ class HubEntry(Base):
 
 
 class HubRef(Base):
-    """A branch: ``main`` moves to each new commit."""
+    """A branch or a tag. A commit moves its branch; a tag never moves. Branches and
+    tags share one set of names, so a name resolves to one commit."""
 
     __tablename__ = "hub_refs"
 
     repo_pk: Mapped[int] = mapped_column(ForeignKey("hub_repos.id", ondelete="CASCADE"), primary_key=True)
     name: Mapped[str] = mapped_column(String(256), primary_key=True)
     commit_sha: Mapped[str] = mapped_column(ForeignKey("hub_commits.sha"))
+    kind: Mapped[str] = mapped_column(String(8), default="branch", server_default="branch")  # branch | tag
