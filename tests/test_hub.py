@@ -746,7 +746,7 @@ def test_malformed_requests_get_a_400_not_a_500(hub):
     assert r.status_code == 400
     r = httpx2.post(f"{hub.url}/api/validate-yaml", json={"content": "---\na: b\n---\n" + "x" * (2 << 20)})
     assert r.status_code == 413
-    assert httpx2.get(f"{hub.url}/api/models/team/t/commits/main").status_code == 501
+    assert httpx2.get(f"{hub.url}/api/models/team/t/discussions").status_code == 501
     assert hub.api().model_info("team/t").sha == head
 
 

@@ -23,7 +23,10 @@ from starlette.responses import JSONResponse, Response
 
 from zoo.errors import HubError, RepoNotFound, ZooError
 from zoo.hub.git import DEFAULT_BRANCH, check_path, check_repo_id, is_lfs_oid
+from zoo.hub.refs import BRANCH, TAG
 from zoo.hub.repos import Change, Entry, HubRepos, folders
+from zoo.hub.server import refusals
+from zoo.hub.server.history import MAX_PAGE, HistoryRoutes, hub_time, paged
 from zoo.hub.server.uploads import Uploads
 from zoo.hub.server.wire import JSON_LFS, BlobFile, base_url, error, json_body, media_type, ndjson, sibling
 from zoo.hub.tokens import Holder, TokenSet
@@ -33,9 +36,11 @@ log = logging.getLogger("zoo.serve")
 
 LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub's own cut: larger files go through LFS
 CARD_LIMIT = 1024 * 1024  # model cards parsed for validate-yaml and model info
-KEYWORDS = {"revision", "tree", "preupload", "commit", "xet-write-token", "xet-read-token"}
-UNSUPPORTED = {"paths-info", "commits", "refs", "branch", "tag", "discussions", "settings", "resolve-cache",
-               "compare", "super-squash", "treesize", "notebook", "scan"}
+KEYWORDS = {"revision", "tree", "preupload", "commit", "commits", "refs", "branch", "tag", "xet-write-token",
+            "xet-read-token"}
+UNSUPPORTED = {"paths-info", "discussions", "settings", "resolve-cache", "compare", "super-squash", "treesize",
+               "notebook", "scan"}
+SORTS = {"lastModified": "last_modified", "createdAt": "created_at", "id": "repo_id"}
 
 
 @dataclass
@@ -47,7 +52,7 @@ class ServeSettings:
     lfs_threshold: int = LFS_THRESHOLD
 
 
-class HubApp:
+class HubApp(HistoryRoutes):
     """The request handlers, over one registry."""
 
     def __init__(self, registry: Registry, settings: ServeSettings):
@@ -104,6 +109,8 @@ class HubApp:
                 return self.whoami(request)
             if rest == ["repos", "create"] and method == "POST":
                 return await self.create_repo(request)
+            if rest == ["repos", "delete"] and method == "DELETE":
+                return await self.delete_repo(request)
             if rest == ["validate-yaml"] and method == "POST":
                 return await self.validate_yaml(request)
             if rest == ["models"] and method == "GET":
@@ -112,12 +119,16 @@ class HubApp:
                 return await self.lfs_put(request, rest[1])
             if rest[:1] == ["models"] and len(rest) >= 2:
                 return await self._repo_api(request, method, rest[1:])
-            if rest[:1] in (["datasets"], ["spaces"]):
-                raise HubError("zoo serve holds model repositories only", status=404, code="RepoNotFound")
+        if parts[:1] == ["api"] and parts[1:] in (["datasets"], ["spaces"]) and method == "GET":
+            return JSONResponse([])  # list_datasets, list_spaces: this server holds none
+        if refusals.is_other_kind(parts):
+            raise refusals.other_kind(parts)
         if len(parts) >= 5 and parts[-4:] == ["info", "lfs", "objects", "batch"] and parts[-5].endswith(".git") \
                 and method == "POST":
             repo_id = "/".join(parts[:-4])[: -len(".git")]
             return await self.lfs_batch(request, repo_id)
+        if refusals.is_git(request, parts):
+            return refusals.not_git(request, parts)
         for k in (2, 1):
             if len(parts) >= k + 3 and parts[k] == "resolve" and method in ("GET", "HEAD"):
                 return await self.resolve(request, "/".join(parts[:k]), parts[k + 1], "/".join(parts[k + 2:]))
@@ -132,8 +143,8 @@ class HubApp:
         else:
             repo_id, verb, args = "/".join(rest), "", []
         if verb in UNSUPPORTED:
-            raise HubError(f"zoo serve does not serve /{verb} (no pull requests, branches, tags, commit "
-                           "listings or copies)", status=501, code="NotImplemented")
+            raise HubError(f"zoo serve does not serve /{verb} (no discussions, pull requests, settings or "
+                           "copies)", status=501, code="NotImplemented")
         check_repo_id(repo_id)
         rev = args[0] if args else DEFAULT_BRANCH
         if verb in ("", "revision") and method == "GET":
@@ -144,6 +155,17 @@ class HubApp:
             return await self.preupload(request, repo_id, rev)
         if verb == "commit" and method == "POST":
             return await self.commit(request, repo_id, rev)
+        if verb == "commits" and method == "GET":
+            return await self.list_commits(request, repo_id, rev)
+        if verb == "refs" and not args and method == "GET":
+            return await self.list_refs(request, repo_id)
+        if verb in ("branch", "tag") and len(args) == 1:
+            if verb == "branch" and method == "POST":
+                return await self.create_branch(request, repo_id, args[0])
+            if verb == "tag" and method == "POST":
+                return await self.create_tag(request, repo_id, args[0])
+            if method == "DELETE":
+                return await self.delete_ref(request, repo_id, args[0], BRANCH if verb == "branch" else TAG)
         if verb in ("xet-write-token", "xet-read-token"):
             raise HubError("zoo serve does not speak Xet; set HF_HUB_DISABLE_XET=1 in the client's environment",
                            status=501, code="XetNotSupported")
@@ -174,11 +196,26 @@ class HubApp:
         return JSONResponse({"url": url, "name": repo_id, "id": repo_id})
 
     async def list_repos(self, request: Request) -> Response:
+        """``list_models``: ``author``, ``search`` (part of the id, any case), ``sort`` with
+        ``direction`` (-1, the default, newest or last first), ``limit``, and pages."""
         await self.need_read(request)
+        q = request.query_params
+        sort, direction = q.get("sort"), q.get("direction", "-1")
+        if sort is not None and sort not in SORTS:
+            raise HubError(f"zoo serve sorts models by {', '.join(sorted(SORTS))}, not {sort!r}")
+        if direction not in ("-1", "1"):
+            raise HubError("direction is -1 (descending) or 1 (ascending)")
         repos = await run_in_threadpool(self.repos.list_repos)
         visible = self.holder(request) is not None
-        return JSONResponse([{"id": r["repo_id"], "modelId": r["repo_id"], "sha": r["sha"], "private": r["private"]}
-                             for r in repos if visible or not r["private"]])
+        author, search = q.get("author"), (q.get("search") or "").lower()
+        repos = [r for r in repos if (visible or not r["private"]) and search in r["repo_id"].lower()
+                 and (author is None or _author(r["repo_id"]) is not None
+                      and _author(r["repo_id"]).lower() == author.lower())]
+        if sort is not None:
+            repos.sort(key=lambda r: r[SORTS[sort]], reverse=direction == "-1")
+        return paged(request, [{"id": r["repo_id"], "modelId": r["repo_id"], "author": _author(r["repo_id"]),
+                                "sha": r["sha"], "private": r["private"], "createdAt": hub_time(r["created_at"]),
+                                "lastModified": hub_time(r["last_modified"])} for r in repos], default=MAX_PAGE)
 
     async def model_info(self, request: Request, repo_id: str, rev: str) -> Response:
         await self.need_read(request, repo_id)
@@ -186,9 +223,10 @@ class HubApp:
         entries = await run_in_threadpool(self.repos.entries, repo_id, revision.sha)
         card = await run_in_threadpool(self._card_data, entries)
         when = revision.created_at.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        created = hub_time(revision.repo_created_at or revision.created_at)
         return JSONResponse({
-            "_id": revision.sha, "id": repo_id, "modelId": repo_id, "sha": revision.sha,
-            "private": revision.private, "gated": False, "disabled": False, "lastModified": when,
+            "_id": revision.sha, "id": repo_id, "modelId": repo_id, "author": _author(repo_id), "sha": revision.sha,
+            "private": revision.private, "gated": False, "disabled": False, "lastModified": when, "createdAt": created,
             "downloads": 0, "likes": 0, "tags": card.get("tags") or [],
             "library_name": card.get("library_name"), "cardData": card or None,
             "siblings": [sibling(e) for e in entries],
@@ -374,3 +412,8 @@ class HubApp:
         etag = entry.sha256 if entry.lfs else entry.git_oid
         headers = {"ETag": f'"{etag}"', "X-Repo-Commit": revision.sha, "Cache-Control": "no-cache"}
         return BlobFile(self.repos.blob(entry), headers=headers, media_type=media_type(path))
+
+
+def _author(repo_id: str) -> str | None:
+    """A repository's author, as the Hub names it: its namespace."""
+    return repo_id.split("/")[0] if "/" in repo_id else None

@@ -23,7 +23,7 @@ def make_app(registry: Registry, settings: ServeSettings) -> Starlette:
         raise ZooError(f"--lfs-threshold must be between 0 and {(MAX_INLINE_LINE * 3 // 4) >> 20} MiB: files "
                        "above it travel inside the commit")
     hub = HubApp(registry, settings)
-    methods = ["GET", "HEAD", "POST", "PUT"]
+    methods = ["GET", "HEAD", "POST", "PUT", "DELETE"]
     return Starlette(routes=[Route("/{path:path}", hub.dispatch, methods=methods)])
 
 
