@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import yaml
 from starlette.concurrency import run_in_threadpool
@@ -36,9 +36,10 @@ log = logging.getLogger("zoo.serve")
 
 LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub's own cut: larger files go through LFS
 CARD_LIMIT = 1024 * 1024  # model cards parsed for validate-yaml and model info
-KEYWORDS = {"revision", "tree", "preupload", "commit", "commits", "refs", "branch", "tag", "xet-write-token",
-            "xet-read-token"}
-UNSUPPORTED = {"paths-info", "discussions", "settings", "resolve-cache", "compare", "super-squash", "treesize",
+PATHS_INFO_LIMIT = 4 * 1024 * 1024  # a paths-info form: 1000 paths of up to 1024 characters, URL-encoded
+KEYWORDS = {"revision", "tree", "paths-info", "preupload", "commit", "commits", "refs", "branch", "tag",
+            "xet-write-token", "xet-read-token"}
+UNSUPPORTED = {"discussions", "settings", "resolve-cache", "compare", "super-squash", "treesize",
                "notebook", "scan"}
 SORTS = {"lastModified": "last_modified", "createdAt": "created_at", "id": "repo_id"}
 
@@ -151,6 +152,8 @@ class HubApp(HistoryRoutes):
             return await self.model_info(request, repo_id, "/".join(args) if args else DEFAULT_BRANCH)
         if verb == "tree" and method == "GET":
             return await self.tree(request, repo_id, rev, "/".join(args[1:]))
+        if verb == "paths-info" and method == "POST":
+            return await self.paths_info(request, repo_id, "/".join(args) if args else DEFAULT_BRANCH)
         if verb == "preupload" and method == "POST":
             return await self.preupload(request, repo_id, rev)
         if verb == "commit" and method == "POST":
@@ -222,7 +225,7 @@ class HubApp(HistoryRoutes):
         revision = await run_in_threadpool(self.repos.revision, repo_id, rev)
         entries = await run_in_threadpool(self.repos.entries, repo_id, revision.sha)
         card = await run_in_threadpool(self._card_data, entries)
-        when = revision.created_at.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        when = hub_time(revision.created_at)
         created = hub_time(revision.repo_created_at or revision.created_at)
         return JSONResponse({
             "_id": revision.sha, "id": repo_id, "modelId": repo_id, "author": _author(repo_id), "sha": revision.sha,
@@ -261,14 +264,34 @@ class HubApp(HistoryRoutes):
         out: list[dict[str, Any]] = []
         for d in sorted(dirs):
             if (not prefix or d.startswith(prefix + "/")) and shown(d):
-                oid = hashlib.sha1(f"{revision.sha}:{d}".encode()).hexdigest()
-                out.append({"type": "directory", "oid": oid, "size": 0, "path": d})
+                out.append(_folder_item(revision.sha, d))
         for e in below:
             if shown(e.path):
-                item: dict[str, Any] = {"type": "file", "oid": e.git_oid, "size": e.size, "path": e.path}
-                if e.lfs:
-                    item["lfs"] = {"oid": e.sha256, "size": e.size, "pointerSize": e.pointer_size()}
-                out.append(item)
+                out.append(_file_item(e))
+        return JSONResponse(out)
+
+    async def paths_info(self, request: Request, repo_id: str, rev: str) -> Response:
+        """``get_paths_info`` (``HfFileSystem``, copies): the files and folders among a
+        form's ``paths``; the others are left out, as the Hub does."""
+        await self.need_read(request, repo_id)
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > PATHS_INFO_LIMIT:
+                raise HubError(f"paths-info body over {PATHS_INFO_LIMIT >> 10} KiB", status=413,
+                               code="PayloadTooLarge")
+        paths = parse_qs(buf.decode("utf-8", "replace")).get("paths", [])
+        if len(paths) > 1000:
+            raise HubError("paths-info takes at most 1000 paths per request")
+        revision = await run_in_threadpool(self.repos.revision, repo_id, rev)
+        entries = await run_in_threadpool(self.repos.entries, repo_id, revision.sha)
+        files, dirs = {e.path: e for e in entries}, folders(entries)
+        out = []
+        for p in dict.fromkeys(p.strip("/") for p in paths):
+            if p in files:
+                out.append(_file_item(files[p]))
+            elif p in dirs:
+                out.append(_folder_item(revision.sha, p))
         return JSONResponse(out)
 
     # -- uploads ---------------------------------------------------------------------
@@ -417,3 +440,17 @@ class HubApp(HistoryRoutes):
 def _author(repo_id: str) -> str | None:
     """A repository's author, as the Hub names it: its namespace."""
     return repo_id.split("/")[0] if "/" in repo_id else None
+
+
+def _file_item(e: Entry) -> dict[str, Any]:
+    """A file as tree listings and paths-info show it."""
+    item: dict[str, Any] = {"type": "file", "oid": e.git_oid, "size": e.size, "path": e.path}
+    if e.lfs:
+        item["lfs"] = {"oid": e.sha256, "size": e.size, "pointerSize": e.pointer_size()}
+    return item
+
+
+def _folder_item(sha: str, path: str) -> dict[str, Any]:
+    """A folder: git would name it by its tree's hash; zoo keeps no trees, so it names it
+    by the commit and path, which is as stable."""
+    return {"type": "directory", "oid": hashlib.sha1(f"{sha}:{path}".encode()).hexdigest(), "size": 0, "path": path}
