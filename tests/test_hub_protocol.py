@@ -16,7 +16,7 @@ import httpx2
 import pytest
 from sqlalchemy import create_engine, text
 
-from test_hub import Hub, _auth, _start, hub, hub_client_env  # noqa: F401  (fixtures, used by name)
+from test_hub import Hub, _auth, folder, hub, hub_client_env  # noqa: F401  (fixtures, used by name)
 from zoo import Registry
 from zoo.errors import HubError, RevisionNotFound
 from zoo.hub.repos import Change, HubRepos
@@ -59,6 +59,16 @@ def test_short_shas_resolve_everywhere(hub, tmp_path):
     for bad in (first[:6], "0" * 7 if not first.startswith("0000000") else "f" * 7, "xyz1234"):
         with pytest.raises(RevisionNotFoundError):
             api.model_info("team/t", revision=bad)
+
+
+def test_zoo_pull_takes_the_12_digit_sha_zoo_prints(hub, folder, registry):
+    from zoo.hub.client import pull, push_folder
+
+    hub.api().create_repo("team/m")
+    push_folder(folder, "team/m", endpoint=hub.url, token=hub.write)
+    sha = hub.api().model_info("team/m").sha
+    out = pull(registry, f"team/m@{sha[:12]}", endpoint=hub.url, name="m12")
+    assert registry.find_hub("team/m", sha) == out["ref"] and out["files"]
 
 
 def test_an_ambiguous_prefix_is_refused_and_names_come_first(hub):
