@@ -211,9 +211,13 @@ class HubApp(HistoryRoutes):
         repos = await run_in_threadpool(self.repos.list_repos)
         visible = self.holder(request) is not None
         author, search = q.get("author"), (q.get("search") or "").lower()
-        repos = [r for r in repos if (visible or not r["private"]) and search in r["repo_id"].lower()
-                 and (author is None or _author(r["repo_id"]) is not None
-                      and _author(r["repo_id"]).lower() == author.lower())]
+
+        def wanted(r: dict[str, Any]) -> bool:
+            owner = (_author(r["repo_id"]) or "").lower()
+            return ((visible or not r["private"]) and search in r["repo_id"].lower()
+                    and (author is None or owner == author.lower()))
+
+        repos = [r for r in repos if wanted(r)]
         if sort is not None:
             repos.sort(key=lambda r: r[SORTS[sort]], reverse=direction == "-1")
         return paged(request, [{"id": r["repo_id"], "modelId": r["repo_id"], "author": _author(r["repo_id"]),
