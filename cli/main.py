@@ -44,6 +44,8 @@ def _root(registry: Optional[Path] = typer.Option(None, "--registry", metavar="P
 for group in (registry.app, merge.app, protect.app, hub.app, demo.app):
     app.add_typer(group)
 app.add_typer(hub.token_app, name="token")
+app.add_typer(hub.user_app, name="user")
+app.add_typer(hub.org_app, name="org")
 app.add_typer(protect.key_app, name="key")
 
 

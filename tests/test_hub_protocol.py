@@ -260,6 +260,8 @@ def test_delete_repo_removes_its_rows_and_gc_then_collects_its_blobs(hub):
 # -- list_models ---------------------------------------------------------------------
 def test_list_models_filters_sorts_and_pages(hub, monkeypatch):
     api = hub.api()
+    for org in ("other", "zed"):
+        hub.accounts.add_org(org, ["alice"])
     for repo in ("team/alpha", "team/beta", "other/Alpha-2", "zed/solo"):
         api.create_repo(repo)
     _upload(hub, "team/alpha", "a.txt", b"late")  # alpha changed last; zed/solo was created last

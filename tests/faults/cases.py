@@ -268,12 +268,18 @@ CASES: list[Case] = [
       r"does not belong|does not match"),
 
     # --- token, serve
-    c("token-create-damaged-file", "token create --name bob --token-file {k}/token.tokens", 1, r"token"),
+    c("token-create-bad-user", "token create --user a/b", 1, r"invalid user name 'a/b'"),
+    c("token-create-bad-scope", "token create --user bob --scope admin", 1, r"unknown scope 'admin'"),
+    c("token-revoke-unknown", "token revoke tok_nope", 1, r"no token 'tok_nope'.*zoo token list"),
+    c("token-list-unknown-user", "token list --user ghost", 1, r"no user named 'ghost'"),
+    c("org-add-unknown-member", "org add team --member ghost", 1, r"no user named 'ghost'"),
+    c("org-add-member-unknown-org", "org add-member nope ghost", 1, r"no organisation named 'nope'"),
+    c("org-remove-member-unknown-org", "org remove-member nope ghost", 1, r"no organisation named 'nope'"),
+    c("user-add-bad-name", "user add .hidden", 1, r"invalid user name '.hidden'"),
     c("serve-bad-port", "serve --port 99999", 1, r"--port 99999 is not a port"),
     c("serve-negative-port", "serve --port -1", 1, r"port"),
     c("serve-bad-host", "serve --host 256.1.1.1 --port 0", 1, r"--host '256.1.1.1' is not an address"),
     c("serve-name-host", "serve --host no.such.host.invalid --port 0", 1, r"--host"),
-    c("serve-damaged-token-file", "serve --port 0 --token-file {k}/token.tokens", 1, r"token"),
     c("serve-bad-threshold", "serve --port 0 --lfs-threshold -1", 1, r"lfs-threshold|threshold"),
     c("serve-port-text", "serve --port http", 2, USAGE),
     # --- pull / push without a reachable Hub

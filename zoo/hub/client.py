@@ -308,6 +308,43 @@ def _verified(path: Path, sibling, repo_id: str) -> str:
 
 
 # -- push ----------------------------------------------------------------------------------
+def check_push(repo_id: str, *, endpoint: str | None = None, token: str | None = None) -> dict[str, Any]:
+    """Refuse, before anything is made for it, a push that the token could not make.
+
+    Asks the Hub who the token is (``whoami``): a missing or refused token, a read-only
+    one, or a repository outside the user's namespaces and organisations is refused
+    with one line. Returns the user, its organisations and the token's role.
+    """
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    repo_id, _ = parse_repo(repo_id)
+    url = endpoint_of(endpoint)
+    tok = token_for(url, token)
+    api = _api(url, tok)
+    with hub_errors(url, repo_id):
+        try:
+            if tok is False:
+                raise LocalTokenNotFoundError("no token")
+            who = api.whoami()
+        except LocalTokenNotFoundError:
+            raise ZooError(f"pushing to {public_url(url)} needs a token with write access: set HF_TOKEN "
+                           "(or `hf auth login`)") from None
+        except ValueError as e:  # the client's word for a 401 on whoami
+            raise ZooError(f"{public_url(url)} refused the credentials ({' '.join(str(e).split())[:120]}); set "
+                           "HF_TOKEN (or `hf auth login`) to a token with write access") from None
+    user = str(who.get("name") or "")
+    orgs = [str(o.get("name")) for o in who.get("orgs") or [] if isinstance(o, dict)]
+    role = str(((who.get("auth") or {}).get("accessToken") or {}).get("role") or "")
+    if role == "read":
+        raise ZooError(f"the token of {user} on {public_url(url)} is read-only; pushing needs a write token")
+    namespace = repo_id.split("/", 1)[0] if "/" in repo_id else user
+    if namespace.lower() not in {n.lower() for n in (user, *orgs)}:
+        raise ZooError(f"{user} may not push to {repo_id} on {public_url(url)}: {namespace} is neither {user}'s "
+                       f"namespace nor one of its organisations' ({', '.join(orgs) or 'none'}); push to "
+                       f"{user}/{repo_id.split('/')[-1]} or ask to join {namespace}")
+    return {"user": user, "orgs": orgs, "role": role}
+
+
 def push_folder(
     folder: Path,
     repo_id: str,

@@ -28,7 +28,7 @@ from zoo.errors import AlreadyExists, IncompatibleModels, InUse, NotFound, Stora
 from zoo.registry.listing import iso_utc, list_models
 from zoo.registry.names import KINDS, parse_ref, validate_name
 from zoo.registry.paths import existing_registry, keys_path, missing_folder, registry_path, store_path
-from zoo.registry.schema import File, HubEntry, LineageEdge, Metric, Model, ModelTag, ProtectionKey, Recipe, Task
+from zoo.registry.schema import File, HubCommit, HubEntry, HubRepo, LineageEdge, Metric, Model, ModelTag, ProtectionKey, Recipe, Task
 from zoo.progress import ProgressFactory, no_progress
 from zoo.registry.destination import collect_workspaces
 from zoo.registry.records import Measurement, NewModel
@@ -457,7 +457,10 @@ class Registry:
 
     # -- integrity and export ------------------------------------------------------
     def verify(self, ref: str | None = None, progress: ProgressFactory | None = None) -> list[dict[str, Any]]:
-        """Re-hash files (and lineage artifacts) and report every one that changed or went missing."""
+        """Re-hash files (and lineage artifacts) and report every one that changed or went missing.
+
+        Without ``ref``, the files of the repositories ``zoo serve`` serves are checked
+        too; their problems name the repository (``hub:namespace/name``)."""
         progress = progress or no_progress
         with self.db.read() as s:
             models = [self._resolve(s, ref)] if ref else s.scalars(
@@ -466,7 +469,14 @@ class Registry:
             for m in models:  # lineage artifacts (a learned merge's mask) are checked too
                 for key, a in _artifacts(m).items():
                     items.append((m.ref, f"artifact:{key}", a["sha256"], a["size"], self.store.path(a["sha256"])))
-        total = sum(size for *_, size, _p in items)
+            if ref is None:
+                served = s.execute(select(HubRepo.repo_id, HubEntry.path, HubEntry.sha256, HubEntry.size)
+                                   .join(HubCommit, HubCommit.sha == HubEntry.commit_sha)
+                                   .join(HubRepo, HubRepo.id == HubCommit.repo_pk).distinct()
+                                   .order_by(HubRepo.repo_id, HubEntry.path)).all()
+                items += [(f"hub:{repo}", path, digest, size, self.store.path(digest))
+                          for repo, path, digest, size in served]
+        total = sum({p: size for *_, size, p in items}.values())
         advance = progress("verifying", total)
         seen: dict[Path, str | None] = {}
         problems = []

@@ -16,11 +16,13 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from zoo.registry.names import KINDS
@@ -200,7 +202,10 @@ class HubRepo(Base):
     """A repository served by ``zoo serve``: its files live in the registry's blob store."""
 
     __tablename__ = "hub_repos"
-    __table_args__ = (UniqueConstraint("repo_type", "repo_id", name="uq_hub_repos_type_id"),)
+    __table_args__ = (UniqueConstraint("repo_type", "repo_id", name="uq_hub_repos_type_id"),
+                      # `ALICE/T1` beside `alice/t1` would collide in clients' caches on
+                      # case-insensitive disks
+                      Index("uq_hub_repos_type_lower_id", "repo_type", func.lower("repo_id"), unique=True))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     repo_type: Mapped[str] = mapped_column(String(16))
@@ -248,3 +253,40 @@ class HubRef(Base):
     name: Mapped[str] = mapped_column(String(256), primary_key=True)
     commit_sha: Mapped[str] = mapped_column(ForeignKey("hub_commits.sha"))
     kind: Mapped[str] = mapped_column(String(8), default="branch", server_default="branch")  # branch | tag
+
+
+class HubAccount(Base):
+    """A user or an organisation of ``zoo serve``: a namespace that owns repositories."""
+
+    __tablename__ = "hub_accounts"
+    __table_args__ = (CheckConstraint("kind in ('user', 'org')", name="ck_hub_accounts_kind"),
+                      Index("uq_hub_accounts_lower_name", func.lower("name"), unique=True))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(96), unique=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class HubMember(Base):
+    """A user's membership of an organisation."""
+
+    __tablename__ = "hub_members"
+
+    org_pk: Mapped[int] = mapped_column(ForeignKey("hub_accounts.id", ondelete="CASCADE"), primary_key=True)
+    user_pk: Mapped[int] = mapped_column(ForeignKey("hub_accounts.id", ondelete="CASCADE"), primary_key=True,
+                                         index=True)
+
+
+class HubToken(Base):
+    """A user's token: only its sha256 is kept. Revoked tokens stay, for the record."""
+
+    __tablename__ = "hub_tokens"
+    __table_args__ = (CheckConstraint("scope in ('read', 'write')", name="ck_hub_tokens_scope"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_pk: Mapped[int] = mapped_column(ForeignKey("hub_accounts.id", ondelete="CASCADE"), index=True)
+    scope: Mapped[str] = mapped_column(String(8))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

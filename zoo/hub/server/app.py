@@ -1,8 +1,9 @@
 """The requests ``zoo serve`` answers: routing, auth, and one handler per Hub endpoint.
 
-Writes need a bearer token with the ``write`` scope (``zoo token create``); reads
-are open unless the server runs with ``open_reads=False`` (``--private-reads``) or
-the repository is private.
+Who may do what is ``zoo.hub.accounts``'s: writes need a write token of a user who
+owns the repository's namespace (``zoo token create --user NAME``); reads are open
+unless the server runs with ``open_reads=False`` (``--private-reads``) or the
+repository is private, which only its namespace's users see.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from zoo.hub.refs import BRANCH, TAG
 from zoo.hub.repos import Change, Entry, HubRepos, folders
 from zoo.hub.server import refusals
 from zoo.hub.server.history import MAX_PAGE, HistoryRoutes, hub_time, paged
+from zoo.hub.server.blobs import BlobChecks, RangeFile, VerifiedBlob, stamp
 from zoo.hub.server.uploads import Uploads
-from zoo.hub.server.wire import JSON_LFS, BlobFile, base_url, error, json_body, media_type, ndjson, sibling
-from zoo.hub.tokens import Holder, TokenSet
+from zoo.hub.server.wire import JSON_LFS, base_url, error, json_body, media_type, ndjson, sibling
+from zoo.hub.accounts import Accounts, Holder
 from zoo.registry import Registry, card
 
 log = logging.getLogger("zoo.serve")
@@ -48,7 +50,6 @@ SORTS = {"lastModified": "last_modified", "createdAt": "created_at", "id": "repo
 class ServeSettings:
     """How a server treats its clients."""
 
-    tokens: TokenSet
     open_reads: bool = True
     lfs_threshold: int = LFS_THRESHOLD
 
@@ -61,32 +62,48 @@ class HubApp(HistoryRoutes):
         self.repos = HubRepos(registry)
         self.settings = settings
         self.uploads = Uploads(registry)
+        self.accounts = Accounts(registry)
+        self.checks = BlobChecks()
 
     # -- auth ------------------------------------------------------------------------
-    def holder(self, request: Request) -> Holder | None:
-        auth = request.headers.get("authorization", "")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-        return self.settings.tokens.check(token)
+    async def holder(self, request: Request) -> Holder | None:
+        """The user of the request's bearer token (None: no token, or not a live one)."""
+        if "zoo.holder" not in request.scope:  # looked up once per request
+            auth = request.headers.get("authorization", "")
+            token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+            request.scope["zoo.holder"] = await run_in_threadpool(self.accounts.check, token) if token else None
+        return request.scope["zoo.holder"]
 
     async def need_write(self, request: Request, repo_id: str | None = None) -> Holder:
         """The holder of the request's token, refused unless it may write to ``repo_id``
-        (or, without one, write at all)."""
-        holder = self.holder(request)
+        (or, without one, write at all). Writing is for write tokens, in the holder's
+        own namespace and those of its organisations."""
+        holder = await self.holder(request)
         if holder is None:
-            raise HubError("writing needs a token of this server (`zoo token create`)", status=401,
-                           code="Unauthorized")
+            raise HubError("writing needs a token of this server (`zoo token create --user NAME` on the server)",
+                           status=401, code="Unauthorized")
         if not holder.can_write:
-            raise HubError(f"token {holder.name!r} is read-only", status=403, code="Forbidden")
+            raise HubError(f"token {holder.token_id} of {holder.user} is read-only", status=403, code="Forbidden")
+        if repo_id is not None and not holder.owns(repo_id):
+            await self.need_read(request, repo_id)  # a private repository stays invisible: 404
+            raise HubError(f"{holder.user} may not write to {repo_id}: it is neither {holder.user}'s namespace nor "
+                           "one of its organisations'", status=403, code="Forbidden")
         return holder
 
-    async def need_read(self, request: Request, repo_id: str | None = None) -> None:
-        private = not self.settings.open_reads
-        if not private and repo_id is not None:
+    async def need_read(self, request: Request, repo_id: str | None = None) -> Holder | None:
+        """The holder (or None), refused unless it may read ``repo_id``. A private
+        repository answers exactly as a missing one to whoever may not read it, so
+        private names cannot be probed."""
+        holder = await self.holder(request)
+        if holder is None and not self.settings.open_reads:
+            # as the Hub answers anonymous reads of what they may not see
+            raise RepoNotFound(f"{repo_id or 'this server'}: reading needs a token of this server (`zoo token create "
+                               "--user NAME --scope read` on the server)", status=401)
+        if repo_id is not None:
             private = await run_in_threadpool(self.repos.is_private, repo_id)
-        if private and self.holder(request) is None:
-            # As the Hub does: a private repository is not found without a token.
-            raise RepoNotFound(f"repository {repo_id or ''} not found, or it needs a token of this server",
-                               status=401)
+            if private and not (holder is not None and holder.owns(repo_id)):
+                raise RepoNotFound(f"repository {repo_id} not found")
+        return holder
 
     # -- routing ---------------------------------------------------------------------
     async def dispatch(self, request: Request) -> Response:
@@ -107,7 +124,7 @@ class HubApp(HistoryRoutes):
         if parts[:1] == ["api"]:
             rest = parts[1:]
             if rest == ["whoami-v2"] and method == "GET":
-                return self.whoami(request)
+                return await self.whoami(request)
             if rest == ["repos", "create"] and method == "POST":
                 return await self.create_repo(request)
             if rest == ["repos", "delete"] and method == "DELETE":
@@ -175,12 +192,15 @@ class HubApp(HistoryRoutes):
         raise HubError(f"no route for {method} /api/models/{'/'.join(rest)}", status=404, code="NotFound")
 
     # -- repositories ----------------------------------------------------------------
-    def whoami(self, request: Request) -> Response:
-        holder = self.holder(request)
+    async def whoami(self, request: Request) -> Response:
+        holder = await self.holder(request)
         if holder is None:
             raise HubError("Invalid credentials in Authorization header", status=401, code="Unauthorized")
-        return JSONResponse({"type": "user", "name": holder.name, "fullname": holder.name,
-                             "auth": {"type": "access_token", "accessToken": {"role": holder.scope}}})
+        orgs = [{"type": "org", "name": o, "fullname": o, "roleInOrg": "write"} for o in holder.orgs]
+        return JSONResponse({"type": "user", "name": holder.user, "fullname": holder.user, "email": None,
+                             "emailVerified": False, "isPro": False, "canPay": False, "orgs": orgs,
+                             "auth": {"type": "access_token",
+                                      "accessToken": {"displayName": holder.token_id, "role": holder.scope}}})
 
     async def create_repo(self, request: Request) -> Response:
         holder = await self.need_write(request)
@@ -188,11 +208,16 @@ class HubApp(HistoryRoutes):
         if body.get("type", "model") not in ("model", None):
             raise HubError("zoo serve holds model repositories only")
         name, org = body.get("name"), body.get("organization")
-        if not isinstance(name, str):
+        if not isinstance(name, str) or not isinstance(org, (str, type(None))):
             raise HubError("repo create needs a 'name'")
-        repo_id = check_repo_id(f"{org}/{name}" if org else name)
+        if org is None and "/" in name:
+            org, name = name.split("/", 1)
+        repo_id = check_repo_id(f"{org or holder.user}/{name}")  # as the Hub: no namespace is the user's own
+        if not holder.owns(repo_id):
+            raise HubError(f"{holder.user} may not create repositories in {org}: it is neither {holder.user}'s "
+                           "namespace nor one of its organisations'", status=403, code="Forbidden")
         private = bool(body.get("private")) or body.get("visibility") == "private"
-        created = await run_in_threadpool(self.repos.create, repo_id, private, holder.name)
+        created = await run_in_threadpool(self.repos.create, repo_id, private, holder.user)
         url = f"{base_url(request)}/{repo_id}"
         if not created:
             return error(409, "RepoExists", f"You already created this model repo: {repo_id}", {"url": url})
@@ -201,7 +226,7 @@ class HubApp(HistoryRoutes):
     async def list_repos(self, request: Request) -> Response:
         """``list_models``: ``author``, ``search`` (part of the id, any case), ``sort`` with
         ``direction`` (-1, the default, newest or last first), ``limit``, and pages."""
-        await self.need_read(request)
+        holder = await self.need_read(request)
         q = request.query_params
         sort, direction = q.get("sort"), q.get("direction", "-1")
         if sort is not None and sort not in SORTS:
@@ -209,12 +234,11 @@ class HubApp(HistoryRoutes):
         if direction not in ("-1", "1"):
             raise HubError("direction is -1 (descending) or 1 (ascending)")
         repos = await run_in_threadpool(self.repos.list_repos)
-        visible = self.holder(request) is not None
         author, search = q.get("author"), (q.get("search") or "").lower()
 
         def wanted(r: dict[str, Any]) -> bool:
             owner = (_author(r["repo_id"]) or "").lower()
-            return ((visible or not r["private"]) and search in r["repo_id"].lower()
+            return ((not r["private"] or (holder is not None and holder.owns(r["repo_id"]))) and search in r["repo_id"].lower()
                     and (author is None or owner == author.lower()))
 
         repos = [r for r in repos if wanted(r)]
@@ -376,7 +400,7 @@ class HubApp(HistoryRoutes):
                     raise HubError(f"{path}: its content (sha256 {oid[:12]}) was not uploaded to {repo_id}; "
                                    "upload it through the LFS batch API first")
                 change.lfs[path] = (oid, known)
-            sha = await run_in_threadpool(self.repos.commit, repo_id, branch, change, holder.name)
+            sha = await run_in_threadpool(self.repos.commit, repo_id, branch, change, holder.user)
             for oid, _ in change.lfs.values():
                 self.uploads.committed(repo_id, oid)
         finally:
@@ -438,7 +462,22 @@ class HubApp(HistoryRoutes):
             return error(e.status, e.code, str(e), headers={"X-Repo-Commit": revision.sha})
         etag = entry.sha256 if entry.lfs else entry.git_oid
         headers = {"ETag": f'"{etag}"', "X-Repo-Commit": revision.sha, "Cache-Control": "no-cache"}
-        return BlobFile(self.repos.blob(entry), headers=headers, media_type=media_type(path))
+        blob, what = self.repos.blob(entry), f"{repo_id}@{revision.sha[:12]}/{path}"
+        if request.method == "HEAD":  # metadata, from the registry: a damaged blob is refused by its GET
+            return Response(headers={**headers, "Content-Length": str(entry.size), "Accept-Ranges": "bytes",
+                                     "Content-Type": media_type(path)})
+        at = stamp(blob)
+        whole = at is not None and at[0] == entry.size and self.checks.known(entry.sha256, at) is not False
+        if whole and "range" in request.headers:  # a range is not hashed on the way: the whole blob is, first
+            whole = await run_in_threadpool(self.checks.check, entry.sha256, blob)
+        if not whole:
+            log.error("%s: the stored blob (sha256 %s) is missing or does not match its hash; refused. Run "
+                      "`zoo verify` on the server", what, entry.sha256)
+            raise HubError(f"{path}: the server's copy is damaged, so it is not served; the server's operator "
+                           "should run `zoo verify`", status=500, code="CorruptBlob")
+        if "range" in request.headers:
+            return RangeFile(blob, headers=headers, media_type=media_type(path))
+        return VerifiedBlob(blob, entry.sha256, entry.size, self.checks, what, headers, media_type(path))
 
 
 def _author(repo_id: str) -> str | None:

@@ -11,17 +11,13 @@ import json
 from typing import Any, AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse
+from starlette.responses import JSONResponse
 
 from zoo.errors import HubError
 from zoo.hub.repos import Entry
 
 MAX_INLINE_LINE = 64 * 1024 * 1024  # one NDJSON line (an inline file, base64)
 JSON_LFS = "application/vnd.git-lfs+json"
-
-
-class BlobFile(FileResponse):
-    chunk_size = 1024 * 1024  # 64 KiB by default: too many event-loop turns for GB files
 
 
 def error(status: int, code: str, message: str, extra: dict | None = None,
