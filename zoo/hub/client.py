@@ -327,6 +327,7 @@ def check_push(repo_id: str, *, endpoint: str | None = None, token: str | None =
                 raise LocalTokenNotFoundError("no token")
             who = api.whoami()
         except LocalTokenNotFoundError:
+            api.repo_exists(repo_id)  # an unreachable Hub says so first
             raise ZooError(f"pushing to {public_url(url)} needs a token with write access: set HF_TOKEN "
                            "(or `hf auth login`)") from None
         except ValueError as e:  # the client's word for a 401 on whoami
