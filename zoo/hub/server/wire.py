@@ -111,12 +111,17 @@ async def ndjson(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
             del buf[: i + 1]
             start = 0
             if line.strip():
-                yield parse_line(line)
-        if len(buf) > MAX_INLINE_LINE:
-            raise HubError(f"a commit line is over {MAX_INLINE_LINE >> 20} MiB; send large files through LFS",
-                           status=413, code="PayloadTooLarge")
+                yield parse_line(_bounded(line))
+        _bounded(buf)
     if buf.strip():
         yield parse_line(bytes(buf))
+
+
+def _bounded(line: bytes | bytearray) -> bytes | bytearray:
+    if len(line) > MAX_INLINE_LINE:
+        raise HubError(f"a commit line is over {MAX_INLINE_LINE >> 20} MiB; send large files through LFS",
+                       status=413, code="PayloadTooLarge")
+    return line
 
 
 def parse_line(line: bytes) -> dict[str, Any]:
