@@ -23,7 +23,8 @@ from conftest import db_dump, vit
 from zoo import Registry
 from zoo.errors import Conflict, HubError, NotFound, PushConflict, RepoNotFound, ZooError
 from zoo.hub.client import pull, push_folder
-from zoo.hub.git import DEFAULT_BRANCH, GITATTRIBUTES, check_path, check_repo_id, git_blob_oid, is_lfs_oid, lfs_pointer
+from zoo.hub.git import DEFAULT_BRANCH, GITATTRIBUTES, git_blob_oid, is_lfs_oid, lfs_pointer
+from zoo.hub.names import check_path, check_repo_id
 from zoo.hub.server import ServeSettings, running
 from zoo.hub.accounts import Accounts
 

@@ -18,6 +18,7 @@ from typing import Any
 from zoo.registry.card import hub_card
 from zoo.errors import ZooError
 from zoo.hub.client import check_push, push_folder
+from zoo.hub.names import check_repo_id
 from zoo.progress import ProgressFactory, no_progress
 from zoo.registry import Registry
 
@@ -88,6 +89,7 @@ def publish(
     ``protected_now`` when protection made a new registered model. An expert or a
     merge is pushed unprotected only with ``protect_weights=False``.
     """
+    check_repo_id(repo_id)  # before protecting: a push that cannot go anywhere leaves nothing behind
     model = registry.show(ref)
     # who may push where is asked first: a refused push protects nothing and leaves nothing
     check_push(repo_id, endpoint=endpoint, token=token)

@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 
 from zoo.errors import AlreadyExists, NotFound, ZooError
-from zoo.hub.git import check_repo_id
+from zoo.hub.names import check_new_repo_id
 from zoo.registry import Registry
 from zoo.registry.schema import HubAccount, HubMember, HubToken
 
@@ -69,10 +69,10 @@ def check_account_name(name: str, what: str = "user") -> str:
     if not isinstance(name, str) or "/" in name:
         raise ZooError(f"invalid {what} name {name!r}: use letters, digits, '.', '-', '_'")
     try:
-        check_repo_id(name)
+        check_new_repo_id(name)
     except ZooError:
         raise ZooError(f"invalid {what} name {name!r}: use letters, digits, '.', '-', '_' (at most 96), "
-                       "starting with a letter or digit") from None
+                       "starting and ending with a letter or digit, and not a word of the Hub's API") from None
     return name
 
 

@@ -27,9 +27,10 @@ from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from zoo.checkpoints.reader import SIDECAR_SUFFIXES
-from zoo.errors import PushConflict, ZooError
+from zoo.errors import HubError, PushConflict, ZooError
 from zoo.fileio import datasync
 from zoo.hub.git import DEFAULT_BRANCH, git_blob_oid
+from zoo.hub.names import check_case_unique, path_problem, repo_id_problem
 from zoo.progress import ProgressFactory
 from zoo.registry import Registry
 from zoo.registry.destination import Destination
@@ -49,9 +50,22 @@ READ_BYTES = 1 << 20
 def parse_repo(ref: str) -> tuple[str, str | None]:
     """``namespace/name[@revision]`` -> (repo id, revision or None)."""
     repo_id, _, rev = ref.partition("@")
-    if not repo_id or repo_id.count("/") > 1 or any(not p for p in repo_id.split("/")):
-        raise ZooError(f"invalid repository {ref!r}: use namespace/name, optionally @revision")
+    if (problem := repo_id_problem(repo_id)) is not None:
+        raise ZooError(f"invalid repository id {ref!r}: {problem}; use namespace/name, optionally @revision")
     return repo_id, rev or None
+
+
+def check_file_names(paths: list[str], what: str) -> None:
+    """Refuse, before any file is written or sent, a path that some client disk cannot
+    hold or that shows as another name (``zoo.hub.names``), and two that differ only in case."""
+    for path in paths:
+        if (problem := path_problem(path)) is not None:
+            raise ZooError(f"{what}: the file {path[:80]!r} cannot be written safely on every disk: {problem}; "
+                           "nothing was transferred")
+    try:
+        check_case_unique([], paths)
+    except HubError as e:
+        raise ZooError(f"{what}: {e}; nothing was transferred") from None
 
 
 def endpoint_of(endpoint: str | None) -> str:
@@ -214,12 +228,13 @@ def pull(
     api = _api(url, token)
     with hub_errors(url, repo_id, revision):
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    siblings = [s for s in info.siblings or [] if "/" not in s.rfilename and s.rfilename.endswith(PULL_SUFFIXES)]
+    check_file_names([s.rfilename for s in siblings], f"{repo_id}@{info.sha[:12]}")  # before the registry opens
     registry = registry() if callable(registry) else registry
     sha = info.sha
     have = registry.find_hub(repo_id, sha)
     if have is not None:
         return {**registry.show(have), "pulled": False}
-    siblings = [s for s in info.siblings or [] if "/" not in s.rfilename and s.rfilename.endswith(PULL_SUFFIXES)]
     if not any(s.rfilename.endswith(".safetensors") for s in siblings):
         others = sorted(s.rfilename for s in info.siblings or [])
         raise ZooError(f"{repo_id}@{sha[:12]} has no safetensors weights ({', '.join(others[:6]) or 'no files'}); "
@@ -385,6 +400,7 @@ def push_folder(
         if digests and rel in digests:
             op.upload_info.sha256 = bytes.fromhex(digests[rel])
         adds.append(op)
+    check_file_names([op.path_in_repo for op in adds], f"cannot push {folder} to {repo_id}")
     with hub_errors(url, repo_id, branch), _lfs_transfers():
         try:
             parent = api.model_info(repo_id, revision=branch).sha

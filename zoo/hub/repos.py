@@ -16,12 +16,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
 from zoo.errors import Conflict, EntryNotFound, HubError, RepoNotFound, RevisionNotFound
-from zoo.hub.git import (COMMIT_SHA, DEFAULT_BRANCH, GITATTRIBUTES, check_path, check_repo_id, git_blob_oid,
-                         is_lfs_oid, lfs_pointer)
+from zoo.hub.git import COMMIT_SHA, DEFAULT_BRANCH, GITATTRIBUTES, git_blob_oid, is_lfs_oid, lfs_pointer
+from zoo.hub.names import check_case_unique, check_new_repo_id, check_path
 from zoo.hub.refs import BRANCH, SHORT_SHA, Ref, check_ref_name
 from zoo.registry import Registry
 from zoo.registry.schema import HubCommit, HubEntry, HubRef, HubRepo
@@ -88,12 +88,14 @@ class HubRepos:
 
     # -- repositories ---------------------------------------------------------------
     def create(self, repo_id: str, private: bool = False, author: str | None = None) -> bool:
-        """Create a repository with its first commit (``.gitattributes``). False if it exists."""
-        check_repo_id(repo_id)
+        """Create a repository with its first commit (``.gitattributes``). False if it exists,
+        also under another case (``ALICE/T1`` beside ``alice/t1``): the two would share one
+        folder of a client's cache on a case-insensitive disk."""
+        check_new_repo_id(repo_id)
         change = Change(summary="initial commit", files={".gitattributes": self.stage(GITATTRIBUTES)})
         try:
             with self.registry.db.store_lock(exclusive=False), self.registry.db.write() as s:
-                if s.scalar(select(HubRepo.id).where(HubRepo.repo_type == "model", HubRepo.repo_id == repo_id)):
+                if self._same_id(s, repo_id) is not None:  # in the write transaction: no race
                     return False
                 repo = HubRepo(repo_type="model", repo_id=repo_id, private=private)
                 s.add(repo)
@@ -104,6 +106,17 @@ class HubRepos:
         finally:
             change.discard()
         return True
+
+    def same_id(self, repo_id: str) -> str | None:
+        """The id of the repository that is ``repo_id`` regardless of case, if any."""
+        with self.registry.db.read() as s:
+            return self._same_id(s, repo_id)
+
+    @staticmethod
+    def _same_id(s, repo_id: str) -> str | None:
+        # repository ids are ASCII, so SQLite's lower() is a full case fold for them
+        return s.scalar(select(HubRepo.repo_id).where(HubRepo.repo_type == "model",
+                                                      func.lower(HubRepo.repo_id) == repo_id.lower()).limit(1))
 
     def revision(self, repo_id: str, rev: str = DEFAULT_BRANCH) -> Revision:
         """Resolve a branch name or a commit sha of ``repo_id``."""
@@ -142,7 +155,11 @@ class HubRepos:
     def stage(self, data: bytes) -> Path:
         """Write a file sent inline in a commit to the store's temp folder."""
         tmp = self.store.temp_path()
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except BaseException:  # a disk that fills keeps no part of it
+            tmp.unlink(missing_ok=True)
+            raise
         return tmp
 
     def commit(self, repo_id: str, branch: str, change: Change, author: str | None = None) -> str:
@@ -206,18 +223,24 @@ class HubRepos:
         blob checked here can be removed before the commit references it.
         """
         tree = {e.path: e for e in old}
+        # Deleting what the tree holds needs no check: that is how a name refused today,
+        # kept from an older commit, is removed.
         for path in change.deleted_files:
-            if tree.pop(check_path(path), None) is None:
-                raise EntryNotFound(f"cannot delete {path}: not in {repo.repo_id}")
+            if tree.pop(path, None) is None:
+                raise EntryNotFound(f"cannot delete {check_path(path)}: not in {repo.repo_id}")
         for folder in change.deleted_folders:
-            prefix = check_path(folder.rstrip("/")) + "/"
-            for p in [p for p in tree if p.startswith(prefix)]:
+            prefix = folder.rstrip("/") + "/"
+            doomed = [p for p in tree if p.startswith(prefix)]
+            if not doomed:
+                check_path(folder.rstrip("/"))
+            for p in doomed:
                 del tree[p]
         paths = set(tree) | set(change.files) | set(change.lfs)
         for p in paths:  # a file may not also be a folder
             for i in range(1, p.count("/") + 1):
                 if p.rsplit("/", i)[0] in paths:
                     raise HubError(f"{p}: {p.rsplit('/', i)[0]} is a file, not a folder")
+        check_case_unique(tree, [*change.files, *change.lfs])
         tree.update(self._seal(change))
         now = datetime.now(timezone.utc)
         parent = ref.commit_sha if ref is not None else None

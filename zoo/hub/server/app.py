@@ -23,7 +23,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from zoo.errors import HubError, RepoNotFound, ZooError
-from zoo.hub.git import DEFAULT_BRANCH, check_path, check_repo_id, is_lfs_oid
+from zoo.hub.git import DEFAULT_BRANCH, is_lfs_oid
+from zoo.hub.names import check_new_repo_id, check_path, check_repo_id
 from zoo.hub.refs import BRANCH, TAG
 from zoo.hub.repos import Change, Entry, HubRepos, folders
 from zoo.hub.server import refusals
@@ -212,15 +213,17 @@ class HubApp(HistoryRoutes):
             raise HubError("repo create needs a 'name'")
         if org is None and "/" in name:
             org, name = name.split("/", 1)
-        repo_id = check_repo_id(f"{org or holder.user}/{name}")  # as the Hub: no namespace is the user's own
+        repo_id = check_new_repo_id(f"{org or holder.user}/{name}")  # as the Hub: no namespace is the user's own
         if not holder.owns(repo_id):
             raise HubError(f"{holder.user} may not create repositories in {org}: it is neither {holder.user}'s "
                            "namespace nor one of its organisations'", status=403, code="Forbidden")
         private = bool(body.get("private")) or body.get("visibility") == "private"
         created = await run_in_threadpool(self.repos.create, repo_id, private, holder.user)
         url = f"{base_url(request)}/{repo_id}"
-        if not created:
-            return error(409, "RepoExists", f"You already created this model repo: {repo_id}", {"url": url})
+        if not created:  # maybe under another case: name the one that exists
+            repo_id = await run_in_threadpool(self.repos.same_id, repo_id) or repo_id
+            return error(409, "RepoExists", f"You already created this model repo: {repo_id}",
+                         {"url": f"{base_url(request)}/{repo_id}"})
         return JSONResponse({"url": url, "name": repo_id, "id": repo_id})
 
     async def list_repos(self, request: Request) -> Response:
@@ -419,7 +422,7 @@ class HubApp(HistoryRoutes):
             if change.parent is not None and not isinstance(change.parent, str):
                 raise HubError("parentCommit must be a commit sha")
         elif key == "file":
-            path = check_path(str(value.get("path")))
+            path = self._new_path(change, value)
             if value.get("encoding", "base64") != "base64":
                 raise HubError(f"{path}: only base64 content is accepted")
             try:
@@ -428,17 +431,26 @@ class HubApp(HistoryRoutes):
                 raise HubError(f"{path}: content is not valid base64") from None
             change.files[path] = self.repos.stage(data)
         elif key == "lfsFile":
-            path = check_path(str(value.get("path")))
+            path = self._new_path(change, value)
             oid, size = str(value.get("oid")), value.get("size")  # copies name only the oid
             if size is not None and (not isinstance(size, int) or size < 0):
                 raise HubError(f"{path}: size must be a non-negative integer")
             change.lfs[path] = (oid, size)
-        elif key == "deletedFile":
-            change.deleted_files.append(check_path(str(value.get("path"))))
+        elif key == "deletedFile":  # checked against the tree: a name refused today may be deleted
+            change.deleted_files.append(str(value.get("path")))
         elif key == "deletedFolder":
             change.deleted_folders.append(str(value.get("path")))
         else:
             raise HubError(f"unknown commit operation {key!r}")
+
+    @staticmethod
+    def _new_path(change: Change, value: dict[str, Any]) -> str:
+        """The path a commit line adds, checked, and refused when the commit adds it twice
+        (before anything of the second is staged)."""
+        path = check_path(str(value.get("path")))
+        if path in change.files or path in change.lfs:
+            raise HubError(f"{path} appears twice in this commit; send each file once", code="InvalidPath")
+        return path
 
     async def validate_yaml(self, request: Request) -> Response:
         body = await json_body(request, limit=CARD_LIMIT)  # open to all: small, and parsed off the loop

@@ -15,7 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from zoo.errors import HubError, RepoNotFound
-from zoo.hub.git import DEFAULT_BRANCH, check_repo_id
+from zoo.hub.git import DEFAULT_BRANCH
+from zoo.hub.names import check_repo_id
 from zoo.hub.refs import BRANCH, TAG
 from zoo.hub.repos import HubRepos
 from zoo.hub.server.wire import json_body

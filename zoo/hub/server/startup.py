@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from zoo.errors import ZooError
 from zoo.hub.accounts import Accounts, legacy_token_file
 from zoo.hub.server.app import HubApp, ServeSettings
-from zoo.hub.server.wire import MAX_INLINE_LINE
+from zoo.hub.server.wire import MAX_INLINE_LINE, RefuseControlInURL
 from zoo.registry import Registry
 
 
@@ -53,7 +54,8 @@ def make_app(registry: Registry, settings: ServeSettings) -> Starlette:
     check_settings(settings)
     hub = HubApp(registry, settings)
     methods = ["GET", "HEAD", "POST", "PUT", "DELETE"]
-    return Starlette(routes=[Route("/{path:path}", hub.dispatch, methods=methods)])
+    return Starlette(routes=[Route("/{path:path}", hub.dispatch, methods=methods)],
+                     middleware=[Middleware(RefuseControlInURL)])
 
 
 def bind(host: str, port: int) -> socket.socket:
