@@ -140,6 +140,26 @@ def test_the_reader_gives_plain_json_for_each_fine_card(name):
     assert json.loads(json.dumps(parse_card(data))) == (expected or {})
 
 
+def test_without_libyaml_the_same_cards_are_refused_and_read(monkeypatch):
+    """PyYAML without its C extension parses in Python: the same answers."""
+    import yaml
+
+    monkeypatch.setattr(yaml, "__with_libyaml__", False)
+    for name, (data, reason) in HOSTILE.items():
+        with pytest.raises(CardError, match=reason):
+            parse_card(data)
+    for name, (data, expected) in FINE.items():
+        assert parse_card(data) == (expected or {}), name
+
+
+def test_text_that_was_never_utf8_is_refused():
+    for text in ("---\na: \ud800\n---\n", "---\n\udcff: 1\n---\n"):
+        with pytest.raises(CardError, match="not UTF-8"):
+            read_front_matter(text)
+        with pytest.raises(CardError, match="not UTF-8"):
+            parse_card(text)
+
+
 def test_what_zoo_writes_reads_back_as_written():
     front = front_matter(["a/b", "1e5", "yes", "012", "2024-05-01", "null", "~", "x: y"], "merge",
                          ["zoo", "True", "3.0"])

@@ -108,11 +108,11 @@ def _load(body: str) -> Any:
     Works on events rather than PyYAML's node tree so that nothing recursive runs on
     the card's nesting, and the first refused event stops the parse.
     """
-    parser = yaml.cyaml.CParser(body) if yaml.__with_libyaml__ else yaml.SafeLoader(body)
     stack: list[_Frame] = []
     root: Any = None
     documents = 0
     try:
+        parser = yaml.cyaml.CParser(body) if yaml.__with_libyaml__ else yaml.SafeLoader(body)
         while True:
             event = parser.get_event()
             if isinstance(event, yaml.StreamEndEvent):
@@ -131,7 +131,7 @@ def _load(body: str) -> Any:
             top = stack[-1] if stack else None
             if isinstance(event, yaml.CollectionEndEvent):
                 value = stack.pop().value
-            elif isinstance(top, _Frame) and isinstance(top.value, dict) and top.key is None:
+            elif top is not None and isinstance(top.value, dict) and top.key is None:
                 if not isinstance(event, yaml.ScalarEvent):
                     raise CardError(f"a key must be a string, not a sequence or mapping{_at(event)}")
                 if event.value in top.value:
@@ -157,6 +157,8 @@ def _load(body: str) -> Any:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         where = f" (line {mark.line + 2} of the card)" if mark is not None else ""
         raise CardError(f"the front matter is not valid YAML: {problem}{where}") from None
+    except UnicodeError:  # a str with lone surrogates: it was never UTF-8
+        raise CardError("the card is not UTF-8 text (it holds a lone surrogate)") from None
 
 
 # Plain scalars PyYAML's safe_dump writes unquoted as numbers, booleans and null, and no
