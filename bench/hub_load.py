@@ -118,8 +118,8 @@ def setup(url: str, token: str, registry: Path, file_mib: int) -> tuple[list[str
     try:
         repos = HubRepos(reg)
         for name, data in cards.items():
-            repos.commit(f"hostile/{name}", "main", Change(summary="an old card", files={"README.md": repos.stage(data)}),
-                         "bench")
+            change = Change(summary="an old card", files={"README.md": repos.stage(data)})
+            repos.commit(f"hostile/{name}", "main", change, "bench")
             hostile.append(f"hostile/{name}")
     finally:
         reg.close()

@@ -41,7 +41,8 @@ def parse_card(data: str | bytes) -> dict[str, Any]:
         data = data[: data.rfind(b"\n", 0, CARD_HEAD) + 1]
     meta = read_front_matter(data) or {}
     tags = meta.get("tags")
-    if not (tags is None or isinstance(tags, str) or (isinstance(tags, list) and all(isinstance(t, str) for t in tags))):
+    if not (tags is None or isinstance(tags, str)
+            or (isinstance(tags, list) and all(isinstance(t, str) for t in tags))):
         raise CardError("'tags' must be a string or a list of strings")  # clients iterate over them
     size = len(json.dumps(meta, ensure_ascii=False).encode("utf-8"))
     if size > CARD_DATA_LIMIT:
