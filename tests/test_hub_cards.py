@@ -74,6 +74,7 @@ HOSTILE: dict[str, tuple[bytes, str]] = {
     "complex key": (_card("? [a, b]\n: 1"), "key must be a string"),
     "control character": (_card("x: \x07bell"), "not valid YAML"),
     "tags not a list": (_card("tags: 5"), "'tags' must be"),
+    "eval_results": (_card("eval_results: [{task: x}]"), "'eval_results' is huggingface_hub"),
     "two documents": (_card("a: 1\n...\n%YAML 1.1\n--- b\n"), "not valid YAML|more than one"),
     "unbalanced": (_card("x: [1, 2"), "not valid YAML"),
 }

@@ -44,6 +44,8 @@ def parse_card(data: str | bytes) -> dict[str, Any]:
     if not (tags is None or isinstance(tags, str)
             or (isinstance(tags, list) and all(isinstance(t, str) for t in tags))):
         raise CardError("'tags' must be a string or a list of strings")  # clients iterate over them
+    if "eval_results" in meta:  # huggingface_hub's ModelCardData.to_dict() fails on any such key
+        raise CardError("'eval_results' is huggingface_hub's in-memory name: a card holds results as 'model-index'")
     size = len(json.dumps(meta, ensure_ascii=False).encode("utf-8"))
     if size > CARD_DATA_LIMIT:
         raise CardError(f"the card metadata is {size} bytes as JSON, over the {CARD_DATA_LIMIT >> 10} KiB "
