@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-import yaml
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -29,16 +28,17 @@ from zoo.hub.refs import BRANCH, TAG
 from zoo.hub.repos import Change, Entry, HubRepos, folders
 from zoo.hub.server import refusals
 from zoo.hub.server.history import MAX_PAGE, HistoryRoutes, hub_time, paged
+from zoo.hub.server.cards import CARDS, check_card, check_commit
 from zoo.hub.server.blobs import BlobChecks, RangeFile, VerifiedBlob, stamp
 from zoo.hub.server.uploads import Uploads
 from zoo.hub.server.wire import JSON_LFS, base_url, error, json_body, media_type, ndjson, sibling
 from zoo.hub.accounts import Accounts, Holder
-from zoo.registry import Registry, card
+from zoo.registry import Registry
 
 log = logging.getLogger("zoo.serve")
 
 LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub's own cut: larger files go through LFS
-CARD_LIMIT = 1024 * 1024  # model cards parsed for validate-yaml and model info
+CARD_LIMIT = 1024 * 1024  # the body of a validate-yaml request
 PATHS_INFO_LIMIT = 4 * 1024 * 1024  # a paths-info form: 1000 paths of up to 1024 characters, URL-encoded
 KEYWORDS = {"revision", "tree", "paths-info", "preupload", "commit", "commits", "refs", "branch", "tag",
             "xet-write-token", "xet-read-token"}
@@ -267,14 +267,10 @@ class HubApp(HistoryRoutes):
         })
 
     def _card_data(self, entries: list[Entry]) -> dict[str, Any]:
-        readme = next((e for e in entries if e.path == "README.md" and e.size < CARD_LIMIT), None)
+        readme = next((e for e in entries if e.path == "README.md"), None)
         if readme is None:
             return {}
-        try:
-            meta = card.read_front_matter(self.repos.blob(readme).read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError):
-            return {}
-        return meta if isinstance(meta, dict) else {}
+        return CARDS.card_data(readme.sha256, self.repos.blob(readme), f"README.md (sha256 {readme.sha256[:12]})")
 
     async def tree(self, request: Request, repo_id: str, rev: str, path: str) -> Response:
         await self.need_read(request, repo_id)
@@ -403,6 +399,7 @@ class HubApp(HistoryRoutes):
                     raise HubError(f"{path}: its content (sha256 {oid[:12]}) was not uploaded to {repo_id}; "
                                    "upload it through the LFS batch API first")
                 change.lfs[path] = (oid, known)
+            await run_in_threadpool(check_commit, change, self.repos.store)  # a bad card commits nothing
             sha = await run_in_threadpool(self.repos.commit, repo_id, branch, change, holder.user)
             for oid, _ in change.lfs.values():
                 self.uploads.committed(repo_id, oid)
@@ -455,12 +452,10 @@ class HubApp(HistoryRoutes):
     async def validate_yaml(self, request: Request) -> Response:
         body = await json_body(request, limit=CARD_LIMIT)  # open to all: small, and parsed off the loop
         try:
-            meta = await run_in_threadpool(card.read_front_matter, str(body.get("content") or ""))
-            if meta is not None and not isinstance(meta, dict):
-                raise ValueError("the front matter must be a mapping")
-        except (yaml.YAMLError, ValueError) as e:
-            return JSONResponse({"errors": [{"message": f"invalid model card metadata: {e}"}]}, status_code=400,
-                                headers={"X-Error-Code": "InvalidMetadata"})
+            await run_in_threadpool(check_card, str(body.get("content") or ""))
+        except HubError as e:
+            return JSONResponse({"errors": [{"message": str(e)}]}, status_code=e.status,
+                                headers={"X-Error-Code": e.code})
         return JSONResponse({})
 
     # -- downloads -------------------------------------------------------------------
