@@ -245,3 +245,30 @@ def test_family_refusals(tmp_path):
     with pytest.raises(ZooError, match="RoPE needs an even number"):
         protect.protect(str(phi3), out_dir=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen3-gqa", "phi3-fused-gqa"])
+def test_realignment_attack_runs_on_new_layouts(family, tmp_path):
+    """The red-team attack reads the new layouts (QK-norm roles, Phi-3's fused rows).
+    Fitting a locked base onto itself finds the inverse exactly where heads stay in
+    place (Phi-3); the per-head fit does not match permuted heads (Qwen3), and the norms
+    stay as locked."""
+    from zoo.protect.attack import realign_checkpoint
+
+    base = build(tmp_path / "base", family)
+    protect.protect(str(base), out_dir=tmp_path / "locked", seed=3)
+    out = tmp_path / "realigned"
+    out.mkdir()
+    realign_checkpoint(open_checkpoint(tmp_path / "locked"), open_checkpoint(base), out)
+    locked, got = tensors(tmp_path / "locked"), tensors(out)
+    layout = layout_for(open_checkpoint(base))
+    for n, (_, role) in layout.roles.items():
+        if role in ("q_norm", "k_norm"):
+            assert got[n] == locked[n], n
+    b, r = open_checkpoint(base), open_checkpoint(out)
+    recovered = {n: torch.allclose(b.read_tensor(n), r.read_tensor(n), atol=1e-3)
+                 for n, (_, role) in layout.roles.items() if role in ("v", "o", "qkv")}
+    if layout.units[0].permute:  # a layer whose heads moved is not recovered
+        assert not all(recovered.values())
+    else:
+        assert all(recovered.values()), recovered
