@@ -272,3 +272,18 @@ def test_realignment_attack_runs_on_new_layouts(family, tmp_path):
         assert not all(recovered.values())
     else:
         assert all(recovered.values()), recovered
+
+
+@pytest.mark.parametrize("family", ["qwen3-gqa", "gemma3_text-sliding", "phi-partial", "mixtral-gqa-sliding"])
+def test_greedy_decode_with_kv_cache_is_identical(family, tmp_path):
+    """32 greedy tokens with the KV cache on (cached keys carry the transform and the
+    permutation): the same tokens from the source and the protected model."""
+    from zoo.protect.verify import load
+
+    src = build(tmp_path / "src", family)
+    protect.protect(str(src), out_dir=tmp_path / "locked", seed=5)
+    prompt = _ids(src, 16)
+    with torch.no_grad():
+        a, b = (load(f).generate(prompt, max_new_tokens=32, do_sample=False, use_cache=True,
+                                 pad_token_id=0, eos_token_id=None) for f in (src, tmp_path / "locked"))
+    assert a.shape == (2, 48) and torch.equal(a, b)
