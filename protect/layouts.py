@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from zoo.checkpoints.reader import FLOAT_DTYPES, Checkpoint
 from zoo.errors import ZooError
 
 
-# Known architectures that normalise q and k per head: a general QK transform changes
-# what they compute (MergeLock, arXiv 2509.01548). Refused with that reason rather than "unknown".
-QK_NORM_TYPES = ("qwen3", "qwen3_moe", "gemma3", "gemma3_text", "olmo2", "olmoe", "cohere2", "chameleon")
+# Known architectures that normalise q and k and have no QK-norm layout here: a general QK
+# transform changes what they compute (MergeLock, arXiv 2509.01548). Refused with that reason
+# rather than "unknown".
+QK_NORM_TYPES = ("olmoe", "cohere2", "chameleon")
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,18 @@ class Attention:
     """One attention sublayer in a checkpoint.
 
     ``tensors`` maps a role to a tensor name: ``q``, ``k``, ``v``, ``o`` and the optional
-    ``q_bias``, ``k_bias``, ``v_bias``; GPT-2 has ``qkv`` and ``qkv_bias`` instead of the
-    first three. The O bias is never transformed, so it has no role.
+    ``q_bias``, ``k_bias``, ``v_bias``; GPT-2 and Phi-3 have ``qkv`` (and GPT-2
+    ``qkv_bias``) instead of the first three; QK-norm models add ``q_norm`` and ``k_norm``.
+    The O bias is never transformed, so it has no role.
+
+    - ``rotary_dim``: how many leading dims of each head RoPE rotates (partial rotary);
+      the rest carry no position. Meaningful only with ``rope``; 0 means all of them.
+    - ``qk_norm``: ``"head"`` when q and k are RMS-normalised per head with one weight of
+      ``head_dim`` shared by all heads (Qwen3, Gemma 3), ``"full"`` when over the whole
+      projection with one weight per head (OLMo 2). The QK transform is then only a
+      per-RoPE-pair scale folded into the norm weights; ``norm_offset`` is 1 where the
+      norm multiplies by (1 + w) (Gemma).
+    - ``permute``: also permute KV groups, and query heads within each group.
     """
 
     unit: str
@@ -40,10 +51,19 @@ class Attention:
     head_dim: int
     rope: bool = False
     row_vectors: bool = False
+    rotary_dim: int = 0
+    qk_norm: str | None = None
+    norm_offset: float = 0.0
+    permute: bool = False
 
     @property
     def group_size(self) -> int:
         return self.heads // self.kv_heads
+
+    @property
+    def rotary(self) -> int:
+        """The dims RoPE rotates in each head (all of them unless partial)."""
+        return (self.rotary_dim or self.head_dim) if self.rope else 0
 
 
 @dataclass
@@ -64,6 +84,7 @@ class Dims:
     kv_heads: int
     head_dim: int
     hidden: int
+    rotary_dim: int = 0  # 0: all of head_dim (or no RoPE)
 
 
 @dataclass(frozen=True)
@@ -78,6 +99,9 @@ class Arch:
     checks: Callable[[dict[str, Any]], None] = lambda cfg: None
     rope: bool = False
     row_vectors: bool = False
+    qk_norm: str | None = None  # see Attention
+    norm_offset: float = 0.0
+    permute: bool = False
 
 
 def _heads(cfg: dict[str, Any], heads_key: str, hidden_key: str, what: str) -> Dims:
@@ -122,13 +146,40 @@ def _rope_dims(cfg: dict[str, Any], unit: str) -> Dims:
     return Dims(heads, kv, head_dim, hidden)
 
 
-def _rope_checks(cfg: dict[str, Any]) -> None:
+def _partial_rotary(cfg: dict[str, Any]) -> float:
+    """``partial_rotary_factor``, wherever config.json keeps it (top level, the rope
+    parameters, or per layer type as Gemma 3 nests them)."""
     partial = cfg.get("partial_rotary_factor", 1.0)
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if isinstance(rope, dict):
         partial = rope.get("partial_rotary_factor", partial)
-    if float(partial) != 1.0:
-        raise ZooError(f"partial_rotary_factor={partial}: partial RoPE is not supported yet")
+        for sub in rope.values():
+            if isinstance(sub, dict) and float(sub.get("partial_rotary_factor", 1.0)) != 1.0:
+                partial = sub["partial_rotary_factor"]
+    return float(partial if partial is not None else 1.0)
+
+
+def _rope_checks(cfg: dict[str, Any]) -> None:
+    partial = _partial_rotary(cfg)
+    if partial != 1.0:
+        raise ZooError(f"partial_rotary_factor={partial}: partial RoPE is not supported for {cfg.get('model_type')}")
+
+
+def _partial_dims(cfg: dict[str, Any], unit: str) -> Dims:
+    """RoPE dims for models whose attention rotates only the first int(head_dim × factor)
+    dims of each head and passes the rest through (Phi, Phi-3)."""
+    d = _rope_dims(cfg, unit)
+    rot = int(d.head_dim * _partial_rotary(cfg))
+    if rot <= 0 or rot > d.head_dim or rot % 2:
+        raise ZooError(f"partial_rotary_factor={_partial_rotary(cfg)} gives {rot} rotary dims of head_dim="
+                       f"{d.head_dim}; RoPE needs an even number of them")
+    return Dims(d.heads, d.kv_heads, d.head_dim, d.hidden, rot)
+
+
+def _phi_checks(cfg: dict[str, Any]) -> None:
+    if cfg.get("qk_layernorm"):
+        raise ZooError("Phi with qk_layernorm normalises q and k per head with a LayerNorm (mean removed, "
+                       "bias added), which a QK transform would break; MergeLock supports Phi without it")
 
 
 def _t5_dims(cfg: dict[str, Any], unit: str) -> Dims:
@@ -171,6 +222,10 @@ _LLAMA = Arch(
     checks=_rope_checks,
     rope=True,
 )
+# Qwen3, Gemma 3 and OLMo 2 normalise q and k before RoPE: only a per-pair scale folded into
+# the norm weights keeps qᵀk, so head permutations add to the (full) VO transform
+_QK_NORM_HEAD = replace(_LLAMA, suffixes={**_LLAMA.suffixes, "q_norm": "q_norm.weight", "k_norm": "k_norm.weight"},
+                        required=(*_QKVO, "q_norm", "k_norm"), qk_norm="head", permute=True)
 ARCHS: dict[str, Arch] = {
     "bert": _BERT,
     "roberta": _BERT,
@@ -200,6 +255,34 @@ ARCHS: dict[str, Arch] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    # MoE: the attention is Mistral's / Qwen2's; experts, shared experts and routers are untouched
+    "mixtral": _LLAMA,
+    "qwen2_moe": _LLAMA,
+    # Gemma: head_dim is its own config entry; Gemma 2's logit soft-capping and sliding
+    # windows act on qᵀk, which the transform leaves unchanged
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "qwen3": _QK_NORM_HEAD,
+    "qwen3_moe": _QK_NORM_HEAD,
+    "gemma3_text": replace(_QK_NORM_HEAD, norm_offset=1.0),  # Gemma's RMSNorm multiplies by (1 + w)
+    "olmo2": replace(_QK_NORM_HEAD, qk_norm="full"),
+    "phi": Arch(
+        unit=r"(?:.+\.)?layers\.\d+\.self_attn",
+        suffixes={**_PROJ, "o": "dense.weight"},
+        required=_QKVO,
+        dims=_partial_dims,
+        expected=lambda cfg: int(cfg["num_hidden_layers"]),
+        checks=_phi_checks,
+        rope=True,
+    ),
+    "phi3": Arch(
+        unit=r"(?:.+\.)?layers\.\d+\.self_attn",
+        suffixes={"qkv": "qkv_proj.weight", "o": "o_proj.weight"},  # rows: Q all | K all | V all
+        required=("qkv", "o"),
+        dims=_partial_dims,
+        expected=lambda cfg: int(cfg["num_hidden_layers"]),
+        rope=True,
+    ),
     "t5": Arch(
         unit=r"(?:.+\.)?(?:en|de)coder\.block\.\d+\.layer\.\d+\.(?:SelfAttention|EncDecAttention)",
         suffixes={"q": "q.weight", "k": "k.weight", "v": "v.weight", "o": "o.weight"},
@@ -209,15 +292,18 @@ ARCHS: dict[str, Arch] = {
     ),
 }
 ARCHS["clip_text_model"] = ARCHS["clip_vision_model"] = ARCHS["clip"]
-SUPPORTED = ("bert", "roberta", "vit", "clip", "gpt2", "llama", "mistral", "qwen2", "t5")
+SUPPORTED = ("bert", "roberta", "vit", "clip", "gpt2", "llama", "mistral", "qwen2", "t5", "mixtral", "qwen2_moe",
+             "qwen3", "qwen3_moe", "gemma3_text", "olmo2", "gemma", "gemma2", "phi", "phi3")
 
 
 def _expected_shapes(arch: Arch, d: Dims) -> dict[str, tuple[int, ...]]:
     q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
     if arch.row_vectors:  # Conv1D weights are [in, out]
         return {"qkv": (d.hidden, 3 * q), "qkv_bias": (3 * q,), "o": (q, d.hidden)}
+    norms = {"q_norm": (q,), "k_norm": (kv,)} if arch.qk_norm == "full" else {"q_norm": (d.head_dim,),
+                                                                              "k_norm": (d.head_dim,)}
     return {"q": (q, d.hidden), "q_bias": (q,), "k": (kv, d.hidden), "k_bias": (kv,),
-            "v": (kv, d.hidden), "v_bias": (kv,), "o": (d.hidden, q)}
+            "v": (kv, d.hidden), "v_bias": (kv,), "o": (d.hidden, q), "qkv": (q + 2 * kv, d.hidden), **norms}
 
 
 def layout_for(ckpt: Checkpoint, label: str | None = None) -> Layout:
@@ -232,14 +318,22 @@ def layout_for(ckpt: Checkpoint, label: str | None = None) -> Layout:
         raise ZooError(f"{label}: MergeLock needs the model's config.json to know its architecture; "
                        "protect a Hugging Face model folder")
     mt = cfg.get("model_type")
-    if mt in QK_NORM_TYPES or any(re.search(r"\.(q_norm|k_norm|q_layernorm|k_layernorm)\.", n) for n in ckpt.tensors):
+    arch = ARCHS.get(mt)
+    if mt == "gemma3":
+        raise ZooError("'gemma3' is Gemma 3 with its vision tower (a SigLIP encoder beside the language model); "
+                       "MergeLock supports the text-only 'gemma3_text' (Gemma3ForCausalLM)")
+    try:
+        if arch is not None:  # an architecture's own refusal names the precise reason
+            arch.checks(cfg)
+    except KeyError as e:
+        raise ZooError(f"config.json has no {e.args[0]!r}, which a {mt} model needs") from None
+    if (arch is None or arch.qk_norm is None) and (mt in QK_NORM_TYPES or any(
+            re.search(r"\.(q_norm|k_norm|q_layernorm|k_layernorm)\.", n) for n in ckpt.tensors)):
         raise ZooError(f"{mt!r} normalises queries and keys per head (QK-norm), which a general QK transform "
                        f"would break; MergeLock supports {', '.join(SUPPORTED)}")
-    arch = ARCHS.get(mt)
     if arch is None:
         raise ZooError(f"MergeLock does not support model_type {mt!r}; supported: {', '.join(SUPPORTED)}")
     try:
-        arch.checks(cfg)
         units: dict[str, dict[str, str]] = {}
         pattern = re.compile(f"(?P<unit>{arch.unit})\\.(?P<rest>.+)")
         by_suffix = {s: r for r, s in arch.suffixes.items()}
@@ -265,7 +359,8 @@ def layout_for(ckpt: Checkpoint, label: str | None = None) -> Layout:
                     raise ZooError(f"{name} is {info.dtype}; MergeLock transforms float tensors only "
                                    "(dequantize the model first)")
             result.append(Attention(unit, dict(sorted(tensors.items())), d.heads, d.kv_heads, d.head_dim,
-                                    rope=arch.rope, row_vectors=arch.row_vectors))
+                                    rope=arch.rope, row_vectors=arch.row_vectors, rotary_dim=d.rotary_dim,
+                                    qk_norm=arch.qk_norm, norm_offset=arch.norm_offset, permute=arch.permute))
     except KeyError as e:
         raise ZooError(f"config.json has no {e.args[0]!r}, which a {mt} model needs") from None
     if len(result) != expected:

@@ -247,11 +247,12 @@ def test_refusals(tmp_path):
     with pytest.raises(ZooError, match="does not support model_type 'gpt_neox'; supported: bert"):
         protect.protect(str(neox), out_dir=tmp_path / "x")
 
-    qwen3 = tmp_path / "qwen3"
-    T.Qwen3ForCausalLM(T.Qwen3Config(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                     num_key_value_heads=2, intermediate_size=37)).save_pretrained(qwen3)
+    cohere = tmp_path / "cohere"  # QK-norm (a LayerNorm per head) without a layout
+    T.CohereForCausalLM(T.CohereConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=37,
+                                       use_qk_norm=True)).save_pretrained(cohere)
     with pytest.raises(ZooError, match="QK-norm"):
-        protect.protect(str(qwen3), out_dir=tmp_path / "x")
+        protect.protect(str(cohere), out_dir=tmp_path / "x")
 
     src = tiny(tmp_path / "bert", "bert")
     bare = tmp_path / "bare.safetensors"
