@@ -126,7 +126,7 @@ def serve(
 
 @token_app.command("create")
 def token_create(
-    user: str = typer.Option(..., "--user", "-u", "--name", metavar="USER",
+    user: str = typer.Option(..., "--user", "-u", metavar="USER",
                              help="The user who holds the token (added if new)."),
     scope: str = typer.Option("write", "--scope", metavar="SCOPE",
                               help="write (read, and write to the user's namespaces) or read."),
