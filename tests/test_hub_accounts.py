@@ -120,14 +120,10 @@ def test_write_tokens_write_only_to_their_namespaces(team, tmp_path):
                        ("/api/models/bob/z/preupload/main", {"files": []})):
         r = httpx2.post(team.url + path, json=body, headers=_auth(team.tokens["alice"]))
         assert r.status_code == 403 and "may not write to bob/z" in r.headers["x-error-message"]
-    # the commit records its author
-    from sqlalchemy import select
-
-    from zoo.registry.schema import HubCommit
-
-    with team.registry.db.read() as s:
-        authors = set(s.scalars(select(HubCommit.author)))
-    assert authors == {"alice", "bob"}
+    # each commit records its author and date, shown through the API
+    commits = alice.list_repo_commits("lab/y")
+    assert [c.authors for c in commits] == [["alice"], ["alice"]] and all(c.created_at for c in commits)
+    assert [c.authors for c in bob.list_repo_commits("bob/z")] == [["bob"]]
 
 
 def test_private_repositories_are_invisible_to_everyone_else(team):

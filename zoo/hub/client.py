@@ -292,10 +292,12 @@ def _flushing(folder: Path, every: float = 0.2) -> Iterator[None]:
 
 def _kind_from_card(info) -> str:
     tags = set(info.tags or [])
-    card = info.card_data.to_dict() if info.card_data else {}
+    # getattr, not to_dict(): a card's metadata is whatever its author wrote, and
+    # to_dict() fails on some (an `eval_results` key)
+    relation = getattr(info.card_data, "base_model_relation", None) if info.card_data else None
     if "mergelock" in tags:
         return "protected"
-    if "merge" in tags or card.get("base_model_relation") == "merge":
+    if "merge" in tags or relation == "merge":
         return "merged"
     return "base"
 
