@@ -309,3 +309,13 @@ def test_private_reads_need_a_login(tmp_path):
         assert httpx2.get(url + "/ui/x/resolve/main/a.txt").headers.get("x-error-code") == "RepoNotFound"
     reg.close()
 
+
+
+def test_the_demo_ends_with_the_compare_page():
+    from zoo.demo.tour import Tour
+
+    tour = Tour(zoo=None, table=[{"method": "individual experts"}, {"method": "ta", "model": "demo-ta"},
+                                 {"method": "ties", "model": "demo-ties"}],
+                parity=[], protection={"rows": [{"method": "p", "model": "demo-ta-protected-digit"}]},
+                published=None, keys=Path("k"))
+    assert tour.compare_path == "/ui/compare?m=demo-ta&m=demo-ties&m=demo-ta-protected-digit"

@@ -22,14 +22,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
-
-from zoo.hub.accounts import Accounts, Holder
-from zoo.registry import Registry
 from zoo.errors import NotFound
-from zoo.registry.schema import File, HubEntry, HubRef, HubRepo, Model
+from zoo.hub.accounts import Accounts, Holder
+from zoo.hub.server.web.reader import Reader
 
-WEIGHTS = ".safetensors"  # the files that make a model: a shared config.json ties nothing
 SESSION_COOKIE = "zoo_session"
 SESSION_SECONDS = 12 * 3600
 
@@ -62,27 +58,13 @@ class Visibility:
         return self.holder is not None and self.holder.owns(repo_id)
 
 
-def visibility(registry: Registry, holder: Holder | None) -> Visibility:
-    """The models ``holder`` (None: an anonymous viewer) may see, from one read of the registry."""
-    with registry.db.read() as s:
-        repos = {pk: ServedRepo(rid, bool(private))
-                 for pk, rid, private in s.execute(select(HubRepo.id, HubRepo.repo_id, HubRepo.private))}
-        heads: dict[str, set[int]] = {}  # weight sha256 -> repositories whose heads hold it
-        for pk, digest in s.execute(
-                select(HubRef.repo_pk, HubEntry.sha256).join(HubEntry, HubEntry.commit_sha == HubRef.commit_sha)
-                .where(HubEntry.path.like(f"%{WEIGHTS}")).distinct()):
-            heads.setdefault(digest, set()).add(pk)
-        served: dict[str, set[int]] = {}
-        if heads:
-            for name, version, digest in s.execute(
-                    select(Model.name, Model.version, File.sha256).join(File, File.model_id == Model.id)
-                    .where(File.relpath.like(f"%{WEIGHTS}"))):
-                if digest in heads:
-                    served.setdefault(f"{name}@{version}", set()).update(heads[digest])
+def visibility(reader: Reader, holder: Holder | None) -> Visibility:
+    """The models ``holder`` (None: an anonymous viewer) may see."""
+    repos, served = reader.served()
     out = Visibility(holder)
-    out.hidden_repos = {r.repo_id.lower() for r in repos.values() if r.private and not out._owns(r.repo_id)}
+    out.hidden_repos = {rid.lower() for rid, private in repos.values() if private and not out._owns(rid)}
     for ref, pks in served.items():
-        out.served[ref] = sorted((repos[pk] for pk in pks), key=lambda r: r.repo_id.lower())
+        out.served[ref] = sorted((ServedRepo(*repos[pk]) for pk in pks), key=lambda r: r.repo_id.lower())
         if all(r.private for r in out.served[ref]) and not any(out._owns(r.repo_id) for r in out.served[ref]):
             out.hidden.add(ref)
     return out

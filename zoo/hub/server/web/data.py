@@ -16,8 +16,8 @@ from markupsafe import Markup
 from zoo.errors import NotFound
 from zoo.hub.server.web.access import ServedRepo, Visibility
 from zoo.hub.server.web.svg import Series, bar_chart, lineage_graph, lineage_svg
-from zoo.registry import Registry
-from zoo.registry.card import hub_card, public_recipe
+from zoo.hub.server.web.reader import Reader
+from zoo.registry.card import public_recipe
 from zoo.registry.names import KINDS
 
 METRIC = "accuracy"
@@ -77,10 +77,10 @@ def _accuracy(metrics: list[dict[str, Any]], split: str = SPLIT) -> dict[str, di
     return out
 
 
-def zoo_page(registry: Registry, vis: Visibility, f: Filters) -> ZooPage:
+def zoo_page(reader: Reader, vis: Visibility, f: Filters) -> ZooPage:
     """Every model this viewer may see, filtered and searched."""
-    listed = [m for m in registry.list() if vis.sees(m["ref"])]
-    acc = _accuracy(registry.metrics())
+    listed = [m for m in reader.list() if vis.sees(m["ref"])]
+    acc = _accuracy(reader.metrics())
     q = f.q.strip().lower()
     rows = []
     for m in listed:
@@ -132,15 +132,15 @@ class ModelPage:
     base_visible: bool = False
 
 
-def model_page(registry: Registry, vis: Visibility, ref: str) -> ModelPage:
+def model_page(reader: Reader, vis: Visibility, ref: str) -> ModelPage:
     """One model, as far as this viewer may see it and its lineage."""
     try:
-        info = registry.show(ref)
+        info = reader.show(ref)
     except NotFound:
         raise not_found(ref) from None
     if not vis.sees(info["ref"]):
         raise not_found(ref)
-    tree = registry.lineage(info["ref"])
+    tree = reader.lineage(info["ref"])
     graph = lineage_graph(tree, vis.sees)
     hidden = sorted({r for r in _refs(tree) if not vis.sees(r)}, key=len, reverse=True)
     parents = [p for p in info["parents"] if vis.sees(p["ref"])]
@@ -150,7 +150,7 @@ def model_page(registry: Registry, vis: Visibility, ref: str) -> ModelPage:
             series.append(Series(f"{p['ref']} ({p['role']})", p["ref"], p["role"], {}))
     if info["base"] and vis.sees(info["base"]) and info["base"] not in {s.ref for s in series}:
         series.append(Series(f"{info['base']} (base)", info["base"], "base", {}))
-    acc = _accuracy(registry.metrics())
+    acc = _accuracy(reader.metrics())
     for s in series:
         s.values = dict(acc.get(s.ref, {}))
     tasks = list(dict.fromkeys([*series[0].values, *info["tasks"]]))
@@ -158,7 +158,7 @@ def model_page(registry: Registry, vis: Visibility, ref: str) -> ModelPage:
     recipe = info["recipe"]
     return ModelPage(
         info=info,
-        card=_card(registry, info, hidden),
+        card=_card(reader, info, hidden),
         files=info["files"],
         architecture=_architecture(info),
         lineage=lineage_svg(graph, info["ref"]),
@@ -182,7 +182,7 @@ def _refs(node: dict[str, Any]) -> list[str]:
     return [node["ref"], *(r for p in node.get("parents", []) for r in _refs(p))]
 
 
-def _card(registry: Registry, info: dict[str, Any], hidden: list[str]) -> Markup:
+def _card(reader: Reader, info: dict[str, Any], hidden: list[str]) -> Markup:
     """The model's own README.md when it has one (a pulled model), else the card a push
     would publish, written from the registry. Front matter is data and is not shown;
     models this viewer may not see are not named."""
@@ -195,7 +195,7 @@ def _card(registry: Registry, info: dict[str, Any], hidden: list[str]) -> Markup
         except OSError:
             text = None
     if text is None:
-        text = hub_card(registry, info["ref"])
+        text = reader.card(info["ref"])
     text = _FRONT.sub("", text, count=1)
     for ref in hidden:
         text = text.replace(ref, "a private model")
@@ -266,12 +266,12 @@ class ComparePage:
     high: float | None
 
 
-def compare_page(registry: Registry, vis: Visibility, chosen: Sequence[str]) -> ComparePage:
+def compare_page(reader: Reader, vis: Visibility, chosen: Sequence[str]) -> ComparePage:
     """A task-by-model table of accuracy, coloured from the table's lowest to its highest
     value. Without a choice: every model with a measured accuracy, best average first."""
-    listed = {m["ref"]: m for m in registry.list() if vis.sees(m["ref"])}
+    listed = {m["ref"]: m for m in reader.list() if vis.sees(m["ref"])}
     names = {m["name"]: m["ref"] for m in listed.values()}  # a bare name means its latest version
-    acc = _accuracy(registry.metrics())
+    acc = _accuracy(reader.metrics())
     choices = [r for r in listed if acc.get(r)]
     refs = list(dict.fromkeys(names.get(c, c) for c in chosen if names.get(c, c) in listed)) if chosen else choices
     tasks = sorted({t for r in refs for t in acc.get(r, {})})

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from zoo.errors import NotFound, ZooError
 from zoo.hub.accounts import Accounts, Holder
 from zoo.hub.server.web.access import SESSION_COOKIE, SESSION_SECONDS, Sessions, visibility
+from zoo.hub.server.web.reader import Reader
 from zoo.hub.server.web.data import Filters, compare_page, model_page, zoo_page
 from zoo.hub.server.web.svg import model_url
 from zoo.registry import Registry
@@ -66,6 +67,7 @@ class WebApp:
         self.open_reads = open_reads
         self.accounts = Accounts(registry)
         self.sessions = Sessions(self.accounts)
+        self.reader = Reader(registry)
         self.env = _env()
 
     def routes(self) -> list[Route]:
@@ -110,7 +112,8 @@ class WebApp:
         return resp
 
     def _build(self, holder: Holder | None, build, *args: Any) -> Any:
-        return build(self.registry, visibility(self.registry, holder), *args)
+        self.reader.begin()
+        return build(self.reader, visibility(self.reader, holder), *args)
 
     # -- pages -------------------------------------------------------------------------
     async def zoo(self, request: Request) -> Response:
