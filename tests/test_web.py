@@ -319,3 +319,13 @@ def test_the_demo_ends_with_the_compare_page():
                 parity=[], protection={"rows": [{"method": "p", "model": "demo-ta-protected-digit"}]},
                 published=None, keys=Path("k"))
     assert tour.compare_path == "/ui/compare?m=demo-ta&m=demo-ties&m=demo-ta-protected-digit"
+
+
+def test_cached_reads_answer_as_the_registry(zoo):
+    from zoo.hub.server.web.reader import Reader
+
+    reader = Reader(zoo.registry)
+    reader.begin()
+    assert reader.metrics() == zoo.registry.metrics()
+    for m in zoo.registry.list():
+        assert reader.lineage(m["ref"]) == zoo.registry.lineage(m["ref"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sqlalchemy import select
@@ -30,6 +31,20 @@ _METRICS = """
 SELECT m.name, m.version, t.name, x.metric, x.value, x.split, x.dataset, x.measured_at
 FROM metrics x JOIN models m ON m.id = x.model_id LEFT JOIN tasks t ON t.id = x.task_id ORDER BY x.id
 """
+
+
+_MODELS = "SELECT m.id, m.name, m.version, m.kind, m.base_id, r.method FROM models m " \
+          "LEFT JOIN recipes r ON r.model_id = m.id"
+_EDGES = "SELECT child_id, parent_id, parent_ref, role FROM lineage ORDER BY child_id, position, id"
+
+
+@dataclass
+class _Graph:
+    """Every model's lineage facts: (ref, kind, base id, recipe method) by id, and parents."""
+
+    models: dict[int, tuple[str, str, int | None, str | None]] = field(default_factory=dict)
+    ids: dict[str, int] = field(default_factory=dict)
+    edges: dict[int, list[tuple[int | None, str, str]]] = field(default_factory=dict)
 
 
 class Reader:
@@ -79,7 +94,44 @@ class Reader:
         return self._cached("show", ref, lambda: self.registry.show(ref))
 
     def lineage(self, ref: str) -> dict[str, Any]:
-        return self._cached("lineage", ref, lambda: self.registry.lineage(ref))
+        """``Registry.lineage(ref)`` for a full ``NAME@VERSION``, from one read of every
+        model's parents (the ORM's walk loads each parent on its own: most of a page's
+        first view). ``tests/test_web.py`` holds the two to the same answer."""
+        graph = self._cached("graph", "", self._graph)
+        return self._node(graph, graph.ids[ref], None, frozenset())
+
+    def _graph(self) -> "_Graph":
+        con = connect_readonly(self.registry.path)
+        try:
+            g = _Graph()
+            for mid, name, version, kind, base_id, method in con.execute(_MODELS):
+                g.models[mid] = (f"{name}@{version}", kind, base_id, method)
+                g.ids[f"{name}@{version}"] = mid
+            for child, parent, parent_ref, role in con.execute(_EDGES):
+                g.edges.setdefault(child, []).append((parent, parent_ref, role))
+        finally:
+            con.close()
+        return g
+
+    def _node(self, g: "_Graph", mid: int, role: str | None, seen: frozenset[int]) -> dict[str, Any]:
+        ref, kind, base_id, method = g.models[mid]
+        node: dict[str, Any] = {"ref": ref, "kind": kind, "role": role, "parents": []}
+        if method is not None:
+            node["method"] = method
+        if mid in seen:
+            return node
+        seen = seen | {mid}
+        roles = set()
+        for parent, parent_ref, prole in g.edges.get(mid, []):
+            roles.add(parent)
+            if parent is None:
+                node["parents"].append({"ref": parent_ref, "kind": None, "role": prole, "parents": [],
+                                        "removed": True})
+            else:
+                node["parents"].append(self._node(g, parent, prole, seen))
+        if base_id is not None and base_id not in roles:
+            node["parents"].append(self._node(g, base_id, "base", seen))
+        return node
 
     def card(self, ref: str) -> str:
         """The README.md a push of ``ref`` would publish."""
