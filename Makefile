@@ -12,7 +12,7 @@ PIP    := -m pip install --quiet -c constraints.txt
 PINNED := PIP_CONSTRAINT=$(CURDIR)/constraints.txt
 LOCK_VENV := .venv-lock
 
-.PHONY: demo test setup bench docs lock clean
+.PHONY: demo test setup bench docs lock clean browser
 
 setup: $(STAMP)
 
@@ -26,8 +26,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/zoo demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# tests/test_web.py drives the distribution's chromium through Playwright (no browser download).
+# Installed when missing, as root on Debian; elsewhere install chromium yourself (the test skips, saying so).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  echo "no chromium: tests/test_web.py will skip (install Debian's chromium package)"
 
 # The CLI reference, from every command's --help (tests/test_cli_help.py checks it is current).
 docs: $(STAMP)

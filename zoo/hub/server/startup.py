@@ -18,6 +18,7 @@ from starlette.routing import Route
 from zoo.errors import ZooError
 from zoo.hub.accounts import Accounts, legacy_token_file
 from zoo.hub.server.app import HubApp, ServeSettings
+from zoo.hub.server.web import WebApp
 from zoo.hub.server.wire import MAX_INLINE_LINE, RefuseControlInURL
 from zoo.registry import Registry
 
@@ -53,8 +54,9 @@ def check_settings(settings: ServeSettings) -> None:
 def make_app(registry: Registry, settings: ServeSettings) -> Starlette:
     check_settings(settings)
     hub = HubApp(registry, settings)
+    web = WebApp(registry, open_reads=settings.open_reads)  # the pages, under /ui; the rest is the Hub's
     methods = ["GET", "HEAD", "POST", "PUT", "DELETE"]
-    return Starlette(routes=[Route("/{path:path}", hub.dispatch, methods=methods)],
+    return Starlette(routes=[*web.routes(), Route("/{path:path}", hub.dispatch, methods=methods)],
                      middleware=[Middleware(RefuseControlInURL)])
 
 
