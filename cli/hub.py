@@ -117,7 +117,7 @@ def serve(
 
     def ready(url: str) -> None:
         print(f"serving {path} at {url} (reads {'need a token' if private_reads else 'open'}). "
-              f"Clients: HF_ENDPOINT={url} HF_HUB_DISABLE_XET=1 HF_TOKEN=<token>", flush=True)
+              f"Clients: HF_ENDPOINT={url} HF_HUB_DISABLE_XET=1 HF_TOKEN=<token>; pages: {url}/ui", flush=True)
         for line in said:
             print(line, flush=True)
 

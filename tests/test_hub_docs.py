@@ -22,9 +22,10 @@ def documented_routes() -> list[tuple[str, str]]:
     """(method, path) for each route of the table, placeholders kept."""
     out = []
     for cell in ROW.findall(DOC):
-        for part in cell.split(", "):  # `POST /a`, `DELETE /b`
-            methods = re.findall(r"`([A-Z]+)`", part) + re.findall(r"`([A-Z]+) /", part)
-            path = re.search(r" (/[^`]+)`", part).group(1)
+        methods: list[str] = []
+        for part in cell.split(", "):  # `POST /a`, `DELETE /b`; `GET /a`, `/b` (the same method)
+            methods = re.findall(r"`([A-Z]+)`", part) + re.findall(r"`([A-Z]+) /", part) or methods
+            path = re.search(r"[ `](/[^`]+)`", part).group(1)
             for m in methods:
                 out.append((m, re.sub(r"\[.*?\]", "", path)))
     return out
@@ -47,7 +48,7 @@ def test_every_documented_route_answers(hub):  # noqa: F811
     api.create_branch("team/doc", branch="gone")
     api.create_tag("team/doc", tag="old")
     fill = {"{repo}": "team/doc", "{rev}": "main", "{branch}": "b1", "{tag}": "old", "{path}": ".gitattributes",
-            "{oid}": "0" * 64}
+            "{oid}": "0" * 64, "{name}": "nothing-registered"}
     bodies = {"/api/repos/create": {"name": "doc2", "organization": "team"},
               "/api/repos/delete": {"name": "nothing-here", "organization": "team"},
               "/api/validate-yaml": {"content": "---\nlicense: mit\n---\n", "repoType": "model"},
