@@ -55,5 +55,6 @@ def _encoder_decoder(cfg: dict[str, Any]) -> dict[str, Any]:
     }
     if sides["encoder_layers"] is None:
         return {}
-    return {"num_layers": sides["encoder_layers"], "num_heads": sides["encoder_heads"],
-            "num_kv_heads": sides["encoder_heads"], **sides}
+    counts = {"num_layers": sides["encoder_layers"], "num_heads": sides["encoder_heads"],
+              "num_kv_heads": sides["encoder_heads"], **sides}
+    return {k: v for k, v in counts.items() if v is not None}  # never erase a count read above
