@@ -99,6 +99,10 @@ def _print_model(info: dict[str, Any]) -> None:
     print(f"  architecture: {arch.get('model_type', '-')}  hidden {arch.get('hidden_size', '-')}  "
           f"layers {arch.get('num_layers', '-')}  heads {arch.get('num_heads', '-')}  "
           f"kv heads {arch.get('num_kv_heads', '-')}  vocab {arch.get('vocab_size', '-')}")
+    if "decoder_layers" in arch:  # an encoder-decoder: each side's counts
+        print(f"                encoder layers {arch.get('encoder_layers', '-')}  heads "
+              f"{arch.get('encoder_heads', '-')}  decoder layers {arch['decoder_layers']}  heads "
+              f"{arch.get('decoder_heads', '-')}")
     print(f"  tensors:      {t['count']}  ({t['parameters']:,} parameters, {render.human_bytes(t['bytes'])}, "
           + ", ".join(f"{k} x{v}" for k, v in t["dtypes"].items()) + ")")
     src = info["source"]

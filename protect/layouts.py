@@ -31,7 +31,9 @@ class Attention:
 
     ``tensors`` maps a role to a tensor name: ``q``, ``k``, ``v``, ``o`` and the optional
     ``q_bias``, ``k_bias``, ``v_bias``; GPT-2 and Phi-3 have ``qkv`` (and GPT-2
-    ``qkv_bias``) instead of the first three; QK-norm models add ``q_norm`` and ``k_norm``.
+    ``qkv_bias``) instead of the first three; QK-norm models add ``q_norm`` and ``k_norm``;
+    DeBERTa-v2 adds ``pos_q`` and ``pos_k`` (and their biases), its relative position
+    projections, which take the q and the k side's transform.
     The O bias is never transformed, so it has no role.
 
     - ``rotary_dim``: how many leading dims of each head RoPE rotates (partial rotary);
@@ -296,6 +298,72 @@ SUPPORTED = ("bert", "roberta", "vit", "clip", "gpt2", "llama", "mistral", "qwen
              "qwen3", "qwen3_moe", "gemma3_text", "olmo2", "gemma", "gemma2", "phi", "phi3")
 
 
+# Encoders and encoder-decoders: DistilBERT, ALBERT, ELECTRA, DeBERTa-v2, BART, Whisper. None has
+# RoPE, so each gets the general QK transform, as BERT and T5 do.
+def _albert_expected(cfg: dict[str, Any]) -> int:
+    """ALBERT stores ``num_hidden_groups`` × ``inner_group_num`` layers and applies them
+    ``num_hidden_layers`` times in all: one transform per stored (shared) layer keeps
+    every application exact, since each uses the same locked weights."""
+    return int(cfg.get("num_hidden_groups", 1)) * int(cfg.get("inner_group_num", 1))
+
+
+def _seq2seq_dims(cfg: dict[str, Any], unit: str) -> Dims:
+    """BART and Whisper: the encoder's self-attention has ``encoder_attention_heads``; the
+    decoder's self- and cross-attention ``decoder_attention_heads`` (cross-attention
+    projects the encoder's states into the decoder's heads)."""
+    side = "decoder" if re.search(r"(?:^|\.)decoder\.layers\.", unit) else "encoder"
+    return _heads(cfg, f"{side}_attention_heads", "d_model", "config.json")
+
+
+_SEQ2SEQ = Arch(
+    unit=r"(?:.+\.)?(?:en|de)coder\.layers\.\d+\.(?:self_attn|encoder_attn)",
+    suffixes={**_PROJ, "o": "out_proj.weight"},
+    required=_QKVO,
+    dims=_seq2seq_dims,
+    expected=lambda cfg: int(cfg["encoder_layers"]) + 2 * int(cfg["decoder_layers"]),
+)
+ENCODER_ARCHS: dict[str, Arch] = {
+    "distilbert": Arch(
+        unit=r"(?:.+\.)?transformer\.layer\.\d+\.attention",
+        suffixes={"q": "q_lin.weight", "q_bias": "q_lin.bias", "k": "k_lin.weight", "k_bias": "k_lin.bias",
+                  "v": "v_lin.weight", "v_bias": "v_lin.bias", "o": "out_lin.weight"},
+        required=_QKVO,
+        dims=lambda cfg, unit: _heads(cfg, "n_heads", "dim", "config.json"),
+        expected=lambda cfg: int(cfg["n_layers"]),
+    ),
+    "albert": Arch(
+        unit=r"(?:.+\.)?encoder\.albert_layer_groups\.\d+\.albert_layers\.\d+\.attention",
+        suffixes={**_SEPARATE, "o": "dense.weight"},
+        required=_QKVO,
+        dims=lambda cfg, unit: _heads(cfg, "num_attention_heads", "hidden_size", "config.json"),
+        expected=_albert_expected,
+        checks=_bert_checks,
+    ),
+    "electra": _BERT,
+    # Disentangled attention (arXiv 2006.03654): besides qᵀk, the content-to-position term
+    # q·k_r and the position-to-content term k·q_r, with k_r and q_r the relative position
+    # embeddings projected per head by W_K and W_Q (share_att_key) or by pos_key_proj and
+    # pos_query_proj. The position projections take the transform of their side, q_r → A·q_r
+    # and k_r → A⁻ᵀ·k_r, so q'·k_r' = qᵀAᵀA⁻ᵀk_r and k'·q_r' = kᵀA⁻¹A·q_r: both terms exact.
+    "deberta-v2": Arch(
+        unit=r"(?:.+\.)?encoder\.layer\.\d+\.attention",
+        suffixes={"q": "self.query_proj.weight", "q_bias": "self.query_proj.bias",
+                  "k": "self.key_proj.weight", "k_bias": "self.key_proj.bias",
+                  "v": "self.value_proj.weight", "v_bias": "self.value_proj.bias",
+                  "pos_q": "self.pos_query_proj.weight", "pos_q_bias": "self.pos_query_proj.bias",
+                  "pos_k": "self.pos_key_proj.weight", "pos_k_bias": "self.pos_key_proj.bias",
+                  "o": "output.dense.weight"},
+        required=_QKVO,
+        dims=lambda cfg, unit: _heads(cfg, "num_attention_heads", "hidden_size", "config.json"),
+        expected=lambda cfg: int(cfg["num_hidden_layers"]),
+    ),
+    "bart": _SEQ2SEQ,
+    "whisper": _SEQ2SEQ,  # the conv front end and both position tables are outside attention: untouched
+}
+ARCHS.update(ENCODER_ARCHS)
+SUPPORTED += tuple(ENCODER_ARCHS)
+
+
 def _expected_shapes(arch: Arch, d: Dims) -> dict[str, tuple[int, ...]]:
     q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
     if arch.row_vectors:  # Conv1D weights are [in, out]
@@ -303,7 +371,8 @@ def _expected_shapes(arch: Arch, d: Dims) -> dict[str, tuple[int, ...]]:
     norms = {"q_norm": (q,), "k_norm": (kv,)} if arch.qk_norm == "full" else {"q_norm": (d.head_dim,),
                                                                               "k_norm": (d.head_dim,)}
     return {"q": (q, d.hidden), "q_bias": (q,), "k": (kv, d.hidden), "k_bias": (kv,),
-            "v": (kv, d.hidden), "v_bias": (kv,), "o": (d.hidden, q), "qkv": (q + 2 * kv, d.hidden), **norms}
+            "v": (kv, d.hidden), "v_bias": (kv,), "o": (d.hidden, q), "qkv": (q + 2 * kv, d.hidden), **norms,
+            "pos_q": (q, d.hidden), "pos_q_bias": (q,), "pos_k": (kv, d.hidden), "pos_k_bias": (kv,)}
 
 
 def layout_for(ckpt: Checkpoint, label: str | None = None) -> Layout:

@@ -284,7 +284,7 @@ def column_blocks(att: Attention, role: str, w: torch.Tensor) -> dict[str, torch
         return {"o": w.T if att.row_vectors else w}
     if role in ("q_norm", "k_norm"):
         return {role: w}
-    return {role.removesuffix("_bias"): w}
+    return {_side(role): w}
 
 
 def from_column_blocks(att: Attention, role: str, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -296,7 +296,13 @@ def from_column_blocks(att: Attention, role: str, blocks: dict[str, torch.Tensor
         return blocks["o"].T if att.row_vectors else blocks["o"]
     if role in ("q_norm", "k_norm"):
         return blocks[role]
-    return blocks[role.removesuffix("_bias")]
+    return blocks[_side(role)]
+
+
+def _side(role: str) -> str:
+    """The block a separate weight or bias is multiplied as: its own, except DeBERTa-v2's
+    relative position projections (``pos_q``, ``pos_k``), which take the q and k side's."""
+    return role.removesuffix("_bias").removeprefix("pos_")
 
 
 def _permute(b: str, p: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

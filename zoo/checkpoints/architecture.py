@@ -36,4 +36,25 @@ def architecture_from_config(config: dict[str, Any] | None) -> dict[str, Any]:
         "num_kv_heads": _first(cfg, "num_key_value_heads", "n_kv_heads", "multi_query_group_num") or heads,
         "vocab_size": _first(cfg, "vocab_size", "padded_vocab_size"),
     }
+    arch.update(_encoder_decoder(config))
     return {k: v for k, v in arch.items() if v is not None}
+
+
+def _encoder_decoder(cfg: dict[str, Any]) -> dict[str, Any]:
+    """An encoder-decoder's layer and head counts per side (BART and Whisper name them
+    ``encoder_layers``, ``decoder_attention_heads``...; T5 ``num_layers``,
+    ``num_decoder_layers`` and one ``num_heads``). ``num_layers`` and ``num_heads`` are the
+    encoder's, as transformers' ``num_hidden_layers`` and ``num_attention_heads`` are."""
+    if not cfg.get("is_encoder_decoder") and _first(cfg, "encoder_layers", "num_decoder_layers") is None:
+        return {}
+    sides = {
+        "encoder_layers": _first(cfg, "encoder_layers", "num_layers"),
+        "decoder_layers": _first(cfg, "decoder_layers", "num_decoder_layers", "num_layers"),
+        "encoder_heads": _first(cfg, "encoder_attention_heads", "num_heads"),
+        "decoder_heads": _first(cfg, "decoder_attention_heads", "num_heads"),
+    }
+    if sides["encoder_layers"] is None:
+        return {}
+    counts = {"num_layers": sides["encoder_layers"], "num_heads": sides["encoder_heads"],
+              "num_kv_heads": sides["encoder_heads"], **sides}
+    return {k: v for k, v in counts.items() if v is not None}  # never erase a count read above
