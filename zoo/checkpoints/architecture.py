@@ -33,7 +33,16 @@ def architecture_from_config(config: dict[str, Any] | None) -> dict[str, Any]:
         "hidden_size": _first(cfg, "hidden_size", "n_embd", "d_model", "dim"),
         "num_layers": _first(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers"),
         "num_heads": heads,
-        "num_kv_heads": _first(cfg, "num_key_value_heads", "n_kv_heads", "multi_query_group_num") or heads,
+        "num_kv_heads": _falcon_kv_heads(cfg, heads) if config.get("model_type") == "falcon" else
+        _first(cfg, "num_key_value_heads", "n_kv_heads", "multi_query_group_num") or heads,
         "vocab_size": _first(cfg, "vocab_size", "padded_vocab_size"),
     }
     return {k: v for k, v in arch.items() if v is not None}
+
+
+def _falcon_kv_heads(cfg: dict[str, Any], heads: Any) -> Any:
+    """Falcon's KV heads, as FalconConfig reads them: ``num_kv_heads`` in the new (40B)
+    architecture, one under ``multi_query`` (its default: Falcon-7B), else one per head."""
+    if cfg.get("new_decoder_architecture", False):
+        return cfg.get("num_kv_heads") or heads
+    return 1 if cfg.get("multi_query", True) else heads
