@@ -23,11 +23,11 @@ from zoo.protect.transform import Key, draw
 from tests.test_protect_families import _ids, outputs, tensors
 
 SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
-GPTJ = dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=64)
+GPTJ = dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=256)
 FALCON = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_hidden_size=48)
 BLOOM = dict(vocab_size=99, hidden_size=32, n_layer=2, n_head=4)
 OPT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48,
-           max_position_embeddings=64)
+           max_position_embeddings=256)
 
 
 def _families():
@@ -184,28 +184,13 @@ def test_rotary_dims_match_what_transformers_rotates(family, edit, tmp_path):
 def test_gptj_pairs_are_interleaved_and_the_half_layout_breaks_it(tmp_path):
     """GPT-J's rotate_every_two pairs dims (2j, 2j + 1): the QK matrix is a scaled rotation
     on those pairs. Negative control: LLaMA's (j, j + r/2) pairs change what it computes."""
-    from dataclasses import replace
-
-    from zoo.checkpoints.writer import copy_sidecars
-    from zoo.protect.layouts import Layout
-    from zoo.protect.lock import lock_checkpoint
-    from zoo.protect.verify import compare
-
     src = build(tmp_path / "src", "gptj-full-rotary")
-    ck = open_checkpoint(src)
-    layout = layout_for(ck)
-    a = draw(Key.new(1e3, seed=2), layout.units[0]).qk.fwd[0]
+    a = draw(Key.new(1e3, seed=2), layout_for(open_checkpoint(src)).units[0]).qk.fwd[0]
     pairs = torch.zeros_like(a, dtype=torch.bool)
     for j in range(4):
         pairs[2 * j:2 * j + 2, 2 * j:2 * j + 2] = True
     assert torch.all(a[~pairs] == 0) and torch.all(a[pairs] != 0)
-
-    wrong = Layout(layout.model_type, [replace(u, rope_pairs="half") for u in layout.units])
-    out = tmp_path / "wrong"
-    out.mkdir()
-    copy_sidecars(ck, out)
-    lock_checkpoint(ck, Key.new(1e3, seed=3), out, layout=wrong)
-    report = compare(src, out, "F32")
+    report = _lock_with(src, tmp_path / "wrong", rope_pairs="half")
     assert not report["passed"] and report["max_rel_error"] > 1e-2
 
 
@@ -282,3 +267,38 @@ def test_greedy_decode_with_kv_cache_is_identical(family, tmp_path):
         a, b = (load(f).generate(prompt, max_new_tokens=32, do_sample=False, use_cache=True,
                                  pad_token_id=0, eos_token_id=None) for f in (src, tmp_path / "locked"))
     assert a.shape == (2, 48) and torch.equal(a, b)
+
+
+def _lock_with(src: Path, out: Path, **change) -> dict:
+    """Lock ``src`` with its layout changed by ``change``; the verify report."""
+    from dataclasses import replace
+
+    from zoo.checkpoints.writer import copy_sidecars
+    from zoo.protect.layouts import Layout
+    from zoo.protect.lock import lock_checkpoint
+    from zoo.protect.verify import compare
+
+    ck = open_checkpoint(src)
+    layout = layout_for(ck)
+    out.mkdir()
+    copy_sidecars(ck, out)
+    lock_checkpoint(ck, Key.new(1e3, seed=3), out, layout=Layout(layout.model_type,
+                                                                 [replace(u, **change) for u in layout.units]))
+    return compare(src, out, "F32")
+
+
+@pytest.mark.parametrize("family, change", [
+    ("gpt_neox-parallel-bias", {"rope": False}),  # a general QK matrix under (partial) RoPE
+    ("gptj-rotary_dim4", {"rope": False}),
+    ("stablelm-gqa-bias-parallel", {"rope": False}),
+    ("falcon-mqa-rotary", {"rope": False}),
+    ("gpt_neox-parallel-bias", {"rotary_dim": 0}),  # all dims taken as rotary: pairs (j, j + d/2), not (j, j + r/2)
+    ("gpt_neox-parallel-bias", {"qkv_order": "blocks"}),  # Q | K | V instead of per head q, k, v
+    ("bloom-alibi", {"qkv_order": "blocks"}),
+    ("falcon-new-gqa", {"qkv_order": "blocks"}),
+])
+def test_wrong_layouts_are_caught(family, change, tmp_path):
+    """Negative controls: each fact the layouts encode matters on these inputs; the
+    check sees a lock built without it."""
+    report = _lock_with(build(tmp_path / "src", family), tmp_path / "wrong", **change)
+    assert not report["passed"] and report["max_rel_error"] > 1e-3, report
