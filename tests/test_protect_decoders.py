@@ -302,3 +302,19 @@ def test_wrong_layouts_are_caught(family, change, tmp_path):
     check sees a lock built without it."""
     report = _lock_with(build(tmp_path / "src", family), tmp_path / "wrong", **change)
     assert not report["passed"] and report["max_rel_error"] > 1e-3, report
+
+
+@pytest.mark.parametrize("family", ["gpt_neox-parallel-bias", "falcon-mqa-rotary", "falcon-new-gqa", "bloom-alibi"])
+def test_realignment_attack_reads_the_fused_layouts(family, tmp_path):
+    """The red-team attack splits the fused rows as the lock does: fitting a locked base
+    onto itself finds the inverse, so every attention tensor comes back."""
+    from zoo.protect.attack import realign_checkpoint
+
+    base = build(tmp_path / "base", family)
+    protect.protect(str(base), out_dir=tmp_path / "locked", seed=3)
+    out = tmp_path / "realigned"
+    out.mkdir()
+    realign_checkpoint(open_checkpoint(tmp_path / "locked"), open_checkpoint(base), out)
+    b, r = open_checkpoint(base), open_checkpoint(out)
+    for n in layout_for(b).roles:
+        assert torch.allclose(b.read_tensor(n), r.read_tensor(n), atol=1e-3), n
