@@ -345,7 +345,10 @@ def _multiply(f: Factors, att: Attention, b: str, p: torch.Tensor) -> torch.Tens
 
 def apply(f: Factors, att: Attention, role: str, w: torch.Tensor) -> torch.Tensor:
     """Multiply one tensor of the sublayer by its ``role_factors``, in float64."""
-    x = torch.empty(w.shape, dtype=torch.float64).copy_(w)
+    if any(b in f.mats for b in column_blocks(att, role, w)):
+        x = torch.empty(w.shape, dtype=torch.float64).copy_(w)
+    else:  # only permuted (QK-norm models' W_Q and W_K): exact in the tensor's own dtype
+        x = w
     blocks = {}
     for b, p in column_blocks(att, role, x).items():
         order = f.perm if b in ("q", "o", "q_norm") else f.perm_kv
