@@ -148,6 +148,13 @@ def test_zoo_show_falcon_kv_heads_follow_its_defaults(cfg, kv):
     assert arch["num_layers"] == cfg.get("num_hidden_layers", cfg.get("n_layer"))
 
 
+def test_zoo_show_reads_bloom_176b_names():
+    """BLOOM's own config.json names: n_embed, n_layer, num_attention_heads (bigscience/bloom)."""
+    arch = architecture_from_config({"model_type": "bloom", "n_embed": 14336, "n_layer": 70,
+                                     "num_attention_heads": 112, "vocab_size": 250880})
+    assert (arch["hidden_size"], arch["num_layers"], arch["num_heads"], arch["num_kv_heads"]) == (14336, 70, 112, 112)
+
+
 def _rotary_in_model(model) -> int:
     """How many dims of a head the model's own attention rotates."""
     att = next(m for n, m in model.named_modules() if n.endswith(("attention", "attn", "self_attn")))

@@ -21,7 +21,7 @@ def architecture_from_config(config: dict[str, Any] | None) -> dict[str, Any]:
     if not config:
         return {}
     cfg = dict(config)
-    if _first(cfg, "hidden_size", "n_embd", "d_model", "dim") is None:
+    if _first(cfg, "hidden_size", "n_embd", "n_embed", "d_model", "dim") is None:
         for sub in ("text_config", "language_config", "llm_config", "vision_config"):
             if isinstance(cfg.get(sub), dict):
                 cfg = {**cfg[sub], "model_type": config.get("model_type")}
@@ -30,7 +30,7 @@ def architecture_from_config(config: dict[str, Any] | None) -> dict[str, Any]:
     arch = {
         "model_type": config.get("model_type"),
         "architectures": config.get("architectures"),
-        "hidden_size": _first(cfg, "hidden_size", "n_embd", "d_model", "dim"),
+        "hidden_size": _first(cfg, "hidden_size", "n_embd", "n_embed", "d_model", "dim"),
         "num_layers": _first(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers"),
         "num_heads": heads,
         "num_kv_heads": _falcon_kv_heads(cfg, heads) if config.get("model_type") == "falcon" else
