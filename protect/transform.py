@@ -344,7 +344,8 @@ def _multiply(f: Factors, att: Attention, b: str, p: torch.Tensor) -> torch.Tens
 
 
 def apply(f: Factors, att: Attention, role: str, w: torch.Tensor) -> torch.Tensor:
-    """Multiply one tensor of the sublayer by its ``role_factors``, in float64."""
+    """Multiply one tensor of the sublayer by its ``role_factors``, in float64 (a tensor that
+    is only permuted stays in its own dtype)."""
     if any(b in f.mats for b in column_blocks(att, role, w)):
         x = torch.empty(w.shape, dtype=torch.float64).copy_(w)
     else:  # only permuted (QK-norm models' W_Q and W_K): exact in the tensor's own dtype
