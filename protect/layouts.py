@@ -44,6 +44,12 @@ class Attention:
       per-RoPE-pair scale folded into the norm weights; ``norm_offset`` is 1 where the
       norm multiplies by (1 + w) (Gemma).
     - ``permute``: also permute KV groups, and query heads within each group.
+    - ``qkv_order``: how a fused ``qkv`` tensor orders its rows: ``"blocks"`` (Q all | K all |
+      V all: GPT-2, Phi-3, Falcon's multi-query) or ``"grouped"`` (per KV group its query
+      heads, then its K head, then its V head; with one query head per group that is per
+      head q, k, v: GPT-NeoX, BLOOM, Falcon).
+    - ``rope_pairs``: ``"half"`` where RoPE pairs dims (j, j + r/2) (``rotate_half``),
+      ``"interleaved"`` where it pairs (2j, 2j + 1) (GPT-J's ``rotate_every_two``).
     """
 
     unit: str
@@ -57,6 +63,8 @@ class Attention:
     qk_norm: str | None = None
     norm_offset: float = 0.0
     permute: bool = False
+    qkv_order: str = "blocks"
+    rope_pairs: str = "half"
 
     @property
     def group_size(self) -> int:
@@ -104,6 +112,8 @@ class Arch:
     qk_norm: str | None = None  # see Attention
     norm_offset: float = 0.0
     permute: bool = False
+    # Attention fields that depend on the config (Falcon's fused order, ALiBi instead of RoPE)
+    variant: Callable[[dict[str, Any]], dict[str, Any]] = lambda cfg: {}
 
 
 def _heads(cfg: dict[str, Any], heads_key: str, hidden_key: str, what: str) -> Dims:
@@ -364,6 +374,163 @@ ARCHS.update(ENCODER_ARCHS)
 SUPPORTED += tuple(ENCODER_ARCHS)
 
 
+# --- Decoder families with fused or interleaved attention: GPT-NeoX/Pythia, GPT-J, StableLM,
+# Falcon, BLOOM, OPT. Their configs name the same facts differently, so each reads its own keys.
+
+def _cfg(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    """The first of ``keys`` that config.json sets (older configs use older names)."""
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    if default is None:
+        raise KeyError(keys[0])
+    return default
+
+
+def _heads_of(cfg: dict[str, Any], heads: tuple[str, ...], hidden: tuple[str, ...]) -> Dims:
+    """``_heads`` under whichever of the names config.json uses."""
+    def pick(keys: tuple[str, ...]) -> str:
+        return next((k for k in keys if cfg.get(k) is not None), keys[0])
+
+    return _heads(cfg, pick(heads), pick(hidden), "config.json")
+
+
+def _rotary(d: Dims, rot: int, what: str) -> Dims:
+    """``d`` with ``rot`` rotary dims per head, refused unless RoPE can pair them."""
+    if rot <= 0 or rot > d.head_dim or rot % 2:
+        raise ZooError(f"{what} gives {rot} rotary dims of head_dim={d.head_dim}; RoPE needs an even number "
+                       "of them, at most head_dim")
+    return Dims(d.heads, d.kv_heads, d.head_dim, d.hidden, 0 if rot == d.head_dim else rot)
+
+
+def _factor(cfg: dict[str, Any], default: float, *legacy: str) -> float:
+    """The partial rotary factor as transformers reads it: ``rope_parameters`` first, then the
+    top-level key, then the family's legacy key (GPT-NeoX's ``rotary_pct``), then its default."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if isinstance(rope, dict) and rope.get("partial_rotary_factor") is not None:
+        return float(rope["partial_rotary_factor"])
+    return float(_cfg(cfg, "partial_rotary_factor", *legacy, default=default))
+
+
+def _neox_dims(cfg: dict[str, Any], unit: str) -> Dims:
+    d = _heads(cfg, "num_attention_heads", "hidden_size", "config.json")
+    factor = _factor(cfg, 0.25, "rotary_pct")  # GPTNeoXConfig's default
+    return _rotary(d, int(d.head_dim * factor), f"partial_rotary_factor={factor}")
+
+
+def _gptj_dims(cfg: dict[str, Any], unit: str) -> Dims:
+    d = _heads_of(cfg, ("n_head", "num_attention_heads"), ("n_embd", "hidden_size"))
+    rot = cfg.get("rotary_dim", 64)  # GPTJConfig's default; null rotates the whole width, as transformers does
+    return _rotary(d, d.hidden if rot is None else int(rot), f"rotary_dim={rot}")
+
+
+def _stablelm_dims(cfg: dict[str, Any], unit: str) -> Dims:
+    d = _rope_dims({k: v for k, v in cfg.items() if k != "head_dim"}, unit)  # head_dim is hidden / heads
+    factor = _factor(cfg, 0.25)  # StableLmConfig's default
+    return _rotary(d, int(d.head_dim * factor), f"partial_rotary_factor={factor}")
+
+
+def _stablelm_checks(cfg: dict[str, Any]) -> None:
+    if cfg.get("qk_layernorm"):
+        raise ZooError("StableLM with qk_layernorm normalises q and k with a LayerNorm per head (the mean removed "
+                       "over all of the head's dims, rotary and pass-through alike), which a QK transform on the "
+                       "weights would break; MergeLock supports StableLM without it")
+
+
+def _falcon_kv(cfg: dict[str, Any]) -> int:
+    """Falcon's KV heads: ``num_kv_heads`` in the new (40B) architecture, one with
+    multi-query (FalconConfig's default), else one per query head."""
+    heads = int(_cfg(cfg, "num_attention_heads", "n_head"))
+    if cfg.get("new_decoder_architecture", False):
+        return int(cfg.get("num_kv_heads") or heads)
+    return 1 if cfg.get("multi_query", True) else heads
+
+
+def _falcon_dims(cfg: dict[str, Any], unit: str) -> Dims:
+    d = _heads_of(cfg, ("num_attention_heads", "n_head"), ("hidden_size", "n_embed"))
+    kv = _falcon_kv(cfg)
+    if kv <= 0 or d.heads % kv:
+        raise ZooError(f"num_kv_heads={kv} does not divide num_attention_heads={d.heads}")
+    if not cfg.get("alibi", False) and d.head_dim % 2:
+        raise ZooError(f"head_dim={d.head_dim} is odd; RoPE pairs dimensions")
+    return Dims(d.heads, kv, d.head_dim, d.hidden)
+
+
+def _falcon_checks(cfg: dict[str, Any]) -> None:
+    if not cfg.get("alibi", False):
+        _rope_checks(cfg)  # Falcon rotates every dim of a head
+
+
+def _falcon_variant(cfg: dict[str, Any]) -> dict[str, Any]:
+    """query_key_value rows: per KV group its query heads, K, V (new architecture; without
+    multi-query that is per head q, k, v); multi-query: all Q heads, then K, then V."""
+    mqa = not cfg.get("new_decoder_architecture", False) and cfg.get("multi_query", True)
+    return {"qkv_order": "blocks" if mqa else "grouped", "rope": not cfg.get("alibi", False)}
+
+
+_FUSED = {"qkv": "query_key_value.weight", "qkv_bias": "query_key_value.bias", "o": "dense.weight"}
+_DECODERS: dict[str, Arch] = {
+    # query_key_value rows per head: q, k, v; rotate_half over the first rotary_pct of each head
+    "gpt_neox": Arch(
+        unit=r"(?:.+\.)?layers\.\d+\.attention",
+        suffixes=_FUSED,
+        required=("qkv", "o"),
+        dims=_neox_dims,
+        expected=lambda cfg: int(cfg["num_hidden_layers"]),
+        rope=True,
+        variant=lambda cfg: {"qkv_order": "grouped"},
+    ),
+    # rotate_every_two: RoPE pairs dims (2j, 2j + 1) of the first rotary_dim
+    "gptj": Arch(
+        unit=r"(?:.+\.)?h\.\d+\.attn",
+        suffixes={**_PROJ, "o": "out_proj.weight"},
+        required=_QKVO,
+        dims=_gptj_dims,
+        expected=lambda cfg: int(_cfg(cfg, "n_layer", "num_hidden_layers")),
+        rope=True,
+        variant=lambda cfg: {"rope_pairs": "interleaved"},
+    ),
+    # LLaMA's projections (GQA, optional biases), rotate_half over the first partial_rotary_factor
+    "stablelm": Arch(
+        unit=r"(?:.+\.)?layers\.\d+\.self_attn",
+        suffixes={**_PROJ, "o": "o_proj.weight"},
+        required=_QKVO,
+        dims=_stablelm_dims,
+        expected=lambda cfg: int(cfg["num_hidden_layers"]),
+        checks=_stablelm_checks,
+        rope=True,
+    ),
+    "falcon": Arch(
+        unit=r"(?:.+\.)?h\.\d+\.self_attention",
+        suffixes=_FUSED,
+        required=("qkv", "o"),
+        dims=_falcon_dims,
+        expected=lambda cfg: int(_cfg(cfg, "num_hidden_layers", "n_layer")),
+        checks=_falcon_checks,
+        variant=_falcon_variant,
+    ),
+    # ALiBi is added to qᵀk, which the transform keeps: a general QK matrix; rows per head q, k, v
+    "bloom": Arch(
+        unit=r"(?:.+\.)?h\.\d+\.self_attention",
+        suffixes=_FUSED,
+        required=("qkv", "o"),
+        dims=lambda cfg, unit: _heads_of(cfg, ("n_head", "num_attention_heads"), ("hidden_size", "n_embed")),
+        expected=lambda cfg: int(_cfg(cfg, "n_layer", "num_hidden_layers")),
+        variant=lambda cfg: {"qkv_order": "grouped"},
+    ),
+    # learned absolute positions, separate projections with biases
+    "opt": Arch(
+        unit=r"(?:.+\.)?layers\.\d+\.self_attn",
+        suffixes={**_PROJ, "o": "out_proj.weight"},
+        required=_QKVO,
+        dims=lambda cfg, unit: _heads(cfg, "num_attention_heads", "hidden_size", "config.json"),
+        expected=lambda cfg: int(cfg["num_hidden_layers"]),
+    ),
+}
+ARCHS.update(_DECODERS)
+SUPPORTED = (*SUPPORTED, *_DECODERS)
+
+
 def _expected_shapes(arch: Arch, d: Dims) -> dict[str, tuple[int, ...]]:
     q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
     if arch.row_vectors:  # Conv1D weights are [in, out]
@@ -371,7 +538,8 @@ def _expected_shapes(arch: Arch, d: Dims) -> dict[str, tuple[int, ...]]:
     norms = {"q_norm": (q,), "k_norm": (kv,)} if arch.qk_norm == "full" else {"q_norm": (d.head_dim,),
                                                                               "k_norm": (d.head_dim,)}
     return {"q": (q, d.hidden), "q_bias": (q,), "k": (kv, d.hidden), "k_bias": (kv,),
-            "v": (kv, d.hidden), "v_bias": (kv,), "o": (d.hidden, q), "qkv": (q + 2 * kv, d.hidden), **norms,
+            "v": (kv, d.hidden), "v_bias": (kv,), "o": (d.hidden, q), "qkv": (q + 2 * kv, d.hidden),
+            "qkv_bias": (q + 2 * kv,), **norms,
             "pos_q": (q, d.hidden), "pos_q_bias": (q,), "pos_k": (kv, d.hidden), "pos_k_bias": (kv,)}
 
 
@@ -427,9 +595,10 @@ def layout_for(ckpt: Checkpoint, label: str | None = None) -> Layout:
                 if info.dtype not in FLOAT_DTYPES:
                     raise ZooError(f"{name} is {info.dtype}; MergeLock transforms float tensors only "
                                    "(dequantize the model first)")
+            fields = dict(rope=arch.rope, row_vectors=arch.row_vectors, rotary_dim=d.rotary_dim,
+                          qk_norm=arch.qk_norm, norm_offset=arch.norm_offset, permute=arch.permute)
             result.append(Attention(unit, dict(sorted(tensors.items())), d.heads, d.kv_heads, d.head_dim,
-                                    rope=arch.rope, row_vectors=arch.row_vectors, rotary_dim=d.rotary_dim,
-                                    qk_norm=arch.qk_norm, norm_offset=arch.norm_offset, permute=arch.permute))
+                                    **{**fields, **arch.variant(cfg)}))
     except KeyError as e:
         raise ZooError(f"config.json has no {e.args[0]!r}, which a {mt} model needs") from None
     if len(result) != expected:

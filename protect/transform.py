@@ -11,7 +11,8 @@ weights leave the basin the other experts share (MergeLock, arXiv 2509.01548).
 - Under RoPE the QK matrix may only be a per-frequency-pair scaled rotation, in the
   model's ``rotate_half`` pair layout (dims j and j + d/2); the q pair is scaled by s_j
   and the k pair by 1/s_j (they must commute with RoPE's 2×2 rotations). V is untouched by RoPE, so B stays general.
-  With partial rotary (Phi) the pass-through dims get a general matrix.
+  With partial rotary (Phi, GPT-NeoX, GPT-J, StableLM) the pass-through dims get a
+  general matrix. GPT-J's ``rotate_every_two`` pairs dims (2j, 2j + 1) instead.
 - Under QK-norm (Qwen3, Gemma 3, OLMo 2) q and k are normalised before RoPE: no matrix
   on W_Q/W_K survives the norm, only a per-pair scale folded into the norm weights
   (shared by all heads when they share the weight). To make up for that weaker QK
@@ -145,10 +146,12 @@ def _general(stream: _Stream, groups: int, d: int, max_cond: float) -> Pair:
     return Pair(torch.from_numpy(np.stack(fwd)), torch.from_numpy(np.stack(inv)), float(max(conds)))
 
 
-def _rope(stream: _Stream, groups: int, d: int, max_cond: float, rot: int | None = None) -> Pair:
-    """M = ⊕_j s_j·Rot(φ_j) on the pairs (j, j + r/2) of the first r = ``rot`` dims; its
-    inverse is ⊕_j Rot(-φ_j)/s_j. With partial rotary the d - r pass-through dims carry
-    no position, so they get a general matrix C (cond ≤ κ, like the pair scales)."""
+def _rope(stream: _Stream, groups: int, d: int, max_cond: float, rot: int | None = None,
+          interleaved: bool = False) -> Pair:
+    """M = ⊕_j s_j·Rot(φ_j) on the pairs (j, j + r/2) of the first r = ``rot`` dims (with
+    ``interleaved``, GPT-J's pairs (2j, 2j + 1)); its inverse is ⊕_j Rot(-φ_j)/s_j. With
+    partial rotary the d - r pass-through dims carry no position, so they get a general
+    matrix C (cond ≤ κ, like the pair scales)."""
     rot = d if rot is None else rot
     half = rot // 2
     fwd, inv, conds = [], [], []
@@ -157,9 +160,10 @@ def _rope(stream: _Stream, groups: int, d: int, max_cond: float, rot: int | None
         c, sn = np.cos(phi), np.sin(phi)
         m, mi = np.zeros((d, d)), np.zeros((d, d))
         j = np.arange(half)
-        # [x_j, x_{j+h}] -> s·[c x_j - sn x_{j+h}, sn x_j + c x_{j+h}]
-        m[j, j], m[j, j + half], m[j + half, j], m[j + half, j + half] = s * c, -s * sn, s * sn, s * c
-        mi[j, j], mi[j, j + half], mi[j + half, j], mi[j + half, j + half] = c / s, sn / s, -sn / s, c / s
+        a, b = (2 * j, 2 * j + 1) if interleaved else (j, j + half)
+        # [x_a, x_b] -> s·[c x_a - sn x_b, sn x_a + c x_b]
+        m[a, a], m[a, b], m[b, a], m[b, b] = s * c, -s * sn, s * sn, s * c
+        mi[a, a], mi[a, b], mi[b, a], mi[b, b] = c / s, sn / s, -sn / s, c / s
         scales = [s]
         if rot < d:
             u, v, t = _haar(stream, d - rot), _haar(stream, d - rot), _log_uniform(stream, d - rot, max_cond)
@@ -210,7 +214,7 @@ def draw(key: Key, att: Attention) -> Transforms:
     if att.qk_norm:  # one scale for all heads when they share the norm's weight, else one per KV group
         qk = _pair_scales(qk_stream, 1 if att.qk_norm == "head" else att.kv_heads, att.head_dim, key.max_cond)
     elif att.rope:
-        qk = _rope(qk_stream, att.kv_heads, att.head_dim, key.max_cond, att.rotary)
+        qk = _rope(qk_stream, att.kv_heads, att.head_dim, key.max_cond, att.rotary, att.rope_pairs == "interleaved")
     else:
         qk = _general(qk_stream, att.kv_heads, att.head_dim, key.max_cond)
     vo = _general(vo_stream, att.kv_heads, att.head_dim, key.max_cond)
@@ -277,6 +281,8 @@ def role_factors(t: Transforms, att: Attention, unlock: bool = False) -> Factors
 def column_blocks(att: Attention, role: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     """A tensor's q, k, v or o blocks in column convention (rows of Q/K/V per head, columns
     of O per head): fused ``qkv`` weights are split (GPT-2's Conv1D ones transposed first)."""
+    if role in ("qkv", "qkv_bias") and att.qkv_order == "grouped":
+        return _split_grouped(att, w)
     if role in ("qkv", "qkv_bias"):  # [in, 3E] / [3E] (GPT-2) or [q + 2kv, in] (Phi-3), blocks Q | K | V
         q, kv = att.heads * att.head_dim, att.kv_heads * att.head_dim
         return dict(zip("qkv", (w.T if role == "qkv" and att.row_vectors else w).split([q, kv, kv], dim=0)))
@@ -289,6 +295,8 @@ def column_blocks(att: Attention, role: str, w: torch.Tensor) -> dict[str, torch
 
 def from_column_blocks(att: Attention, role: str, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
     """The inverse of ``column_blocks``."""
+    if role in ("qkv", "qkv_bias") and att.qkv_order == "grouped":
+        return _join_grouped(att, blocks)
     if role in ("qkv", "qkv_bias"):
         y = torch.cat([blocks[b] for b in "qkv"], dim=0)
         return y.T if role == "qkv" and att.row_vectors else y
@@ -303,6 +311,24 @@ def _side(role: str) -> str:
     """The block a separate weight or bias is multiplied as: its own, except DeBERTa-v2's
     relative position projections (``pos_q``, ``pos_k``), which take the q and k side's."""
     return role.removesuffix("_bias").removeprefix("pos_")
+
+
+def _split_grouped(att: Attention, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fused rows per KV group: its G query heads, its K head, its V head ([n, G + 2, d];
+    GPT-NeoX, BLOOM and Falcon, where with G = 1 that is per head q, k, v)."""
+    n, g, d = att.kv_heads, att.group_size, att.head_dim
+    x = w.reshape(n, g + 2, d, *w.shape[1:])
+    return {"q": x[:, :g].reshape(n * g * d, *w.shape[1:]), "k": x[:, g].reshape(n * d, *w.shape[1:]),
+            "v": x[:, g + 1].reshape(n * d, *w.shape[1:])}
+
+
+def _join_grouped(att: Attention, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The inverse of ``_split_grouped``."""
+    n, g, d = att.kv_heads, att.group_size, att.head_dim
+    rest = blocks["q"].shape[1:]
+    parts = [blocks["q"].reshape(n, g, d, *rest), blocks["k"].reshape(n, 1, d, *rest),
+             blocks["v"].reshape(n, 1, d, *rest)]
+    return torch.cat(parts, dim=1).reshape(n * (g + 2) * d, *rest)
 
 
 def _permute(b: str, p: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -324,8 +350,12 @@ def _multiply(f: Factors, att: Attention, b: str, p: torch.Tensor) -> torch.Tens
 
 
 def apply(f: Factors, att: Attention, role: str, w: torch.Tensor) -> torch.Tensor:
-    """Multiply one tensor of the sublayer by its ``role_factors``, in float64."""
-    x = torch.empty(w.shape, dtype=torch.float64).copy_(w)
+    """Multiply one tensor of the sublayer by its ``role_factors``, in float64 (a tensor that
+    is only permuted stays in its own dtype)."""
+    if any(b in f.mats for b in column_blocks(att, role, w)):
+        x = torch.empty(w.shape, dtype=torch.float64).copy_(w)
+    else:  # only permuted (QK-norm models' W_Q and W_K): exact in the tensor's own dtype
+        x = w
     blocks = {}
     for b, p in column_blocks(att, role, x).items():
         order = f.perm if b in ("q", "o", "q_norm") else f.perm_kv
