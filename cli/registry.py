@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from zoo.cli import render
-from zoo.cli.options import JsonOpt, RegistryOpt, Typer, open_registry, registry_file
+from zoo.cli.options import JsonOpt, RegistryOpt, Typer, open_registry, registry_location
 
 app = Typer()
 
@@ -63,11 +63,14 @@ def list_(
     registry: Optional[Path] = RegistryOpt,
 ) -> None:
     """List registered models."""
-    # The fast path: sqlite3 only, neither SQLAlchemy nor torch.
+    # The fast path: sqlite3 (or psycopg) only, neither SQLAlchemy nor torch.
     from zoo.registry.listing import list_models
     from zoo.registry.paths import existing_registry
 
-    rows = list_models(existing_registry(registry_file()), kind=kind, base=base, task=task, tag=tag)
+    where = registry_location()
+    if where.file is not None:
+        existing_registry(where.file)
+    rows = list_models(where, kind=kind, base=base, task=task, tag=tag)
     if as_json:
         render.emit_json(rows)
         return

@@ -2,8 +2,9 @@
 
 ``zoo list`` must answer in well under a second on a registry of ten thousand models,
 and importing SQLAlchemy's ORM alone takes most of that on a small machine. So the
-listing is one SQL query through the standard library's ``sqlite3``; everything that
-writes goes through the ORM in ``registry.py``, and ``Registry.list`` calls this.
+listing is one SQL query through the standard library's ``sqlite3`` (or, for a registry
+on PostgreSQL, through ``psycopg`` directly); everything that writes goes through the
+ORM in ``catalogue.py``, and ``Registry.list`` calls this.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from zoo.errors import NotFound, ZooError
 from zoo.registry.migrations import SCHEMA_HEAD
 from zoo.registry.names import KINDS, parse_ref
-from zoo.registry.paths import keys_path, not_a_registry, on_read_only_storage, store_path
+from zoo.registry.paths import Location, keys_path, not_a_registry, on_read_only_storage, server_error, store_path
 
 
 _SQL = """
@@ -43,46 +44,76 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     return con
 
 
-def list_models(path: Path, kind: str | None = None, base: str | None = None, task: str | None = None,
+def _server_connect(loc: Location) -> Any:
+    """A read-only psycopg connection to a registry on PostgreSQL (UTC session)."""
+    import psycopg
+
+    try:
+        con = psycopg.connect(loc.url or "", connect_timeout=10, options="-c timezone=UTC",
+                              application_name="zoo", autocommit=False)
+    except psycopg.Error as e:
+        raise server_error(loc, e) from None
+    con.read_only = True
+    return con
+
+
+def _rows(con: Any, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
+    """``sql`` written with ``?`` placeholders, on either driver."""
+    if isinstance(con, sqlite3.Connection):
+        return con.execute(sql, args).fetchall()
+    return con.execute(sql.replace("?", "%s"), args).fetchall()
+
+
+def list_models(where: Path | Location, kind: str | None = None, base: str | None = None, task: str | None = None,
                 tag: str | None = None) -> list[dict[str, Any]]:
     """Registered models ordered by name and version, filtered by kind, base, task and tag."""
     if kind is not None and kind not in KINDS:
         raise ZooError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if schema_revision(path) != SCHEMA_HEAD:
+    revision = schema_revision(where)
+    if revision is None and isinstance(where, Location) and where.on_server:
+        raise NotFound(f"no registry in {where.shown}; create one with `zoo init`")
+    if revision != SCHEMA_HEAD:
         from zoo.registry.database import upgrade_file  # SQLAlchemy and Alembic: only when needed
 
-        upgrade_file(path)
-    where, args = [], []
-    con = connect_readonly(path)
+        upgrade_file(where)
+    on_server = isinstance(where, Location) and where.on_server
+    shown = where.shown if isinstance(where, Location) else str(where)
+    where_, args = [], []
+    con = _server_connect(where) if on_server else connect_readonly(_file(where))
     try:
         if kind:
-            where.append("m.kind = ?")
+            where_.append("m.kind = ?")
             args.append(kind)
         if base:
             name, version = parse_ref(base)
-            row = con.execute("SELECT id FROM models WHERE name = ? AND (? IS NULL OR version = ?) "
-                              "ORDER BY version DESC LIMIT 1", (name, version, version)).fetchone()
-            if row is None:
-                raise NotFound(f"no model named {base!r} in {path}; `zoo list` shows what is registered")
-            where.append("m.base_id = ?")
-            args.append(row[0])
+            found = (_rows(con, "SELECT id FROM models WHERE name = ? ORDER BY version DESC LIMIT 1", (name,))
+                     if version is None else
+                     _rows(con, "SELECT id FROM models WHERE name = ? AND version = ? LIMIT 1", (name, version)))
+            if not found:
+                raise NotFound(f"no model named {base!r} in {shown}; `zoo list` shows what is registered")
+            where_.append("m.base_id = ?")
+            args.append(found[0][0])
         if task:
-            where.append("EXISTS (SELECT 1 FROM model_tasks mt JOIN tasks t ON t.id = mt.task_id "
-                         "WHERE mt.model_id = m.id AND t.name = ?)")
+            where_.append("EXISTS (SELECT 1 FROM model_tasks mt JOIN tasks t ON t.id = mt.task_id "
+                          "WHERE mt.model_id = m.id AND t.name = ?)")
             args.append(task)
         if tag:
-            where.append("EXISTS (SELECT 1 FROM model_tags g WHERE g.model_id = m.id AND g.tag = ?)")
+            where_.append("EXISTS (SELECT 1 FROM model_tags g WHERE g.model_id = m.id AND g.tag = ?)")
             args.append(tag)
-        sql = _SQL + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY m.name, m.version"
-        rows = con.execute(sql, args).fetchall()
+        sql = _SQL + (" WHERE " + " AND ".join(where_) if where_ else "") + " ORDER BY m.name, m.version"
+        rows = _rows(con, sql, args)
         tasks: dict[int, list[str]] = {}
         tags: dict[int, list[str]] = {}
-        for mid, name in con.execute(_TASKS):
+        for mid, name in _rows(con, _TASKS):
             tasks.setdefault(mid, []).append(name)
-        for mid, tag_ in con.execute(_TAGS):
+        for mid, tag_ in _rows(con, _TAGS):
             tags.setdefault(mid, []).append(tag_)
     except sqlite3.OperationalError as e:
-        raise ZooError(f"cannot read registry {path}: {e}") from None
+        raise ZooError(f"cannot read registry {shown}: {e}") from None
+    except Exception as e:
+        if on_server and type(e).__module__.startswith("psycopg"):
+            raise server_error(where, e) from None  # type: ignore[arg-type]
+        raise
     finally:
         con.close()
     return [
@@ -96,8 +127,22 @@ def list_models(path: Path, kind: str | None = None, base: str | None = None, ta
     ]
 
 
-def schema_revision(path: Path) -> str | None:
+def _file(where: Path | Location) -> Path:
+    return where.file if isinstance(where, Location) and where.file is not None else Path(where)  # type: ignore[arg-type]
+
+
+def schema_revision(where: Path | Location) -> str | None:
     """The registry's schema revision, read without SQLAlchemy (None if it has none)."""
+    if isinstance(where, Location) and where.on_server:
+        con = _server_connect(where)
+        try:
+            if con.execute("SELECT to_regclass('alembic_version')").fetchone()[0] is None:
+                return None
+            row = con.execute("SELECT version_num FROM alembic_version").fetchone()
+            return row[0] if row else None
+        finally:
+            con.close()
+    path = _file(where)
     con = connect_readonly(path)
     try:
         return con.execute("SELECT version_num FROM alembic_version").fetchone()[0]
@@ -109,10 +154,17 @@ def schema_revision(path: Path) -> str | None:
         con.close()
 
 
-def discard_if_unused(path: Path) -> bool:
+def discard_if_unused(path: Path | Location) -> bool:
     """Remove a registry that holds nothing (no model, task or served repository) with its
     store and side files: what a command that made it and then failed leaves. Returns
-    whether it was removed; a registry with anything in it is never touched."""
+    whether it was removed; a registry with anything in it is never touched, nor is a
+    database on a server (its owner made it; an empty schema there is harmless)."""
+    store = store_path(path) if not isinstance(path, Location) else path.store
+    keys = keys_path(path) if not isinstance(path, Location) else path.keys
+    if isinstance(path, Location):
+        if path.file is None:
+            return False
+        path = path.file
     try:
         con = connect_readonly(path)
         try:
@@ -122,14 +174,12 @@ def discard_if_unused(path: Path) -> bool:
             con.close()
     except sqlite3.Error:
         return False
-    store = store_path(path)
     if used or any(p.is_file() for p in (store / "blobs").rglob("*")):
         return False
     for side in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"),
                  path.with_name(path.name + ".lock")):
         side.unlink(missing_ok=True)
     shutil.rmtree(store, ignore_errors=True)
-    keys = keys_path(path)
     if keys.is_dir() and not any(keys.iterdir()):
         keys.rmdir()
     return True
