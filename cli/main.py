@@ -48,6 +48,7 @@ app.add_typer(hub.token_app, name="token")
 app.add_typer(hub.user_app, name="user")
 app.add_typer(hub.org_app, name="org")
 app.add_typer(protect.key_app, name="key")
+app.add_typer(registry.registry_app, name="registry")
 
 
 def _quiet_third_party_bars() -> None:

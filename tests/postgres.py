@@ -83,7 +83,7 @@ class PrivateServer:
         self._n = 0
 
     def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        cmd = [str(self.bindir / args[0]), *args[1:]]
+        cmd = [str(self.bindir / args[0]) if args[0] != "bash" else "bash", *args[1:]]
         if self.as_postgres:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True,
@@ -95,6 +95,9 @@ class PrivateServer:
         os.chmod(self.root, 0o755)
         self._run("initdb", "-D", str(self.data), "-U", USER, "-A", "trust", "-E", "UTF8", "--no-sync",
                   "--no-instructions")
+        # The test user needs no password; any other role does (so wrong credentials can be tested).
+        hba = self.data / "pg_hba.conf"
+        self._run("bash", "-c", f"printf 'local all {USER} trust\\nlocal all all scram-sha-256\\n' > {hba}")
         opts = (f"-k {self.socket_dir} -p {self.port} -c listen_addresses='' -c fsync=off "
                 "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
         self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"), "-w", "-t", "60",
@@ -127,3 +130,10 @@ class PrivateServer:
         name = url.split("?", 1)[0].rsplit("/", 1)[1]
         with psycopg.connect(self.url(), autocommit=True) as con:
             con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def create_role(self, name: str, password: str) -> None:
+        """A role that logs in with a password (scram-sha-256)."""
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as con:
+            con.execute(f"CREATE ROLE \"{name}\" LOGIN PASSWORD '{password}'")

@@ -102,12 +102,16 @@ def server_error(loc: Location, e: BaseException | str) -> ZooError:
     return ZooError(f"cannot open registry {loc.shown}: {reason}; {hint}")
 
 
-def locate(registry: str | os.PathLike[str] | None = None, store: str | os.PathLike[str] | None = None) -> Location:
+def locate(registry: str | os.PathLike[str] | None = None, store: str | os.PathLike[str] | None = None, *,
+           use_env: bool = True) -> Location:
     """The registry for ``--registry`` (else ``$ZOO_REGISTRY``, else ``./registry.db``) and
-    ``--store`` (else ``$ZOO_STORE``). A SQLite registry keeps its store beside the file
-    unless a store is named; a registry on a server needs one."""
-    value = registry if registry is not None else (os.environ.get(ENV_VAR) or DEFAULT_FILENAME)
-    store = store if store is not None else (os.environ.get(STORE_ENV_VAR) or None)
+    ``--store`` (else ``$ZOO_STORE``; neither variable with ``use_env=False``). A SQLite
+    registry keeps its store beside the file unless a store is named; a registry on a
+    server needs one."""
+    value = registry if registry is not None else (
+        (os.environ.get(ENV_VAR) if use_env else None) or DEFAULT_FILENAME)
+    if store is None and use_env:
+        store = os.environ.get(STORE_ENV_VAR) or None
     if isinstance(value, str) and is_url(value):
         scheme = value.split("://", 1)[0].lower()
         if scheme == "sqlite":
@@ -117,8 +121,9 @@ def locate(registry: str | os.PathLike[str] | None = None, store: str | os.PathL
             value = rest[1:].split("?", 1)[0]
         elif scheme in SERVER_SCHEMES:
             if store is None:
+                how = f"pass --store PATH or set ${STORE_ENV_VAR}" if use_env else "name its store folder"
                 raise ZooError(f"a registry on a database server ({mask_url(value)}) keeps its blobs in a folder: "
-                               f"pass --store PATH or set ${STORE_ENV_VAR}")
+                               f"{how}")
             root = Path(store).absolute()
             if root.exists() and not root.is_dir():
                 raise ZooError(f"--store {root} is a file; name a folder for the blob store")
