@@ -192,3 +192,19 @@ def test_zoo_serve_on_postgresql_push_and_pull(tmp_path, subprocess_env, pg_url,
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_zoo_list_on_postgresql_stays_on_the_fast_path(pg_url, models, tmp_path, subprocess_env):
+    """``zoo list`` reads a registry on PostgreSQL with psycopg alone: no SQLAlchemy, no torch."""
+    with Registry(pg_url, create=True, store=tmp_path / "store") as reg:
+        reg.add(models["base"], "Zeta", "base")
+        reg.add(models["parity"], "alpha", "expert", base="Zeta", tags=["b", "A"])
+    code = ("import sys, json\nsys.argv = ['zoo', 'list', '--json']\nfrom zoo.cli.main import main\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sqlalchemy')), file=sys.stderr)\n")
+    env = {**subprocess_env, "ZOO_REGISTRY": pg_url, "ZOO_STORE": str(tmp_path / "store")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0 and p.stderr.strip().splitlines()[-1] == "[]", p.stderr
+    rows = json.loads(p.stdout)
+    assert [m["ref"] for m in rows] == ["Zeta@1", "alpha@1"]  # byte order, as on SQLite
+    assert rows[1]["tags"] == ["A", "b"] and rows[1]["base"] == "Zeta@1" and rows[1]["created_at"].endswith("+00:00")

@@ -100,13 +100,16 @@ def list_models(where: Path | Location, kind: str | None = None, base: str | Non
         if tag:
             where_.append("EXISTS (SELECT 1 FROM model_tags g WHERE g.model_id = m.id AND g.tag = ?)")
             args.append(tag)
-        sql = _SQL + (" WHERE " + " AND ".join(where_) if where_ else "") + " ORDER BY m.name, m.version"
+        # Byte order on both (SQLite's BINARY; PostgreSQL's "C"), whatever the server's locale.
+        binary = ' COLLATE "C"' if on_server else ""
+        sql = (_SQL + (" WHERE " + " AND ".join(where_) if where_ else "")
+               + f" ORDER BY m.name{binary}, m.version")
         rows = _rows(con, sql, args)
         tasks: dict[int, list[str]] = {}
         tags: dict[int, list[str]] = {}
-        for mid, name in _rows(con, _TASKS):
+        for mid, name in _rows(con, _TASKS + binary):
             tasks.setdefault(mid, []).append(name)
-        for mid, tag_ in _rows(con, _TAGS):
+        for mid, tag_ in _rows(con, _TAGS + binary):
             tags.setdefault(mid, []).append(tag_)
     except sqlite3.OperationalError as e:
         raise ZooError(f"cannot read registry {shown}: {e}") from None
