@@ -32,7 +32,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(registry: Optional[str] = typer.Option(None, "--registry", metavar="PATH|URL", envvar="ZOO_REGISTRY",
+def _root(registry: Optional[str] = typer.Option(None, "--registry", metavar="PATH", envvar="ZOO_REGISTRY",
                                                  help=REGISTRY_HELP),
           store: Optional[str] = typer.Option(None, "--store", metavar="PATH", envvar="ZOO_STORE", help=STORE_HELP),
           version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,

@@ -87,7 +87,7 @@ STORE_HELP = ("Blob store folder. Required with a PostgreSQL registry (default: 
 # declare the parameter (expose_value=False: typer does not pass it). The root command
 # sets State on every run, so nothing carries over between runs in one process. The value
 # is parsed as a string: a Path would fold the ``//`` of a URL.
-RegistryOpt = typer.Option(None, "--registry", metavar="PATH|URL", help=REGISTRY_HELP, callback=_remember_registry,
+RegistryOpt = typer.Option(None, "--registry", metavar="PATH", help=REGISTRY_HELP, callback=_remember_registry,
                            expose_value=False, parser=str)
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of text.")
 EndpointOpt = typer.Option(None, "--endpoint", metavar="URL",

@@ -137,3 +137,11 @@ class PrivateServer:
 
         with psycopg.connect(self.url(), autocommit=True) as con:
             con.execute(f"CREATE ROLE \"{name}\" LOGIN PASSWORD '{password}'")
+
+
+if __name__ == "__main__":  # `make test`: install the server before pytest starts (prints why not)
+    import sys
+
+    found, why = ensure_binaries()
+    print(f"PostgreSQL server binaries: {found}" if found else f"no PostgreSQL: {why}; its tests will skip")
+    sys.exit(0)
