@@ -67,16 +67,16 @@ def list_(
 ) -> None:
     """List registered models."""
     # The fast path: sqlite3 (or psycopg) only, neither SQLAlchemy nor torch.
-    from zoo.registry.listing import list_models
+    from zoo.registry.listing import list_models, model_lines
     from zoo.registry.paths import existing_registry
 
     where = registry_location()
     if where.file is not None:
         existing_registry(where.file)
-    rows = list_models(where, kind=kind, base=base, task=task, tag=tag)
     if as_json:
-        render.emit_json(rows)
+        render.emit_json_lines(model_lines(where, kind=kind, base=base, task=task, tag=tag))
         return
+    rows = list_models(where, kind=kind, base=base, task=task, tag=tag)
     if not rows:
         print("no models; add one with `zoo add PATH --name NAME --kind base`")
         return

@@ -208,3 +208,31 @@ def test_zoo_list_on_postgresql_stays_on_the_fast_path(pg_url, models, tmp_path,
     rows = json.loads(p.stdout)
     assert [m["ref"] for m in rows] == ["Zeta@1", "alpha@1"]  # byte order, as on SQLite
     assert rows[1]["tags"] == ["A", "b"] and rows[1]["base"] == "Zeta@1" and rows[1]["created_at"].endswith("+00:00")
+
+
+def test_the_server_writes_zoo_list_json_as_python_would(pg_url, models, tmp_path, zoo_cli):
+    """``zoo list --json`` on PostgreSQL is written by the server: byte for byte what
+    json.dumps makes of the same rows, escapes, nulls and timestamps included."""
+    from zoo.registry.listing import list_models, model_lines
+    from zoo.registry.paths import locate
+
+    where = locate(pg_url, tmp_path / "store")
+    args = ["--registry", pg_url, "--store", tmp_path / "store"]
+    assert zoo_cli(*args, "init")[0] == 0
+    assert zoo_cli(*args, "list", "--json")[1] == "[]\n"
+    with Registry(where, create=True) as reg:
+        reg.add(models["base"], "base", "base", tags=['q"uote', "back\\slash", "del\x7f"])
+        reg.add(models["parity"], "parity", "expert", base="base", tasks=["t2", "T1"])
+        with psycopg.connect(pg_url, autocommit=True) as con:  # a whole second, and a missing model_type
+            con.execute("UPDATE models SET created_at = '2026-01-02 03:04:05+00', model_type = NULL "
+                        "WHERE name = 'parity'")
+            con.execute("INSERT INTO model_tags SELECT id, %s FROM models WHERE name = 'base'", ("tab\there\x01",))
+    expect = lambda: [json.dumps(r) for r in list_models(where)]  # noqa: E731
+    assert model_lines(where) == expect()
+    assert '"created_at": "2026-01-02T03:04:05+00:00"' in model_lines(where)[1]
+    assert model_lines(where, tag='q"uote') == [json.dumps(r) for r in list_models(where, tag='q"uote')]
+    code, out, _ = zoo_cli(*args, "list", "--json")
+    assert code == 0 and json.loads(out) == list_models(where)
+    with Registry(where) as reg:
+        reg.tag("parity", ["café"])  # beyond ASCII: json.dumps escapes it; the Python way is taken
+    assert model_lines(where) == expect() and "caf\\u00e9" in model_lines(where)[1]

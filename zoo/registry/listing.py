@@ -9,6 +9,7 @@ ORM in ``catalogue.py``, and ``Registry.list`` calls this.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from pathlib import Path
@@ -64,9 +65,8 @@ def _rows(con: Any, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> list[tu
     return con.execute(sql.replace("?", "%s"), args).fetchall()
 
 
-def list_models(where: Path | Location, kind: str | None = None, base: str | None = None, task: str | None = None,
-                tag: str | None = None) -> list[dict[str, Any]]:
-    """Registered models ordered by name and version, filtered by kind, base, task and tag."""
+def _open(where: Path | Location, kind: str | None) -> Any:
+    """A read-only connection to an up-to-date registry (sqlite3, or psycopg on a server)."""
     if kind is not None and kind not in KINDS:
         raise ZooError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     revision = schema_revision(where)
@@ -76,47 +76,74 @@ def list_models(where: Path | Location, kind: str | None = None, base: str | Non
         from zoo.registry.database import upgrade_file  # SQLAlchemy and Alembic: only when needed
 
         upgrade_file(where)
-    on_server = isinstance(where, Location) and where.on_server
+    return _server_connect(where) if _on_server(where) else connect_readonly(_file(where))
+
+
+def _on_server(where: Path | Location) -> bool:
+    return isinstance(where, Location) and where.on_server
+
+
+def _filters(con: Any, shown: str, kind: str | None, base: str | None, task: str | None,
+             tag: str | None) -> tuple[str, list[Any]]:
+    """The WHERE clause (``?`` placeholders) and its arguments for the listing's filters."""
+    where_: list[str] = []
+    args: list[Any] = []
+    if kind:
+        where_.append("m.kind = ?")
+        args.append(kind)
+    if base:
+        name, version = parse_ref(base)
+        found = (_rows(con, "SELECT id FROM models WHERE name = ? ORDER BY version DESC LIMIT 1", (name,))
+                 if version is None else
+                 _rows(con, "SELECT id FROM models WHERE name = ? AND version = ? LIMIT 1", (name, version)))
+        if not found:
+            raise NotFound(f"no model named {base!r} in {shown}; `zoo list` shows what is registered")
+        where_.append("m.base_id = ?")
+        args.append(found[0][0])
+    if task:
+        where_.append("EXISTS (SELECT 1 FROM model_tasks mt JOIN tasks t ON t.id = mt.task_id "
+                      "WHERE mt.model_id = m.id AND t.name = ?)")
+        args.append(task)
+    if tag:
+        where_.append("EXISTS (SELECT 1 FROM model_tags g WHERE g.model_id = m.id AND g.tag = ?)")
+        args.append(tag)
+    return (" WHERE " + " AND ".join(where_) if where_ else ""), args
+
+
+def _reading(where: Path | Location) -> Any:
+    """Driver errors while reading, as one line."""
     shown = where.shown if isinstance(where, Location) else str(where)
-    where_, args = [], []
-    con = _server_connect(where) if on_server else connect_readonly(_file(where))
+
+    class _Errors:
+        def __enter__(self) -> None:
+            return None
+
+        def __exit__(self, kind: Any, e: Any, tb: Any) -> None:
+            if isinstance(e, sqlite3.OperationalError):
+                raise ZooError(f"cannot read registry {shown}: {e}") from None
+            if e is not None and _on_server(where) and type(e).__module__.startswith("psycopg"):
+                raise server_error(where, e) from None  # type: ignore[arg-type]
+
+    return _Errors()
+
+
+def list_models(where: Path | Location, kind: str | None = None, base: str | None = None, task: str | None = None,
+                tag: str | None = None) -> list[dict[str, Any]]:
+    """Registered models ordered by name and version, filtered by kind, base, task and tag."""
+    con = _open(where, kind)
+    shown = where.shown if isinstance(where, Location) else str(where)
     try:
-        if kind:
-            where_.append("m.kind = ?")
-            args.append(kind)
-        if base:
-            name, version = parse_ref(base)
-            found = (_rows(con, "SELECT id FROM models WHERE name = ? ORDER BY version DESC LIMIT 1", (name,))
-                     if version is None else
-                     _rows(con, "SELECT id FROM models WHERE name = ? AND version = ? LIMIT 1", (name, version)))
-            if not found:
-                raise NotFound(f"no model named {base!r} in {shown}; `zoo list` shows what is registered")
-            where_.append("m.base_id = ?")
-            args.append(found[0][0])
-        if task:
-            where_.append("EXISTS (SELECT 1 FROM model_tasks mt JOIN tasks t ON t.id = mt.task_id "
-                          "WHERE mt.model_id = m.id AND t.name = ?)")
-            args.append(task)
-        if tag:
-            where_.append("EXISTS (SELECT 1 FROM model_tags g WHERE g.model_id = m.id AND g.tag = ?)")
-            args.append(tag)
-        # Byte order on both (SQLite's BINARY; PostgreSQL's "C"), whatever the server's locale.
-        binary = ' COLLATE "C"' if on_server else ""
-        sql = (_SQL + (" WHERE " + " AND ".join(where_) if where_ else "")
-               + f" ORDER BY m.name{binary}, m.version")
-        rows = _rows(con, sql, args)
-        tasks: dict[int, list[str]] = {}
-        tags: dict[int, list[str]] = {}
-        for mid, name in _rows(con, _TASKS + binary):
-            tasks.setdefault(mid, []).append(name)
-        for mid, tag_ in _rows(con, _TAGS + binary):
-            tags.setdefault(mid, []).append(tag_)
-    except sqlite3.OperationalError as e:
-        raise ZooError(f"cannot read registry {shown}: {e}") from None
-    except Exception as e:
-        if on_server and type(e).__module__.startswith("psycopg"):
-            raise server_error(where, e) from None  # type: ignore[arg-type]
-        raise
+        with _reading(where):
+            # Byte order on both (SQLite's BINARY; PostgreSQL's "C"), whatever the server's locale.
+            binary = ' COLLATE "C"' if _on_server(where) else ""
+            clause, args = _filters(con, shown, kind, base, task, tag)
+            rows = _rows(con, _SQL + clause + f" ORDER BY m.name{binary}, m.version", args)
+            tasks: dict[int, list[str]] = {}
+            tags: dict[int, list[str]] = {}
+            for mid, name in _rows(con, _TASKS + binary):
+                tasks.setdefault(mid, []).append(name)
+            for mid, tag_ in _rows(con, _TAGS + binary):
+                tags.setdefault(mid, []).append(tag_)
     finally:
         con.close()
     return [
@@ -128,6 +155,64 @@ def list_models(where: Path | Location, kind: str | None = None, base: str | Non
         }
         for r in rows
     ]
+
+
+def _s(expr: str) -> str:
+    """A text column as JSON (``json.dumps``' escapes for ASCII text), or null."""
+    return f"COALESCE(to_json({expr})::text, 'null')"
+
+
+def _n(expr: str) -> str:
+    return f"COALESCE(({expr})::text, 'null')"
+
+
+# ``json.dumps`` of a ``list_models`` row, written by PostgreSQL: the same keys in the same
+# order, the same separators, ``iso_utc``'s timestamps. ``to_json`` escapes as json.dumps
+# does below DEL; a line with DEL or anything beyond ASCII comes back NULL (json.dumps
+# writes those as \\u escapes), and that listing is made the Python way instead.
+_UTC = "(m.created_at AT TIME ZONE 'UTC')"
+_JSON_SQL = f"""
+WITH tk AS (SELECT mt.model_id, concat('[', string_agg(to_json(t.name)::text, ', ' ORDER BY t.name COLLATE "C"), ']') AS j
+            FROM model_tasks mt JOIN tasks t ON t.id = mt.task_id GROUP BY mt.model_id),
+     tg AS (SELECT model_id, concat('[', string_agg(to_json(tag)::text, ', ' ORDER BY tag COLLATE "C"), ']') AS j
+            FROM model_tags GROUP BY model_id),
+     lines AS (
+SELECT m.name, m.version, concat(
+       '{{"name": ', {_s("m.name")}, ', "version": ', {_n("m.version")},
+       ', "ref": ', to_json(concat(m.name, '@', m.version))::text,
+       ', "kind": ', {_s("m.kind")}, ', "form": ', {_s("m.form")},
+       ', "base": ', CASE WHEN b.name IS NULL THEN 'null' ELSE to_json(concat(b.name, '@', b.version))::text END,
+       ', "model_type": ', {_s("m.model_type")}, ', "parameters": ', {_n("m.param_count")},
+       ', "bytes": ', {_n("m.total_bytes")}, ', "tasks": ', COALESCE(tk.j, '[]'),
+       ', "tags": ', COALESCE(tg.j, '[]'), ', "created_at": ',
+       CASE WHEN m.created_at IS NULL THEN 'null' ELSE
+            concat('"', replace(to_char({_UTC}, 'YYYY-MM-DD"T"HH24:MI:SS.US'), '.000000', ''), '+00:00"') END,
+       '}}') AS line
+FROM models m LEFT JOIN models b ON b.id = m.base_id LEFT JOIN tk ON tk.model_id = m.id
+     LEFT JOIN tg ON tg.model_id = m.id
+"""
+
+
+def model_lines(where: Path | Location, kind: str | None = None, base: str | None = None, task: str | None = None,
+                tag: str | None = None) -> list[str]:
+    """``zoo list --json``'s objects, one JSON line per model: ``json.dumps`` of each
+    ``list_models`` row. On PostgreSQL the server writes them, so a listing of 100,000
+    models costs this process little more than reading the text."""
+    if not _on_server(where):
+        return [json.dumps(row) for row in list_models(where, kind, base, task, tag)]
+    con = _open(where, kind)
+    try:
+        with _reading(where):
+            clause, args = _filters(con, where.shown, kind, base, task, tag)  # type: ignore[union-attr]
+            sql = (_JSON_SQL + clause + ") SELECT CASE WHEN octet_length(line) = char_length(line) AND strpos(line, chr(127)) = 0 "
+                   "THEN line END "
+                   'FROM lines ORDER BY name COLLATE "C", version')
+            lines = [r[0] for r in _rows(con, sql, args)]
+    finally:
+        con.close()
+    if any(line is None for line in lines):  # text beyond ASCII: json.dumps escapes it, to_json does not
+        return [json.dumps(row) for row in list_models(where, kind, base, task, tag)]
+    return lines
 
 
 def _file(where: Path | Location) -> Path:
