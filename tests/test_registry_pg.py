@@ -236,3 +236,16 @@ def test_the_server_writes_zoo_list_json_as_python_would(pg_url, models, tmp_pat
     with Registry(where) as reg:
         reg.tag("parity", ["café"])  # beyond ASCII: json.dumps escapes it; the Python way is taken
     assert model_lines(where) == expect() and "caf\\u00e9" in model_lines(where)[1]
+
+
+def test_the_migrations_make_the_orm_tables_on_postgresql(pg_url, tmp_path):
+    """The same Alembic migrations as SQLite's; the ORM classes match what they made."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from zoo.registry.schema import Base
+
+    with Registry(pg_url, create=True, store=tmp_path / "store") as reg:
+        with reg.engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []

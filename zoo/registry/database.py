@@ -70,7 +70,9 @@ def _server_engine(loc: Location) -> Engine:
     registry wrote them; a write transaction first takes the write lock."""
     assert loc.url is not None
     url = "postgresql+psycopg://" + loc.url.split("://", 1)[1]
-    engine = create_engine(url, pool_pre_ping=True,
+    # A store lock and a write transaction each hold a connection, and `zoo serve` runs
+    # many requests at once: room for them, bounded well below the server's 100.
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=25, pool_timeout=60,
                            connect_args={"connect_timeout": CONNECT_TIMEOUT_S, "options": "-c timezone=UTC",
                                          "application_name": "zoo"})
 

@@ -169,7 +169,7 @@ def _n(expr: str) -> str:
 # ``json.dumps`` of a ``list_models`` row, written by PostgreSQL: the same keys in the same
 # order, the same separators, ``iso_utc``'s timestamps. ``to_json`` escapes as json.dumps
 # does below DEL; a line with DEL or anything beyond ASCII comes back NULL (json.dumps
-# writes those as \\u escapes), and that listing is made the Python way instead.
+# writes those as \u escapes), and that listing is made the Python way instead.
 _UTC = "(m.created_at AT TIME ZONE 'UTC')"
 _JSON_SQL = f"""
 WITH tk AS (SELECT mt.model_id, concat('[', string_agg(to_json(t.name)::text, ', ' ORDER BY t.name COLLATE "C"), ']') AS j
