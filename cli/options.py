@@ -9,7 +9,6 @@ store of a registry on a database server) is global only, or ``$ZOO_STORE``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import typer

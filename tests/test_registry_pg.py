@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import db_dump, vit
+from conftest import db_dump
 from zoo import Registry
 from zoo.errors import ZooError
 from zoo.registry.paths import locate, mask_url

@@ -12,7 +12,6 @@ the blobs this copy put there, and a destination file this copy made is removed 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,8 +82,7 @@ def _counts(conn: Any) -> dict[str, int]:
 
 def copy_registry(source: Location, destination: Location, progress: ProgressFactory | None = None) -> CopyReport:
     """Copy the registry at ``source`` into ``destination``, which must be empty or new."""
-    if source.file == destination.file and source.url == destination.url and source.file is not None \
-            or (source.on_server and destination.on_server and source.url == destination.url):
+    if (source.file, source.url) == (destination.file, destination.url):
         raise ZooError(f"{source.shown} is both the source and the destination; name another destination")
     if source.store.resolve() == destination.store.resolve():
         raise ZooError(f"the source and the destination share the store {source.store}; give the destination "
