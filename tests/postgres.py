@@ -111,6 +111,14 @@ class PrivateServer:
             pass
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds the server has used: the postmaster and its exited children (each
+        connection's backend process is one), from /proc."""
+        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return sum(int(fields[i]) for i in (11, 12, 13, 14)) / ticks  # utime stime cutime cstime
+
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{USER}@/{database}?host={self.socket_dir}&port={self.port}"
 

@@ -162,6 +162,12 @@ def test_copy_is_all_or_nothing(zoo_cli, pg_url, models, tmp_path):
     code, out, err = zoo_cli("registry", "copy", a, tmp_path / "c.db")
     assert code == 1 and "is not empty (" in err and "1 models" in err
     assert db_dump(tmp_path / "c.db") == before
+    code, out, err = zoo_cli("registry", "copy", a, f"sqlite:///{a}")
+    assert code == 1 and "both the source and the destination" in err
+    code, out, err = zoo_cli("registry", "copy", a, pg_url, "--to-store", tmp_path / "a.store")
+    assert code == 1 and "share the store" in err
+    code, out, err = zoo_cli("registry", "copy", a, pg_url)
+    assert code == 1 and "name its store folder" in err and err.count("\n") == 1
 
 
 def test_zoo_serve_on_postgresql_push_and_pull(tmp_path, subprocess_env, pg_url, models, zoo_cli):

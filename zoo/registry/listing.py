@@ -203,6 +203,8 @@ def model_lines(where: Path | Location, kind: str | None = None, base: str | Non
     con = _open(where, kind)
     try:
         with _reading(where):
+            # A parallel plan would build both aggregates in every worker: more CPU, no gain.
+            con.execute("SET LOCAL max_parallel_workers_per_gather = 0")
             clause, args = _filters(con, where.shown, kind, base, task, tag)  # type: ignore[union-attr]
             sql = (_JSON_SQL + clause + ") SELECT CASE WHEN octet_length(line) = char_length(line) AND strpos(line, chr(127)) = 0 "
                    "THEN line END "
