@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from zoo.cli import render
-from zoo.cli.options import EndpointOpt, JsonOpt, RegistryOpt, Typer, open_registry, registry_file
+from zoo.cli.options import EndpointOpt, JsonOpt, RegistryOpt, Typer, open_registry, registry_location
 
 app = Typer()
 token_app = Typer(no_args_is_help=True, help="Tokens of `zoo serve`'s users.")
@@ -106,7 +106,8 @@ def serve(
     from zoo.hub.server import ServeSettings, serve as serve_api
     from zoo.hub.server.startup import open_accounts
 
-    path = registry_file()
+    where = registry_location()
+    path = where.file if where.file is not None else where.store / "registry.db"  # beside it: an old token file
     settings = ServeSettings(open_reads=not private_reads, lfs_threshold=lfs_threshold)
     said: list[str] = []
 
@@ -116,7 +117,7 @@ def serve(
         return reg
 
     def ready(url: str) -> None:
-        print(f"serving {path} at {url} (reads {'need a token' if private_reads else 'open'}). "
+        print(f"serving {where.shown} at {url} (reads {'need a token' if private_reads else 'open'}). "
               f"Clients: HF_ENDPOINT={url} HF_HUB_DISABLE_XET=1 HF_TOKEN=<token>; pages: {url}/ui", flush=True)
         for line in said:
             print(line, flush=True)

@@ -388,10 +388,9 @@ def test_publish_refuses_what_it_cannot_protect(hub, registry, tmp_path, zoo_cli
     import transformers as T
 
     torch.manual_seed(0)
-    cfg = T.GPTNeoXConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                          intermediate_size=37)
-    T.GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "nb")
-    T.GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "ne")
+    cfg = T.GPTBigCodeConfig(vocab_size=99, n_embd=32, n_layer=1, n_head=4)  # a type MergeLock has no layout for
+    T.GPTBigCodeForCausalLM(cfg).save_pretrained(tmp_path / "nb")
+    T.GPTBigCodeForCausalLM(cfg).save_pretrained(tmp_path / "ne")
     registry.add(tmp_path / "nb", "nbase", "base")
     registry.add(tmp_path / "ne", "nexp", "expert", base="nbase")
     os.environ["HF_TOKEN"] = hub.write

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
@@ -27,6 +28,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from zoo.registry.names import KINDS
 
+
+
+# Byte and parameter counts pass 2**31 (a 7B model): SQLite's INTEGER is 64-bit already,
+# PostgreSQL's is not, so there they are BIGINT (SQLite's table definitions are unchanged).
+Count = Integer().with_variant(BigInteger(), "postgresql")
 
 
 def utcnow() -> datetime:
@@ -79,8 +85,8 @@ class Model(Base):
     architecture: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     tensor_count: Mapped[int] = mapped_column(Integer)
-    param_count: Mapped[int] = mapped_column(Integer)
-    total_bytes: Mapped[int] = mapped_column(Integer)
+    param_count: Mapped[int] = mapped_column(Count)
+    total_bytes: Mapped[int] = mapped_column(Count)
     dtypes: Mapped[dict[str, int]] = mapped_column(JSON)
 
     source_type: Mapped[str] = mapped_column(String(16))  # local | hub | zoo
@@ -133,7 +139,7 @@ class File(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
     relpath: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Count)
     # Absolute path for models registered --in-place; NULL when the blob is in the store.
     external_path: Mapped[str | None] = mapped_column(Text)
 
@@ -238,7 +244,7 @@ class HubEntry(Base):
     commit_sha: Mapped[str] = mapped_column(ForeignKey("hub_commits.sha", ondelete="CASCADE"), primary_key=True)
     path: Mapped[str] = mapped_column(String(1024), primary_key=True)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Count)
     git_oid: Mapped[str] = mapped_column(String(40))
     lfs: Mapped[bool] = mapped_column(Boolean, default=False)
 
