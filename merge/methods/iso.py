@@ -7,7 +7,7 @@ import torch
 
 from zoo.merge.methods.base import register
 from zoo.merge.methods.params import Param, check_number, check_unit
-from zoo.merge.methods.spectral import EXCLUDE_PARAM, SpectralMerge, polar
+from zoo.merge.methods.spectral import EXCLUDE_PARAM, SpectralMerge, TaskMatrices, polar
 
 REFERENCE = ('Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific '
              'Subspaces", ICML 2025, arXiv 2502.04959')
@@ -27,8 +27,8 @@ class IsoC(SpectralMerge):
     scale_name = "scaling_factor"
     parameters = {"scaling_factor": Param(1.0, check_number, SCALE_DOC), "exclude_keys": EXCLUDE_PARAM}
 
-    def merge_matrix(self, deltas, options):
-        return iso_c_matrix(deltas)
+    def merge_matrix(self, tasks, options):
+        return iso_c_matrix(tasks)
 
 
 @register
@@ -49,18 +49,14 @@ class IsoCTS(SpectralMerge):
                                                                   "subspace; the rest is split evenly between tasks"),
                   "exclude_keys": EXCLUDE_PARAM}
 
-    def merge_matrix(self, deltas, options):
-        return iso_cts_matrix(deltas, float(self.option(options, "common_space_fraction")))
+    def merge_matrix(self, tasks, options):
+        return iso_cts_matrix(tasks, float(self.option(options, "common_space_fraction")))
 
 
-def iso_c_matrix(deltas: list[torch.Tensor]) -> torch.Tensor:
+def iso_c_matrix(tasks: TaskMatrices) -> torch.Tensor:
     """Iso-C's merged task matrix: mean(S) U V^T of the sum of the task matrices."""
-    total = deltas[0].clone()
-    for d in deltas[1:]:
-        total.add_(d)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    del total
-    return (u * s.mean()) @ vh
+    u, s, vh = torch.linalg.svd(tasks.total(), full_matrices=False)
+    return u.mul_(s.mean()) @ vh
 
 
 def subspace_sizes(r: int, t: int, fraction: float) -> tuple[int, int]:
@@ -74,32 +70,32 @@ def subspace_sizes(r: int, t: int, fraction: float) -> tuple[int, int]:
     return k_c, ts_total // t
 
 
-def iso_cts_matrix(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
+def iso_cts_matrix(tasks: TaskMatrices, fraction: float) -> torch.Tensor:
     """Iso-CTS's merged task matrix: task blocks in slots [i k_t, (i+1) k_t), then the common block."""
-    t = len(deltas)
-    m, n = deltas[0].shape
+    t = len(tasks)
+    m, n = tasks.shape
     r = min(m, n)
     k_c, k_t = subspace_sizes(r, t, fraction)
-    total = deltas[0].clone()
-    for d in deltas[1:]:
-        total.add_(d)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    del total
+    u, s, vh = torch.linalg.svd(tasks.total(), full_matrices=False)
     u_c = u[:, :k_c]
-    u_all = deltas[0].new_zeros(m, r)
-    s_all = deltas[0].new_zeros(r)
-    vh_all = deltas[0].new_zeros(r, n)
+    u_all = torch.zeros_like(u)
+    s_all = torch.zeros_like(s)
+    vh_all = torch.zeros_like(vh)
     u_all[:, t * k_t:] = u_c
     s_all[t * k_t:] = s[:k_c]
     vh_all[t * k_t:] = vh[:k_c]
-    del u, s, vh
-    if k_t:
-        for i, d in enumerate(deltas):
-            # only the left (column-space) projection, as the reference code does
-            residual = d - u_c @ (u_c.T @ d)
-            ut, st, vht = torch.linalg.svd(residual, full_matrices=False)
-            u_all[:, i * k_t:(i + 1) * k_t] = ut[:, :k_t]
-            s_all[i * k_t:(i + 1) * k_t] = st[:k_t]
-            vh_all[i * k_t:(i + 1) * k_t] = vht[:k_t]
-            del residual, ut, st, vht
-    return (polar(u_all) * s_all.mean()) @ polar(vh_all)
+    del s, vh
+    for i in range(t if k_t else 0):
+        d = tasks[i]
+        # only the left (column-space) projection, as the reference code does
+        residual = d - u_c @ (u_c.T @ d)
+        ut, st, vht = torch.linalg.svd(residual, full_matrices=False)
+        del residual
+        u_all[:, i * k_t:(i + 1) * k_t] = ut[:, :k_t]
+        s_all[i * k_t:(i + 1) * k_t] = st[:k_t]
+        vh_all[i * k_t:(i + 1) * k_t] = vht[:k_t]
+        del ut, st, vht
+    del u, u_c
+    u_perp = polar(u_all).mul_(s_all.mean())
+    del u_all
+    return u_perp @ polar(vh_all)

@@ -46,14 +46,12 @@ class SpectralMerge(MergeMethod):
         if not self.is_matrix(ctx.name, tuple(base.shape), options):
             return mean_task_vector(base, tensors, scale, ctx.scratch, ctx.deltas)
         work = torch.float64 if base.dtype == torch.float64 else torch.float32  # no SVD in half precision
-        b = base.to(work)
-        deltas = [(x.to(work) if ctx.deltas else x.to(work) - b) for x in tensors]
-        merged = self.merge_matrix(deltas, options)
+        merged = self.merge_matrix(TaskMatrices(base, tensors, work, ctx.deltas), options)
         if scale != 1:
             merged.mul_(scale)
-        return merged.add_(b).to(base.dtype)
+        return merged.add_(base.to(work)).to(base.dtype)
 
-    def merge_matrix(self, deltas: list[torch.Tensor], options: dict[str, Any]) -> torch.Tensor:
+    def merge_matrix(self, tasks: "TaskMatrices", options: dict[str, Any]) -> torch.Tensor:
         """The merged task matrix (before the final scale) from the experts' task matrices."""
         raise NotImplementedError
 
@@ -63,6 +61,37 @@ class SpectralMerge(MergeMethod):
                 f"lm_head) gets the mean of the task vectors times {self.scale_name}, as the paper's code and "
                 "FusionBench do (task arithmetic with lambda = "
                 f"{self.scale_name} / number of experts)."]
+
+
+class TaskMatrices:
+    """The experts' task matrices theta_i - theta_0, formed one at a time into one reused
+    buffer, so a merge holds one task matrix beside its inputs, not T of them.
+    ``tasks[i]`` is only valid until the next ``tasks[j]``."""
+
+    def __init__(self, base: torch.Tensor, tensors: list[torch.Tensor], work: torch.dtype, deltas: bool = False):
+        self.base, self.tensors, self.work, self.deltas = base.to(work), tensors, work, deltas
+        self.shape = tuple(base.shape)
+        self.buf: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = self.tensors[i]
+        if self.deltas:
+            return x.to(self.work)
+        if self.buf is None:
+            self.buf = torch.empty(self.shape, dtype=self.work, device=self.base.device)
+        if x.dtype == self.work:
+            return torch.sub(x, self.base, out=self.buf)
+        return self.buf.copy_(x).sub_(self.base)
+
+    def total(self) -> torch.Tensor:
+        """The sum of the task matrices, in task order."""
+        acc = self.base.new_zeros(self.shape)
+        for i in range(len(self)):
+            acc.add_(self[i])
+        return acc
 
 
 def mean_task_vector(base: torch.Tensor, tensors: list[torch.Tensor], scale: float, scratch: bool = False,
@@ -85,8 +114,3 @@ def polar(x: torch.Tensor) -> torch.Tensor:
     """The orthogonal matrix nearest ``x`` (orthogonal Procrustes): P Qh from x = P S Qh."""
     p, _, qh = torch.linalg.svd(x, full_matrices=False)
     return p @ qh
-
-
-def flat_spectrum(u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
-    """u diag(sigma) vh, with sigma a scalar or a vector."""
-    return (u * sigma) @ vh

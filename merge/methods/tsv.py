@@ -6,7 +6,7 @@ import torch
 
 from zoo.merge.methods.base import register
 from zoo.merge.methods.params import Param, check_number
-from zoo.merge.methods.spectral import EXCLUDE_PARAM, SpectralMerge, polar
+from zoo.merge.methods.spectral import EXCLUDE_PARAM, SpectralMerge, TaskMatrices, polar
 
 
 @register
@@ -28,28 +28,30 @@ class TaskSingularVectors(SpectralMerge):
         "exclude_keys": EXCLUDE_PARAM,
     }
 
-    def merge_matrix(self, deltas, options):
-        return tsv_matrix(deltas)
+    def merge_matrix(self, tasks, options):
+        return tsv_matrix(tasks)
 
 
-def tsv_matrix(deltas: list[torch.Tensor]) -> torch.Tensor:
+def tsv_matrix(tasks: TaskMatrices) -> torch.Tensor:
     """TSV-M's merged task matrix: the per-task low-rank blocks, whitened together.
 
     Slots past T * k (when T does not divide r) stay zero, and a zero singular value
     makes whatever direction the orthogonalisation gives its column irrelevant."""
-    t = len(deltas)
-    m, n = deltas[0].shape
+    t = len(tasks)
+    m, n = tasks.shape
     r = min(m, n)
     k = int(r * (1 / t))  # as the reference code computes it (sv_reduction = 1 / T)
-    u_cat = deltas[0].new_zeros(m, r)
-    s_cat = deltas[0].new_zeros(r)
-    vh_cat = deltas[0].new_zeros(r, n)
-    for i, d in enumerate(deltas):
-        if k == 0:
-            break
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    dtype, device = tasks.work, tasks.base.device
+    u_cat = torch.zeros(m, r, dtype=dtype, device=device)
+    s_cat = torch.zeros(r, dtype=dtype, device=device)
+    vh_cat = torch.zeros(r, n, dtype=dtype, device=device)
+    for i in range(t if k else 0):
+        u, s, vh = torch.linalg.svd(tasks[i], full_matrices=False)
         u_cat[:, i * k:(i + 1) * k] = u[:, :k]
         s_cat[i * k:(i + 1) * k] = s[:k]
         vh_cat[i * k:(i + 1) * k] = vh[:k]
         del u, s, vh
-    return (polar(u_cat) * s_cat) @ polar(vh_cat)
+    # one whole-size factor at a time: memory stays near one task matrix's SVD
+    u_perp = polar(u_cat).mul_(s_cat)
+    del u_cat
+    return u_perp @ polar(vh_cat)
