@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -145,6 +146,9 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="demo cache (default: the user's)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    # one thread, both sides: on a shared 2-core machine two threads contending for busy
+    # cores make each small SVD 20x slower; the results do not depend on it
+    torch.set_num_threads(1)
     cfg = QUICK if args.quick else FULL
     work = Path(tempfile.mkdtemp(prefix="zoo-fb-compare-"))
     reg = Registry(work / "registry.db", create=True)
@@ -214,7 +218,8 @@ def main() -> None:
         jobs = [fb_job(f"{m}@{s}", m, s, exc) for m, ss in settings.items() for s in ss]
         (fdir / "jobs.json").write_text(json.dumps(jobs))
         proc = subprocess.run([args.fusionbench, str(HERE / "fusionbench_side.py"), str(fdir / "models.safetensors"),
-                               str(fdir / "jobs.json"), str(fdir)], capture_output=True, text=True)
+                               str(fdir / "jobs.json"), str(fdir)], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode:
             sys.exit(f"FusionBench failed:\n{proc.stderr[-4000:]}")
         fb_info[family] = json.loads((fdir / "fusionbench.json").read_text())
