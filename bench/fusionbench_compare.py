@@ -3,11 +3,11 @@ FusionBench's own implementations, on the same models, same hyperparameters.
 
 FusionBench 0.2.33 lives in its own virtual environment (never a zoo dependency):
 
-    python3 -m venv /work/bench-env/fusionbench-venv
-    /work/bench-env/fusionbench-venv/bin/python -m pip install torch==2.13.0   # first
-    /work/bench-env/fusionbench-venv/bin/python -m pip install fusion-bench==0.2.33
+    python3 -m venv VENV
+    VENV/bin/python -m pip install torch==2.13.0   # first
+    VENV/bin/python -m pip install fusion-bench==0.2.33
 
-Then ``.venv/bin/python bench/fusionbench_compare.py [--fusionbench PYTHON]``:
+Then ``.venv/bin/python bench/fusionbench_compare.py --fusionbench VENV/bin/python``:
 
 1. the models: the classifier demo zoo (a tiny ViT, 8 experts; its bodies, heads
    kept per task) and a synthetic family of awkward shapes (T not dividing the rank,
@@ -53,7 +53,6 @@ from zoo.merge.methods.spectral import EXCLUDE_DEFAULT
 from zoo.merge.state_dicts import merge_state_dicts
 
 HERE = Path(__file__).resolve().parent
-FB_PYTHON = "/work/bench-env/fusionbench-venv/bin/python"
 SVD_GRID = [round(0.1 * i, 1) for i in range(1, 31)]  # linspace(0, 3, 31)[1:]
 TV_GRID = [round(0.1 * i, 1) for i in range(1, 11)]
 PATIENCE = 3
@@ -142,7 +141,7 @@ def spectra(base: dict, experts: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--fusionbench", default=FB_PYTHON, help="python of FusionBench's venv")
+    ap.add_argument("--fusionbench", required=True, help="python of FusionBench's venv")
     ap.add_argument("--cache", default=None, help="demo cache (default: the user's)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
