@@ -101,6 +101,11 @@ class MergeMethod:
         return params.get(key, self.model_parameters[key].default)
 
     # -- merging a tensor at a time ---------------------------------------------------------
+    def streams(self, name: str, shape: tuple[int, ...], options: dict[str, Any]) -> bool:
+        """True when this tensor's merge is elementwise, so the engine may stream it in
+        pieces (the SVD merges: every tensor they do not SVD)."""
+        return self.elementwise
+
     def merge(self, base: "torch.Tensor | None", tensors: "list[torch.Tensor]", params: list[dict[str, Any]],
               options: dict[str, Any], ctx: TensorContext) -> "torch.Tensor":
         raise NotImplementedError(f"{self.name} is learned by running the model; it has no tensor formula")
