@@ -25,7 +25,7 @@ class Linear(MergeMethod):
     elementwise = True
     parameters = {"normalize": Param(True, check_bool, "divide by the sum of the weights")}
     model_parameters = {"weight": Param(REQUIRED, check_number,
-                                        "this model's weight in the average (required, as in mergekit)")}
+                                        "this model's weight in the average")}
 
     def check_tensor(self, name, params, options):
         if self.option(options, "normalize"):

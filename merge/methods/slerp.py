@@ -16,7 +16,7 @@ class Slerp(MergeMethod):
     reference = 'Shoemake, "Animating Rotation with Quaternion Curves", SIGGRAPH 1985'
     min_models = 1
     max_models = 1
-    parameters = {"t": Param(REQUIRED, check_unit, "0 gives the base, 1 the other model (required, as in mergekit)")}
+    parameters = {"t": Param(REQUIRED, check_unit, "0 gives the base, 1 the other model")}
 
     # Nearly parallel tensors: interpolate linearly (the angle is too small to divide by).
     DOT_THRESHOLD = 0.9995

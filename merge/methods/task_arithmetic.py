@@ -21,7 +21,7 @@ TV_PARAMS = {
     "rescale": Param(False, check_bool, "scale each sparsified task vector back to its L1 norm (mergekit's rescale)"),
     "int8_mask": Param(False, check_bool, "mergekit's memory option for the sign mask; the result is the same"),
 }
-WEIGHT_DOC = "scaling of this model's task vector (required, as in mergekit)"
+WEIGHT_DOC = "scaling of this model's task vector"
 # Compute dtypes whose in-place, one-rounding-per-step paths give mergekit's bytes; in
 # bfloat16 and float16 mergekit sums the stacked task vectors (one rounding per sum),
 # so those take the stacked formula.
