@@ -88,11 +88,12 @@ def drop_extra_ties(x: torch.Tensor, threshold: float, ties: list[int | None], i
 def rescale_l1(delta: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """mergekit's rescale: the survivors times sum|delta| / sum|masked|, in the tensor's
     dtype (unscaled when either norm is below ``eps``)."""
-    before = delta.abs().sum()
-    after = masked.abs().sum()
+    # summed on the CPU, as mergekit sums: a GPU's reduction order would round otherwise
+    before = delta.abs().cpu().sum()
+    after = masked.abs().cpu().sum()
     if before < eps or after < eps:
         return masked
-    return masked * (before / after)
+    return masked * (before / after).to(masked.device)
 
 
 def elect_sign(weighted: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
