@@ -105,3 +105,27 @@ def test_zoo_writes_what_mergekit_writes(corpus, tmp_path, name):
     config = json.loads((out / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == expected["config_dtype"]
     assert _tokenizer(out) == expected["tokenizer"]
+
+
+@pytest.mark.parametrize("source, match", [
+    ("union", r"vocabulary differs .*union"),
+    ("{e1}", r"vocabulary differs"),
+    ("{e0}", r"vocabulary differs"),
+    ("elsewhere", r"is not one of the merged models"),
+])
+def test_tokenizer_source_over_other_vocabularies_is_refused(corpus, tmp_path, source, match):
+    """zoo does not move embedding rows between vocabularies: where mergekit would, it
+    refuses with one line instead of shipping a tokenizer that does not fit the rows."""
+    import shutil
+
+    root = tmp_path / "in"
+    shutil.copytree(corpus / "f32", root / "f32")
+    tok = json.loads((root / "f32" / "e1" / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["w63x"] = tok["model"]["vocab"].pop("w63")  # one token renamed
+    (root / "f32" / "e1" / "tokenizer.json").write_text(json.dumps(tok))
+    case = {"inputs": "f32", "recipe": {
+        "merge_method": "task_arithmetic", "base_model": "{base}", "tokenizer_source": source,
+        "models": [{"model": "{e0}", "parameters": {"weight": 0.5}}, {"model": "{e1}", "parameters": {"weight": 0.5}}]}}
+    with pytest.raises(ZooError, match=match):
+        merge.run(merge.from_dict(cases.recipe_for(case, str(root))), out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
