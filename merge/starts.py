@@ -34,7 +34,8 @@ def resolve_start(spec: str, recipe: dict[str, Any], model_refs: list[str | None
     if spec in computable():
         # the learned method's own table gives the weights and densities the recipe leaves out
         own = METHODS.get(str(recipe.get("merge_method")))
-        defaults = {k: p.default for k, p in (own.model_parameters if own else {}).items() if k in ("weight", "density")}
+        table = own.model_parameters if own else {}
+        defaults = {k: p.default for k, p in table.items() if k in ("weight", "density")}
         models = [{**m, "parameters": {**defaults, **(m.get("parameters") or {})}} for m in recipe.get("models", [])]
         start = _rebuild({**recipe, "merge_method": spec, "models": models,
                           "parameters": recipe.get("parameters") or {}}, None,

@@ -385,3 +385,28 @@ def test_a_merge_with_a_protected_model_warns(registry, llama_family, tmp_path):
     merge.run(merge.from_cli("task_arithmetic", "base", ["e0", "e1"], ["weight=0.3"]), out_dir=tmp_path / "m2",
               registry=registry, log=said.append)
     assert said == []
+
+
+@pytest.mark.parametrize("keep_whole", [True, False])
+def test_ties_keeps_exactly_k_where_magnitudes_tie(registry, llama_family, tmp_path, monkeypatch, keep_whole):
+    """bfloat16 task vectors tie at the cut-off: held whole or streamed in pieces, TIES
+    keeps exactly max(1, floor(density * n)) entries of each tensor, as mergekit does."""
+    from zoo.merge import engine
+
+    monkeypatch.setattr(engine, "CHUNK_ELEMS", 100)
+    if not keep_whole:
+        monkeypatch.setattr(engine, "STATS_WHOLE_ELEMS", 0)
+    base, experts = llama_family
+    recipe = merge.from_dict({"merge_method": "ties", "base_model": "base", "dtype": "float32",
+                              "parameters": {"normalize": False},
+                              "models": [{"model": "e0", "parameters": {"weight": 1.0, "density": 0.5}}]})
+    out = merge.run(recipe, out_dir=tmp_path / "out", registry=registry)
+    got, b, e = state(Path(out["path"])), state(base), state(experts[0])
+    tied = 0
+    for name, t in got.items():
+        delta = e[name].float() - b[name].float()
+        k = max(1, int(0.5 * delta.numel()))
+        thr = delta.abs().flatten().topk(k).values[-1]
+        tied += int((delta.abs() >= thr).sum()) > k
+        assert int((t != b[name].float()).sum()) == min(k, int((delta != 0).sum())), name
+    assert tied  # the case this is about

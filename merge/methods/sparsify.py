@@ -37,7 +37,7 @@ def trim_magnitude(delta: torch.Tensor, density: float, threshold: float | None 
     if threshold is None:
         masked = delta * magnitude_mask(delta, top_k(delta, density))
     else:
-        if ties is not None:
+        if ties is not None and ties[index] is not None:
             delta = delta.clone()
             drop_extra_ties(delta, threshold, ties, index)
         masked = delta * (delta.abs() >= threshold)

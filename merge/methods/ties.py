@@ -138,7 +138,7 @@ def ties_in_place(base: torch.Tensor, tensors: list[torch.Tensor], weights: list
         if thr is None:
             x.zero_()
         elif thr > 0:
-            if ties is not None:
+            if ties is not None and ties[i] is not None:
                 drop_extra_ties(x, thr, ties, i)
             # zero |x| < thr in one fused pass: hardshrink zeroes |x| <= lambda, and
             # lambda is the float just below thr
