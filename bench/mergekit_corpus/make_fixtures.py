@@ -77,7 +77,7 @@ def main() -> None:
             entry: dict = {"rc": r.returncode}
             if r.returncode != 0:
                 lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-                entry["error"] = lines[-1] if lines else ""
+                entry["error"] = (lines[-1] if lines else "").replace(str(root), "{root}")
             else:
                 tensors = {}
                 for f in sorted(out.glob("*.safetensors")):
