@@ -102,9 +102,11 @@ def merge(
                                       help="Register the result under this name."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", metavar="DIR",
                                            help="Write the result to this new folder instead."),
-    dtype: str = typer.Option("float32", "--dtype", metavar="DTYPE", help="Compute dtype."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE",
+                                        help="Compute dtype, and saved dtype unless --out-dtype says otherwise "
+                                             "(default: each tensor's own, as mergekit)."),
     out_dtype: Optional[str] = typer.Option(None, "--out-dtype", metavar="DTYPE",
-                                            help="Saved dtype (default: the base's)."),
+                                            help="Saved dtype (default: --dtype, else the base's)."),
     seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Seed for DARE and learned merges "
                                                                          "(default 0)."),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto | cpu | cuda"),

@@ -173,7 +173,7 @@ def _pieces(plan: Plan, name: str, dev: torch.device, chunk: int, bufs: "_Buffer
     ``whole`` the tensor is read once, held (with ``deltas``: each model minus the base),
     and every call walks it again. Also returns the buffers, for the next tensor to
     reuse, and the held (base, [models]) or None."""
-    compute = COMPUTE[plan.recipe.dtype]
+    compute = plan.compute_dtype(name)
     base_ck = _base_ckpt(plan)
     numel = base_ck.tensors[name].numel
     has_base = plan.base is not None
@@ -181,7 +181,7 @@ def _pieces(plan: Plan, name: str, dev: torch.device, chunk: int, bufs: "_Buffer
     size = max(chunk, numel) if whole else chunk
     in_bytes = max(DTYPE_SIZES[ck.tensors[n].dtype] for ck, n in zip(inputs, names) if n is not None)
     if bufs is None or len(bufs.work) != len(inputs) or bufs.work[0].numel() < size or bufs.in_bytes < in_bytes \
-            or bufs.raw[0].numel() < chunk * in_bytes:
+            or bufs.raw[0].numel() < chunk * in_bytes or bufs.work[0].dtype != compute:
         bufs = _Buffers(len(inputs), size, compute, dev, ShardWriter.QUEUE_DEPTH + 2, in_bytes, chunk)
     sets = [(bufs.raw, bufs.work), (bufs.raw2, bufs.work2)]
 
@@ -224,7 +224,7 @@ def _sample(plan: Plan, name: str, dev: torch.device, blocks: int = 256, block: 
     """The same entries of the base's and each model's tensor, in the compute dtype: up
     to ``blocks`` runs of ``block`` elements spread evenly over it (a few hundred small
     reads), so a collector can plan its passes before streaming the tensor."""
-    compute = COMPUTE[plan.recipe.dtype]
+    compute = plan.compute_dtype(name)
     base_ck = _base_ckpt(plan)
     numel = base_ck.tensors[name].numel
     block = min(block, numel)
@@ -366,7 +366,7 @@ def _single_thread(on: bool):
 
 def _whole_inputs(plan: Plan, name: str, dev: torch.device):
     """The base's and each model's whole tensor, in the compute dtype on ``dev``."""
-    compute = COMPUTE[plan.recipe.dtype]
+    compute = plan.compute_dtype(name)
     b_raw = _base_ckpt(plan).read_tensor(name)
     xs = [read_input(m, name, b_raw).to(dev, compute) for m in plan.models]
     return (b_raw.to(dev, compute) if plan.base is not None else None), xs

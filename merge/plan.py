@@ -19,7 +19,7 @@ from zoo.errors import IncompatibleModels, ZooError
 from zoo.registry.resolve import open_model
 
 from zoo.merge.methods import MergeMethod, get_method
-from zoo.merge.recipe import Recipe, resolve
+from zoo.merge.recipe import Recipe, resolve, split_globals
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from zoo.registry import Registry
 
 SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPE.items()}
+# The files that make a tokenizer (copied from the tokenizer_source model).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "chat_template.jinja")
 
 
 @dataclass
@@ -66,12 +70,33 @@ class Plan:
     models: list[Input]
     steps: list[TensorStep]
     heads: dict[int, list[str]]  # model index -> its task-head tensor names
+    tokenizer: Input | None = None  # whose tokenizer files the merge carries (None: the base's)
 
     def model_params(self, tensor: str) -> list[dict[str, Any]]:
-        return [resolve(spec.parameters, tensor) for spec in self.recipe.models]
+        """Each model's parameters for one tensor: its own, else the global ones (mergekit's precedence)."""
+        _, catch_all = split_globals(self.method, self.recipe.parameters)
+        shared = resolve(catch_all, tensor)
+        return [{**shared, **resolve(spec.parameters, tensor)} for spec in self.recipe.models]
 
     def options(self, tensor: str) -> dict[str, Any]:
-        return resolve(self.recipe.parameters, tensor)
+        return resolve(split_globals(self.method, self.recipe.parameters)[0], tensor)
+
+    def compute_dtype(self, tensor: str) -> "torch.dtype":
+        """The dtype a tensor is merged in: the recipe's ``dtype``; else, as mergekit, the
+        stored dtypes promoted together (float32 where a LoRA adapter's B·A is added)."""
+        import torch
+
+        if self.recipe.dtype is not None:
+            return getattr(torch, self.recipe.dtype)
+        ref = self.base.ckpt if self.base is not None else self.models[0].ckpt
+        if any(m.is_adapter for m in self.models):
+            return torch.float32
+        out = getattr(torch, DTYPE_NAMES[ref.tensors[tensor].dtype])
+        for m in self.models:
+            info = m.ckpt.tensors.get(tensor)
+            if info is not None and info.dtype in DTYPE_NAMES:
+                out = torch.promote_types(out, getattr(torch, DTYPE_NAMES[info.dtype]))
+        return out
 
 
 def _open_input(label: str, registry: "Registry | None") -> Input:
@@ -123,11 +148,88 @@ def make_plan(recipe: Recipe, registry: "Registry | None" = None) -> Plan:
         heads[i] = sorted({*report.head_tensors()} & set(m.ckpt.tensors))
 
     steps = []
+    saved = recipe.out_dtype or recipe.dtype  # mergekit: dtype is also the saved dtype unless out_dtype says
     for name, info in ref.tensors.items():
-        out_dtype = SAFETENSORS_DTYPE[recipe.out_dtype] if recipe.out_dtype else info.dtype
+        out_dtype = SAFETENSORS_DTYPE[saved] if saved else info.dtype
         mergeable = info.dtype in FLOAT_DTYPES and not is_head(name, patterns)
         steps.append(TensorStep(OutTensor(name, out_dtype if mergeable else info.dtype, info.shape), mergeable))
-    return Plan(recipe, method, base, models, steps, heads)
+    plan = Plan(recipe, method, base, models, steps, heads)
+    plan.tokenizer = _tokenizer_source(plan)
+    if not method.learned:
+        for step in steps:
+            if step.merge:
+                _check_values(plan, step.out.name)
+    return plan
+
+
+def _check_values(plan: Plan, name: str) -> None:
+    """Refuse, before anything is written, a tensor whose parameters are incomplete (a
+    required one missing, or a conditional list with no entry for it) or unusable."""
+    params, options = plan.model_params(name), plan.options(name)
+    missing = plan.method.missing(options, params)
+    if missing is not None:
+        key, _, which = missing.partition(" for model ")
+        who = f" for {plan.recipe.models[int(which)].model}" if which else ""
+        raise ZooError(f"{plan.method.name}: no {key}{who} on tensor {name}; mergekit requires one (give it in "
+                       f"the model's or the global parameters; a conditional list needs an entry for every tensor, "
+                       f"e.g. a last one without filter)")
+    if (problem := plan.method.check_tensor(name, params, options)) is not None:
+        raise ZooError(problem)
+
+
+def vocabulary(inp: Input) -> dict[str, int] | None:
+    """A model's tokens and their ids, from its ``tokenizer.json`` (or ``vocab.json``); None without one."""
+    import json
+
+    files = inp.ckpt.files
+    try:
+        if "tokenizer.json" in files:
+            data = json.loads(files["tokenizer.json"].read_text(encoding="utf-8"))
+            vocab = dict((data.get("model") or {}).get("vocab") or {})
+            for tok in data.get("added_tokens") or []:
+                vocab[tok["content"]] = tok["id"]
+            return vocab
+        if "vocab.json" in files:
+            return dict(json.loads(files["vocab.json"].read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ZooError(f"cannot read the tokenizer of {inp.label}: {e}") from None
+    return None
+
+
+def _tokenizer_source(plan: Plan) -> Input | None:
+    """The model whose tokenizer files the merge carries, for ``tokenizer_source``.
+
+    mergekit builds the tokenizer and moves each model's embedding rows to its ids.
+    zoo carries a tokenizer only where that moves nothing: every merged model has the
+    same vocabulary, one id per embedding row. Then ``base``, ``union`` and a model's
+    name all give those tokens at those ids, and the files are the named model's (the
+    base's for ``base`` and ``union``). Anything else is refused, naming the reason."""
+    source = plan.recipe.tokenizer_source
+    if source is None:
+        return None
+    everyone = ([plan.base] if plan.base is not None else []) + plan.models
+    if source in ("base", "union"):
+        chosen = plan.base if plan.base is not None else plan.models[0]
+    else:
+        named = [m for m in everyone if m.label == source or m.ref == source
+                 or (m.ref and m.ref.split("@")[0] == source)]
+        if not named:
+            raise ZooError(f"tokenizer_source {source!r} is not one of the merged models; name one of them, "
+                           "or use base or union")
+        chosen = named[0]
+    vocab = vocabulary(chosen)
+    if vocab is None:
+        raise ZooError(f"tokenizer_source {source}: {chosen.label} has no tokenizer.json to take the tokenizer from")
+    for m in everyone:
+        if m is not chosen and not m.is_adapter and vocabulary(m) != vocab:
+            raise ZooError(f"tokenizer_source {source}: {m.label}'s vocabulary differs from {chosen.label}'s; "
+                           "zoo does not yet rebuild embedding rows for another vocabulary (mergekit's "
+                           f"tokenizer_source {'union' if source == 'union' else 'with differing tokenizers'})")
+    rows = (chosen.ckpt.config or {}).get("vocab_size") if chosen.ckpt.form == "model" else None
+    if rows is not None and len(vocab) != rows:
+        raise ZooError(f"tokenizer_source {source}: the tokenizer has {len(vocab)} tokens but the embeddings "
+                       f"{rows} rows; mergekit would resize them, which zoo does not yet do")
+    return chosen
 
 
 def read_input(inp: Input, name: str, base_tensor: "torch.Tensor | None") -> "torch.Tensor":

@@ -1,11 +1,14 @@
 """Merge recipes: mergekit's YAML format, and the same recipe built from CLI flags.
 
 Accepted mergekit fields: ``merge_method``, ``base_model``, ``models[].model``,
-``models[].parameters`` (``weight``, ``density``, ...), global ``parameters``, ``dtype``
-(the compute dtype) and ``out_dtype`` (the saved dtype). A parameter is a number, or a
-list of ``{filter: SUBSTRING, value: V}`` conditionals where the first whose filter is
-in the tensor name wins (a conditional without ``filter`` matches every tensor).
-zoo adds ``seed`` (for DARE) and ``heads`` (patterns of task-specific tensors).
+``models[].parameters`` (``weight``, ``density``, ...), global ``parameters`` (which
+also hold per-model parameters for every model that does not set them), ``dtype``
+(the compute dtype, and the saved one unless ``out_dtype`` is given), ``out_dtype``
+and ``tokenizer_source``. A parameter is a number, or a list of ``{filter: SUBSTRING,
+value: V}`` conditionals where the first whose filter is in the tensor name wins (a
+conditional without ``filter``, or with ``filter: "*"``, matches every tensor; when
+none matches, the global parameters answer). zoo adds ``seed`` (for DARE) and
+``heads`` (patterns of task-specific tensors).
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ class Recipe:
     models: list[ModelSpec]
     base_model: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
-    dtype: str = "float32"
-    out_dtype: str | None = None  # None: each tensor keeps the base's dtype
+    dtype: str | None = None  # None: each tensor is computed in its stored dtype (mergekit's default)
+    out_dtype: str | None = None  # None: dtype, else each tensor keeps the base's dtype
     seed: int = 0
     heads: list[str] = field(default_factory=lambda: list(DEFAULT_HEAD_PATTERNS))
     tokenizer_source: str | None = None
@@ -54,7 +57,7 @@ class Recipe:
     def validate(self) -> None:
         """Refuse unknown methods and parameters and bad values before any work."""
         method = get_method(self.merge_method)
-        if self.dtype not in DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise ZooError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.out_dtype is not None and self.out_dtype not in DTYPES:
             raise ZooError(f"out_dtype {self.out_dtype!r} is not one of {', '.join(DTYPES)}")
@@ -63,18 +66,30 @@ class Recipe:
         if not self.models:
             raise ZooError("the recipe names no models to merge")
         check_count(method, len(self.models))
-        validate_params(method, _all_values(self.parameters, "parameters"),
-                        [_all_values(m.parameters, f"parameters of {m.model}") for m in self.models])
+        if self.tokenizer_source is not None and (not isinstance(self.tokenizer_source, str)
+                                                  or not self.tokenizer_source):
+            raise ZooError("tokenizer_source must be base, union or the name of a merged model")
+        shared, catch_all = split_globals(method, self.parameters)
+        validate_params(method, _all_values(shared, "parameters"),
+                        [_all_values(catch_all, "parameters")]
+                        + [_all_values(m.parameters, f"parameters of {m.model}") for m in self.models])
         # Conditionals: check every value they can take.
-        for spec in [self.parameters, *(m.parameters for m in self.models)]:
+        for spec, is_global in [(shared, True), (catch_all, False), *((m.parameters, False) for m in self.models)]:
             for key, value in spec.items():
                 if isinstance(value, list):
                     for cond in value:
                         probe = {key: cond["value"]}
-                        if spec is self.parameters:
+                        if is_global:
                             validate_params(method, probe, [])
                         else:
                             validate_params(method, {}, [probe])
+
+
+def split_globals(method: Any, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The global parameters as (the method's own, per-model ones given for every model):
+    mergekit looks a model's parameter up in its own entry, then in the global ones."""
+    catch_all = {k: v for k, v in params.items() if k in method.model_parameters and k not in method.parameters}
+    return {k: v for k, v in params.items() if k not in catch_all}, catch_all
 
 
 def _all_values(params: dict[str, Any], where: str) -> dict[str, Any]:
@@ -97,13 +112,14 @@ def _all_values(params: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def resolve(params: dict[str, Any], tensor: str) -> dict[str, Any]:
-    """The value each parameter takes for one tensor."""
+    """The value each parameter takes for one tensor; a conditional list where nothing
+    matches leaves the parameter out (mergekit then asks the next scope)."""
     out = {}
     for key, value in params.items():
         if isinstance(value, list):
             for cond in value:
                 f = cond.get("filter")
-                if f is None or f in tensor:
+                if f is None or f == "*" or f in tensor:  # "*" is mergekit's wildcard, not a substring
                     out[key] = cond["value"]
                     break
         else:
@@ -144,21 +160,41 @@ def from_dict(data: dict[str, Any]) -> Recipe:
             raise ZooError(f"parameters of {entry['model']} must be a mapping")
         models.append(ModelSpec(_model_ref(entry["model"]), dict(params)))
     base = data.get("base_model")
-    # mergekit lets the base appear in the model list; its parameters do not apply to a base.
     if base is not None:
         base = _model_ref(base)
-        models = [m for m in models if m.model != base]
+        models = place_base(str(data["merge_method"]) if "merge_method" in data else "", models, base)
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ZooError("seed must be an integer")
     recipe = Recipe(
         merge_method=str(data["merge_method"]), models=models, base_model=base,
-        parameters=dict(data.get("parameters") or {}), dtype=str(data.get("dtype") or "float32"),
-        out_dtype=data.get("out_dtype"), seed=seed,
+        parameters=dict(data.get("parameters") or {}), dtype=_dtype_name(data.get("dtype")),
+        out_dtype=_dtype_name(data.get("out_dtype")), seed=seed,
         heads=list(data.get("heads") or DEFAULT_HEAD_PATTERNS), tokenizer_source=data.get("tokenizer_source"),
     )
     recipe.validate()
     return recipe
+
+
+def place_base(method: str, models: list[ModelSpec], base: str) -> list[ModelSpec]:
+    """The models merged beside the base. mergekit lets the base appear in the model list.
+    For a method that averages the base with the others (linear), the base is one more
+    input: kept where it is listed, with its parameters, else appended (as mergekit
+    does); for the others it is only the base, and its entry is dropped."""
+    from zoo.merge.methods import METHODS
+
+    m = METHODS.get(method)
+    if m is not None and m.base_is_input:
+        return models if any(x.model == base for x in models) else [*models, ModelSpec(base, {})]
+    return [x for x in models if x.model != base]
+
+
+def _dtype_name(value: Any) -> str | None:
+    """A dtype as mergekit names it: an optional ``torch.`` prefix is dropped."""
+    if value is None:
+        return None
+    text = str(value)
+    return text[len("torch."):] if text.startswith("torch.") else text
 
 
 def load(path: str | Path) -> Recipe:
@@ -209,11 +245,14 @@ def parse_param(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def from_cli(method: str, base: str | None, models: list[str], params: list[str], *, dtype: str = "float32",
+def from_cli(method: str, base: str | None, models: list[str], params: list[str], *, dtype: str | None = None,
              out_dtype: str | None = None, seed: int = 0) -> Recipe:
     """A recipe from flags: ``--param`` values that are per-model parameters apply to every model."""
     get_method(method)
-    recipe = Recipe(merge_method=method, models=[ModelSpec(x, {}) for x in models], base_model=base,
+    specs = [ModelSpec(x, {}) for x in models]
+    if base is not None:
+        specs = place_base(method, specs, base)
+    recipe = Recipe(merge_method=method, models=specs, base_model=base,
                     parameters={}, dtype=dtype, out_dtype=out_dtype, seed=seed)
     return with_overrides(recipe, params)
 

@@ -13,7 +13,7 @@ from zoo.registry.records import NewModel
 from zoo.progress import no_progress
 
 from zoo.merge import engine
-from zoo.merge.plan import Plan, make_plan
+from zoo.merge.plan import TOKENIZER_FILES, Plan, make_plan
 from zoo.merge.recipe import Recipe
 from zoo.registry.destination import Destination
 from zoo.checkpoints.writer import DEFAULT_SHARD_BYTES, copy_sidecars, write_file
@@ -99,6 +99,8 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
             digests = engine.execute(plan, folder, device=device, shard_bytes=shard_bytes,
                                      progress=progress or no_progress, label=name, merged=learned)
             digests.update(copy_sidecars((plan.base if plan.base is not None else plan.models[0]).ckpt, folder))
+            digests.update(_carry_tokenizer(plan, folder, digests))
+            digests.update(_name_saved_dtype(plan, folder))
             digests["README.md"] = write_file(folder / "README.md", model_card(name, plan, recipe_d).encode())
             kept = dest.keep(_new_model(folder, name, digests, plan, recipe_d, artifacts, registry))
             if not dest.registers:
@@ -119,8 +121,10 @@ def _new_model(folder: Path, name: str, digests: dict[str, str], plan: Plan, rec
                artifacts: dict[str, Path], registry: "Registry | None") -> NewModel:
     """The merge as the registry takes it: its parents, recipe, tasks, kept heads, and
     what a learned method measured (only read when the merge is registered)."""
-    parents = ([("base", plan.base.ref)] if plan.base is not None and plan.base.ref else []) + \
-              [("expert", m.ref) for m in plan.models if m.ref]
+    base_ref = plan.base.ref if plan.base is not None else None
+    # a base that is also averaged (linear) stays the base in the lineage
+    parents = ([("base", base_ref)] if base_ref else []) + \
+              [("expert", m.ref) for m in plan.models if m.ref and m.ref != base_ref]
     if registry is not None:
         parents += plan.method.lineage_parents(recipe_d.get("learned"), registry, parents)
     tasks = sorted({t for m in plan.models for t in m.tasks})
@@ -128,6 +132,38 @@ def _new_model(folder: Path, name: str, digests: dict[str, str], plan: Plan, rec
                     parents=parents, recipe=recipe_d, tasks=tasks, head_patterns=tuple(plan.recipe.heads),
                     artifacts=artifacts, metadata={"heads": {str(k): v for k, v in plan.heads.items() if v}},
                     metrics=[m for m in plan.method.metrics(recipe_d.get("learned")) if m.task in tasks])
+
+
+def _carry_tokenizer(plan: Plan, folder: Path, digests: dict[str, str]) -> dict[str, str]:
+    """``tokenizer_source``: the named model's tokenizer files in place of the base's
+    (the plan checked that this moves no embedding row)."""
+    src = plan.tokenizer
+    if src is None or src is plan.base:
+        return {}
+    for name in TOKENIZER_FILES:
+        if name in digests:
+            (folder / name).unlink()
+            del digests[name]
+    return {name: write_file(folder / name, path.read_bytes())
+            for name, path in src.ckpt.files.items() if name in TOKENIZER_FILES}
+
+
+def _name_saved_dtype(plan: Plan, folder: Path) -> dict[str, str]:
+    """With ``dtype`` or ``out_dtype``, ``config.json`` names the saved dtype, as mergekit
+    writes it (transformers reads ``dtype``, older versions ``torch_dtype``)."""
+    saved = plan.recipe.out_dtype or plan.recipe.dtype
+    path = folder / "config.json"
+    if saved is None or not path.exists():
+        return {}
+    import json
+
+    config = json.loads(path.read_text(encoding="utf-8"))
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+    if all(config[k] == saved for k in keys if k in config) and all(k in config for k in keys):
+        return {}
+    for k in keys:
+        config[k] = saved
+    return {"config.json": write_file(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())}
 
 
 def _warn(log: "Callable[[str], None] | None", message: str) -> None:

@@ -32,7 +32,13 @@ def resolve_start(spec: str, recipe: dict[str, Any], model_refs: list[str | None
     """The start ``spec`` names: a method computed with ``recipe``'s model parameters, or
     a registered merge of the same base and experts (``model_refs``), from its lineage."""
     if spec in computable():
-        start = _rebuild({**recipe, "merge_method": spec, "parameters": recipe.get("parameters") or {}}, None,
+        # the learned method's own table gives the weights and densities the recipe leaves out
+        own = METHODS.get(str(recipe.get("merge_method")))
+        table = own.model_parameters if own else {}
+        defaults = {k: p.default for k, p in table.items() if k in ("weight", "density")}
+        models = [{**m, "parameters": {**defaults, **(m.get("parameters") or {})}} for m in recipe.get("models", [])]
+        start = _rebuild({**recipe, "merge_method": spec, "models": models,
+                          "parameters": recipe.get("parameters") or {}}, None,
                          registry, task_vectors, model_refs, base_ref)
         start.record = {"method": spec}
         return start
@@ -60,6 +66,10 @@ def _rebuild(recipe: dict[str, Any], ref: str | None, registry: "Registry | None
             raise ZooError(f"start {ref} merged {', '.join(map(str, theirs))} on {recipe.get('base_model')}; list "
                            "the same base and experts, in the same order")
     names = list(task_vectors[0])
+    if ref is not None:
+        # a merge registered before mergekit's required weight was enforced used zoo's old default, 0.3
+        recipe = {**recipe, "models": [{**m, "parameters": {"weight": 0.3, **(m.get("parameters") or {})}}
+                                       for m in recipe.get("models", [])]}
     source = StartSource(
         recipe, ref, task_vectors,
         params={n: [resolve(m.get("parameters") or {}, n) for m in recipe["models"]] for n in names},

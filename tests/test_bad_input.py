@@ -286,7 +286,7 @@ def test_a_registry_on_read_only_storage_reads_and_refuses_writes_in_one_line(zo
 
 @pytest.mark.parametrize("args, pattern", [
     (["export", "parity", "{mnt}/out"], r"cannot write to {mnt}: Read-only file system; choose another folder"),
-    (["merge", "--method", "task_arithmetic", "--base", "base", "parity", "--out-dir", "{mnt}/m"],
+    (["merge", "--method", "task_arithmetic", "--base", "base", "parity", "-p", "weight=0.3", "--out-dir", "{mnt}/m"],
      r"cannot write to {mnt}: Read-only file system; choose a writable --out-dir"),
     (["key", "export", "locked", "--out", "{mnt}/k/locked.key"], r"cannot write the key file {mnt}/k/locked.key"),
 ])
@@ -308,7 +308,8 @@ def test_gc_removes_the_folder_a_killed_out_dir_merge_left(zoo_cli, seeded, tmp_
               "    (folder / 'partial.safetensors').write_bytes(b'x' * 123456)\n"
               "    os.kill(os.getpid(), signal.SIGKILL)\n"
               "e.execute = die\n"
-              "sys.argv = ['zoo', 'merge', '--method', 'task_arithmetic', '--base', 'base', 'parity', '--out-dir', "
+              "sys.argv = ['zoo', 'merge', '--method', 'task_arithmetic', '--base', 'base', 'parity', '-p', "
+              "'weight=0.3', '--out-dir', "
               f"{str(tmp_path / 'out')!r}]\n"
               "main()\n")
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, timeout=120)

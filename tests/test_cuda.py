@@ -22,7 +22,7 @@ def digests(folder):
     ("ties", {"weight": 0.3, "density": 0.2}, {}),
     ("ties", {"weight": 0.3, "density": 0.2}, {"trim": "global", "normalize": False}),
     ("dare_ties", {"weight": 1.0, "density": 0.5}, {}),
-    ("linear", {"weight": 1.0}, {}),
+    ("linear", {"weight": 1.0}, {"weight": 1.0}),  # the global weight is the base's: linear averages it too
 ])
 @pytest.mark.parametrize("chunk", [None, 100])
 def test_cuda_merge_writes_the_cpu_bytes(tmp_path, method, params, options, chunk, monkeypatch):
@@ -36,6 +36,7 @@ def test_cuda_merge_writes_the_cpu_bytes(tmp_path, method, params, options, chun
         monkeypatch.setattr(engine, "STATS_WHOLE_ELEMS", 0)
     base, experts = expert_family(tmp_path / "family")
     recipe = {"merge_method": method, "base_model": str(base), "parameters": options, "seed": 5,
+              "dtype": "float32", "out_dtype": "bfloat16",
               "models": [{"model": str(e), "parameters": params} for e in experts]}
     for dev in ("cpu", "cuda"):  # the same folder name: the model card names it
         (tmp_path / dev).mkdir()
@@ -50,7 +51,8 @@ def test_cuda_trigonometric_methods_agree_with_cpu(tmp_path, method):
 
     base, experts = expert_family(tmp_path / "family", dtype=torch.float32)
     models = experts[:1] if method == "slerp" else experts
-    recipe = {"merge_method": method, "base_model": str(base), "models": [{"model": str(e)} for e in models]}
+    recipe = {"merge_method": method, "base_model": str(base), "models": [{"model": str(e)} for e in models],
+              "parameters": {"t": 0.5} if method == "slerp" else {}}
     for dev in ("cpu", "cuda"):
         merge.run(merge.from_dict(recipe), out_dir=tmp_path / dev, device=dev)
     a, b = open_checkpoint(tmp_path / "cpu"), open_checkpoint(tmp_path / "cuda")

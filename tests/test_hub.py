@@ -364,7 +364,8 @@ def test_merge_card_lists_parents_and_recipe(hub, tiny, registry):
 
     from zoo.publish import publish
 
-    merge.run(merge.from_dict({"merge_method": "task_arithmetic", "base_model": "base", "parameters": {"lambda": 0.5},
+    merge.run(merge.from_dict({"merge_method": "task_arithmetic", "base_model": "base",
+               "parameters": {"lambda": 0.5, "weight": 0.3},
                "models": [{"model": "e0"}, {"model": "e1"}]}), out="ta", registry=registry)
     publish(registry, "ta", "team/ta", endpoint=hub.url, token=hub.write)
     from huggingface_hub import hf_hub_download
@@ -805,7 +806,7 @@ def test_gc_removes_only_blobs_nothing_uses(hub, folder, tiny, registry, zoo_cli
     recipe uses stays, and so does a blob younger than the cut-off."""
     import zoo.merge as merge
 
-    merge.run(merge.from_dict({"merge_method": "task_arithmetic", "base_model": "base",
+    merge.run(merge.from_dict({"merge_method": "task_arithmetic", "base_model": "base", "parameters": {"weight": 0.3},
                                "models": [{"model": "e0"}, {"model": "e1"}]}), out="ta", registry=registry)
     hub.api().create_repo("team/t")
     hub.api().upload_folder(folder_path=folder, repo_id="team/t")

@@ -268,7 +268,8 @@ def test_ties_directions_times_weights_are_the_ties_merge(normalize, lam):
 
 def test_ties_start_is_the_ties_merge(registry, tiny):
     merge.run(merge.from_dict({"merge_method": "ties", "base_model": "base", "parameters": {"normalize": True},
-                               "models": [{"model": f"e{i}", "parameters": {"density": 0.5}} for i in range(3)]}),
+                               "models": [{"model": f"e{i}", "parameters": {"density": 0.5, "weight": 0.3}}
+                                          for i in range(3)]}),
               "ties", registry=registry)
     models = [{"model": f"e{i}", "parameters": {"density": 0.5}} for i in range(3)]
     by_name = merge.run(recipe("ties", rounds=1, steps=1, lr=1e-12), "p-name", registry=registry)

@@ -171,7 +171,8 @@ def test_streaming_engine_equals_in_memory_and_card(registry, tmp_path, method, 
     registry.add(base, "base", "base")
     for i, p in enumerate(experts):
         registry.add(p, f"e{i}", "expert", base="base", tasks=[f"t{i}"])
-    recipe = merge.from_dict({"merge_method": method, "base_model": "base",
+    recipe = merge.from_dict({"merge_method": method, "base_model": "base", "dtype": "float32",
+                              "out_dtype": "bfloat16",  # computed as the in-memory reference is
                               "models": [{"model": f"e{i}"} for i in range(3)]})
     streamed = []
     real = get_method(method).merge

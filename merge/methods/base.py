@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from zoo.errors import ZooError
 
-from zoo.merge.methods.params import Param
+from zoo.merge.methods.params import REQUIRED, Param
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +71,9 @@ class MergeMethod:
     # The paper the method follows, as mergekit cites them: authors, title, venue, arXiv id.
     reference: ClassVar[str] = ""
     needs_base: ClassVar[bool] = True
+    # True when a base_model is also one of the merged inputs (mergekit's linear averages
+    # it): the recipe lists it among the models, appended when not listed.
+    base_is_input: ClassVar[bool] = False
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     parameters: ClassVar[dict[str, Param]] = {}
@@ -94,16 +97,39 @@ class MergeMethod:
 
     def option(self, options: dict[str, Any], key: str) -> Any:
         """A global parameter's value: as given, else its default."""
-        return options.get(key, self.parameters[key].default)
+        value = options.get(key, self.parameters[key].default)
+        if value is REQUIRED:
+            raise ZooError(f"{self.name}: parameter {key} is required (it has no default, as in mergekit)")
+        return value
 
     def model_option(self, params: dict[str, Any], key: str) -> Any:
         """A per-model parameter's value: as given, else its default."""
-        return params.get(key, self.model_parameters[key].default)
+        value = params.get(key, self.model_parameters[key].default)
+        if value is REQUIRED:
+            raise ZooError(f"{self.name}: per-model parameter {key} is required (it has no default, as in mergekit)")
+        return value
+
+    def missing(self, options: dict[str, Any], params: list[dict[str, Any]]) -> str | None:
+        """The first required parameter left out, as "KEY" or "KEY for model I"; None when all are given."""
+        for key, p in self.parameters.items():
+            if p.default is REQUIRED and key not in options:
+                return key
+        for i, given in enumerate(params):
+            for key, p in self.model_parameters.items():
+                if p.default is REQUIRED and key not in given:
+                    return f"{key} for model {i}"
+        return None
+
+    def check_tensor(self, name: str, params: list[dict[str, Any]], options: dict[str, Any]) -> str | None:
+        """What is wrong with merging tensor ``name`` with these resolved values (None: nothing);
+        the plan asks before anything is written."""
+        return None
 
     # -- merging a tensor at a time ---------------------------------------------------------
     def streams(self, name: str, shape: tuple[int, ...], options: dict[str, Any]) -> bool:
-        """True when this tensor's merge is elementwise, so the engine may stream it in
-        pieces (the SVD merges: every tensor they do not SVD)."""
+        """True when this tensor can be merged in pieces: ``elementwise``, unless an option
+        needs whole-tensor sums (TIES' ``rescale``) or the tensor is one a method takes
+        whole (the SVD merges' matrices)."""
         return self.elementwise
 
     def merge(self, base: "torch.Tensor | None", tensors: "list[torch.Tensor]", params: list[dict[str, Any]],

@@ -4,7 +4,7 @@ then task arithmetic."""
 from __future__ import annotations
 
 from zoo.merge.methods.base import register
-from zoo.merge.methods.params import Param, check_density, check_number, check_unit
+from zoo.merge.methods.params import REQUIRED, Param, check_density, check_number, check_unit
 from zoo.merge.methods.sparsify import trim_outliers
 from zoo.merge.methods.task_arithmetic import TV_PARAMS, WEIGHT_DOC, TaskVectorMerge
 
@@ -20,9 +20,10 @@ class Breadcrumbs(TaskVectorMerge):
     reference = ('Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks", '
                  'ECCV 2024, arXiv 2312.06795')
     parameters = TV_PARAMS
-    model_parameters = {"weight": Param(0.3, check_number, WEIGHT_DOC),
+    model_parameters = {"weight": Param(REQUIRED, check_number, WEIGHT_DOC),
                         "density": Param(1.0, check_density, "fraction of the task vector kept"),
                         "gamma": Param(0.01, check_unit, "fraction of the largest entries dropped as outliers")}
 
     def sparsify(self, delta, index, params, options, ctx):
-        return trim_outliers(delta, self.model_option(params, "density"), self.model_option(params, "gamma"))
+        return trim_outliers(delta, self.model_option(params, "density"), self.model_option(params, "gamma"),
+                             self.option(options, "rescale"))

@@ -1,18 +1,19 @@
 """DARE (drop and rescale): keep each task-vector entry with probability ``density``
-and rescale the survivors by 1/density, then task arithmetic (dare_linear) or TIES'
-sign election and disjoint merge (dare_ties)."""
+and rescale the survivors to the task vector's L1 norm (mergekit's rescale, about
+1/density), then task arithmetic (dare_linear) or TIES' sign election and disjoint
+merge (dare_ties). Defaults are mergekit 0.1.5's: rescale true, normalize false."""
 
 from __future__ import annotations
 
 from zoo.merge.methods.base import register
-from zoo.merge.methods.params import Param, check_bool, check_density, check_number
+from zoo.merge.methods.params import REQUIRED, Param, check_bool, check_density, check_number
 from zoo.merge.methods.sparsify import drop_random
 from zoo.merge.methods.task_arithmetic import TV_PARAMS, WEIGHT_DOC, TaskVectorMerge
 
 DARE_REFERENCE = ('Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a '
                   'Free Lunch", ICML 2024, arXiv 2311.03099')
-RESCALE = Param(True, check_bool, "divide the surviving entries by density")
-MODEL_PARAMS = {"weight": Param(0.3, check_number, WEIGHT_DOC),
+RESCALE = Param(True, check_bool, "scale the surviving entries back to the task vector's L1 norm (about 1/density)")
+MODEL_PARAMS = {"weight": Param(REQUIRED, check_number, WEIGHT_DOC),
                 "density": Param(1.0, check_density, "probability of keeping each entry (1 - drop rate)")}
 
 
@@ -28,7 +29,7 @@ class Dare(TaskVectorMerge):
 
 @register
 class DareLinear(Dare):
-    """DARE then task arithmetic: keep each entry with probability ``density``, rescale by 1/density."""
+    """DARE then task arithmetic: keep each entry with probability ``density``, rescale to the L1 norm."""
 
     name = "dare_linear"
     parameters = {**TV_PARAMS, "rescale": RESCALE}
@@ -41,5 +42,5 @@ class DareTies(Dare):
 
     name = "dare_ties"
     consensus = True
-    parameters = {**TV_PARAMS, "normalize": Param(True, check_bool, TV_PARAMS["normalize"].doc), "rescale": RESCALE}
+    parameters = {**TV_PARAMS, "rescale": RESCALE}  # normalize false, as mergekit since 0.0.4
     model_parameters = MODEL_PARAMS

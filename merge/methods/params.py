@@ -17,6 +17,16 @@ from typing import Any
 Check = Callable[[Any], "str | None"]
 
 
+class _Required:
+    """The default of a parameter that has none: mergekit refuses a merge that leaves it out."""
+
+    def __repr__(self) -> str:
+        return "required"
+
+
+REQUIRED: Any = _Required()
+
+
 @dataclass(frozen=True)
 class Param:
     """One parameter: its default, the check its value must pass, and its help line."""

@@ -58,6 +58,8 @@ class TopKThreshold:
         lo = self.lo.cpu() if self.lo is not None else torch.zeros(1 << 16, dtype=torch.int64)
         from_top = lo.flip(0).cumsum(0)
         i = int(torch.searchsorted(from_top, torch.tensor(self.k - self.above)))
+        before = int(from_top[i - 1]) if i > 0 else 0
+        self.n_above, self.n_equal = self.above + before, int(from_top[i]) - before
         return _float_of_bits((self.bin << 16) | ((1 << 16) - 1 - i))
 
 
@@ -111,6 +113,8 @@ class Bracket:
         if not above < self.k <= above + int(from_top[-1]):
             return None
         i = int(torch.searchsorted(from_top, torch.tensor(self.k - above)))
+        before = int(from_top[i - 1]) if i > 0 else 0
+        self.n_above, self.n_equal = above + before, int(from_top[i]) - before
         return _float_of_bits(self.hi - i)
 
 
@@ -118,19 +122,24 @@ def kth_largest_abs(x: torch.Tensor, k: int) -> float:
     """The exact k-th largest |x| (1 <= k <= numel) of a tensor held whole: usually one
     counting pass (Bracket, from a strided sample), else two (TopKThreshold). Same
     result as a sort."""
+    return kth_largest_abs_counts(x, k)[0]
+
+
+def kth_largest_abs_counts(x: torch.Tensor, k: int) -> tuple[float, int, int]:
+    """``kth_largest_abs`` and how many |x| are above it and equal to it (ties at the cut-off)."""
     x = x.detach().reshape(-1)
     n = x.numel()
     bracket = Bracket(x[::max(1, n // SELECT_SAMPLE)], k, n)
     if bracket.usable:
         bracket.update(x)
         if (v := bracket.value()) is not None:
-            return v
+            return v, bracket.n_above, bracket.n_equal
     sel = TopKThreshold(k)
     for p in (0, 1):
         for off in range(0, n, SELECT_SLICE):
             sel.update(p, x[off:off + SELECT_SLICE])
         sel.end_pass(p)
-    return sel.value()
+    return sel.value(), sel.n_above, sel.n_equal
 
 
 def _float_of_bits(bits: int) -> float:

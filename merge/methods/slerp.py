@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from zoo.merge.methods.base import MergeMethod, register
-from zoo.merge.methods.params import Param, check_unit
+from zoo.merge.methods.params import REQUIRED, Param, check_unit
 
 
 @register
@@ -16,7 +16,7 @@ class Slerp(MergeMethod):
     reference = 'Shoemake, "Animating Rotation with Quaternion Curves", SIGGRAPH 1985'
     min_models = 1
     max_models = 1
-    parameters = {"t": Param(0.5, check_unit, "0 gives the base, 1 the other model")}
+    parameters = {"t": Param(REQUIRED, check_unit, "0 gives the base, 1 the other model")}
 
     # Nearly parallel tensors: interpolate linearly (the angle is too small to divide by).
     DOT_THRESHOLD = 0.9995

@@ -10,15 +10,22 @@ import torch
 
 from zoo.merge.learned.start import Start
 from zoo.merge.methods.base import MergeMethod, TensorContext, register
-from zoo.merge.methods.params import Param, check_bool, check_number
+from zoo.merge.methods.params import REQUIRED, Param, check_bool, check_number
 from zoo.merge.methods.sparsify import elect_sign
 
-# The global parameters every task-vector method has.
+# The global parameters every task-vector method has, with mergekit 0.1.5's defaults
+# (a method overrides normalize and rescale where mergekit's differ).
 TV_PARAMS = {
     "normalize": Param(False, check_bool, "divide by the sum of the weights (for TIES: dis-mean instead of dis-sum)"),
     "lambda": Param(1.0, check_number, "scale the combined task vector"),
+    "rescale": Param(False, check_bool, "scale each sparsified task vector back to its L1 norm (mergekit's rescale)"),
+    "int8_mask": Param(False, check_bool, "mergekit's memory option for the sign mask; the result is the same"),
 }
 WEIGHT_DOC = "scaling of this model's task vector"
+# Compute dtypes whose in-place, one-rounding-per-step paths give mergekit's bytes; in
+# bfloat16 and float16 mergekit sums the stacked task vectors (one rounding per sum),
+# so those take the stacked formula.
+FULL_PRECISION = (torch.float32, torch.float64)
 
 
 class TaskVectorMerge(MergeMethod):
@@ -57,7 +64,7 @@ class TaskVectorMerge(MergeMethod):
             mixed = mixed / divisor
         if lam != 1:
             mixed = mixed * lam
-        return base + mixed
+        return (base + mixed).to(base.dtype)
 
 
 def add_task_vectors(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], normalize: bool,
@@ -92,9 +99,11 @@ class TaskArithmetic(TaskVectorMerge):
     elementwise = True
     rebuildable = True
     parameters = TV_PARAMS
-    model_parameters = {"weight": Param(0.3, check_number, WEIGHT_DOC)}
+    model_parameters = {"weight": Param(REQUIRED, check_number, WEIGHT_DOC)}
 
     def merge(self, base, tensors, params, options, ctx):
+        if base.dtype not in FULL_PRECISION:
+            return super().merge(base, tensors, params, options, ctx)
         weights = [float(self.model_option(p, "weight")) for p in params]
         return add_task_vectors(base, tensors, weights, self.option(options, "normalize"),
                                 self.option(options, "lambda"), ctx.scratch)

@@ -12,10 +12,10 @@ from zoo.errors import ZooError
 
 from zoo.merge.learned.start import Start
 from zoo.merge.methods.base import StatsCollector, register
-from zoo.merge.methods.params import Param, check_bool, check_density, check_number
-from zoo.merge.methods.select import Bracket, TopKThreshold, kth_largest_abs
-from zoo.merge.methods.sparsify import elect_sign, trim_magnitude
-from zoo.merge.methods.task_arithmetic import TV_PARAMS, WEIGHT_DOC, TaskVectorMerge
+from zoo.merge.methods.params import REQUIRED, Param, check_bool, check_density, check_number
+from zoo.merge.methods.select import Bracket, TopKThreshold
+from zoo.merge.methods.sparsify import drop_extra_ties, elect_sign, keep_top_k_in_place, trim_magnitude
+from zoo.merge.methods.task_arithmetic import FULL_PRECISION, TV_PARAMS, WEIGHT_DOC, TaskVectorMerge
 
 
 def check_trim_scope(v: Any) -> str | None:
@@ -39,26 +39,31 @@ class Ties(TaskVectorMerge):
     rebuildable = True
 
     parameters = {**TV_PARAMS, "normalize": Param(True, check_bool, TV_PARAMS["normalize"].doc),
-                  "rescale": Param(False, check_bool, "unused by TIES; accepted for mergekit recipes"),
                   "trim": Param("per_tensor", check_trim_scope,
                                 "per_tensor: each tensor keeps its top density (mergekit); global: one "
                                 "threshold per model over the whole flattened model (the TIES paper)")}
-    model_parameters = {"weight": Param(0.3, check_number, WEIGHT_DOC),
+    model_parameters = {"weight": Param(REQUIRED, check_number, WEIGHT_DOC),
                         "density": Param(1.0, check_density, "fraction of the task vector kept, by magnitude")}
 
     def merge(self, base, tensors, params, options, ctx):
-        if ctx.scratch and ctx.stats is not None:
+        if ctx.scratch and ctx.stats is not None and base.dtype in FULL_PRECISION \
+                and not self.option(options, "rescale"):
             weights = [float(self.model_option(p, "weight")) for p in params]
             return ties_in_place(base, tensors, weights, self.option(options, "normalize"),
-                                 self.option(options, "lambda"), ctx.stats["thresholds"], ctx.deltas)
+                                 self.option(options, "lambda"), ctx.stats["thresholds"], ctx.deltas,
+                                 ctx.stats.get("ties"))
         return super().merge(base, tensors, params, options, ctx)
 
+    def streams(self, name, shape, options):
+        # rescale needs each task vector's whole L1 norm before and after the trim
+        return not self.option(options, "rescale")
+
     def sparsify(self, delta, index, params, options, ctx):
-        thresholds = (ctx.stats or {}).get("thresholds")
-        if thresholds is not None and thresholds[index] is None:  # k == 0: nothing survives
-            return torch.zeros_like(delta)
+        stats = ctx.stats or {}
+        thresholds = stats.get("thresholds")
         return trim_magnitude(delta, self.model_option(params, "density"),
-                              thresholds[index] if thresholds is not None else None)
+                              thresholds[index] if thresholds is not None else None,
+                              self.option(options, "rescale"), stats.get("ties"), index)
 
     def stats_collector(self, numel, params, options):
         if self.option(options, "trim") == "global":
@@ -72,6 +77,8 @@ class Ties(TaskVectorMerge):
             return None
         if len(scopes) > 1:
             raise ZooError("trim: global must apply to every merged tensor; set it once in the global parameters")
+        if any(self.option(o, "rescale") for _, o, _ in tensors):
+            raise ZooError("ties: rescale: true works per tensor; it cannot be combined with trim: global")
         densities = None
         for params, _, _ in tensors:
             d = [self.model_option(p, "density") for p in params]
@@ -115,20 +122,24 @@ def ties_directions(task_vectors: list[dict[str, torch.Tensor]], params: dict[st
 
 
 def ties_in_place(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], normalize: bool,
-                  lam: float, thresholds: list[float | None], deltas: bool = False) -> torch.Tensor:
+                  lam: float, thresholds: list[float | None], deltas: bool = False,
+                  ties: list[int | None] | None = None) -> torch.Tensor:
     """TIES on the engine's scratch buffers with thresholds known: the same result as
     the stacked formula, bit for bit, in fewer passes over memory.
 
     With s = ±1 the elected sign, an entry of x agrees when x·s > 0, so the agreeing
     sum is s · Σ relu(x·s); negation is exact, so this equals summing the agreeing
-    entries themselves in the same order.
+    entries themselves in the same order. ``ties``: as in ``trim_magnitude``, how many
+    entries equal to each threshold are still to keep.
     """
-    for x, w, thr in zip(tensors, weights, thresholds):
+    for i, (x, w, thr) in enumerate(zip(tensors, weights, thresholds)):
         if not deltas:
             x.sub_(base)
         if thr is None:
             x.zero_()
         elif thr > 0:
+            if ties is not None and ties[i] is not None:
+                drop_extra_ties(x, thr, ties, i)
             # zero |x| < thr in one fused pass: hardshrink zeroes |x| <= lambda, and
             # lambda is the float just below thr
             torch.hardshrink(x, _below(thr, x.dtype), out=x)
@@ -174,16 +185,25 @@ class TrimThresholds(StatsCollector):
 
     def __init__(self, numel: int, densities: list[float]):
         self.n = numel
-        self.sel = [TopKThreshold(int(d * numel)) if d < 1 and int(d * numel) > 0 else None for d in densities]
-        self.none = [d < 1 and int(d * numel) <= 0 for d in densities]
+        # mergekit keeps max(1, floor(density * n)) entries
+        self.sel = [TopKThreshold(max(1, int(d * numel))) if d < 1 and numel > 0 else None for d in densities]
         self.found: list[float | None] = [None] * len(densities)
+        self.counts: list[tuple[int, int] | None] = [None] * len(densities)  # (above, equal) at the threshold
         self.brackets: list[Bracket | None] | None = None
 
     def gather_whole(self, base, tensors, deltas=False, slice_elems=1 << 18):
+        """Over task vectors held whole (the engine's scratch buffers), the thresholds;
+        ties at a threshold beyond k are zeroed in place here, as mergekit's sort drops
+        them, so that ``|x| >= threshold`` then keeps exactly k."""
         if not deltas:
             return super().gather_whole(base, tensors, deltas, slice_elems)
-        return {"thresholds": [None if none else (kth_largest_abs(x, s.k) if s is not None else 0.0)
-                               for s, none, x in zip(self.sel, self.none, tensors)]}
+        thresholds = []
+        for s, x in zip(self.sel, tensors):
+            if s is None:
+                thresholds.append(0.0)
+                continue
+            thresholds.append(keep_top_k_in_place(x, s.k))
+        return {"thresholds": thresholds}
 
     def use_sample(self, base, tensors):
         self.brackets = []
@@ -216,6 +236,8 @@ class TrimThresholds(StatsCollector):
         q = self._radix_pass(pass_no)
         if q is None:
             self.found = [b.value() if b is not None else None for b in self.brackets]
+            self.counts = [(b.n_above, b.n_equal) if v is not None else None
+                           for b, v in zip(self.brackets, self.found)]
             if any(s is not None and v is None for s, v in zip(self.sel, self.found)):
                 self.passes = 3  # the radix select for those
             return
@@ -224,5 +246,13 @@ class TrimThresholds(StatsCollector):
                 s.end_pass(q)
 
     def result(self):
-        return {"thresholds": [None if none else (v if v is not None else (s.value() if s is not None else 0.0))
-                               for s, none, v in zip(self.sel, self.none, self.found)]}
+        thresholds, ties = [], []
+        for i, (s, v) in enumerate(zip(self.sel, self.found)):
+            if s is not None and v is None:
+                v = s.value()
+                self.counts[i] = (s.n_above, s.n_equal)
+            thresholds.append(v if s is not None else 0.0)
+            above, equal = self.counts[i] or (0, 0)
+            # how many entries equal to the threshold are kept, in order (None: all of them)
+            ties.append(s.k - above if s is not None and above + equal > s.k else None)
+        return {"thresholds": thresholds, "ties": ties}

@@ -223,8 +223,10 @@ PATCHES = {  # where each command's streaming step is, and how it finds its outp
     "protect": ("zoo.protect.run", "lock_checkpoint", "a[2]"),
 }
 SIGNAL_ARGS = {
-    ("merge", "out"): ["merge", "--method", "task_arithmetic", "--base", "base", "parity", "--out", "m"],
-    ("merge", "out-dir"): ["merge", "--method", "task_arithmetic", "--base", "base", "parity", "--out-dir", "{tmp}/o"],
+    ("merge", "out"): ["merge", "--method", "task_arithmetic", "--base", "base", "parity", "-p", "weight=0.3",
+                       "--out", "m"],
+    ("merge", "out-dir"): ["merge", "--method", "task_arithmetic", "--base", "base", "parity", "-p", "weight=0.3",
+                           "--out-dir", "{tmp}/o"],
     ("protect", "out"): ["protect", "parity", "--out", "p", "--seed", "3"],
     ("protect", "out-dir"): ["protect", "parity", "--out-dir", "{tmp}/o", "--seed", "3"],
 }
@@ -295,15 +297,17 @@ def small_fs(tmp_path_factory):
 
 STORAGE = [  # (mode, argv, pattern): the registry is on the tmpfs, filled to the brim or read-only
     ("full", ["add", "{fx}/lb", "--name", "x", "--kind", "base"], r"disk full"),
-    ("full", ["merge", "--method", "task_arithmetic", "--base", "base", "parity", "--out", "m"], r"disk full"),
+    ("full", ["merge", "--method", "task_arithmetic", "--base", "base", "parity", "-p", "weight=0.3", "--out", "m"],
+     r"disk full"),
     ("full", ["protect", "parity", "--out", "p", "--seed", "1"], r"disk full"),
     ("full", ["export", "parity", "{mnt}/out"], r"cannot export to .*: No space left on device"),
-    ("full", ["merge", "--method", "task_arithmetic", "--base", "base", "parity", "--out-dir", "{mnt}/o"],
+    ("full", ["merge", "--method", "task_arithmetic", "--base", "base", "parity", "-p", "weight=0.3",
+              "--out-dir", "{mnt}/o"],
      r"disk full"),
     ("ro", ["add", "{fx}/mod3", "--name", "x", "--base", "base"], r"(?i)read-only|unwritable|cannot write"),
     ("ro", ["tag", "parity", "x"], r"is busy or unwritable"),
     ("ro", ["rm", "mod3"], r"(?i)read-only|unwritable|cannot write"),
-    ("ro", ["merge", "--method", "task_arithmetic", "--base", "base", "parity", "--out", "m"],
+    ("ro", ["merge", "--method", "task_arithmetic", "--base", "base", "parity", "-p", "weight=0.3", "--out", "m"],
      r"(?i)read-only|unwritable|cannot write"),
     ("ro", ["protect", "parity", "--out", "p"], r"(?i)read-only|unwritable|cannot write"),
     ("ro", ["export", "parity", "{mnt}/out"], r"Read-only file system"),
