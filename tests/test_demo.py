@@ -164,3 +164,51 @@ def test_demo_publishes_the_best_merge_through_zoo_serve(quick_demo):
     locked = {f["path"]: f["sha256"] for f in reg.show(pub["pushed"])["files"] if f["path"] != "README.md"}
     assert {f["path"]: f["sha256"] for f in pulled["files"] if f["path"] != "README.md"} == locked
     assert "task_heads.safetensors" in locked  # the merge's own heads travel with it
+
+
+def test_the_demo_registry_in_a_real_browser(quick_demo):
+    """The web view over the quick demo's own registry: the zoo page filtered to merges,
+    a merge's page, its lineage graph against `zoo lineage --json` and its chart against
+    the metrics the demo recorded."""
+    import re
+
+    from tests.test_web import _browser, _edges, _refs
+    from zoo.hub.server import ServeSettings, running
+
+    work, env, first, _ = quick_demo
+    reg = Registry(work / "registry.db")
+    merges = sorted(m["ref"] for m in reg.list() if m["kind"] == "merged")
+    assert merges
+    pw, browser = _browser()
+    try:
+        with running(reg, ServeSettings()) as url:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url + "/ui?kind=merged")
+            rows = page.locator("table.models tbody tr[data-ref]")
+            assert sorted(rows.evaluate_all("rs => rs.map(r => r.dataset.ref)")) == merges
+            ref = merges[0]
+            page.click(f"a[href='/ui/models/{ref}']")
+            page.wait_for_url(re.compile(f"/ui/models/{re.escape(ref)}$"))
+            lineage = subprocess.run([ZOO, "lineage", ref, "--json"], cwd=work, capture_output=True, text=True,
+                                     env=env, timeout=120)
+            tree = json.loads(lineage.stdout)
+            nodes = set(page.locator("svg.lineage g.node").evaluate_all("ns => ns.map(n => n.dataset.ref)"))
+            edges = set(map(tuple, page.locator("svg.lineage g.edge").evaluate_all(
+                "es => es.map(e => [e.dataset.child, e.dataset.parent, e.dataset.role])")))
+            assert nodes == _refs(tree) and edges == _edges(tree)
+            bars = page.locator("svg.chart rect.bar").evaluate_all(
+                "bs => bs.map(b => [b.dataset.model, b.dataset.task, parseFloat(b.dataset.value)])")
+            recorded: dict[tuple[str, str], set[float]] = {}
+            for m in reg.metrics(ref):
+                if m["metric"] == "accuracy":
+                    recorded.setdefault((ref, m["task"]), set()).add(m["value"])
+            mine = [(t, v) for m, t, v in bars if m == ref]
+            assert mine and all(v in recorded[ref, t] for t, v in mine), (mine, recorded)
+            page.screenshot(path=str(work / "demo-merge.png"), full_page=True)
+            page.goto(url + "/ui/compare?" + "&".join(f"m={m}" for m in merges))
+            assert page.locator("table.heatmap, svg.heatmap").count() >= 1
+            page.close()
+    finally:
+        browser.close()
+        pw.stop()
+        reg.close()
