@@ -146,3 +146,23 @@ def parity_summary(registry: Registry, rows: list[dict[str, Any]], prefix: str) 
                     "start_avg": start_row["avg"] if start_row else None, "ta_avg": by_model[f"{prefix}-ta"]["avg"],
                     "entropy_adamerging_avg": max(entropy) if entropy else None})
     return out
+
+
+def concrete_masks(registry: Registry, demo: DemoResult, rows: list[dict[str, Any]], draws: int = 5,
+                   log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """For each Concrete merge in ``rows``: its mask's sparsity and binariness, and its
+    average accuracy under ``draws`` fresh draws of the final mask (``demo.masks``)."""
+    from zoo.demo.masks import mask_report
+
+    out = []
+    for row in rows:
+        model = row.get("model")
+        if not model or registry.show(model)["recipe"].get("merge_method") not in ("concrete_ta",
+                                                                                  "concrete_adamerging"):
+            continue
+        report = {"method": row["method"], "avg": row["avg"], **mask_report(registry, model, demo.experts, draws)}
+        log(f"{row['method']}: mask keeps {100 * report['keep']:.0f}% on average, binariness "
+            f"{report['binariness']:.2f} (mean |logit| {report['mean_abs_logit']:.2f}); {draws} fresh "
+            f"{report['final_mask']} draws average {100 * report['draw_mean']:.1f}% ± {100 * report['draw_std']:.1f}")
+        out.append(report)
+    return out
