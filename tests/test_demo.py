@@ -145,6 +145,15 @@ def test_learned_rows_of_the_demo(quick_demo):
         assert learned["objective"] == spec["parameters"].get("objective", spec["merge_method"])
         assert ("supervised" in row["method"]) == (learned["supervised"] is True)
         assert ("mask" in (info["recipe"].get("artifacts") or {})) == ("concrete" in key)  # parity keeps its start's
+    assert reg.show(f"{QUICK.prefix}-parity-ta-heldout")["recipe"]["learned"]["split"] == "val"
+    # each Concrete merge rebuilt from its lineage scores what the saved model scores
+    from zoo.demo.merges import concrete_masks
+
+    masks = concrete_masks(reg, res, rows, draws=2, log=lambda m: None)
+    assert len(masks) == 4
+    for m in masks:
+        assert m["saved_avg"] == pytest.approx(m["avg"]) and len(m["draw_avgs"]) == 2
+        assert 0 <= m["keep"] <= 1 and 0 <= m["binariness"] <= 1 and m["final_mask"] == "relaxed"
 
 
 def test_demo_publishes_the_best_merge_through_zoo_serve(quick_demo):

@@ -46,6 +46,10 @@ PARITY = {
     "parity-ta": {"merge_method": "parity", "parameters": {**PARITY_SCHEDULE, "start": "task_arithmetic"}},
     "parity-concrete-ta": {"merge_method": "parity",
                            "parameters": {**PARITY_SCHEDULE, "start": "{prefix}-concrete-ta-entropy"}},
+    # The pools above are the experts' own training inputs; this one is held out from
+    # every expert's training (the validation inputs, without their labels).
+    "parity-ta-heldout": {"merge_method": "parity",
+                          "parameters": {**PARITY_SCHEDULE, "start": "task_arithmetic", "split": "val"}},
 }
 LEARNED.update(PARITY)
 for _key, _spec in LEARNED.items():
@@ -57,6 +61,8 @@ for _key, _spec in LEARNED.items():
     LABELS[_key] = f"{_kind}, {_obj}" + (" (supervised)" if _obj == "ce" else "")
 LABELS["parity-ta"] = "parity from task arithmetic (label-free; coefficients, norms, biases)"
 LABELS["parity-concrete-ta"] = "parity from Concrete TA, entropy (label-free; coefficients, norms, biases)"
+LABELS["parity-ta-heldout"] = ("parity from task arithmetic, held-out pool (label-free; the val inputs; "
+                               "coefficients, norms, biases)")
 
 
 def base_with_heads(registry: Registry, demo: DemoResult) -> dict[str, float]:
