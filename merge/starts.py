@@ -50,6 +50,8 @@ def resolve_start(spec: str, recipe: dict[str, Any], model_refs: list[str | None
         raise ZooError(f"start {info['ref']} is a {info['kind']} model, not a merge with a recipe")
     start = _rebuild(info["recipe"], info["ref"], registry, task_vectors, model_refs, base_ref)
     start.record = {"model": info["ref"], "method": info["recipe"].get("merge_method")}
+    if (info["recipe"].get("learned") or {}).get("supervised"):
+        start.record["supervised"] = True  # the start read labels, so whatever builds on it has too
     return start
 
 

@@ -145,6 +145,15 @@ def test_learned_rows_of_the_demo(quick_demo):
         assert learned["objective"] == spec["parameters"].get("objective", spec["merge_method"])
         assert ("supervised" in row["method"]) == (learned["supervised"] is True)
         assert ("mask" in (info["recipe"].get("artifacts") or {})) == ("concrete" in key)  # parity keeps its start's
+    assert reg.show(f"{QUICK.prefix}-parity-ta-heldout")["recipe"]["learned"]["split"] == "val"
+    # each Concrete merge rebuilt from its lineage scores what the saved model scores
+    from zoo.demo.merges import concrete_masks
+
+    masks = concrete_masks(reg, res, rows, draws=2, log=lambda m: None)
+    assert len(masks) == 4
+    for m in masks:
+        assert m["saved_avg"] == pytest.approx(m["avg"]) and len(m["draw_avgs"]) == 2
+        assert 0 <= m["keep"] <= 1 and 0 <= m["binariness"] <= 1 and m["final_mask"] == "relaxed"
 
 
 def test_demo_publishes_the_best_merge_through_zoo_serve(quick_demo):
@@ -212,3 +221,56 @@ def test_the_demo_registry_in_a_real_browser(quick_demo):
         browser.close()
         pw.stop()
         reg.close()
+
+
+def test_the_build_is_deterministic_whatever_the_callers_threads(tmp_path):
+    """The build runs on BUILD_THREADS threads with deterministic algorithms, so the
+    caller's thread count does not change a byte; the caller's settings come back after."""
+    from dataclasses import replace
+
+    import torch
+
+    from zoo.demo.build import build
+
+    cfg = replace(QUICK, tasks=("digit", "rot90"), base_epochs=2, expert_epochs=1, prefix="det")
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    digests = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out = build(cfg, tmp_path / f"t{threads}", log=lambda _: None)
+        assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
+        digests.append({str(p.relative_to(out)): content(p) for p in sorted(out.rglob("*.safetensors"))})
+    torch.set_num_threads(before[0])
+    assert digests[0] == digests[1] and len(digests[0]) == 2 + 1 + 2  # 2 task files, base, 2 experts
+
+
+def content(path) -> str:
+    """A checkpoint's bytes; a task file's tensors and metadata (safetensors writes a
+    header's metadata keys in no fixed order)."""
+    import hashlib
+
+    from zoo.checkpoints.reader import open_safetensors
+
+    if "tasks" not in path.parts:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    ck = open_safetensors(path)
+    h = hashlib.sha256(json.dumps(ck.metadata, sort_keys=True).encode())
+    for n in sorted(ck.tensors):
+        h.update(n.encode() + ck.read_tensor(n).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_the_cache_key_holds_the_thread_setting_and_the_library_versions(monkeypatch):
+    import zoo.demo.build as b
+
+    key = QUICK.key()
+    env = b.build_environment()
+    assert env["threads"] == b.BUILD_THREADS and env["deterministic"] is True
+    assert set(env["versions"]) >= {"torch", "transformers", "numpy", "scikit-learn"}
+    assert all(env["versions"][n] for n in ("torch", "transformers", "numpy", "scikit-learn"))
+    monkeypatch.setattr(b, "BUILD_THREADS", b.BUILD_THREADS + 1)
+    assert QUICK.key() != key
+    monkeypatch.undo()
+    real = b.build_environment
+    monkeypatch.setattr(b, "build_environment", lambda: {**real(), "versions": {**real()["versions"], "torch": "0"}})
+    assert QUICK.key() != key

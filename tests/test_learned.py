@@ -257,7 +257,7 @@ def test_ties_prestep_keeps_the_entries_that_agree_with_the_elected_sign():
 
     base, experts = family()
     tvs = task_vectors(base, experts)
-    out = ties_prestep(tvs, 0.4)
+    out = ties_prestep(tvs, 0.4, "per_tensor")
     for k in base:
         trimmed = [M_trim(tv[k], 0.4) for tv in tvs]
         sign = torch.stack(trimmed).sum(0) >= 0

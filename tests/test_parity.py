@@ -361,3 +361,33 @@ def test_parity_on_cuda_selects_as_on_the_cpu(registry, tiny):
     assert first == [(r["reliable"], r["parity"]) for r in gpu["parity"] if r["round"] == 0]
     assert average(final(gpu["parity"]), "disagreement") < average(
         [r for r in gpu["parity"] if r["round"] == 0], "disagreement")
+
+
+def test_end_to_end_with_the_default_reliability_filter(registry, tiny, tmp_path):
+    """The default filter (tau 0.9, view auto: Gaussian noise at 0.1 × the input's std),
+    not the loosened tau=0.05, view=none of the tests above. The tiny experts' heads are
+    sharpened (× 40) so that they are confident, as trained experts are; the filter then
+    keeps a real share of each pool, drops the rest, and levelling lowers the disagreement."""
+    from transformers import ViTForImageClassification
+
+    for i in range(len(LABELS)):
+        m = ViTForImageClassification.from_pretrained(tiny[1][i])
+        with torch.no_grad():
+            m.classifier.weight.mul_(40)
+            m.classifier.bias.mul_(40)
+        m.save_pretrained(tmp_path / f"sharp{i}")
+        registry.add(tmp_path / f"sharp{i}", f"s{i}", "expert", base="base", tasks=[f"t{i}"])
+    models = [{"model": f"s{i}"} for i in range(len(LABELS))]
+    rec = merge.from_dict({"merge_method": "parity", "base_model": "base", "seed": 0, "models": models,
+                           "parameters": {"rounds": 2, "steps": 20}})
+    defaults = get_method("parity").parameters
+    assert defaults["tau"].default == 0.9 and defaults["view"].default == "auto"
+    info = merge.run(rec, "p", registry=registry)
+    learned = registry.show("p")["recipe"]["learned"]
+    assert learned["tau"] == 0.9 and learned["view"] == "auto"
+    start = [r for r in info["parity"] if r["round"] == 0]
+    for r in start:  # every task keeps some reliable samples
+        assert 0 < r["reliable"] <= r["pool"] and r["parity"] <= r["reliable"]
+    assert sum(r["reliable"] for r in start) < sum(r["pool"] for r in start)  # and the filter drops some
+    assert sum(r["parity"] for r in start) > 0  # and the merge disagrees with the experts on some of them
+    assert average(final(info["parity"]), "disagreement") < average(start, "disagreement")

@@ -20,6 +20,8 @@ from torch import nn
 from zoo.errors import ZooError
 
 COEFFICIENTS = ("fixed", "task", "layer")
+# the mask folded into the saved model: one relaxed draw (fusion_bench's default) or one binary draw
+FINAL_MASKS = ("relaxed", "bernoulli")
 
 
 @dataclass
@@ -144,12 +146,29 @@ class Merger(nn.Module):
         return MaskSample(self._views(m, masked_only=True), m)
 
     def draw_bits(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """One Bernoulli(σ(logit)) draw per element: the binary mask the final model uses
-        (fusion_bench's ``discrete`` evaluation mask), so it can be stored as bits."""
+        """One Bernoulli(σ(logit)) draw per element: fusion_bench's ``discrete``
+        evaluation mask, stored as bits."""
         x = self.logit_flat.detach()
         u = torch.rand(x.shape, generator=generator, device=x.device)
         bits = (u < torch.sigmoid(x)).to(torch.float32)
         return {n: v.clone() for n, v in self._views(bits, masked_only=True).items()}
+
+    def draw_relaxed(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """One RelaxedBernoulli(temperature, logit) draw per element, values in [0, 1]
+        before the per-tensor rescale: fusion_bench's default (``continuous``)
+        evaluation mask. Uses the same noise as a training step's ``sample``."""
+        x = self.logit_flat.detach()
+        u = torch.rand(x.shape, generator=generator, device=x.device)
+        u = u.clamp_(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps)
+        m = torch.sigmoid((x + (u.log() - (-u).log1p())) / self.temperature)
+        return {n: v.clone() for n, v in self._views(m, masked_only=True).items()}
+
+    def draw_final(self, kind: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The mask folded into the saved model: ``relaxed`` (the reference's default)
+        or ``bernoulli`` (binary)."""
+        if kind not in FINAL_MASKS:
+            raise ZooError(f"final_mask must be one of {', '.join(FINAL_MASKS)}, not {kind!r}")
+        return self.draw_relaxed(generator) if kind == "relaxed" else self.draw_bits(generator)
 
     def logits_dict(self) -> dict[str, torch.Tensor]:
         return {n: v.detach() for n, v in self._views(self.logit_flat, masked_only=True).items()}
@@ -200,19 +219,24 @@ def unpack_mask(packed: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ..
     return out
 
 
-def rescale(bits: dict[str, torch.Tensor]) -> MaskSample:
-    """A binary mask divided by its per-tensor mean, as applied to the merge."""
-    return MaskSample({n: m / m.mean().clamp_min(torch.finfo(torch.float32).tiny) for n, m in bits.items()})
+def rescale(mask: dict[str, torch.Tensor]) -> MaskSample:
+    """A mask draw (binary or relaxed) divided by its per-tensor mean, as applied to the merge."""
+    return MaskSample({n: m / m.mean().clamp_min(torch.finfo(torch.float32).tiny) for n, m in mask.items()})
+
+
+def is_binary(mask: dict[str, torch.Tensor]) -> bool:
+    return all(bool(((m == 0) | (m == 1)).all()) for m in mask.values())
 
 
 MASK_FORMAT = "zoo-mask-v1"
 LOGIT_SCALE = 16  # int8 logits: round(clamp(x, -8, 8) * 16), a 1/16 step
 
 
-def save_mask(bits: dict[str, torch.Tensor], logits: dict[str, torch.Tensor], path):
-    """The final mask as a safetensors file: ``bits.<tensor>`` (the binary draw the model
-    was made with, packed 8 a byte) and ``logits.<tensor>`` (the learned logits, int8),
-    with each tensor's shape in the metadata. Written to a temp file, then renamed."""
+def save_mask(mask: dict[str, torch.Tensor], logits: dict[str, torch.Tensor], path):
+    """The final mask as a safetensors file: the draw the model was made with, as
+    ``bits.<tensor>`` (a binary draw, packed 8 a byte) or ``values.<tensor>`` (a relaxed
+    draw, float32, exact), and ``logits.<tensor>`` (the learned logits, int8), with each
+    tensor's shape and the draw's kind in the metadata. Written to a temp file, then renamed."""
     import json
     import os
     from pathlib import Path
@@ -221,12 +245,17 @@ def save_mask(bits: dict[str, torch.Tensor], logits: dict[str, torch.Tensor], pa
 
     path = Path(path)
     tensors = {}
-    for n, b in pack_mask(bits).items():
-        tensors[f"bits.{n}"] = b
+    binary = is_binary(mask)
+    if binary:
+        for n, b in pack_mask(mask).items():
+            tensors[f"bits.{n}"] = b
+    else:
+        for n, m in mask.items():
+            tensors[f"values.{n}"] = m.detach().to(torch.float32).cpu().contiguous()
     for n, x in logits.items():
         tensors[f"logits.{n}"] = (x.detach().float().cpu().clamp(-8, 8) * LOGIT_SCALE).round().to(torch.int8)
-    meta = {"format": MASK_FORMAT, "logit_scale": str(LOGIT_SCALE),
-            "shapes": json.dumps({n: list(b.shape) for n, b in bits.items()})}
+    meta = {"format": MASK_FORMAT, "logit_scale": str(LOGIT_SCALE), "draw": "bernoulli" if binary else "relaxed",
+            "shapes": json.dumps({n: list(b.shape) for n, b in mask.items()})}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
@@ -234,7 +263,7 @@ def save_mask(bits: dict[str, torch.Tensor], logits: dict[str, torch.Tensor], pa
 
 
 def load_mask(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(binary mask, logits) from a file written by ``save_mask``."""
+    """(the mask draw, binary or relaxed; the logits) from a file written by ``save_mask``."""
     import json
 
     from zoo.checkpoints.reader import open_safetensors
@@ -244,7 +273,10 @@ def load_mask(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     if ck.metadata.get("format") != MASK_FORMAT:
         raise CheckpointError(f"{path} is not a zoo mask file")
     shapes = {n: tuple(v) for n, v in json.loads(ck.metadata["shapes"]).items()}
-    packed = {n: ck.read_tensor(f"bits.{n}") for n in shapes}
+    if all(f"values.{n}" in ck.tensors for n in shapes):
+        mask = {n: ck.read_tensor(f"values.{n}").float().reshape(shapes[n]) for n in shapes}
+    else:
+        mask = unpack_mask({n: ck.read_tensor(f"bits.{n}") for n in shapes}, shapes)
     scale = float(ck.metadata.get("logit_scale", LOGIT_SCALE))
     logits = {n: ck.read_tensor(f"logits.{n}").float() / scale for n in shapes if f"logits.{n}" in ck.tensors}
-    return unpack_mask(packed, shapes), logits
+    return mask, logits

@@ -60,6 +60,8 @@ class Settings:
     temperature: float | None = None  # Concrete temperature (masked merges)
     stage2_steps: int | None = None  # concrete_adamerging's stage 2
     inner_lr: float | None = None  # concrete_adamerging's inner coefficient steps
+    stage1_order: str | None = None  # concrete_adamerging: reference | reset_first
+    final_mask: str | None = None  # masked merges: relaxed | bernoulli, the draw the saved model folds in
     seed: int = 0
     autocast: bool = False  # bf16 forward (CUDA)
 
@@ -79,7 +81,7 @@ class Settings:
 class Result:
     merged: dict[str, torch.Tensor]  # the final merged parameters (float32, CPU)
     coefficients: list[list[float]]  # [task][tensor]
-    mask_bits: dict[str, torch.Tensor] | None  # the final binary mask (concrete methods)
+    mask_bits: dict[str, torch.Tensor] | None  # the final mask draw, binary or relaxed (concrete methods)
     mask_logits: dict[str, torch.Tensor] | None = None  # the learned logits it was drawn from
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0

@@ -4,15 +4,23 @@ then AdaMerging inside the frozen mask (Concrete AdaMerging)."""
 
 from __future__ import annotations
 
-from zoo.merge.learned.merger import MaskSample, rescale
+from zoo.merge.learned.merger import FINAL_MASKS, MaskSample, rescale
 from zoo.merge.learned.train import Loop, adam
 from zoo.merge.methods.base import register
 from zoo.merge.methods.learned import COEF, COMMON, MASK, LearnedMethod
-from zoo.merge.methods.params import Param, check_non_negative_int, check_number, check_positive, \
+from zoo.merge.methods.params import Param, check_choice, check_non_negative_int, check_number, check_positive, \
     check_positive_int
 
 CONCRETE_REFERENCE = ('Tang et al., "Concrete Subspace Learning based Interference Elimination for Multi-task '
                       'Model Fusion", arXiv 2312.06173')
+
+
+# The mask the saved model folds in: fusion_bench's ``eval_mask_type`` (default continuous).
+FINAL_MASK = {"final_mask": Param("relaxed", check_choice(*FINAL_MASKS),
+                                  "the mask draw folded into the saved model: relaxed (one RelaxedBernoulli draw at "
+                                  "temperature, fusion_bench's default) or bernoulli (one binary draw)")}
+# Concrete AdaMerging's stage-1 inner step: where its gradient is taken.
+STAGE1_ORDERS = ("reference", "reset_first")
 
 
 class ConcreteMethod(LearnedMethod):
@@ -23,13 +31,20 @@ class ConcreteMethod(LearnedMethod):
     def start_directions(self, source):
         return source.task_vectors, self.option(source.global_parameters, "mask")
 
+    def recorded(self, options, s):
+        # which draw the saved model folds in (the mask artifact holds that very draw)
+        out = {"final_mask": s.final_mask}
+        if s.stage1_order is not None:
+            out["stage1_order"] = s.stage1_order
+        return out
+
 
 @register
 class ConcreteTA(ConcreteMethod):
     """Concrete task arithmetic: one shared Concrete mask over the task vectors, coefficients fixed at ``init``."""
 
     name = "concrete_ta"
-    parameters = {**COMMON, **MASK, "init": Param(0.3, check_number, "the fixed coefficient λ"),
+    parameters = {**COMMON, **MASK, **FINAL_MASK, "init": Param(0.3, check_number, "the fixed coefficient λ"),
                   "steps": Param(2000, check_positive_int, "optimisation steps")}
     fixed_settings = {"coefficients": "fixed"}  # the coefficients stay at init (λ); only the mask learns
 
@@ -42,8 +57,8 @@ class ConcreteTA(ConcreteMethod):
             loss.backward()
             opt.step()
             loop.tick(step, s.steps, value)
-        mask_bits = merger.draw_bits(loop.noise)
-        return loop.result(rescale(mask_bits), mask_bits)
+        drawn = merger.draw_final(s.final_mask or "relaxed", loop.noise)
+        return loop.result(rescale(drawn), drawn)
 
 
 @register
@@ -55,27 +70,37 @@ class ConcreteAdaMerging(ConcreteMethod):
     """
 
     name = "concrete_adamerging"
-    parameters = {**COMMON, **COEF, **MASK,
+    parameters = {**COMMON, **COEF, **MASK, **FINAL_MASK,
                   "steps": Param(1000, check_positive_int, "stage-1 (mask) steps"),
                   "stage2_steps": Param(1000, check_non_negative_int, "stage-2 (AdaMerging in the frozen mask) steps"),
-                  "inner_lr": Param(1.0, check_positive, "stage-1 inner learning rate of the coefficients")}
+                  "inner_lr": Param(1.0, check_positive, "stage-1 inner learning rate of the coefficients"),
+                  "stage1_order": Param("reference", check_choice(*STAGE1_ORDERS),
+                                        "stage-1 inner step: reference (gradient at the previous step's adapted "
+                                        "coefficients, then reset to init and step, as fusion_bench) or "
+                                        "reset_first (reset to init, then gradient and step)")}
 
     def fit(self, merger, forward, data, s, report=None):
         loop = Loop(merger, forward, data, s, report)
-        # Stage 1: alternate one inner Adam step on the coefficients (reset to init each
-        # time, state kept) on a detached mask sample, and one Adam step on the mask
-        # logits through the same sample; first order only (arXiv 2312.06173, as
-        # FusionBench runs it).
+        # Stage 1: alternate one inner Adam step on the coefficients (state kept) on a
+        # detached mask sample, and one Adam step on the mask logits through the same
+        # sample; first order only (arXiv 2312.06173). fusion_bench merges with the
+        # previous step's adapted coefficients, takes the inner gradient there, and only
+        # then resets them to init, so the Adam step starts from init (``reference``);
+        # ``reset_first`` resets before the gradient, zoo's earlier order.
+        order = s.stage1_order or "reference"
         inner = adam([merger.weights], s.inner_lr)
         outer = adam([merger.logit_flat], s.lr)
         total = s.steps + s.stage2_steps
         for step in range(1, s.steps + 1):
-            merger.reset_coefficients()
+            if order == "reset_first":
+                merger.reset_coefficients()
             sample = merger.sample(loop.noise)
             detached = MaskSample({n: v.detach() for n, v in sample.values.items()})
             loss_w, _ = loop.loss(merger.merged(detached), step)
             inner.zero_grad(set_to_none=True)
             loss_w.backward()
+            if order == "reference":
+                merger.reset_coefficients()
             inner.step()
             loss_m, value = loop.loss(merger.merged(sample), step)
             outer.zero_grad(set_to_none=True)
@@ -84,8 +109,8 @@ class ConcreteAdaMerging(ConcreteMethod):
             outer.step()
             loop.tick(step, total, value, stage=1)
         # Stage 2: freeze one mask draw; AdaMerging inside it from the initial coefficients.
-        mask_bits = merger.draw_bits(loop.noise)
-        final_mask = rescale(mask_bits)
+        drawn = merger.draw_final(s.final_mask or "relaxed", loop.noise)
+        final_mask = rescale(drawn)
         merger.reset_coefficients()
         opt = adam([merger.weights], s.lr)
         for step in range(s.steps + 1, total + 1):
@@ -94,4 +119,4 @@ class ConcreteAdaMerging(ConcreteMethod):
             loss.backward()
             opt.step()
             loop.tick(step, total, value, stage=2)
-        return loop.result(final_mask, mask_bits)
+        return loop.result(final_mask, drawn)

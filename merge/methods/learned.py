@@ -98,20 +98,35 @@ class LearnedMethod(MergeMethod):
             forward, temps = calibrated(forward, merger,
                                         inputs.task_data("ce", self.option(options, "calibration_split")))
         result = self.fit(merger, forward, data, s, inputs.report)
-        used = {"objective": s.objective, "supervised": supervised(s.objective),
-                "split": self.option(options, "split") or default_split(s.objective),
-                "coefficient_scope": s.coefficients, "steps": result.steps_done, "seconds": round(result.seconds, 3),
+        split = self.option(options, "split") or default_split(s.objective)
+        labels = [split] if supervised(s.objective) else []
+        if temps is not None:
+            labels.append(self.option(options, "calibration_split") or default_split("ce"))
+        # Anything that read a label makes the run supervised, whatever the objective.
+        used = {"objective": s.objective, "supervised": bool(labels), "labels_read": list(dict.fromkeys(labels)),
+                "split": split, "coefficient_scope": s.coefficients, "clamp": bool(s.clamp),
+                "steps": result.steps_done, "seconds": round(result.seconds, 3),
                 "tasks": [d.name for d in data], "coefficient_tensors": merger.names}
         if temps is not None:
             used["temperatures"] = temps  # fitted on labelled validation data
             used["calibration_split"] = self.option(options, "calibration_split") or default_split("ce")
+        used.update(self.recorded(options, s))
         return result, used
+
+    def recorded(self, options: dict[str, Any], s: Settings) -> dict[str, Any]:
+        """The method's own settings the lineage records (e.g. the final mask's kind)."""
+        return {}
 
     def card_lines(self, learned):
         if not learned:
             return []
-        kind = ("supervised: cross-entropy on labelled data" if learned.get("supervised")
-                else "label-free: prediction entropy on unlabeled inputs")
+        if learned.get("supervised"):
+            read = ", ".join(f"`{x}`" for x in learned.get("labels_read") or [learned["split"]])
+            what = ("cross-entropy on labelled data" if learned["objective"] == "ce"
+                    else "prediction entropy on unlabeled inputs, with heads temperature-calibrated on labels")
+            kind = f"supervised: {what}; labels read from split {read}"
+        else:
+            kind = "label-free: prediction entropy on unlabeled inputs"
         return [f"Learned by running the model ({learned['steps']} steps) with objective "
                 f"`{learned['objective']}` ({kind}, split `{learned['split']}`).", ""]
 

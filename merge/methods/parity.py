@@ -107,7 +107,9 @@ class Parity(LearnedMethod):
         start.directions = []  # the merger holds its own copy
         result = distill(merger, parts.forward, teachers, data, s, start_bits=start.mask_bits,
                          start_offsets=start.offsets, eval_data=evals, report=inputs.report, log=inputs.log)
-        used = {"objective": "parity", "supervised": False, "split": split, "start": start.record,
+        # Label-free unless the start read labels (the eval split is only measured, never used).
+        used = {"objective": "parity", "supervised": bool(start.record.get("supervised")), "split": split,
+                "start": start.record,
                 "teachers": sources, "tau": s.tau, "view": s.view, "train": list(s.train),
                 "coefficient_scope": merger.mode, "rounds": s.rounds, "steps": result.steps_done,
                 "seconds": round(result.seconds, 3), "tasks": [d.name for d in data],
@@ -158,7 +160,9 @@ class Parity(LearnedMethod):
         start = learned["start"].get("model") or learned["start"]["method"]
         return [f"Levelled by parity distillation from `{start}` ({learned['rounds']} round(s), "
                 f"{learned['steps']} steps, training {', '.join(learned['train'])}; the merge after round "
-                f"{learned['kept_round']} kept): label-free, each expert "
+                f"{learned['kept_round']} kept): "
+                + ("supervised, since its start read labels; " if learned.get("supervised") else "label-free, ")
+                + "each expert "
                 f"labelled its own task's unlabeled `{learned['split']}` inputs and the merge trained only where "
                 f"the expert was reliable (confidence ≥ {learned['tau']}, the same label on a second view) and "
                 "the merge disagreed.", ""]

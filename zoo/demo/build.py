@@ -14,14 +14,21 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from zoo.registry import Registry
 
-DEMO_VERSION = 2  # bump when the build changes, so old caches are not reused
+DEMO_VERSION = 3  # bump when the build changes, so old caches are not reused
+# The build runs on this many torch threads, with deterministic algorithms: float sums
+# split across threads round differently, so the zoo's bytes (and every number measured
+# on it) would otherwise depend on the machine's core count.
+BUILD_THREADS = 1
+# The libraries whose versions decide the built bytes; they and the thread setting key the cache.
+BUILD_LIBRARIES = ("torch", "transformers", "numpy", "scikit-learn", "safetensors")
 
 # name -> (transform, labels)
 TASKS: dict[str, tuple[str, list[str]]] = {
@@ -68,8 +75,36 @@ class DemoConfig:
     prefix: str = "demo"
 
     def key(self) -> str:
-        blob = json.dumps({"v": DEMO_VERSION, **asdict(self)}, sort_keys=True)
+        """The cache key: the config, the build's thread setting and the library versions."""
+        blob = json.dumps({"v": DEMO_VERSION, **asdict(self), "environment": build_environment()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_environment() -> dict[str, Any]:
+    """What besides the config decides the built bytes: the thread setting and the versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+    return {"threads": BUILD_THREADS, "deterministic": True, "versions": {n: ver(n) for n in BUILD_LIBRARIES}}
+
+
+@contextmanager
+def deterministic(threads: int = BUILD_THREADS) -> Iterator[None]:
+    """Fixed torch threads and deterministic algorithms inside, the caller's settings after."""
+    import torch
+
+    threads_before, det_before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det_before)
+        torch.set_num_threads(threads_before)
 
 
 FULL = DemoConfig()
@@ -156,7 +191,13 @@ def _train(model, x, y, epochs: int, lr: float, batch_size: int, seed: int) -> N
 
 
 def build(cfg: DemoConfig, out: Path, log: Callable[[str], None] = print) -> Path:
-    """Build the demo zoo's checkpoints and task files into ``out`` (atomically)."""
+    """Build the demo zoo's checkpoints and task files into ``out`` (atomically), on
+    ``BUILD_THREADS`` torch threads with deterministic algorithms."""
+    with deterministic():
+        return _build(cfg, out, log)
+
+
+def _build(cfg: DemoConfig, out: Path, log: Callable[[str], None]) -> Path:
     import torch
     import transformers
     from transformers import ViTForImageClassification
@@ -204,7 +245,8 @@ def build(cfg: DemoConfig, out: Path, log: Callable[[str], None] = print) -> Pat
             _train(expert, xt, yt, cfg.expert_epochs, cfg.expert_lr, cfg.batch_size, cfg.seed + 1 + i)
             expert.save_pretrained(tmp / "experts" / task)
             log(f"  fine-tuned expert {task} in {time.perf_counter() - t0:.1f} s")
-        (tmp / "demo.json").write_text(json.dumps({"key": cfg.key(), "config": asdict(cfg)}, indent=2))
+        (tmp / "demo.json").write_text(json.dumps({"key": cfg.key(), "config": asdict(cfg),
+                                                   "environment": build_environment()}, indent=2))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     except BaseException:
@@ -223,7 +265,8 @@ def run_demo(registry: Registry, cfg: DemoConfig = FULL, log: Callable[[str], No
     folder = (cache or cache_root()) / key
     built = False
     if not (folder / "demo.json").is_file():
-        log(f"building the demo zoo ({len(cfg.tasks)} tasks) into {folder}")
+        log(f"building the demo zoo ({len(cfg.tasks)} tasks) into {folder} on {BUILD_THREADS} torch thread(s), "
+            "deterministic algorithms")
         build(cfg, folder, log)
         built = True
     else:
@@ -272,4 +315,5 @@ def _split_sizes(path: Path) -> dict[str, int]:
     return task_info(path)["splits"]
 
 
-__all__ = ["DemoConfig", "DemoResult", "FULL", "QUICK", "TASKS", "build", "run_demo"]
+__all__ = ["BUILD_THREADS", "DemoConfig", "DemoResult", "FULL", "QUICK", "TASKS", "build", "build_environment",
+           "deterministic", "run_demo"]

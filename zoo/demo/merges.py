@@ -46,6 +46,10 @@ PARITY = {
     "parity-ta": {"merge_method": "parity", "parameters": {**PARITY_SCHEDULE, "start": "task_arithmetic"}},
     "parity-concrete-ta": {"merge_method": "parity",
                            "parameters": {**PARITY_SCHEDULE, "start": "{prefix}-concrete-ta-entropy"}},
+    # The pools above are the experts' own training inputs; this one is held out from
+    # every expert's training (the validation inputs, without their labels).
+    "parity-ta-heldout": {"merge_method": "parity",
+                          "parameters": {**PARITY_SCHEDULE, "start": "task_arithmetic", "split": "val"}},
 }
 LEARNED.update(PARITY)
 for _key, _spec in LEARNED.items():
@@ -57,6 +61,8 @@ for _key, _spec in LEARNED.items():
     LABELS[_key] = f"{_kind}, {_obj}" + (" (supervised)" if _obj == "ce" else "")
 LABELS["parity-ta"] = "parity from task arithmetic (label-free; coefficients, norms, biases)"
 LABELS["parity-concrete-ta"] = "parity from Concrete TA, entropy (label-free; coefficients, norms, biases)"
+LABELS["parity-ta-heldout"] = ("parity from task arithmetic, held-out pool (label-free; the val inputs; "
+                               "coefficients, norms, biases)")
 
 
 def base_with_heads(registry: Registry, demo: DemoResult) -> dict[str, float]:
@@ -145,4 +151,24 @@ def parity_summary(registry: Registry, rows: list[dict[str, Any]], prefix: str) 
                     "avg": row["avg"],
                     "start_avg": start_row["avg"] if start_row else None, "ta_avg": by_model[f"{prefix}-ta"]["avg"],
                     "entropy_adamerging_avg": max(entropy) if entropy else None})
+    return out
+
+
+def concrete_masks(registry: Registry, demo: DemoResult, rows: list[dict[str, Any]], draws: int = 5,
+                   log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """For each Concrete merge in ``rows``: its mask's sparsity and binariness, and its
+    average accuracy under ``draws`` fresh draws of the final mask (``demo.masks``)."""
+    from zoo.demo.masks import mask_report
+
+    out = []
+    for row in rows:
+        model = row.get("model")
+        if not model or registry.show(model)["recipe"].get("merge_method") not in ("concrete_ta",
+                                                                                  "concrete_adamerging"):
+            continue
+        report = {"method": row["method"], "avg": row["avg"], **mask_report(registry, model, demo.experts, draws)}
+        log(f"{row['method']}: mask keeps {100 * report['keep']:.0f}% on average, binariness "
+            f"{report['binariness']:.2f} (mean |logit| {report['mean_abs_logit']:.2f}); {draws} fresh "
+            f"{report['final_mask']} draws average {100 * report['draw_mean']:.1f}% ± {100 * report['draw_std']:.1f}")
+        out.append(report)
     return out

@@ -4,7 +4,7 @@ expert and merge with it, publish the best merge through a local ``zoo serve``."
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -28,6 +28,8 @@ class Tour:
     protection: dict[str, Any] | None
     published: dict[str, Any] | None
     keys: Path
+    # per Concrete merge: its mask's sparsity and binariness, and the spread over fresh draws
+    masks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def tasks(self) -> list[str]:
@@ -46,7 +48,7 @@ class Tour:
         return {"base": z.base, "experts": z.experts, "accuracy": z.accuracy, "built": z.built,
                 "seconds": z.seconds, "registry": str(z.registry), "store": str(z.store), "keys": str(self.keys),
                 "table": self.table, "parity": self.parity, "protection": self.protection,
-                "published": self.published}
+                "published": self.published, "masks": self.masks}
 
 
 def run(registry: "Registry", *, quick: bool = False, learned: bool | None = None, protection: bool = True,
@@ -55,7 +57,7 @@ def run(registry: "Registry", *, quick: bool = False, learned: bool | None = Non
     ``learned`` adds the learned merges (default: on, off with ``quick``); ``report``
     follows their training steps."""
     from zoo.demo.build import run_demo
-    from zoo.demo.merges import merge_demo, parity_summary
+    from zoo.demo.merges import concrete_masks, merge_demo, parity_summary
     from zoo.demo.protection import protect_demo, publish_demo
 
     zoo = run_demo(registry, QUICK if quick else FULL, log=log)
@@ -63,5 +65,6 @@ def run(registry: "Registry", *, quick: bool = False, learned: bool | None = Non
     rows = merge_demo(registry, zoo, log=log, learned=learned, report=report)
     locked = protect_demo(registry, zoo, rows, log=log, learned=learned, report=report) if protection else None
     parity = parity_summary(registry, rows, zoo.config.prefix)
+    masks = concrete_masks(registry, zoo, rows, log=log) if learned else []
     published = publish_demo(registry, zoo, rows, log=log) if publishing else None
-    return Tour(zoo, rows, parity, locked, published, registry.keys_dir)
+    return Tour(zoo, rows, parity, locked, published, registry.keys_dir, masks)
