@@ -44,13 +44,25 @@ def trim_magnitude(delta: torch.Tensor, density: float, threshold: float | None 
     return rescale_l1(delta, masked) if rescale else masked
 
 
+SORTED_TIES_MAX = 1 << 20  # elements; larger tensors break ties at the cut-off by position
+
+
 def magnitude_mask(delta: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` entries of largest magnitude, as a bool mask: the entries above the k-th
     largest, and of those equal to it the ones mergekit's ``argsort`` (on the float32
-    magnitudes, on the CPU) puts first."""
+    magnitudes, on the CPU) puts first. Past ``SORTED_TIES_MAX`` elements a full sort
+    costs more than the rest of the merge (bf16 deltas tie at the cut-off in nearly every
+    large tensor), so the first ties by position are kept, as a streamed tensor keeps
+    them: still exactly k, deterministic."""
     thr, above, equal = kth_largest_abs_counts(delta, k)
     if above + equal == k:  # no tie at the cut-off: the set is unique
         return delta.abs() >= thr
+    if delta.numel() > SORTED_TIES_MAX:
+        mag = delta.detach().abs()
+        mask = mag > thr
+        flat, ties = mask.reshape(-1), (mag == thr).reshape(-1).nonzero().reshape(-1)
+        flat[ties[: k - above]] = True
+        return mask
     order = torch.argsort(delta.detach().abs().reshape(-1).float().cpu(), descending=True)[:k]
     mask = torch.zeros(delta.numel(), dtype=torch.bool)
     mask[order] = True
