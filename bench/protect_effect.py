@@ -150,7 +150,7 @@ def best_merge(load: Callable[[], T.PreTrainedModel], base: dict[str, torch.Tens
 def _heads(model: T.PreTrainedModel) -> tuple[int, int, int]:
     c = model.config
     d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return c.num_attention_heads, c.num_key_value_heads, d
+    return c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, d
 
 
 def branch_only(model: T.PreTrainedModel, plain: dict[str, torch.Tensor], locked: dict[str, torch.Tensor],
@@ -162,12 +162,12 @@ def branch_only(model: T.PreTrainedModel, plain: dict[str, torch.Tensor], locked
     lock's head order. That order is read off the locked weights: each query head's
     W_O·W_V product is what the VO transform keeps, so it names the plain head it came
     from. The result computes what A computes (``run_family`` checks it)."""
-    n, kv, d = _heads(model)
-    group = n // kv
-    out = dict(locked)
     layers = sorted({k.rsplit(".self_attn.", 1)[0] for k in plain if k.endswith(".self_attn.q_proj.weight")})
     if not layers:
         return None
+    n, kv, d = _heads(model)
+    group = n // kv
+    out = dict(locked)
     for layer in layers:
         p = f"{layer}.self_attn."
         if p + "v_proj.weight" not in plain or p + "o_proj.weight" not in plain:
