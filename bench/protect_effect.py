@@ -10,8 +10,9 @@ MergeLock (default bound). Reported per family: each merge's test accuracy on bo
 tasks and the share of the plain merge's gain over the base that protection removes.
 
 llama carries the full QK transform; qwen3 (QK-norm) only the restricted one, which
-the same tasks compare directly. Float32, one seed per family; all of it runs in a few
-minutes on 2 CPU cores. Results go to bench/results/protect_effect.json.
+the same tasks compare directly. Because the VO transform alone breaks these merges,
+families with separate q/k/v/o_proj are also measured with only one branch locked
+(``branch_only``). Float32, one seed per family; about 20 s of CPU per family. Results go to bench/results/protect_effect.json.
 
     .venv/bin/python bench/protect_effect.py [--families llama,qwen3,...]
 """
