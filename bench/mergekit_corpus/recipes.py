@@ -212,7 +212,7 @@ EDGE = {
         {"model": "{e0}+{l0}", "parameters": {"weight": 0.5}}, _m("e1", weight=0.5)]}),
     "lora_syntax_bf16": ("llama-bf16", {"merge_method": "task_arithmetic", "base_model": "{base}", "models": [
         {"model": "{base}+{l0}", "parameters": {"weight": 1.0}}]}),
-    "modules_block": ("llama-f32", {"merge_method": "linear", "modules": {"text_decoder": {
+    "modules_block": ("llama-f32", {"merge_method": "linear", "modules": {"default": {
         "models": [_m("e0", weight=0.5), _m("e1", weight=0.5)]}}}),
     "single_model_linear_bf16": ("gpt2-bf16", {"merge_method": "linear", "models": [_m("e2", weight=1.0)]}),
     "dare_ties_rescale_false": ("llama-f32", {"merge_method": "dare_ties", "base_model": "{base}",

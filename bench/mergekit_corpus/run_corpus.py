@@ -111,6 +111,10 @@ def compare(mk: Path, zoo: Path, method: str, base: Path | None, no_base_tokeniz
     if set(a) != set(b):
         missing, extra = sorted(set(b) - set(a)), sorted(set(a) - set(b))
         return "SILENT DIVERGENCE", f"tensor names differ: zoo lacks {missing[:3]}, has extra {extra[:3]}", facts
+    for n in b:
+        if a[n].dtype != b[n].dtype or a[n].shape != b[n].shape:
+            return "SILENT DIVERGENCE", f"tensor {n}: zoo {a[n].dtype}{list(a[n].shape)} vs mergekit " \
+                                        f"{b[n].dtype}{list(b[n].shape)}", facts
     arbitrary = []
     if sa["dtype"] != sb["dtype"] and str(sb["dtype"]).removeprefix("torch.") == sa["dtype"]:
         arbitrary.append(f"config.json dtype: mergekit echoes {sb['dtype']!r}, zoo writes {sa['dtype']!r}")
@@ -123,11 +127,7 @@ def compare(mk: Path, zoo: Path, method: str, base: Path | None, no_base_tokeniz
         sb = {**sb, "tokenizer": sa["tokenizer"]}
     for key in ("dtype", "layers", "vocab_size", "tokenizer"):
         if sa[key] != sb[key]:
-            return "SILENT DIVERGENCE", f"{key}: zoo {sa[key]} vs mergekit {sb[key]}", facts
-    for n in b:
-        if a[n].dtype != b[n].dtype or a[n].shape != b[n].shape:
-            return "SILENT DIVERGENCE", f"{n}: zoo {a[n].dtype}{list(a[n].shape)} vs mergekit " \
-                                        f"{b[n].dtype}{list(b[n].shape)}", facts
+            return "SILENT DIVERGENCE", f"config.json/tokenizer {key}: zoo {sa[key]} vs mergekit {sb[key]}", facts
     differ = [n for n in b if not torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8))]
     if not differ:
         return ("arbitrary in mergekit", "; ".join(arbitrary), facts) if arbitrary else ("identical", "", facts)
