@@ -187,7 +187,7 @@ def named_in_docs(line: str) -> bool | None:
     None when the line names no such subject (left to a reader)."""
     words = re.findall(r"['\"`]([^'\"`/]{2,40})['\"`]", line) + (["gradient"] if "gradient" in line else [])
     text = DOCS_MERGING.read_text()
-    return any(w in text for w in words) if words else None
+    return any(re.search(rf"\b{re.escape(w)}\b", text) for w in words) if words else None
 
 
 def main() -> None:
