@@ -12,7 +12,7 @@ PIP    := -m pip install --quiet -c constraints.txt
 PINNED := PIP_CONSTRAINT=$(CURDIR)/constraints.txt
 LOCK_VENV := .venv-lock
 
-.PHONY: demo test setup bench docs lock clean
+.PHONY: demo test setup postgres browser bench docs lock clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,22 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/zoo demo
 
-test: $(STAMP)
+# The registry tests run on SQLite and on a real PostgreSQL server that the tests start on a
+# private port and socket in a temp folder and stop at the end (tests/postgres.py). This
+# installs Debian's postgresql package first where it is missing (as root); without it
+# those tests skip with the reason.
+postgres:
+	$(BIN)/python tests/postgres.py
+
+test: $(STAMP) postgres browser
 	$(BIN)/python -m pytest -q
+
+# tests/test_web.py drives the distribution's chromium through Playwright (no browser download).
+# Installed when missing, as root on Debian; elsewhere install chromium yourself (the test skips, saying so).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  echo "no chromium: tests/test_web.py will skip (install Debian's chromium package)"
 
 # The CLI reference, from every command's --help (tests/test_cli_help.py checks it is current).
 docs: $(STAMP)
@@ -51,6 +65,7 @@ lock:
 bench: $(STAMP)
 	$(BIN)/python bench/add_throughput.py
 	$(BIN)/python bench/list_10k.py
+	$(BIN)/python bench/list_pg.py
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/demo_interference.py
 	$(BIN)/python bench/learned_demo.py --investigate

@@ -84,7 +84,7 @@ def main() -> None:
     os.environ["HF_HUB_DISABLE_XET"] = "1"
     from zoo import Registry
     from zoo.hub.client import pull, push_folder
-    from zoo.hub.tokens import create_token
+    from zoo.hub.accounts import Accounts
 
     src_files = files_of(args.model)
     total = sum(p.stat().st_size for p in src_files)
@@ -119,7 +119,9 @@ def main() -> None:
 
             copy_t = timed(copy)
             loop_t = timed(copy_loop)
-            token = create_token(r / "server.tokens", "bench")
+            server_reg = Registry(r / "server.db", create=True)
+            token = Accounts(server_reg).create_token("bench")["token"]
+            server_reg.close()
             proc, url = start_server(r / "server.db", env)
             try:
                 push_t = timed(lambda: push_folder(model_dir, "bench/model", endpoint=url, token=token,

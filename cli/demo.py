@@ -70,6 +70,7 @@ def print_tour(tour: "Tour") -> None:
     print(f"registry: {res.registry}\nstore:    {res.store}\nkeys:     {tour.keys}\ncache:    {res.cache}")
     p = res.config.prefix
     print(f"next: `zoo list`, `zoo lineage {p}-ties`, `zoo check {p}-parity`, `zoo eval {p}-ta --task hflip`")
+    print(f"compare the merges in a browser: run `zoo serve`, then open http://127.0.0.1:8000{tour.compare_path}")
 
 
 def _print_protection(locked: dict[str, Any], tasks: list[str]) -> None:

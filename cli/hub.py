@@ -1,5 +1,5 @@
 """Hub commands: pull from and push to a Hugging Face Hub, serve the registry as one, and
-the tokens that may write to it."""
+the users, organisations and tokens of that server."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from typing import Optional
 import typer
 
 from zoo.cli import render
-from zoo.cli.options import EndpointOpt, JsonOpt, RegistryOpt, Typer, open_registry, registry_file
+from zoo.cli.options import EndpointOpt, JsonOpt, RegistryOpt, Typer, open_registry, registry_location
 
 app = Typer()
-token_app = Typer(no_args_is_help=True, help="Tokens for `zoo serve`.")
+token_app = Typer(no_args_is_help=True, help="Tokens of `zoo serve`'s users.")
+user_app = Typer(no_args_is_help=True, help="Users of `zoo serve`.")
+org_app = Typer(no_args_is_help=True, help="Organisations of `zoo serve`: namespaces their members write to.")
 
 
 @app.command()
@@ -90,49 +92,178 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS",
                              help="Address to listen on (default: loopback only)."),
     port: int = typer.Option(8000, "--port", "-p", metavar="PORT", help="Port (0: any free one)."),
-    token_file: Optional[Path] = typer.Option(None, "--token-file", metavar="PATH",
-                                              help="Tokens that may write (default: registry.tokens beside the "
-                                                   "registry)."),
     private_reads: bool = typer.Option(False, "--private-reads", help="Reads need a token too (default: open)."),
     lfs_threshold: int = typer.Option(10 * 1024 * 1024, "--lfs-threshold", metavar="BYTES",
                                       help="Files this big or bigger upload through LFS, not inline."),
     quiet: bool = typer.Option(False, "--quiet", help="No access log."),
     registry: Optional[Path] = RegistryOpt,
 ) -> None:
-    """Serve the registry as a Hugging Face Hub-compatible endpoint (HF_ENDPOINT=URL)."""
-    from zoo.hub.server import ServeSettings, serve as serve_api
-    from zoo.hub.tokens import TokenSet, default_token_file
+    """Serve the registry as a Hugging Face Hub-compatible endpoint (HF_ENDPOINT=URL).
 
-    path = registry_file()
-    tokens = TokenSet.load(token_file or default_token_file(path), missing_ok=token_file is None)
-    settings = ServeSettings(tokens, open_reads=not private_reads, lfs_threshold=lfs_threshold)
+    Users, organisations and tokens are managed on this machine with `zoo user`, `zoo org`
+    and `zoo token`. On the first run, a user (your login name) and its write token are
+    made, and the token is printed once."""
+    from zoo.hub.server import ServeSettings, serve as serve_api
+    from zoo.hub.server.startup import open_accounts
+
+    where = registry_location()
+    path = where.file if where.file is not None else where.store / "registry.db"  # beside it: an old token file
+    settings = ServeSettings(open_reads=not private_reads, lfs_threshold=lfs_threshold)
+    said: list[str] = []
+
+    def opened():
+        reg = open_registry(create=True)
+        said.extend(open_accounts(reg, path))
+        return reg
 
     def ready(url: str) -> None:
-        writers = f"{len(tokens)} token(s)" if len(tokens) else "no tokens yet: read-only until `zoo token create`"
-        print(f"serving {path} at {url} ({writers}; reads {'need a token' if private_reads else 'open'}). "
-              f"Clients: HF_ENDPOINT={url} HF_HUB_DISABLE_XET=1", flush=True)
+        print(f"serving {where.shown} at {url} (reads {'need a token' if private_reads else 'open'}). "
+              f"Clients: HF_ENDPOINT={url} HF_HUB_DISABLE_XET=1 HF_TOKEN=<token>; pages: {url}/ui", flush=True)
+        for line in said:
+            print(line, flush=True)
 
-    serve_api(lambda: open_registry(create=True), settings, host=host, port=port, on_ready=ready,
-              access_log=not quiet)
+    serve_api(opened, settings, host=host, port=port, on_ready=ready, access_log=not quiet)
 
 
 @token_app.command("create")
 def token_create(
-    name: str = typer.Option(..., "--name", "-n", metavar="NAME", help="Who or what holds the token."),
-    scope: str = typer.Option("write", "--scope", metavar="SCOPE", help="write (push and pull) or read."),
-    token_file: Optional[Path] = typer.Option(None, "--token-file", metavar="PATH",
-                                              help="Token file (default: registry.tokens beside the registry)."),
+    user: str = typer.Option(..., "--user", "-u", metavar="USER",
+                             help="The user who holds the token (added if new)."),
+    scope: str = typer.Option("write", "--scope", metavar="SCOPE",
+                              help="write (read, and write to the user's namespaces) or read."),
     as_json: bool = JsonOpt,
     registry: Optional[Path] = RegistryOpt,
 ) -> None:
     """Create a token for `zoo serve`; it is shown once, and only its hash is kept."""
-    from zoo.hub.tokens import create_token, default_token_file
+    from zoo.hub.accounts import Accounts
 
-    file = token_file or default_token_file(registry_file())
-    token = create_token(file, name, scope)
+    out = Accounts(open_registry(create=True)).create_token(user, scope)
     if as_json:
-        render.emit_json({"name": name, "scope": scope, "token": token, "token_file": str(file)})
+        render.emit_json(out)
         return
-    print(token)
-    print(f"({scope} token {name!r} added to {file}; it is not shown again. Clients: HF_TOKEN=<token>)",
-          file=sys.stderr)
+    print(out["token"])
+    added = f"added user {out['user']!r} and " if out["user_created"] else ""
+    print(f"({added}created {scope} token {out['id']} of {out['user']}; it is not shown again. "
+          "Clients: HF_TOKEN=<token>)", file=sys.stderr)
+
+
+@token_app.command("list")
+def token_list(
+    user: Optional[str] = typer.Option(None, "--user", "-u", metavar="USER", help="Only this user's tokens."),
+    revoked: bool = typer.Option(False, "--revoked", help="Include revoked tokens."),
+    as_json: bool = JsonOpt,
+    registry: Optional[Path] = RegistryOpt,
+) -> None:
+    """List the server's tokens (ids, users, scopes; never the tokens themselves)."""
+    from zoo.hub.accounts import Accounts
+
+    rows = Accounts(open_registry()).tokens(user, revoked=revoked)
+    if as_json:
+        render.emit_json(rows)
+        return
+    if not rows:
+        print("no tokens; create one with `zoo token create --user NAME`", file=sys.stderr)
+    render.table(rows, [("id", "ID"), ("user", "USER"), ("scope", "SCOPE"), ("created_at", "CREATED")]
+                 + ([("revoked_at", "REVOKED")] if revoked else []))
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: str = typer.Argument(..., metavar="ID", help="The token's id, from `zoo token list`."),
+    as_json: bool = JsonOpt,
+    registry: Optional[Path] = RegistryOpt,
+) -> None:
+    """Revoke a token: a running server refuses it from its next request."""
+    from zoo.hub.accounts import Accounts
+
+    out = Accounts(open_registry()).revoke(token_id)
+    if as_json:
+        render.emit_json(out)
+        return
+    print(f"revoked {out['scope']} token {out['id']} of {out['user']}")
+
+
+@user_app.command("add")
+def user_add(
+    name: str = typer.Argument(..., metavar="NAME", help="The user's name: its namespace for repositories."),
+    as_json: bool = JsonOpt,
+    registry: Optional[Path] = RegistryOpt,
+) -> None:
+    """Add a user of `zoo serve` (`zoo token create --user NAME` gives it a token)."""
+    from zoo.hub.accounts import Accounts
+
+    created = Accounts(open_registry(create=True)).add_user(name)
+    if as_json:
+        render.emit_json({"name": name, "kind": "user", "created": created})
+        return
+    print(f"added user {name}" if created else f"user {name} already exists; nothing to do")
+
+
+@user_app.command("list")
+def user_list(
+    as_json: bool = JsonOpt,
+    registry: Optional[Path] = RegistryOpt,
+) -> None:
+    """List the server's users and organisations, with members and live tokens."""
+    from zoo.hub.accounts import Accounts
+
+    rows = Accounts(open_registry()).accounts()
+    if as_json:
+        render.emit_json(rows)
+        return
+    if not rows:
+        print("no users yet; add one with `zoo user add NAME` or `zoo token create --user NAME`", file=sys.stderr)
+    render.table([{**r, "with": r.get("members", r.get("orgs"))} for r in rows],
+                 [("name", "NAME"), ("kind", "KIND"), ("with", "MEMBERS / ORGS"), ("tokens", "TOKENS")])
+
+
+@org_app.command("add")
+def org_add(
+    name: str = typer.Argument(..., metavar="ORG", help="The organisation's name: a namespace for repositories."),
+    members: list[str] = typer.Option([], "--member", "-m", metavar="USER", help="A member (repeat for more)."),
+    as_json: bool = JsonOpt,
+    registry: Optional[Path] = RegistryOpt,
+) -> None:
+    """Add an organisation, optionally with members; its members may write to its namespace."""
+    from zoo.hub.accounts import Accounts
+
+    created = Accounts(open_registry(create=True)).add_org(name, members)
+    if as_json:
+        render.emit_json({"name": name, "kind": "org", "created": created, "members": members})
+        return
+    print((f"added organisation {name}" if created else f"organisation {name} exists")
+          + (f"; members: {', '.join(members)}" if members else ""))
+
+
+@org_app.command("add-member")
+def org_add_member(
+    org: str = typer.Argument(..., metavar="ORG"),
+    user: str = typer.Argument(..., metavar="USER"),
+    as_json: bool = JsonOpt,
+    registry: Optional[Path] = RegistryOpt,
+) -> None:
+    """Make a user a member of an organisation."""
+    from zoo.hub.accounts import Accounts
+
+    added = Accounts(open_registry()).add_member(org, user)
+    if as_json:
+        render.emit_json({"org": org, "user": user, "added": added})
+        return
+    print(f"{user} is now a member of {org}" if added else f"{user} already is a member of {org}; nothing to do")
+
+
+@org_app.command("remove-member")
+def org_remove_member(
+    org: str = typer.Argument(..., metavar="ORG"),
+    user: str = typer.Argument(..., metavar="USER"),
+    as_json: bool = JsonOpt,
+    registry: Optional[Path] = RegistryOpt,
+) -> None:
+    """Remove a user from an organisation: its tokens lose that namespace at once."""
+    from zoo.hub.accounts import Accounts
+
+    Accounts(open_registry()).remove_member(org, user)
+    if as_json:
+        render.emit_json({"org": org, "user": user, "removed": True})
+        return
+    print(f"{user} is no longer a member of {org}")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
 
 from zoo.cli import demo, hub, merge, protect, registry, render
-from zoo.cli.options import REGISTRY_HELP, State
+from zoo.cli.options import REGISTRY_HELP, STORE_HELP, State
 from zoo.errors import ZooError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -33,18 +32,23 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(registry: Optional[Path] = typer.Option(None, "--registry", metavar="PATH", envvar="ZOO_REGISTRY",
-                                                  help=REGISTRY_HELP),
+def _root(registry: Optional[str] = typer.Option(None, "--registry", metavar="PATH", envvar="ZOO_REGISTRY",
+                                                 help=REGISTRY_HELP),
+          store: Optional[str] = typer.Option(None, "--store", metavar="PATH", envvar="ZOO_STORE", help=STORE_HELP),
           version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
                                        help="Print zoo's version and exit.")) -> None:
-    # Every run sets it (None: the default), so nothing carries over between runs in one process.
+    # Every run sets them (None: the default), so nothing carries over between runs in one process.
     State.registry = registry
+    State.store = store
 
 
 for group in (registry.app, merge.app, protect.app, hub.app, demo.app):
     app.add_typer(group)
 app.add_typer(hub.token_app, name="token")
+app.add_typer(hub.user_app, name="user")
+app.add_typer(hub.org_app, name="org")
 app.add_typer(protect.key_app, name="key")
+app.add_typer(registry.registry_app, name="registry")
 
 
 def _quiet_third_party_bars() -> None:

@@ -3,12 +3,12 @@ the command works on, and the options that read the same everywhere (``--registr
 ``--json``, ``--endpoint``).
 
 ``--registry`` is a global option (``zoo --registry X list``) that also works after the
-subcommand (``zoo list --registry X``); the one given last wins.
+subcommand (``zoo list --registry X``); the one given last wins. ``--store`` (the blob
+store of a registry on a database server) is global only, or ``$ZOO_STORE``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import typer
@@ -18,6 +18,7 @@ from zoo.checkpoints.writer import DEFAULT_SHARD_BYTES
 
 if TYPE_CHECKING:  # the ORM is imported only by the commands that open a registry
     from zoo.registry import Registry
+    from zoo.registry.paths import Location
 
 
 class Command(TyperCommand):
@@ -61,26 +62,32 @@ class Typer(typer.Typer):
 
 
 class State:
-    """The registry path from the global ``--registry`` (None: $ZOO_REGISTRY, else ./registry.db)."""
+    """The registry from the global ``--registry`` and ``--store`` (None: $ZOO_REGISTRY and
+    $ZOO_STORE, else ./registry.db with its store beside it)."""
 
-    registry: Optional[Path] = None
-    created: Optional[Path] = None  # a registry this command made; removed again if the command fails
+    registry: Optional[str] = None
+    store: Optional[str] = None
+    created: "Optional[Location]" = None  # a registry this command made; removed again if the command fails
 
 
-def _remember_registry(value: Optional[Path]) -> Optional[Path]:
+def _remember_registry(value: Optional[str]) -> Optional[str]:
     if value is not None:
         State.registry = value
     return value
 
 
-REGISTRY_HELP = "Registry database (default: $ZOO_REGISTRY, else ./registry.db)."
+REGISTRY_HELP = ("Registry: a SQLite file (PATH or sqlite:///PATH) or a PostgreSQL database "
+                 "(postgresql://USER@HOST/DB, with --store). Default: $ZOO_REGISTRY, else ./registry.db.")
+STORE_HELP = ("Blob store folder. Required with a PostgreSQL registry (default: $ZOO_STORE); a SQLite "
+              "registry keeps it beside the file.")
 
 
 # A subcommand's ``--registry`` reaches State through its callback, so the commands only
 # declare the parameter (expose_value=False: typer does not pass it). The root command
-# sets State on every run, so nothing carries over between runs in one process.
+# sets State on every run, so nothing carries over between runs in one process. The value
+# is parsed as a string: a Path would fold the ``//`` of a URL.
 RegistryOpt = typer.Option(None, "--registry", metavar="PATH", help=REGISTRY_HELP, callback=_remember_registry,
-                           expose_value=False)
+                           expose_value=False, parser=str)
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of text.")
 EndpointOpt = typer.Option(None, "--endpoint", metavar="URL",
                            help="Hub URL (default: $HF_ENDPOINT, else huggingface.co). The token comes from "
@@ -88,27 +95,29 @@ EndpointOpt = typer.Option(None, "--endpoint", metavar="URL",
 ShardSizeOpt = typer.Option(DEFAULT_SHARD_BYTES, "--shard-size", metavar="BYTES", help="Bytes per output shard.")
 
 
-def registry_file() -> Path:
-    """The registry's absolute path (it need not exist)."""
-    from zoo.registry.paths import registry_path
+def registry_location() -> "Location":
+    """Where the command's registry is (it need not exist yet)."""
+    from zoo.registry.paths import locate
 
-    return registry_path(State.registry)
+    return locate(State.registry, State.store)
 
 
 def open_registry(create: bool = False) -> "Registry":
     from zoo.registry import Registry
 
-    path = registry_file()
-    new = create and not path.exists()
-    reg = Registry(State.registry, create=create)
+    where = registry_location()
+    new = create and where.file is not None and not where.file.exists()
+    reg = Registry(where, create=create)
     if new:
-        State.created = reg.path
+        State.created = reg.location
     return reg
 
 
 def registry_if_any() -> "Registry | None":
-    """The registry if there is one (to resolve names), else None (paths only)."""
-    return open_registry() if registry_file().exists() else None
+    """The registry if there is one (to resolve names), else None (paths only). A registry
+    on a server is named on purpose, so it is opened (and a missing one is an error)."""
+    where = registry_location()
+    return open_registry() if where.on_server or (where.file is not None and where.file.exists()) else None
 
 
 def registry_for(out: Optional[str]) -> "Registry | None":

@@ -8,9 +8,12 @@ from typing import Any, Optional
 import typer
 
 from zoo.cli import render
-from zoo.cli.options import JsonOpt, RegistryOpt, Typer, open_registry, registry_file
+from zoo.cli.options import JsonOpt, RegistryOpt, Typer, open_registry, registry_location
 
 app = Typer()
+# `zoo registry ...`: commands on a whole registry.
+registry_app = Typer(name="registry", no_args_is_help=True,
+                     help="Whole registries: copy one between SQLite and PostgreSQL.")
 
 KINDS_HELP = "base | expert | adapter | merged | protected"
 
@@ -63,14 +66,17 @@ def list_(
     registry: Optional[Path] = RegistryOpt,
 ) -> None:
     """List registered models."""
-    # The fast path: sqlite3 only, neither SQLAlchemy nor torch.
-    from zoo.registry.listing import list_models
+    # The fast path: sqlite3 (or psycopg) only, neither SQLAlchemy nor torch.
+    from zoo.registry.listing import list_models, model_lines
     from zoo.registry.paths import existing_registry
 
-    rows = list_models(existing_registry(registry_file()), kind=kind, base=base, task=task, tag=tag)
+    where = registry_location()
+    if where.file is not None:
+        existing_registry(where.file)
     if as_json:
-        render.emit_json(rows)
+        render.emit_json_lines(model_lines(where, kind=kind, base=base, task=task, tag=tag))
         return
+    rows = list_models(where, kind=kind, base=base, task=task, tag=tag)
     if not rows:
         print("no models; add one with `zoo add PATH --name NAME --kind base`")
         return
@@ -99,6 +105,10 @@ def _print_model(info: dict[str, Any]) -> None:
     print(f"  architecture: {arch.get('model_type', '-')}  hidden {arch.get('hidden_size', '-')}  "
           f"layers {arch.get('num_layers', '-')}  heads {arch.get('num_heads', '-')}  "
           f"kv heads {arch.get('num_kv_heads', '-')}  vocab {arch.get('vocab_size', '-')}")
+    if "decoder_layers" in arch:  # an encoder-decoder: each side's counts
+        print(f"                encoder layers {arch.get('encoder_layers', '-')}  heads "
+              f"{arch.get('encoder_heads', '-')}  decoder layers {arch['decoder_layers']}  heads "
+              f"{arch.get('decoder_heads', '-')}")
     print(f"  tensors:      {t['count']}  ({t['parameters']:,} parameters, {render.human_bytes(t['bytes'])}, "
           + ", ".join(f"{k} x{v}" for k, v in t["dtypes"].items()) + ")")
     src = info["source"]
@@ -254,3 +264,32 @@ def gc(older_than: float = typer.Option(7200, "--older-than", metavar="SECONDS",
         folders = f" and {info['folders_removed']} half-written folder(s) of killed commands" \
             if info["folders_removed"] else ""
         print(f"removed {info['blobs_removed']} unused blob(s){folders}, {render.human_bytes(info['bytes_freed'])}")
+
+
+@registry_app.command("copy")
+def copy(
+    source: str = typer.Argument(..., metavar="SRC", help="The registry to copy: a SQLite file or a postgresql:// URL."),
+    destination: str = typer.Argument(..., metavar="DST", help="Where to: a new or empty registry, file or URL."),
+    from_store: Optional[str] = typer.Option(None, "--from-store", metavar="PATH",
+                                             help="SRC's blob store (needed when SRC is a URL)."),
+    to_store: Optional[str] = typer.Option(None, "--to-store", metavar="PATH",
+                                           help="DST's blob store (needed when DST is a URL)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Copy a whole registry, rows and blobs, into a new or empty one (SQLite to
+    PostgreSQL, or back). Row counts and every blob's sha256 are checked; on any failure
+    the destination is left as it was."""
+    from zoo.registry.paths import locate
+    from zoo.registry.transfer import copy_registry
+
+    src = locate(source, from_store, use_env=False)
+    dst = locate(destination, to_store, use_env=False)
+    with render.progress_bars() as progress:
+        report = copy_registry(src, dst, progress=progress)
+    if as_json:
+        render.emit_json(report.as_dict())
+    else:
+        rows = sum(report.rows.values())
+        print(f"copied {report.source} -> {report.destination}: {report.rows.get('models', 0)} models, "
+              f"{rows} rows, {report.blobs} blobs ({render.human_bytes(report.bytes)}); row counts and blob "
+              "hashes verified")

@@ -14,9 +14,14 @@ from zoo.progress import Advance, ProgressFactory, no_progress
 def emit_json(data: Any) -> None:
     """Objects indented; lists of objects one per line, which stays fast for big listings."""
     if isinstance(data, list) and len(data) > 0 and all(isinstance(x, dict) for x in data):
-        sys.stdout.write("[\n" + ",\n".join(json.dumps(x, default=str) for x in data) + "\n]\n")
+        emit_json_lines([json.dumps(x, default=str) for x in data])
     else:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def emit_json_lines(lines: list[str]) -> None:
+    """A list of objects already written as JSON, one per line, as ``emit_json`` prints it."""
+    sys.stdout.write("[\n" + ",\n".join(lines) + "\n]\n" if lines else "[]\n")
 
 
 def error(message: str) -> None:

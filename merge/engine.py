@@ -95,7 +95,9 @@ def execute(plan: Plan, folder: Path, *, device: str = "auto", shard_bytes: int 
 
 def _streamable(plan: Plan, name: str) -> bool:
     """Elementwise methods stream in pieces, except over LoRA tensors (B·A is made whole)."""
-    return plan.method.streams(plan.options(name)) and not any(m.is_adapter and name in m.lora for m in plan.models)
+    shape = tuple(_base_ckpt(plan).tensors[name].shape)
+    return plan.method.streams(name, shape, plan.options(name)) and \
+        not any(m.is_adapter and name in m.lora for m in plan.models)
 
 
 def _model_stats(plan: Plan, dev: torch.device, chunk: int, progress: ProgressFactory,

@@ -65,6 +65,8 @@ def realign_checkpoint(locked: Checkpoint, base: Checkpoint, folder: Path) -> di
     layout = layout_for(locked)
 
     def fn(att: Attention, role: str, name: str, t: torch.Tensor) -> torch.Tensor:
+        if role in ("q_norm", "k_norm"):  # no weight to fit a per-head matrix on: left as locked
+            return t
         wname = att.tensors[role.removesuffix("_bias")]
         if wname not in base.tensors:
             raise ZooError(f"the base has no {wname}; the attack needs the protected model's own base")

@@ -11,6 +11,12 @@ weights leave the basin the other experts share (MergeLock, arXiv 2509.01548).
 - Under RoPE the QK matrix may only be a per-frequency-pair scaled rotation, in the
   model's ``rotate_half`` pair layout (dims j and j + d/2); the q pair is scaled by s_j
   and the k pair by 1/s_j (they must commute with RoPE's 2×2 rotations). V is untouched by RoPE, so B stays general.
+  With partial rotary (Phi, GPT-NeoX, GPT-J, StableLM) the pass-through dims get a
+  general matrix. GPT-J's ``rotate_every_two`` pairs dims (2j, 2j + 1) instead.
+- Under QK-norm (Qwen3, Gemma 3, OLMo 2) q and k are normalised before RoPE: no matrix
+  on W_Q/W_K survives the norm, only a per-pair scale folded into the norm weights
+  (shared by all heads when they share the weight). To make up for that weaker QK
+  transform, KV groups and the query heads within each are also permuted.
 - Under GQA every query head of a KV group shares its group's matrices (grouped-query attention).
 - Matrices are drawn from the key's seed with a counter-based stream per sublayer and
   branch (PCG64 raw bits, turned into numbers here), so they depend on the key and the
@@ -140,38 +146,80 @@ def _general(stream: _Stream, groups: int, d: int, max_cond: float) -> Pair:
     return Pair(torch.from_numpy(np.stack(fwd)), torch.from_numpy(np.stack(inv)), float(max(conds)))
 
 
-def _rope(stream: _Stream, groups: int, d: int, max_cond: float) -> Pair:
-    """M = ⊕_j s_j·Rot(φ_j) on the pairs (j, j + d/2); its inverse is ⊕_j Rot(-φ_j)/s_j."""
-    half = d // 2
+def _rope(stream: _Stream, groups: int, d: int, max_cond: float, rot: int | None = None,
+          interleaved: bool = False) -> Pair:
+    """M = ⊕_j s_j·Rot(φ_j) on the pairs (j, j + r/2) of the first r = ``rot`` dims (with
+    ``interleaved``, GPT-J's pairs (2j, 2j + 1)); its inverse is ⊕_j Rot(-φ_j)/s_j. With
+    partial rotary the d - r pass-through dims carry no position, so they get a general
+    matrix C (cond ≤ κ, like the pair scales)."""
+    rot = d if rot is None else rot
+    half = rot // 2
     fwd, inv, conds = [], [], []
     for _ in range(groups):
         s, phi = _log_uniform(stream, half, max_cond), 2.0 * np.pi * stream.uniform(half)
         c, sn = np.cos(phi), np.sin(phi)
         m, mi = np.zeros((d, d)), np.zeros((d, d))
         j = np.arange(half)
-        # [x_j, x_{j+h}] -> s·[c x_j - sn x_{j+h}, sn x_j + c x_{j+h}]
-        m[j, j], m[j, j + half], m[j + half, j], m[j + half, j + half] = s * c, -s * sn, s * sn, s * c
-        mi[j, j], mi[j, j + half], mi[j + half, j], mi[j + half, j + half] = c / s, sn / s, -sn / s, c / s
+        a, b = (2 * j, 2 * j + 1) if interleaved else (j, j + half)
+        # [x_a, x_b] -> s·[c x_a - sn x_b, sn x_a + c x_b]
+        m[a, a], m[a, b], m[b, a], m[b, b] = s * c, -s * sn, s * sn, s * c
+        mi[a, a], mi[a, b], mi[b, a], mi[b, b] = c / s, sn / s, -sn / s, c / s
+        scales = [s]
+        if rot < d:
+            u, v, t = _haar(stream, d - rot), _haar(stream, d - rot), _log_uniform(stream, d - rot, max_cond)
+            m[rot:, rot:], mi[rot:, rot:] = (u * t) @ v.T, (v / t) @ u.T
+            scales.append(t)
         fwd.append(m)
         inv.append(mi)
+        every = np.concatenate(scales)
+        conds.append(every.max() / every.min())
+    return Pair(torch.from_numpy(np.stack(fwd)), torch.from_numpy(np.stack(inv)), float(max(conds)))
+
+
+def _pair_scales(stream: _Stream, groups: int, d: int, max_cond: float) -> Pair:
+    """Diagonal M = diag(s), one s_j per RoPE pair (j, j + d/2), repeated on both dims:
+    all that commutes with both RoPE and a QK-norm's per-dim weights. Folded into the
+    norm weights (q side ×s, k side ×1/s), it keeps qᵀk."""
+    fwd, inv, conds = [], [], []
+    for _ in range(groups):
+        s = _log_uniform(stream, d // 2, max_cond)
+        s = np.concatenate([s, s])
+        fwd.append(np.diag(s))
+        inv.append(np.diag(1.0 / s))
         conds.append(s.max() / s.min())
     return Pair(torch.from_numpy(np.stack(fwd)), torch.from_numpy(np.stack(inv)), float(max(conds)))
 
 
+def _permutation(stream: _Stream, groups: int, size: int) -> torch.Tensor:
+    """Query-head order: KV groups shuffled, then the query heads within each group.
+    New head i takes old head ``perm[i]``, which stays in the group that moves with it."""
+    kv = np.argsort(stream.uniform(groups), kind="stable")
+    within = [np.argsort(stream.uniform(size), kind="stable") for _ in range(groups)]
+    return torch.from_numpy(np.concatenate([kv[g] * size + within[g] for g in range(groups)]).astype(np.int64))
+
+
 @dataclass
 class Transforms:
-    """One sublayer's matrices: ``qk`` is A (q side), ``vo`` is B."""
+    """One sublayer's matrices: ``qk`` is A (q side), ``vo`` is B; ``perm`` the query
+    heads' new order (None: heads stay in place)."""
 
     qk: Pair
     vo: Pair
+    perm: torch.Tensor | None = None
 
 
 def draw(key: Key, att: Attention) -> Transforms:
     """The sublayer's matrices, drawn from the key and the sublayer's name."""
     qk_stream, vo_stream = _Stream(key.seed, att.unit, "qk"), _Stream(key.seed, att.unit, "vo")
-    qk = (_rope if att.rope else _general)(qk_stream, att.kv_heads, att.head_dim, key.max_cond)
+    if att.qk_norm:  # one scale for all heads when they share the norm's weight, else one per KV group
+        qk = _pair_scales(qk_stream, 1 if att.qk_norm == "head" else att.kv_heads, att.head_dim, key.max_cond)
+    elif att.rope:
+        qk = _rope(qk_stream, att.kv_heads, att.head_dim, key.max_cond, att.rotary, att.rope_pairs == "interleaved")
+    else:
+        qk = _general(qk_stream, att.kv_heads, att.head_dim, key.max_cond)
     vo = _general(vo_stream, att.kv_heads, att.head_dim, key.max_cond)
-    return Transforms(qk, vo)
+    perm = _permutation(_Stream(key.seed, att.unit, "perm"), att.kv_heads, att.group_size) if att.permute else None
+    return Transforms(qk, vo, perm)
 
 
 def _per_head(m: torch.Tensor, att: Attention) -> torch.Tensor:
@@ -188,47 +236,135 @@ def left_blocks(w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 def right_blocks(w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Multiply each head's block of columns by its matrix: [out, n·d] by [n, d, d]."""
     d = m.shape[1]
+    if m.shape[0] * d != w.shape[1]:  # every column must be written: ``out`` starts uninitialised
+        raise ValueError(f"{m.shape[0]} matrices of {d} for {w.shape[1]} columns")
     out = torch.empty_like(w)
     for h in range(m.shape[0]):  # per head: faster than one batched matmul over a strided view
         torch.matmul(w[:, h * d:(h + 1) * d], m[h], out=out[:, h * d:(h + 1) * d])
     return out
 
 
-def role_factors(t: Transforms, att: Attention, unlock: bool = False) -> dict[str, torch.Tensor]:
-    """What each role is multiplied by, per query or KV head, to lock (or with ``unlock``
-    to undo the lock): from the left for q, k and v, from the right for o, in column
-    convention."""
+@dataclass
+class Factors:
+    """What each block of a sublayer is multiplied by, to lock (or to undo the lock).
+
+    ``mats``: per query or KV head, from the left for q, k and v and from the right for o
+    (column convention); per head (or one shared row) scale vectors for ``q_norm`` and
+    ``k_norm``. A role with no entry is not multiplied. ``perm``/``perm_kv``: the heads'
+    new order, applied before the matrices when locking and undone after them when
+    unlocking.
+    """
+
+    mats: dict[str, torch.Tensor]
+    perm: torch.Tensor | None = None
+    perm_kv: torch.Tensor | None = None
+    unlock: bool = False
+
+
+def role_factors(t: Transforms, att: Attention, unlock: bool = False) -> Factors:
+    """The factors that lock (or with ``unlock`` undo the lock of) one sublayer."""
     a, a_inv, b, b_inv = t.qk.fwd, t.qk.inv, t.vo.fwd, t.vo.inv
-    if unlock:
-        mats = {"q": a_inv, "k": a.transpose(1, 2), "v": b_inv, "o": b}
+    if att.qk_norm:  # q and k weights stay (up to the permutation); the scales go into the norms
+        s, s_inv = torch.diagonal(a, dim1=1, dim2=2), torch.diagonal(a_inv, dim1=1, dim2=2)
+        mats = {"q_norm": s_inv if unlock else s, "k_norm": s if unlock else s_inv,
+                "v": b_inv if unlock else b, "o": _per_head(b if unlock else b_inv, att)}
+        if att.qk_norm == "full":
+            mats["q_norm"] = _per_head(mats["q_norm"], att)
+    elif unlock:
+        mats = {"q": _per_head(a_inv, att), "k": a.transpose(1, 2), "v": b_inv, "o": _per_head(b, att)}
     else:
-        mats = {"q": a, "k": a_inv.transpose(1, 2), "v": b, "o": b_inv}
-    return {**mats, "q": _per_head(mats["q"], att), "o": _per_head(mats["o"], att)}
+        mats = {"q": _per_head(a, att), "k": a_inv.transpose(1, 2), "v": b, "o": _per_head(b_inv, att)}
+    perm_kv = None if t.perm is None else t.perm[::att.group_size] // att.group_size
+    return Factors(mats, t.perm, perm_kv, unlock)
 
 
 def column_blocks(att: Attention, role: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     """A tensor's q, k, v or o blocks in column convention (rows of Q/K/V per head, columns
-    of O per head): GPT-2's fused ``c_attn`` is split and Conv1D weights transposed."""
-    if role in ("qkv", "qkv_bias"):  # [in, 3E] / [3E], blocks Q | K | V
-        return dict(zip("qkv", (w.T if role == "qkv" else w).chunk(3, dim=0)))
+    of O per head): fused ``qkv`` weights are split (GPT-2's Conv1D ones transposed first)."""
+    if role in ("qkv", "qkv_bias") and att.qkv_order == "grouped":
+        return _split_grouped(att, w)
+    if role in ("qkv", "qkv_bias"):  # [in, 3E] / [3E] (GPT-2) or [q + 2kv, in] (Phi-3), blocks Q | K | V
+        q, kv = att.heads * att.head_dim, att.kv_heads * att.head_dim
+        return dict(zip("qkv", (w.T if role == "qkv" and att.row_vectors else w).split([q, kv, kv], dim=0)))
     if role == "o":
         return {"o": w.T if att.row_vectors else w}
-    return {role.removesuffix("_bias"): w}
+    if role in ("q_norm", "k_norm"):
+        return {role: w}
+    return {_side(role): w}
 
 
 def from_column_blocks(att: Attention, role: str, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
     """The inverse of ``column_blocks``."""
+    if role in ("qkv", "qkv_bias") and att.qkv_order == "grouped":
+        return _join_grouped(att, blocks)
     if role in ("qkv", "qkv_bias"):
         y = torch.cat([blocks[b] for b in "qkv"], dim=0)
-        return y.T if role == "qkv" else y
+        return y.T if role == "qkv" and att.row_vectors else y
     if role == "o":
         return blocks["o"].T if att.row_vectors else blocks["o"]
-    return blocks[role.removesuffix("_bias")]
+    if role in ("q_norm", "k_norm"):
+        return blocks[role]
+    return blocks[_side(role)]
 
 
-def apply(mats: dict[str, torch.Tensor], att: Attention, role: str, w: torch.Tensor) -> torch.Tensor:
-    """Multiply one tensor of the sublayer by its ``role_factors``, in float64."""
-    x = torch.empty(w.shape, dtype=torch.float64).copy_(w)
-    blocks = {b: right_blocks(p, mats[b]) if b == "o" else left_blocks(p, mats[b])
-              for b, p in column_blocks(att, role, x).items()}
+def _side(role: str) -> str:
+    """The block a separate weight or bias is multiplied as: its own, except DeBERTa-v2's
+    relative position projections (``pos_q``, ``pos_k``), which take the q and k side's."""
+    return role.removesuffix("_bias").removeprefix("pos_")
+
+
+def _split_grouped(att: Attention, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fused rows per KV group: its G query heads, its K head, its V head ([n, G + 2, d];
+    GPT-NeoX, BLOOM and Falcon, where with G = 1 that is per head q, k, v)."""
+    n, g, d = att.kv_heads, att.group_size, att.head_dim
+    x = w.reshape(n, g + 2, d, *w.shape[1:])
+    return {"q": x[:, :g].reshape(n * g * d, *w.shape[1:]), "k": x[:, g].reshape(n * d, *w.shape[1:]),
+            "v": x[:, g + 1].reshape(n * d, *w.shape[1:])}
+
+
+def _join_grouped(att: Attention, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The inverse of ``_split_grouped``."""
+    n, g, d = att.kv_heads, att.group_size, att.head_dim
+    rest = blocks["q"].shape[1:]
+    parts = [blocks["q"].reshape(n, g, d, *rest), blocks["k"].reshape(n, 1, d, *rest),
+             blocks["v"].reshape(n, 1, d, *rest)]
+    return torch.cat(parts, dim=1).reshape(n * (g + 2) * d, *rest)
+
+
+def _permute(b: str, p: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Reorder a block's heads: rows (or, for o, columns) taken in ``order``."""
+    n = order.shape[0]
+    if b == "o":
+        return p.reshape(p.shape[0], n, -1)[:, order].reshape(p.shape)
+    return p.reshape(n, -1)[order].reshape(p.shape)
+
+
+def _multiply(f: Factors, att: Attention, b: str, p: torch.Tensor) -> torch.Tensor:
+    m = f.mats.get(b)
+    if m is None:
+        return p
+    if b in ("q_norm", "k_norm"):  # weight w acts as (w + offset); the scale multiplies that
+        off = att.norm_offset
+        return ((p.reshape(m.shape[0], -1) + off) * m - off).reshape(p.shape)
+    return right_blocks(p, m) if b == "o" else left_blocks(p, m)
+
+
+def apply(f: Factors, att: Attention, role: str, w: torch.Tensor) -> torch.Tensor:
+    """Multiply one tensor of the sublayer by its ``role_factors``, in float64 (a tensor that
+    is only permuted stays in its own dtype)."""
+    if any(b in f.mats for b in column_blocks(att, role, w)):
+        x = torch.empty(w.shape, dtype=torch.float64).copy_(w)
+    else:  # only permuted (QK-norm models' W_Q and W_K): exact in the tensor's own dtype
+        x = w
+    blocks = {}
+    for b, p in column_blocks(att, role, x).items():
+        order = f.perm if b in ("q", "o", "q_norm") else f.perm_kv
+        if b in ("q_norm", "k_norm") and att.qk_norm != "full":
+            order = None  # one weight shared by all heads: nothing to reorder
+        if order is not None and not f.unlock:
+            p = _permute(b, p, order)
+        p = _multiply(f, att, b, p)
+        if order is not None and f.unlock:
+            p = _permute(b, p, torch.argsort(order))
+        blocks[b] = p
     return from_column_blocks(att, role, blocks).to(w.dtype).contiguous()

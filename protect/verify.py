@@ -56,6 +56,10 @@ def probe_inputs(cfg: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
         inputs["input_ids"] = torch.randint(0, int(text["vocab_size"]), (BATCH, n), generator=g)
     if mt == "t5":
         inputs["decoder_input_ids"] = torch.randint(0, int(cfg["vocab_size"]), (BATCH, SEQ_LEN), generator=g)
+    if mt == "whisper":  # log-mel frames, as many as its encoder takes (two per position), and decoder tokens
+        frames = 2 * int(cfg["max_source_positions"])
+        inputs = {"input_features": torch.randn(BATCH, int(cfg["num_mel_bins"]), frames, generator=g),
+                  "decoder_input_ids": inputs["input_ids"][:, :min(SEQ_LEN, int(cfg["max_target_positions"]))]}
     return inputs
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: real tiny checkpoints built from transformers configs, and a
-registry on a real SQLite file in a temporary folder."""
+registry on a real SQLite file in a temporary folder, or (``target``, parametrised)
+on both SQLite and a real PostgreSQL server started for the session (tests/postgres.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import sqlite3
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,69 @@ def store_listing(reg_path: Path) -> list[str]:
     if not root.exists():
         return []
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A private PostgreSQL server for the session, started on first use; the tests that
+    need it skip with the reason when the server binaries cannot be had."""
+    from postgres import PrivateServer, ensure_binaries
+
+    bindir, why = ensure_binaries()
+    if bindir is None:
+        pytest.skip(why)
+    server = PrivateServer(bindir).start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class Target:
+    """One registry for a test: a SQLite file, or a fresh database on the session's server
+    with its store in the same place a SQLite registry's would be."""
+
+    kind: str
+    arg: str  # what --registry gets
+    store: Path
+    env: dict[str, str] = field(default_factory=dict)  # what a subprocess needs besides --registry
+
+    @property
+    def cli(self) -> list[str]:
+        return ["--registry", self.arg] + (["--store", str(self.store)] if self.kind == "postgresql" else [])
+
+    def open(self, create: bool = True) -> Registry:
+        return Registry(self.arg, create=create, store=self.store if self.kind == "postgresql" else None)
+
+    def dump(self) -> list[str]:
+        """Every row of every table, for before/after comparisons."""
+        if self.kind == "sqlite":
+            return db_dump(Path(self.arg))
+        import psycopg
+
+        rows = []
+        with psycopg.connect(self.arg) as con:
+            tables = [r[0] for r in con.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                                                "ORDER BY tablename")]
+            for t in tables:
+                rows += sorted(f"{t}: {r!r}" for r in con.execute(f'SELECT * FROM "{t}"'))
+        return rows
+
+    def blobs(self) -> list[str]:
+        root = self.store / "blobs"
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path: Path) -> Target:
+    """A registry location, once on SQLite and once on PostgreSQL (nothing made yet)."""
+    if request.param == "sqlite":
+        yield Target("sqlite", str(tmp_path / "registry.db"), tmp_path / "registry.store")
+        return
+    server = request.getfixturevalue("pg_server")
+    url = server.create_database()
+    store = tmp_path / "registry.store"
+    yield Target("postgresql", url, store, {"ZOO_STORE": str(store)})
+    server.drop_database(url)
 
 
 @pytest.fixture

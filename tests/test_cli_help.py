@@ -25,7 +25,7 @@ def run(*args: str, cwd: Path | None = None, env: dict | None = None) -> subproc
     (["list", "--jsn"], "zoo list [OPTIONS]", "No such option: --jsn"),
     (["add", "somewhere"], "zoo add [OPTIONS] PATH", "Missing option '--name'"),
     (["merge", "--seed", "many"], "zoo merge [OPTIONS] [RECIPE] [MODEL...]", "Invalid value for '--seed'"),
-    (["token", "create"], "zoo token create [OPTIONS]", "Missing option '--name'"),
+    (["token", "create"], "zoo token create [OPTIONS]", "Missing option '--user'"),
     (["key"], "zoo key [OPTIONS] COMMAND", None),
 ])
 def test_usage_errors_are_a_usage_line_and_exit_2(tmp_path, subprocess_env, args, usage, message):

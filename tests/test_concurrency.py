@@ -1,4 +1,5 @@
-"""Real processes against one real SQLite registry: concurrent adds, and adds killed mid-copy."""
+"""Real processes against one real registry, on SQLite and on PostgreSQL: concurrent
+adds, and adds killed mid-copy."""
 
 from __future__ import annotations
 
@@ -12,18 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import db_dump, store_listing, vit
+from conftest import vit
 
 ZOO = str(Path(sys.executable).with_name("zoo"))
 
 
-def zoo(reg: Path, *args: str, env=None) -> subprocess.Popen:
-    return subprocess.Popen([ZOO, "--registry", str(reg), *map(str, args)], stdout=subprocess.PIPE,
+def zoo(reg, *args: str, env=None) -> subprocess.Popen:
+    return subprocess.Popen([ZOO, *reg.cli, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
-def test_concurrent_adds_both_succeed(tmp_path, subprocess_env):
-    reg = tmp_path / "registry.db"
+def test_concurrent_adds_both_succeed(tmp_path, subprocess_env, target):
+    reg = target
     base = vit(tmp_path / "base")
     experts = [vit(tmp_path / f"e{i}", 2, seed=10 + i) for i in range(4)]
     assert zoo(reg, "add", base, "--name", "base", "--kind", "base", env=subprocess_env).wait() == 0
@@ -32,15 +33,15 @@ def test_concurrent_adds_both_succeed(tmp_path, subprocess_env):
     procs.append(zoo(reg, "add", experts[0], "--name", "e0-copy", "--base", "base", env=subprocess_env))
     results = [(p.wait(), p.stderr.read()) for p in procs]
     assert all(code == 0 for code, _ in results), results
-    listed = json.loads(subprocess.run([ZOO, "--registry", str(reg), "list", "--json"], capture_output=True,
+    listed = json.loads(subprocess.run([ZOO, *reg.cli, "list", "--json"], capture_output=True,
                                        text=True, env=subprocess_env).stdout)
     assert sorted(m["name"] for m in listed) == ["base", "e0", "e0-copy", "e1", "e2", "e3"]
-    verify = subprocess.run([ZOO, "--registry", str(reg), "verify"], capture_output=True, text=True, env=subprocess_env)
+    verify = subprocess.run([ZOO, *reg.cli, "verify"], capture_output=True, text=True, env=subprocess_env)
     assert verify.returncode == 0, verify.stdout
 
 
-def test_concurrent_adds_of_the_same_name_one_wins(tmp_path, subprocess_env):
-    reg = tmp_path / "registry.db"
+def test_concurrent_adds_of_the_same_name_one_wins(tmp_path, subprocess_env, target):
+    reg = target
     a, b = vit(tmp_path / "a"), vit(tmp_path / "b", seed=1)
     assert zoo(reg, "init", env=subprocess_env).wait() == 0
     procs = [zoo(reg, "add", p, "--name", "same", "--kind", "base", env=subprocess_env) for p in (a, b)]
@@ -48,7 +49,7 @@ def test_concurrent_adds_of_the_same_name_one_wins(tmp_path, subprocess_env):
     assert codes == [0, 1]
     errs = [p.stderr.read() for p in procs]
     assert any("already" in e for e in errs)
-    assert len(json.loads(subprocess.run([ZOO, "--registry", str(reg), "list", "--json"], capture_output=True,
+    assert len(json.loads(subprocess.run([ZOO, *reg.cli, "list", "--json"], capture_output=True,
                                          text=True).stdout)) == 1
 
 
@@ -65,12 +66,12 @@ def _sparse_checkpoint(path: Path, nbytes: int) -> Path:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_add_killed_mid_copy_leaves_nothing(tmp_path, subprocess_env, sig):
-    reg = tmp_path / "registry.db"
+def test_add_killed_mid_copy_leaves_nothing(tmp_path, subprocess_env, sig, target):
+    reg = target
     assert zoo(reg, "add", vit(tmp_path / "base"), "--name", "base", "--kind", "base", env=subprocess_env).wait() == 0
     big = _sparse_checkpoint(tmp_path / "big", 1 << 30)
-    before, blobs = db_dump(reg), store_listing(reg)
-    tmpdir = reg.with_suffix(".store") / "tmp"
+    before, blobs = reg.dump(), reg.blobs()
+    tmpdir = reg.store / "tmp"
     p = zoo(reg, "add", big, "--name", "big", "--kind", "base", env=subprocess_env)
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -85,7 +86,7 @@ def test_add_killed_mid_copy_leaves_nothing(tmp_path, subprocess_env, sig):
     if sig == signal.SIGINT:
         assert p.stderr.read().strip().splitlines() == ["error: interrupted; no half-finished change was saved"]
         assert list(tmpdir.iterdir()) == []  # cleaned up on the way out
-    assert db_dump(reg) == before and store_listing(reg) == blobs
+    assert reg.dump() == before and reg.blobs() == blobs
     # The next add cleans what a killed process left, and succeeds.
     assert zoo(reg, "add", vit(tmp_path / "next", seed=5), "--name", "next", "--kind", "base",
                env=subprocess_env).wait() == 0

@@ -335,7 +335,8 @@ def test_every_method_documents_itself():
     """What the CLI help reads: a summary line, a paper, and a documented, checked
     default for every parameter."""
     assert list(M.METHODS) == ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "linear",
-                               "slerp", "model_stock", "adamerging", "concrete_ta", "concrete_adamerging", "parity"]
+                               "slerp", "model_stock", "tsv", "iso_c", "iso_cts", "adamerging", "concrete_ta",
+                               "concrete_adamerging", "parity"]
     for name, m in M.METHODS.items():
         assert m.name == name and M.get_method(name) is m
         assert m.summary and "\n" not in m.summary, name

@@ -241,17 +241,18 @@ def test_interrupted_protect_leaves_nothing(registry, tmp_path, monkeypatch):
 def test_refusals(tmp_path):
     import transformers as T
 
-    neox = tmp_path / "neox"
-    T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                         intermediate_size=37)).save_pretrained(neox)
-    with pytest.raises(ZooError, match="does not support model_type 'gpt_neox'; supported: bert"):
-        protect.protect(str(neox), out_dir=tmp_path / "x")
+    bigcode = tmp_path / "bigcode"
+    T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(vocab_size=99, n_embd=32, n_layer=1, n_head=4,
+                                               n_inner=37)).save_pretrained(bigcode)
+    with pytest.raises(ZooError, match="does not support model_type 'gpt_bigcode'; supported: bert"):
+        protect.protect(str(bigcode), out_dir=tmp_path / "x")
 
-    qwen3 = tmp_path / "qwen3"
-    T.Qwen3ForCausalLM(T.Qwen3Config(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                     num_key_value_heads=2, intermediate_size=37)).save_pretrained(qwen3)
+    cohere = tmp_path / "cohere"  # QK-norm (a LayerNorm per head) without a layout
+    T.CohereForCausalLM(T.CohereConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=37,
+                                       use_qk_norm=True)).save_pretrained(cohere)
     with pytest.raises(ZooError, match="QK-norm"):
-        protect.protect(str(qwen3), out_dir=tmp_path / "x")
+        protect.protect(str(cohere), out_dir=tmp_path / "x")
 
     src = tiny(tmp_path / "bert", "bert")
     bare = tmp_path / "bare.safetensors"

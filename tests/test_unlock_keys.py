@@ -233,15 +233,17 @@ def hub_url(tmp_path, monkeypatch):
 
     from zoo import Registry
     from zoo.hub.server import ServeSettings, running
-    from zoo.hub.tokens import TokenSet, create_token
+    from zoo.hub.accounts import Accounts
 
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # what a zoo serve client sets
     monkeypatch.setenv("ZOO_HUB_TIMEOUT", "20")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     (tmp_path / "server").mkdir()
     reg = Registry(tmp_path / "server" / "registry.db", create=True)
-    write = create_token(tmp_path / "server" / "registry.tokens", "alice")
-    with running(reg, ServeSettings(TokenSet.load(tmp_path / "server" / "registry.tokens"))) as url:
+    accounts = Accounts(reg)
+    write = accounts.create_token("alice")["token"]
+    accounts.add_org("team", ["alice"])
+    with running(reg, ServeSettings()) as url:
         yield url, write
     reg.close()
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from zoo.registry.card import hub_card
 from zoo.errors import ZooError
-from zoo.hub.client import push_folder
+from zoo.hub.client import check_push, push_folder
+from zoo.hub.names import check_repo_id
 from zoo.progress import ProgressFactory, no_progress
 from zoo.registry import Registry
 
@@ -83,11 +84,15 @@ def publish(
 ) -> dict[str, Any]:
     """Push ``ref`` to ``repo_id`` in one commit; experts and merges protected first.
 
+    The token's right to push to ``repo_id`` is checked before anything is protected.
     Returns the push's commit, with ``pushed`` (the ref whose files went up) and
     ``protected_now`` when protection made a new registered model. An expert or a
     merge is pushed unprotected only with ``protect_weights=False``.
     """
+    check_repo_id(repo_id)  # before protecting: a push that cannot go anywhere leaves nothing behind
     model = registry.show(ref)
+    # who may push where is asked first: a refused push protects nothing and leaves nothing
+    check_push(repo_id, endpoint=endpoint, token=token)
     pushed, made = model["ref"], False
     if model["kind"] in PROTECTABLE and protect_weights:
         pushed, made = _protect_for_push(registry, model["ref"], progress)

@@ -30,11 +30,13 @@ from zoo.merge.methods.breadcrumbs import Breadcrumbs  # noqa: E402
 from zoo.merge.methods.linear import Linear  # noqa: E402
 from zoo.merge.methods.slerp import Slerp  # noqa: E402
 from zoo.merge.methods.model_stock import ModelStock  # noqa: E402
+from zoo.merge.methods.tsv import TaskSingularVectors  # noqa: E402
+from zoo.merge.methods.iso import IsoC, IsoCTS  # noqa: E402
 from zoo.merge.methods.adamerging import AdaMerging  # noqa: E402
 from zoo.merge.methods.concrete import ConcreteAdaMerging, ConcreteTA  # noqa: E402
 from zoo.merge.methods.parity import Parity  # noqa: E402
 
 __all__ = ["METHODS", "AdaMerging", "Breadcrumbs", "ConcreteAdaMerging", "ConcreteTA", "DareLinear", "DareTies",
-           "Linear", "MergeMethod", "ModelStock", "Param", "ParamDoc", "Parity", "Slerp", "StatsCollector",
-           "TaskArithmetic", "TensorContext", "Ties", "check_count", "describe", "get_method", "rebuildable",
-           "register", "slices", "validate_params"]
+           "IsoC", "IsoCTS", "Linear", "MergeMethod", "ModelStock", "Param", "ParamDoc", "Parity", "Slerp",
+           "StatsCollector", "TaskArithmetic", "TaskSingularVectors", "TensorContext", "Ties", "check_count",
+           "describe", "get_method", "rebuildable", "register", "slices", "validate_params"]

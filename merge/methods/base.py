@@ -125,12 +125,13 @@ class MergeMethod:
         the plan asks before anything is written."""
         return None
 
-    def streams(self, options: dict[str, Any]) -> bool:
-        """Whether this tensor can be merged in pieces (``elementwise``, unless an option
-        needs whole-tensor sums, as TIES' ``rescale`` does)."""
+    # -- merging a tensor at a time ---------------------------------------------------------
+    def streams(self, name: str, shape: tuple[int, ...], options: dict[str, Any]) -> bool:
+        """True when this tensor can be merged in pieces: ``elementwise``, unless an option
+        needs whole-tensor sums (TIES' ``rescale``) or the tensor is one a method takes
+        whole (the SVD merges' matrices)."""
         return self.elementwise
 
-    # -- merging a tensor at a time ---------------------------------------------------------
     def merge(self, base: "torch.Tensor | None", tensors: "list[torch.Tensor]", params: list[dict[str, Any]],
               options: dict[str, Any], ctx: TensorContext) -> "torch.Tensor":
         raise NotImplementedError(f"{self.name} is learned by running the model; it has no tensor formula")

@@ -54,7 +54,7 @@ class Ties(TaskVectorMerge):
                                  ctx.stats.get("ties"))
         return super().merge(base, tensors, params, options, ctx)
 
-    def streams(self, options):
+    def streams(self, name, shape, options):
         # rescale needs each task vector's whole L1 norm before and after the trim
         return not self.option(options, "rescale")
 

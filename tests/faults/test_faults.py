@@ -56,13 +56,14 @@ def hub(tmp_path_factory):
     """`zoo serve` in-process on loopback, as tests/test_hub.py runs it."""
     from zoo import Registry
     from zoo.hub.server import ServeSettings, running
-    from zoo.hub.tokens import TokenSet, create_token
+    from zoo.hub.accounts import Accounts
 
     root = tmp_path_factory.mktemp("hub")
     reg = Registry(root / "registry.db", create=True)
-    tokens = root / "registry.tokens"
-    write, read = create_token(tokens, "alice"), create_token(tokens, "reader", "read")
-    with running(reg, ServeSettings(TokenSet.load(tokens), open_reads=True, lfs_threshold=4096)) as url:
+    accounts = Accounts(reg)
+    write, read = accounts.create_token("alice")["token"], accounts.create_token("reader", "read")["token"]
+    accounts.add_org("team", ["alice", "reader"])
+    with running(reg, ServeSettings(open_reads=True, lfs_threshold=4096)) as url:
         yield {"hub": url, "write": write, "read": read}
     reg.close()
 

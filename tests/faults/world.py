@@ -162,7 +162,6 @@ def keys(fx: Path, wrong_key: dict) -> None:
     tampered = dict(wrong_key)
     tampered["key_id"] = "0" * 32
     (k / "tampered.key").write_text(json.dumps(tampered))
-    (k / "token.tokens").write_bytes(b"\xff garbage, not a token file\n")
 
 
 def build(root: Path) -> tuple[Path, Path]:

@@ -106,7 +106,7 @@ def publish_demo(registry: Registry, demo: DemoResult, merge_rows: list[dict[str
     from zoo.demo.merges import measure
     from zoo.hub.client import pull
     from zoo.hub.server import ServeSettings, running
-    from zoo.hub.tokens import TokenSet, create_token
+    from zoo.hub.accounts import Accounts
 
     from zoo.publish import publish
 
@@ -118,8 +118,8 @@ def publish_demo(registry: Registry, demo: DemoResult, merge_rows: list[dict[str
         registry.remove(pulled, force=True)
     with tempfile.TemporaryDirectory(prefix="zoo-demo-hub-") as tmp:
         server = Registry(Path(tmp) / "registry.db", create=True)
-        token = create_token(Path(tmp) / "registry.tokens", "demo")
-        with running(server, ServeSettings(TokenSet.load(Path(tmp) / "registry.tokens"))) as url:
+        token = Accounts(server).create_token("demo")["token"]
+        with running(server, ServeSettings()) as url:
             log(f"zoo serve: a Hub on {url} (its own registry, for this demo)")
             repo = f"demo/{best['model']}"
             pushed = publish(registry, best["model"], repo, endpoint=url, token=token)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 from zoo.demo.build import FULL, QUICK, DemoResult
 
@@ -31,6 +32,13 @@ class Tour:
     @property
     def tasks(self) -> list[str]:
         return list(self.zoo.experts)
+
+    @property
+    def compare_path(self) -> str:
+        """The page of ``zoo serve`` that compares the demo's merges, task by task."""
+        rows = [*self.table, *((self.protection or {}).get("rows") or [])]
+        models = dict.fromkeys(r["model"] for r in rows if r.get("model"))
+        return "/ui/compare?" + urlencode([("m", m) for m in models])
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of ``zoo demo --json``."""

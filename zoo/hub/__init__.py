@@ -1,1 +1,1 @@
-"""The Hub: Git and LFS facts, the client (pull and push), tokens, and ``zoo serve``."""
+"""The Hub: Git and LFS facts, allowed names, the client (pull and push), tokens, and ``zoo serve``."""

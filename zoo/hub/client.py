@@ -27,9 +27,10 @@ from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from zoo.checkpoints.reader import SIDECAR_SUFFIXES
-from zoo.errors import PushConflict, ZooError
+from zoo.errors import HubError, PushConflict, ZooError
 from zoo.fileio import datasync
 from zoo.hub.git import DEFAULT_BRANCH, git_blob_oid
+from zoo.hub.names import check_case_unique, path_problem, repo_id_problem
 from zoo.progress import ProgressFactory
 from zoo.registry import Registry
 from zoo.registry.destination import Destination
@@ -49,9 +50,22 @@ READ_BYTES = 1 << 20
 def parse_repo(ref: str) -> tuple[str, str | None]:
     """``namespace/name[@revision]`` -> (repo id, revision or None)."""
     repo_id, _, rev = ref.partition("@")
-    if not repo_id or repo_id.count("/") > 1 or any(not p for p in repo_id.split("/")):
-        raise ZooError(f"invalid repository {ref!r}: use namespace/name, optionally @revision")
+    if (problem := repo_id_problem(repo_id)) is not None:
+        raise ZooError(f"invalid repository id {ref!r}: {problem}; use namespace/name, optionally @revision")
     return repo_id, rev or None
+
+
+def check_file_names(paths: list[str], what: str) -> None:
+    """Refuse, before any file is written or sent, a path that some client disk cannot
+    hold or that shows as another name (``zoo.hub.names``), and two that differ only in case."""
+    for path in paths:
+        if (problem := path_problem(path)) is not None:
+            raise ZooError(f"{what}: the file {path[:80]!r} cannot be written safely on every disk: {problem}; "
+                           "nothing was transferred")
+    try:
+        check_case_unique([], paths)
+    except HubError as e:
+        raise ZooError(f"{what}: {e}; nothing was transferred") from None
 
 
 def endpoint_of(endpoint: str | None) -> str:
@@ -214,12 +228,13 @@ def pull(
     api = _api(url, token)
     with hub_errors(url, repo_id, revision):
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    siblings = [s for s in info.siblings or [] if "/" not in s.rfilename and s.rfilename.endswith(PULL_SUFFIXES)]
+    check_file_names([s.rfilename for s in siblings], f"{repo_id}@{info.sha[:12]}")  # before the registry opens
     registry = registry() if callable(registry) else registry
     sha = info.sha
     have = registry.find_hub(repo_id, sha)
     if have is not None:
         return {**registry.show(have), "pulled": False}
-    siblings = [s for s in info.siblings or [] if "/" not in s.rfilename and s.rfilename.endswith(PULL_SUFFIXES)]
     if not any(s.rfilename.endswith(".safetensors") for s in siblings):
         others = sorted(s.rfilename for s in info.siblings or [])
         raise ZooError(f"{repo_id}@{sha[:12]} has no safetensors weights ({', '.join(others[:6]) or 'no files'}); "
@@ -277,10 +292,12 @@ def _flushing(folder: Path, every: float = 0.2) -> Iterator[None]:
 
 def _kind_from_card(info) -> str:
     tags = set(info.tags or [])
-    card = info.card_data.to_dict() if info.card_data else {}
+    # getattr, not to_dict(): a card's metadata is whatever its author wrote, and
+    # to_dict() fails on some (an `eval_results` key)
+    relation = getattr(info.card_data, "base_model_relation", None) if info.card_data else None
     if "mergelock" in tags:
         return "protected"
-    if "merge" in tags or card.get("base_model_relation") == "merge":
+    if "merge" in tags or relation == "merge":
         return "merged"
     return "base"
 
@@ -308,6 +325,44 @@ def _verified(path: Path, sibling, repo_id: str) -> str:
 
 
 # -- push ----------------------------------------------------------------------------------
+def check_push(repo_id: str, *, endpoint: str | None = None, token: str | None = None) -> dict[str, Any]:
+    """Refuse, before anything is made for it, a push that the token could not make.
+
+    Asks the Hub who the token is (``whoami``): a missing or refused token, a read-only
+    one, or a repository outside the user's namespaces and organisations is refused
+    with one line. Returns the user, its organisations and the token's role.
+    """
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    repo_id, _ = parse_repo(repo_id)
+    url = endpoint_of(endpoint)
+    tok = token_for(url, token)
+    api = _api(url, tok)
+    with hub_errors(url, repo_id):
+        try:
+            if tok is False:
+                raise LocalTokenNotFoundError("no token")
+            who = api.whoami()
+        except LocalTokenNotFoundError:
+            api.repo_exists(repo_id)  # an unreachable Hub says so first
+            raise ZooError(f"pushing to {public_url(url)} needs a token with write access: set HF_TOKEN "
+                           "(or `hf auth login`)") from None
+        except ValueError as e:  # the client's word for a 401 on whoami
+            raise ZooError(f"{public_url(url)} refused the credentials ({' '.join(str(e).split())[:120]}); set "
+                           "HF_TOKEN (or `hf auth login`) to a token with write access") from None
+    user = str(who.get("name") or "")
+    orgs = [str(o.get("name")) for o in who.get("orgs") or [] if isinstance(o, dict)]
+    role = str(((who.get("auth") or {}).get("accessToken") or {}).get("role") or "")
+    if role == "read":
+        raise ZooError(f"the token of {user} on {public_url(url)} is read-only; pushing needs a write token")
+    namespace = repo_id.split("/", 1)[0] if "/" in repo_id else user
+    if namespace.lower() not in {n.lower() for n in (user, *orgs)}:
+        raise ZooError(f"{user} may not push to {repo_id} on {public_url(url)}: {namespace} is neither {user}'s "
+                       f"namespace nor one of its organisations' ({', '.join(orgs) or 'none'}); push to "
+                       f"{user}/{repo_id.split('/')[-1]} or ask to join {namespace}")
+    return {"user": user, "orgs": orgs, "role": role}
+
+
 def push_folder(
     folder: Path,
     repo_id: str,
@@ -347,6 +402,7 @@ def push_folder(
         if digests and rel in digests:
             op.upload_info.sha256 = bytes.fromhex(digests[rel])
         adds.append(op)
+    check_file_names([op.path_in_repo for op in adds], f"cannot push {folder} to {repo_id}")
     with hub_errors(url, repo_id, branch), _lfs_transfers():
         try:
             parent = api.model_info(repo_id, revision=branch).sha

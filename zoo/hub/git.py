@@ -2,7 +2,8 @@
 
 A Hub repository is a Git repository: small files are Git blobs, named by Git's
 object id; large files are LFS objects, named by their sha256 and stood in for in the
-tree by a pointer file. Commits are named by 40-hex shas, files by relative paths.
+tree by a pointer file. Commits are named by 40-hex shas, files by relative paths (which
+paths and repository ids are allowed is ``zoo.hub.names``).
 """
 
 from __future__ import annotations
@@ -10,12 +11,9 @@ from __future__ import annotations
 import hashlib
 import re
 
-from zoo.errors import HubError
-
 DEFAULT_BRANCH = "main"
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 LFS_OID = re.compile(r"[0-9a-f]{64}")  # an LFS object's sha256 (match with fullmatch)
-REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 # What the Hub itself puts in a new repository's first commit.
 GITATTRIBUTES = (
     "*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
@@ -44,25 +42,3 @@ def is_lfs_oid(oid: str) -> bool:
     """Whether ``oid`` names an LFS object: 64 lowercase hex digits."""
     return LFS_OID.fullmatch(oid) is not None
 
-
-def check_repo_id(repo_id: str) -> str:
-    """``name`` or ``namespace/name``, each part a Hub-style name."""
-    parts = repo_id.split("/")
-    if not 1 <= len(parts) <= 2 or not all(REPO_NAME.match(p) and not p.endswith((".git", ".")) for p in parts):
-        raise HubError(f"invalid repository id {repo_id!r}: use 'namespace/name' with letters, digits, '.', '-', '_'")
-    return repo_id
-
-
-def check_path(path: str) -> str:
-    """A file path inside a repository: relative, no '.', '..' or empty parts, no .git.
-
-    Clients write these paths under their download folder, so a path that could
-    climb out of it is refused, never normalised.
-    """
-    parts = path.split("/")
-    bad = (not path or len(path) > 1024 or "\\" in path or "\0" in path or path.startswith("/")
-           or any(p in ("", ".", "..", ".git") for p in parts) or any(ord(c) < 32 for c in path))
-    if bad:
-        raise HubError(f"invalid file path {path!r} in commit: paths must be relative, without '.', '..' "
-                       "or empty parts", code="InvalidPath")
-    return path

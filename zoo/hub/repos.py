@@ -16,12 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
 from zoo.errors import Conflict, EntryNotFound, HubError, RepoNotFound, RevisionNotFound
-from zoo.hub.git import (COMMIT_SHA, DEFAULT_BRANCH, GITATTRIBUTES, check_path, check_repo_id, git_blob_oid,
-                         is_lfs_oid, lfs_pointer)
+from zoo.hub.git import COMMIT_SHA, DEFAULT_BRANCH, GITATTRIBUTES, git_blob_oid, is_lfs_oid, lfs_pointer
+from zoo.hub.names import check_case_unique, check_new_repo_id, check_path
+from zoo.hub.refs import BRANCH, SHORT_SHA, Ref, check_ref_name
 from zoo.registry import Registry
 from zoo.registry.schema import HubCommit, HubEntry, HubRef, HubRepo
 
@@ -47,6 +48,18 @@ class Revision:
     sha: str
     created_at: datetime
     private: bool
+    repo_created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    """A commit as a listing shows it; ``author`` is who made it (None before zoo recorded it)."""
+
+    sha: str
+    summary: str
+    description: str
+    author: str | None
+    created_at: datetime
 
 
 @dataclass
@@ -75,12 +88,14 @@ class HubRepos:
 
     # -- repositories ---------------------------------------------------------------
     def create(self, repo_id: str, private: bool = False, author: str | None = None) -> bool:
-        """Create a repository with its first commit (``.gitattributes``). False if it exists."""
-        check_repo_id(repo_id)
+        """Create a repository with its first commit (``.gitattributes``). False if it exists,
+        also under another case (``ALICE/T1`` beside ``alice/t1``): the two would share one
+        folder of a client's cache on a case-insensitive disk."""
+        check_new_repo_id(repo_id)
         change = Change(summary="initial commit", files={".gitattributes": self.stage(GITATTRIBUTES)})
         try:
             with self.registry.db.store_lock(exclusive=False), self.registry.db.write() as s:
-                if s.scalar(select(HubRepo.id).where(HubRepo.repo_type == "model", HubRepo.repo_id == repo_id)):
+                if self._same_id(s, repo_id) is not None:  # in the write transaction: no race
                     return False
                 repo = HubRepo(repo_type="model", repo_id=repo_id, private=private)
                 s.add(repo)
@@ -92,12 +107,23 @@ class HubRepos:
             change.discard()
         return True
 
+    def same_id(self, repo_id: str) -> str | None:
+        """The id of the repository that is ``repo_id`` regardless of case, if any."""
+        with self.registry.db.read() as s:
+            return self._same_id(s, repo_id)
+
+    @staticmethod
+    def _same_id(s, repo_id: str) -> str | None:
+        # repository ids are ASCII, so SQLite's lower() is a full case fold for them
+        return s.scalar(select(HubRepo.repo_id).where(HubRepo.repo_type == "model",
+                                                      func.lower(HubRepo.repo_id) == repo_id.lower()).limit(1))
+
     def revision(self, repo_id: str, rev: str = DEFAULT_BRANCH) -> Revision:
         """Resolve a branch name or a commit sha of ``repo_id``."""
         with self.registry.db.read() as s:
             repo = self._repo(s, repo_id)
             commit = self._commit(s, repo, rev)
-            return Revision(commit.sha, commit.created_at, repo.private)
+            return Revision(commit.sha, commit.created_at, repo.private, repo.created_at)
 
     def entries(self, repo_id: str, sha: str) -> list[Entry]:
         with self.registry.db.read() as s:
@@ -129,7 +155,11 @@ class HubRepos:
     def stage(self, data: bytes) -> Path:
         """Write a file sent inline in a commit to the store's temp folder."""
         tmp = self.store.temp_path()
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except BaseException:  # a disk that fills keeps no part of it
+            tmp.unlink(missing_ok=True)
+            raise
         return tmp
 
     def commit(self, repo_id: str, branch: str, change: Change, author: str | None = None) -> str:
@@ -149,6 +179,9 @@ class HubRepos:
                 ref = s.get(HubRef, (repo.id, branch))
                 if ref is None:
                     raise RevisionNotFound(f"branch {branch!r} not found in {repo_id}")
+                if ref.kind != BRANCH:
+                    raise HubError(f"{branch!r} is a tag of {repo_id}, and a tag never moves; commit to a branch",
+                                   code="RevisionNotFound")
                 if change.parent is not None and change.parent != ref.commit_sha:
                     raise Conflict(f"A commit has happened since {change.parent[:12]} on {repo_id}@{branch} "
                                    f"(now {ref.commit_sha[:12]}); refresh and try again")
@@ -190,18 +223,24 @@ class HubRepos:
         blob checked here can be removed before the commit references it.
         """
         tree = {e.path: e for e in old}
+        # Deleting what the tree holds needs no check: that is how a name refused today,
+        # kept from an older commit, is removed.
         for path in change.deleted_files:
-            if tree.pop(check_path(path), None) is None:
-                raise EntryNotFound(f"cannot delete {path}: not in {repo.repo_id}")
+            if tree.pop(path, None) is None:
+                raise EntryNotFound(f"cannot delete {check_path(path)}: not in {repo.repo_id}")
         for folder in change.deleted_folders:
-            prefix = check_path(folder.rstrip("/")) + "/"
-            for p in [p for p in tree if p.startswith(prefix)]:
+            prefix = folder.rstrip("/") + "/"
+            doomed = [p for p in tree if p.startswith(prefix)]
+            if not doomed:
+                check_path(folder.rstrip("/"))
+            for p in doomed:
                 del tree[p]
         paths = set(tree) | set(change.files) | set(change.lfs)
         for p in paths:  # a file may not also be a folder
             for i in range(1, p.count("/") + 1):
                 if p.rsplit("/", i)[0] in paths:
                     raise HubError(f"{p}: {p.rsplit('/', i)[0]} is a file, not a folder")
+        check_case_unique(tree, [*change.files, *change.lfs])
         tree.update(self._seal(change))
         now = datetime.now(timezone.utc)
         parent = ref.commit_sha if ref is not None else None
@@ -220,6 +259,66 @@ class HubRepos:
             ref.commit_sha = sha
         return sha
 
+    # -- history, branches and tags, removal --------------------------------------------
+    def history(self, repo_id: str, rev: str = DEFAULT_BRANCH) -> list[CommitInfo]:
+        """The commits that lead to ``rev``, newest first (``git log --first-parent``)."""
+        with self.registry.db.read() as s:
+            repo = self._repo(s, repo_id)
+            sha: str | None = self._commit(s, repo, rev).sha
+            rows = {c.sha: c for c in s.scalars(select(HubCommit).where(HubCommit.repo_pk == repo.id))}
+            out: list[CommitInfo] = []
+            while sha is not None and sha in rows and len(out) < len(rows):  # bounded even if a chain loops
+                c = rows[sha]
+                out.append(CommitInfo(c.sha, c.summary, c.description or "", c.author, c.created_at))
+                sha = c.parent_sha
+            return out
+
+    def refs(self, repo_id: str) -> list[Ref]:
+        """Every branch and tag of ``repo_id``, by name."""
+        with self.registry.db.read() as s:
+            repo = self._repo(s, repo_id)
+            rows = s.scalars(select(HubRef).where(HubRef.repo_pk == repo.id).order_by(HubRef.name)).all()
+            return [Ref(r.name, r.kind, r.commit_sha) for r in rows]
+
+    def create_ref(self, repo_id: str, name: str, kind: str, start: str = DEFAULT_BRANCH) -> Ref:
+        """A new branch or tag at the commit ``start`` resolves to; 409 if the name is taken."""
+        check_ref_name(name, kind)
+        taken = HubError(f"{name!r} already exists in {repo_id}", status=409, code="RefExists")
+        try:
+            with self.registry.db.write() as s:
+                repo = self._repo(s, repo_id)
+                sha = self._commit(s, repo, start).sha
+                have = s.get(HubRef, (repo.id, name))
+                if have is not None:
+                    raise HubError(f"{name!r} already exists in {repo_id} as a {have.kind}", status=409,
+                                   code="RefExists")
+                s.add(HubRef(repo_pk=repo.id, name=name, commit_sha=sha, kind=kind))
+        except IntegrityError:
+            raise taken from None
+        return Ref(name, kind, sha)
+
+    def delete_ref(self, repo_id: str, name: str, kind: str) -> None:
+        """Remove a branch or a tag. The commits stay (reachable by sha) until the repository goes."""
+        if kind == BRANCH and name == DEFAULT_BRANCH:
+            raise HubError(f"the default branch {DEFAULT_BRANCH!r} of {repo_id} cannot be deleted")
+        with self.registry.db.write() as s:
+            repo = self._repo(s, repo_id)
+            ref = s.get(HubRef, (repo.id, name))
+            if ref is None or ref.kind != kind:
+                raise RevisionNotFound(f"{kind} {name!r} not found in {repo_id}")
+            s.delete(ref)
+
+    def delete(self, repo_id: str) -> None:
+        """Remove a repository: its refs, commits and trees, in one transaction. Its blobs
+        stay in the store until ``zoo gc`` finds nothing else uses them."""
+        with self.registry.db.write() as s:
+            pk = self._repo(s, repo_id).id
+            commits = select(HubCommit.sha).where(HubCommit.repo_pk == pk).scalar_subquery()
+            s.execute(delete(HubRef).where(HubRef.repo_pk == pk))
+            s.execute(delete(HubEntry).where(HubEntry.commit_sha.in_(commits)))
+            s.execute(delete(HubCommit).where(HubCommit.repo_pk == pk))
+            s.execute(delete(HubRepo).where(HubRepo.id == pk))
+
     # -- lookups --------------------------------------------------------------------
     @staticmethod
     def _repo(s, repo_id: str) -> HubRepo:
@@ -230,21 +329,35 @@ class HubRepos:
 
     @staticmethod
     def _commit(s, repo: HubRepo, rev: str) -> HubCommit:
+        """A branch or tag name, else a commit sha or an unambiguous prefix of one (7 hex
+        digits or more), as git resolves them: names first."""
         ref = s.get(HubRef, (repo.id, rev))
-        sha = ref.commit_sha if ref is not None else rev
-        commit = s.get(HubCommit, sha) if COMMIT_SHA.match(sha) else None
+        sha = ref.commit_sha if ref is not None else rev.lower()
+        commit = None
+        if COMMIT_SHA.match(sha):
+            commit = s.get(HubCommit, sha)
+        elif SHORT_SHA.match(sha):
+            # A range on the primary key: LIKE would not use its index.
+            found = s.scalars(select(HubCommit).where(HubCommit.repo_pk == repo.id, HubCommit.sha >= sha,
+                                                      HubCommit.sha < sha + "g").limit(2)).all()
+            if len(found) > 1:
+                raise RevisionNotFound(f"revision {rev!r} is ambiguous in {repo.repo_id}: several commits start "
+                                       "with it; give more digits")
+            commit = found[0] if found else None
         if commit is None or commit.repo_pk != repo.id:
             raise RevisionNotFound(f"revision {rev!r} not found in {repo.repo_id}")
         return commit
 
     def list_repos(self) -> list[dict]:
+        """Every repository by id: privacy, ``main``'s head, creation and last commit times."""
         with self.registry.db.read() as s:
-            out = []
-            for repo in s.scalars(select(HubRepo).order_by(HubRepo.repo_id)):
-                ref = s.get(HubRef, (repo.id, DEFAULT_BRANCH))
-                out.append({"repo_id": repo.repo_id, "private": repo.private,
-                            "sha": ref.commit_sha if ref else None})
-            return out
+            rows = s.execute(
+                select(HubRepo, HubRef.commit_sha, HubCommit.created_at)
+                .outerjoin(HubRef, (HubRef.repo_pk == HubRepo.id) & (HubRef.name == DEFAULT_BRANCH))
+                .outerjoin(HubCommit, HubCommit.sha == HubRef.commit_sha)
+                .order_by(HubRepo.repo_id))
+            return [{"repo_id": repo.repo_id, "private": repo.private, "sha": sha, "created_at": repo.created_at,
+                     "last_modified": when or repo.created_at} for repo, sha, when in rows]
 
 
 def _entry(r: HubEntry) -> Entry:

@@ -10,10 +10,15 @@ those of the model it protects: MergeLock changes the weights, not the lineage.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import yaml
+import yaml.cyaml
+
+from zoo.errors import ZooError
 
 if TYPE_CHECKING:  # merge/ imports this module; the registry (SQLAlchemy) loads only when used
     from zoo.registry import Registry
@@ -25,6 +30,12 @@ LIBRARY = "transformers"  # explicit: the Hub no longer infers it
 TAG = "zoo"
 MERGE_TAG = "merge"
 MERGELOCK_TAG = "mergelock"
+MAX_DEPTH = 20  # nested collections in front matter; real cards use four or five
+FRONT_MATTER_LIMIT = 256 * 1024  # bytes of front matter read; real cards hold a few KiB
+
+
+class CardError(ZooError, ValueError):
+    """Card front matter that is not plain data (see :func:`read_front_matter`)."""
 
 
 def front_matter(parents: Sequence[str] = (), relation: str | None = None,
@@ -47,15 +58,150 @@ def render(front: dict[str, Any], title: str, body: Sequence[str]) -> str:
                       *body])
 
 
-def read_front_matter(text: str) -> Any:
-    """The YAML between a card's leading ``---`` lines (None when there is none); a
-    ValueError when it is not closed. Parsed with ``yaml.safe_load``: cards are hostile."""
-    if not text.startswith("---"):
+def read_front_matter(text: str | bytes) -> dict[str, Any] | None:
+    """The YAML mapping between a card's leading ``---`` lines (None when there is none).
+
+    Cards are hostile, so this is a strict, data-only reader; a :class:`CardError` (a
+    ``ValueError``) names what it refuses: aliases and anchors (a few bytes of nested
+    aliases expand to gigabytes), any explicit tag, more than ``MAX_DEPTH`` nested
+    collections, more than ``FRONT_MATTER_LIMIT`` bytes, duplicate keys, NaN and
+    infinities, text that is not UTF-8, and front matter that is not a mapping. Values
+    take JSON's types, as the Hub serves ``cardData``: a date or timestamp stays a
+    string. Keys are strings: a key such as ``1`` or ``true`` is kept as written. A
+    leading byte-order mark is dropped.
+    """
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CardError(f"the card is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") \
+                from None
+    text = text.removeprefix("\ufeff")
+    opening = _OPENING.match(text)
+    if opening is None:
         return None
-    end = text.find("\n---", 3)
-    if end < 0:
-        raise ValueError("the front matter has no closing '---'")
-    return yaml.safe_load(text[3:end])
+    closing = _CLOSING.search(text, opening.end())
+    if closing is None:
+        raise CardError("the front matter has no closing '---'")
+    body = text[opening.end():closing.start()]
+    size = len(body.encode("utf-8", "surrogatepass"))
+    if size > FRONT_MATTER_LIMIT:
+        raise CardError(f"the front matter is {size} bytes, over the {FRONT_MATTER_LIMIT >> 10} KiB a card may hold")
+    data = _load(body)
+    if data is not None and not isinstance(data, dict):
+        raise CardError(f"the front matter must be a mapping, not {_kind(data)}")
+    return data
+
+
+class _Frame:
+    """A collection being built: a list, or a mapping and the key that waits for its value."""
+
+    __slots__ = ("value", "key")
+
+    def __init__(self, value: list | dict):
+        self.value, self.key = value, None
+
+
+def _load(body: str) -> Any:
+    """Build plain values from the parser's events, refusing what is not plain data.
+
+    Works on events rather than PyYAML's node tree so that nothing recursive runs on
+    the card's nesting, and the first refused event stops the parse.
+    """
+    stack: list[_Frame] = []
+    root: Any = None
+    documents = 0
+    try:
+        parser = yaml.cyaml.CParser(body) if yaml.__with_libyaml__ else yaml.SafeLoader(body)
+        while True:
+            event = parser.get_event()
+            if isinstance(event, yaml.StreamEndEvent):
+                return root
+            if isinstance(event, yaml.DocumentStartEvent):
+                documents += 1
+                if documents > 1:
+                    raise CardError(f"the front matter holds more than one YAML document{_at(event)}")
+                continue
+            if not isinstance(event, (yaml.NodeEvent, yaml.CollectionEndEvent)):
+                continue  # stream start, document end
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise CardError(f"YAML anchors and aliases are refused in card metadata{_at(event)}")
+            if getattr(event, "tag", None) is not None:
+                raise CardError(f"YAML tags are refused in card metadata ({event.tag}){_at(event)}")
+            top = stack[-1] if stack else None
+            if isinstance(event, yaml.CollectionEndEvent):
+                value = stack.pop().value
+            elif top is not None and isinstance(top.value, dict) and top.key is None:
+                if not isinstance(event, yaml.ScalarEvent):
+                    raise CardError(f"a key must be a string, not a sequence or mapping{_at(event)}")
+                if event.value in top.value:
+                    raise CardError(f"duplicate key {event.value[:80]!r}{_at(event)}")
+                top.key = event.value
+                continue
+            elif isinstance(event, yaml.ScalarEvent):
+                value = _scalar(event)
+            else:  # a sequence or a mapping starts
+                if len(stack) >= MAX_DEPTH:
+                    raise CardError(f"card metadata nests deeper than {MAX_DEPTH} levels{_at(event)}")
+                stack.append(_Frame([] if isinstance(event, yaml.SequenceStartEvent) else {}))
+                continue
+            if not stack:
+                root = value
+            elif isinstance(stack[-1].value, list):
+                stack[-1].value.append(value)
+            else:
+                stack[-1].value[stack[-1].key] = value
+                stack[-1].key = None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        where = f" (line {mark.line + 2} of the card)" if mark is not None else ""
+        raise CardError(f"the front matter is not valid YAML: {problem}{where}") from None
+    except UnicodeError:  # a str with lone surrogates: it was never UTF-8
+        raise CardError("the card is not UTF-8 text (it holds a lone surrogate)") from None
+
+
+# Plain scalars PyYAML's safe_dump writes unquoted as numbers, booleans and null, and no
+# others: a card zoo writes reads back as written. Dates and timestamps stay strings.
+_NULL = re.compile(r"~|null|Null|NULL|")
+_BOOL = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
+_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
+_FLOAT = re.compile(r"[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+][0-9]+)?")
+_NOT_FINITE = re.compile(r"[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
+_OPENING = re.compile(r"---[ \t]*\r?\n")
+_CLOSING = re.compile(r"^---[ \t]*\r?$", re.MULTILINE)
+
+
+def _scalar(event: yaml.ScalarEvent) -> Any:
+    text = event.value
+    if event.style or not event.implicit[0]:  # quoted or block (libyaml says "" for plain): a string
+        return text
+    if _NULL.fullmatch(text):
+        return None
+    if text in _BOOL:
+        return _BOOL[text]
+    if _INT.fullmatch(text):
+        try:
+            return int(text)
+        except ValueError:  # past Python's 4300 digits
+            raise CardError(f"an integer of {len(text)} digits in card metadata{_at(event)}") from None
+    if _FLOAT.fullmatch(text):
+        value = float(text)
+        if math.isfinite(value):
+            return value
+    if _NOT_FINITE.fullmatch(text) or _FLOAT.fullmatch(text):
+        raise CardError(f"{text[:40]} is not a JSON number: card metadata has no NaN or infinity{_at(event)}")
+    return text
+
+
+def _at(event: yaml.Event) -> str:
+    mark = event.start_mark
+    return f" (line {mark.line + 2} of the card)" if mark is not None else ""
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+        type(value), type(value).__name__)
 
 
 def public_recipe(recipe: dict[str, Any]) -> dict[str, Any]:

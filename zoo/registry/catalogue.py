@@ -27,8 +27,8 @@ from zoo.checkpoints.heads import DEFAULT_HEAD_PATTERNS
 from zoo.errors import AlreadyExists, IncompatibleModels, InUse, NotFound, StorageError, ZooError
 from zoo.registry.listing import iso_utc, list_models
 from zoo.registry.names import KINDS, parse_ref, validate_name
-from zoo.registry.paths import existing_registry, keys_path, missing_folder, registry_path, store_path
-from zoo.registry.schema import File, HubEntry, LineageEdge, Metric, Model, ModelTag, ProtectionKey, Recipe, Task
+from zoo.registry.paths import Location, existing_registry, locate, missing_folder, registry_path
+from zoo.registry.schema import File, HubCommit, HubEntry, HubRepo, LineageEdge, Metric, Model, ModelTag, ProtectionKey, Recipe, Task
 from zoo.progress import ProgressFactory, no_progress
 from zoo.registry.destination import collect_workspaces
 from zoo.registry.records import Measurement, NewModel
@@ -43,15 +43,21 @@ def default_path() -> Path:
 class Registry:
     """A local model registry. ``create=True`` makes the database if it is missing."""
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, *, create: bool = False):
-        self.path = registry_path(path)
-        if not self.path.exists():
+    def __init__(self, path: str | os.PathLike[str] | Location | None = None, *, create: bool = False,
+                 store: str | os.PathLike[str] | None = None):
+        self.location = path if isinstance(path, Location) else locate(path, store)
+        # The SQLite file, or the server's URL with its password masked (for messages).
+        self.path: Path | str = self.location.file if self.location.file is not None else self.location.shown
+        if self.location.file is not None and not self.location.file.exists():
             if not create:
-                existing_registry(self.path)  # raises with the hint
-            if not self.path.parent.is_dir():
-                raise NotFound(f"cannot create a registry at {self.path}: {missing_folder(self.path.parent)}")
-        self.store = BlobStore(store_path(self.path))
-        self.db = db.Database(self.path, self.store)
+                existing_registry(self.location.file)  # raises with the hint
+            if not self.location.file.parent.is_dir():
+                raise NotFound(f"cannot create a registry at {self.path}: {missing_folder(self.location.file.parent)}")
+        if self.location.on_server and create and not self.location.store.parent.is_dir():
+            raise NotFound(f"cannot make the blob store {self.location.store}: "
+                           f"{missing_folder(self.location.store.parent)}")
+        self.store = BlobStore(self.location.store)
+        self.db = db.Database(self.location, self.store, create=create)
         self.engine = self.db.engine
         self.views = self.store.root / "views"
 
@@ -313,7 +319,7 @@ class Registry:
     def list(self, kind: str | None = None, base: str | None = None, task: str | None = None,
              tag: str | None = None) -> list[dict[str, Any]]:
         """Registered models ordered by name and version, filtered by kind, base, task and tag."""
-        return list_models(self.path, kind=kind, base=base, task=task, tag=tag)
+        return list_models(self.location, kind=kind, base=base, task=task, tag=tag)
 
     def show(self, ref: str) -> dict[str, Any]:
         """Everything the registry knows about one model."""
@@ -353,8 +359,9 @@ class Registry:
     # -- protection keys -----------------------------------------------------------
     @property
     def keys_dir(self) -> Path:
-        """Where key files are written by default: ``registry.keys/`` beside the database."""
-        return keys_path(self.path)
+        """Where key files are written by default: ``registry.keys/`` beside a SQLite file,
+        ``keys/`` in the store of a registry on a server."""
+        return self.location.keys
 
     def key(self, ref: str) -> dict[str, Any] | None:
         """The key stored for a protected model, or None."""
@@ -457,7 +464,10 @@ class Registry:
 
     # -- integrity and export ------------------------------------------------------
     def verify(self, ref: str | None = None, progress: ProgressFactory | None = None) -> list[dict[str, Any]]:
-        """Re-hash files (and lineage artifacts) and report every one that changed or went missing."""
+        """Re-hash files (and lineage artifacts) and report every one that changed or went missing.
+
+        Without ``ref``, the files of the repositories ``zoo serve`` serves are checked
+        too; their problems name the repository (``hub:namespace/name``)."""
         progress = progress or no_progress
         with self.db.read() as s:
             models = [self._resolve(s, ref)] if ref else s.scalars(
@@ -466,7 +476,14 @@ class Registry:
             for m in models:  # lineage artifacts (a learned merge's mask) are checked too
                 for key, a in _artifacts(m).items():
                     items.append((m.ref, f"artifact:{key}", a["sha256"], a["size"], self.store.path(a["sha256"])))
-        total = sum(size for *_, size, _p in items)
+            if ref is None:
+                served = s.execute(select(HubRepo.repo_id, HubEntry.path, HubEntry.sha256, HubEntry.size)
+                                   .join(HubCommit, HubCommit.sha == HubEntry.commit_sha)
+                                   .join(HubRepo, HubRepo.id == HubCommit.repo_pk).distinct()
+                                   .order_by(HubRepo.repo_id, HubEntry.path)).all()
+                items += [(f"hub:{repo}", path, digest, size, self.store.path(digest))
+                          for repo, path, digest, size in served]
+        total = sum({p: size for *_, size, p in items}.values())
         advance = progress("verifying", total)
         seen: dict[Path, str | None] = {}
         problems = []

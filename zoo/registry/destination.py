@@ -19,6 +19,7 @@ from zoo.errors import AlreadyExists, StorageError, ZooError
 from zoo.fileio import pid_alive
 from zoo.registry.names import validate_name
 from zoo.registry.paths import missing_folder
+from zoo.registry.store import owner_gone, owner_tag
 
 if TYPE_CHECKING:
     from zoo.progress import ProgressFactory
@@ -98,7 +99,7 @@ class Destination:
         records = self.registry.store.root / WORKSPACES
         try:
             records.mkdir(parents=True, exist_ok=True)
-            record = records / f"{os.getpid()}-{secrets.token_hex(8)}"
+            record = records / f"{owner_tag()}-{secrets.token_hex(8)}"
             record.write_text(str(folder))
         except OSError:
             return None  # a read-only registry: the next write beside the folder removes it
@@ -156,9 +157,9 @@ def collect_workspaces(store_root: Path) -> tuple[int, int]:
         return 0, 0
     removed = freed = 0
     for record in records.iterdir():
-        pid = record.name.split("-", 1)[0]
-        if not pid.isdigit() or pid_alive(int(pid)):
-            continue
+        if not owner_gone(record.name):
+            continue  # alive, or another machine's
+        pid = record.name.split("-", 1)[0].split(".", 1)[0]
         try:
             folder = Path(record.read_text().strip())
         except (OSError, UnicodeDecodeError):

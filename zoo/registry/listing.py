@@ -2,12 +2,14 @@
 
 ``zoo list`` must answer in well under a second on a registry of ten thousand models,
 and importing SQLAlchemy's ORM alone takes most of that on a small machine. So the
-listing is one SQL query through the standard library's ``sqlite3``; everything that
-writes goes through the ORM in ``registry.py``, and ``Registry.list`` calls this.
+listing is one SQL query through the standard library's ``sqlite3`` (or, for a registry
+on PostgreSQL, through ``psycopg`` directly); everything that writes goes through the
+ORM in ``catalogue.py``, and ``Registry.list`` calls this.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 from zoo.errors import NotFound, ZooError
 from zoo.registry.migrations import SCHEMA_HEAD
 from zoo.registry.names import KINDS, parse_ref
-from zoo.registry.paths import keys_path, not_a_registry, on_read_only_storage, store_path
+from zoo.registry.paths import Location, keys_path, not_a_registry, on_read_only_storage, server_error, store_path
 
 
 _SQL = """
@@ -43,46 +45,105 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     return con
 
 
-def list_models(path: Path, kind: str | None = None, base: str | None = None, task: str | None = None,
-                tag: str | None = None) -> list[dict[str, Any]]:
-    """Registered models ordered by name and version, filtered by kind, base, task and tag."""
+def _server_connect(loc: Location) -> Any:
+    """A read-only psycopg connection to a registry on PostgreSQL (UTC session)."""
+    import psycopg
+
+    try:
+        con = psycopg.connect(loc.url or "", connect_timeout=10, options="-c timezone=UTC",
+                              application_name="zoo", autocommit=False)
+    except psycopg.Error as e:
+        raise server_error(loc, e) from None
+    con.read_only = True
+    return con
+
+
+def _rows(con: Any, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
+    """``sql`` written with ``?`` placeholders, on either driver."""
+    if isinstance(con, sqlite3.Connection):
+        return con.execute(sql, args).fetchall()
+    return con.execute(sql.replace("?", "%s"), args).fetchall()
+
+
+def _open(where: Path | Location, kind: str | None) -> Any:
+    """A read-only connection to an up-to-date registry (sqlite3, or psycopg on a server)."""
     if kind is not None and kind not in KINDS:
         raise ZooError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if schema_revision(path) != SCHEMA_HEAD:
+    revision = schema_revision(where)
+    if revision is None and isinstance(where, Location) and where.on_server:
+        raise NotFound(f"no registry in {where.shown}; create one with `zoo init`")
+    if revision != SCHEMA_HEAD:
         from zoo.registry.database import upgrade_file  # SQLAlchemy and Alembic: only when needed
 
-        upgrade_file(path)
-    where, args = [], []
-    con = connect_readonly(path)
+        upgrade_file(where)
+    return _server_connect(where) if _on_server(where) else connect_readonly(_file(where))
+
+
+def _on_server(where: Path | Location) -> bool:
+    return isinstance(where, Location) and where.on_server
+
+
+def _filters(con: Any, shown: str, kind: str | None, base: str | None, task: str | None,
+             tag: str | None) -> tuple[str, list[Any]]:
+    """The WHERE clause (``?`` placeholders) and its arguments for the listing's filters."""
+    where_: list[str] = []
+    args: list[Any] = []
+    if kind:
+        where_.append("m.kind = ?")
+        args.append(kind)
+    if base:
+        name, version = parse_ref(base)
+        found = (_rows(con, "SELECT id FROM models WHERE name = ? ORDER BY version DESC LIMIT 1", (name,))
+                 if version is None else
+                 _rows(con, "SELECT id FROM models WHERE name = ? AND version = ? LIMIT 1", (name, version)))
+        if not found:
+            raise NotFound(f"no model named {base!r} in {shown}; `zoo list` shows what is registered")
+        where_.append("m.base_id = ?")
+        args.append(found[0][0])
+    if task:
+        where_.append("EXISTS (SELECT 1 FROM model_tasks mt JOIN tasks t ON t.id = mt.task_id "
+                      "WHERE mt.model_id = m.id AND t.name = ?)")
+        args.append(task)
+    if tag:
+        where_.append("EXISTS (SELECT 1 FROM model_tags g WHERE g.model_id = m.id AND g.tag = ?)")
+        args.append(tag)
+    return (" WHERE " + " AND ".join(where_) if where_ else ""), args
+
+
+def _reading(where: Path | Location) -> Any:
+    """Driver errors while reading, as one line."""
+    shown = where.shown if isinstance(where, Location) else str(where)
+
+    class _Errors:
+        def __enter__(self) -> None:
+            return None
+
+        def __exit__(self, kind: Any, e: Any, tb: Any) -> None:
+            if isinstance(e, sqlite3.OperationalError):
+                raise ZooError(f"cannot read registry {shown}: {e}") from None
+            if e is not None and _on_server(where) and type(e).__module__.startswith("psycopg"):
+                raise server_error(where, e) from None  # type: ignore[arg-type]
+
+    return _Errors()
+
+
+def list_models(where: Path | Location, kind: str | None = None, base: str | None = None, task: str | None = None,
+                tag: str | None = None) -> list[dict[str, Any]]:
+    """Registered models ordered by name and version, filtered by kind, base, task and tag."""
+    con = _open(where, kind)
+    shown = where.shown if isinstance(where, Location) else str(where)
     try:
-        if kind:
-            where.append("m.kind = ?")
-            args.append(kind)
-        if base:
-            name, version = parse_ref(base)
-            row = con.execute("SELECT id FROM models WHERE name = ? AND (? IS NULL OR version = ?) "
-                              "ORDER BY version DESC LIMIT 1", (name, version, version)).fetchone()
-            if row is None:
-                raise NotFound(f"no model named {base!r} in {path}; `zoo list` shows what is registered")
-            where.append("m.base_id = ?")
-            args.append(row[0])
-        if task:
-            where.append("EXISTS (SELECT 1 FROM model_tasks mt JOIN tasks t ON t.id = mt.task_id "
-                         "WHERE mt.model_id = m.id AND t.name = ?)")
-            args.append(task)
-        if tag:
-            where.append("EXISTS (SELECT 1 FROM model_tags g WHERE g.model_id = m.id AND g.tag = ?)")
-            args.append(tag)
-        sql = _SQL + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY m.name, m.version"
-        rows = con.execute(sql, args).fetchall()
-        tasks: dict[int, list[str]] = {}
-        tags: dict[int, list[str]] = {}
-        for mid, name in con.execute(_TASKS):
-            tasks.setdefault(mid, []).append(name)
-        for mid, tag_ in con.execute(_TAGS):
-            tags.setdefault(mid, []).append(tag_)
-    except sqlite3.OperationalError as e:
-        raise ZooError(f"cannot read registry {path}: {e}") from None
+        with _reading(where):
+            # Byte order on both (SQLite's BINARY; PostgreSQL's "C"), whatever the server's locale.
+            binary = ' COLLATE "C"' if _on_server(where) else ""
+            clause, args = _filters(con, shown, kind, base, task, tag)
+            rows = _rows(con, _SQL + clause + f" ORDER BY m.name{binary}, m.version", args)
+            tasks: dict[int, list[str]] = {}
+            tags: dict[int, list[str]] = {}
+            for mid, name in _rows(con, _TASKS + binary):
+                tasks.setdefault(mid, []).append(name)
+            for mid, tag_ in _rows(con, _TAGS + binary):
+                tags.setdefault(mid, []).append(tag_)
     finally:
         con.close()
     return [
@@ -96,8 +157,82 @@ def list_models(path: Path, kind: str | None = None, base: str | None = None, ta
     ]
 
 
-def schema_revision(path: Path) -> str | None:
+def _s(expr: str) -> str:
+    """A text column as JSON (``json.dumps``' escapes for ASCII text), or null."""
+    return f"COALESCE(to_json({expr})::text, 'null')"
+
+
+def _n(expr: str) -> str:
+    return f"COALESCE(({expr})::text, 'null')"
+
+
+# ``json.dumps`` of a ``list_models`` row, written by PostgreSQL: the same keys in the same
+# order, the same separators, ``iso_utc``'s timestamps. ``to_json`` escapes as json.dumps
+# does below DEL; a line with DEL or anything beyond ASCII comes back NULL (json.dumps
+# writes those as \u escapes), and that listing is made the Python way instead.
+_UTC = "(m.created_at AT TIME ZONE 'UTC')"
+_JSON_SQL = f"""
+WITH tk AS (SELECT mt.model_id, concat('[', string_agg(to_json(t.name)::text, ', ' ORDER BY t.name COLLATE "C"), ']') AS j
+            FROM model_tasks mt JOIN tasks t ON t.id = mt.task_id GROUP BY mt.model_id),
+     tg AS (SELECT model_id, concat('[', string_agg(to_json(tag)::text, ', ' ORDER BY tag COLLATE "C"), ']') AS j
+            FROM model_tags GROUP BY model_id),
+     lines AS (
+SELECT m.name, m.version, concat(
+       '{{"name": ', {_s("m.name")}, ', "version": ', {_n("m.version")},
+       ', "ref": ', to_json(concat(m.name, '@', m.version))::text,
+       ', "kind": ', {_s("m.kind")}, ', "form": ', {_s("m.form")},
+       ', "base": ', CASE WHEN b.name IS NULL THEN 'null' ELSE to_json(concat(b.name, '@', b.version))::text END,
+       ', "model_type": ', {_s("m.model_type")}, ', "parameters": ', {_n("m.param_count")},
+       ', "bytes": ', {_n("m.total_bytes")}, ', "tasks": ', COALESCE(tk.j, '[]'),
+       ', "tags": ', COALESCE(tg.j, '[]'), ', "created_at": ',
+       CASE WHEN m.created_at IS NULL THEN 'null' ELSE
+            concat('"', replace(to_char({_UTC}, 'YYYY-MM-DD"T"HH24:MI:SS.US'), '.000000', ''), '+00:00"') END,
+       '}}') AS line
+FROM models m LEFT JOIN models b ON b.id = m.base_id LEFT JOIN tk ON tk.model_id = m.id
+     LEFT JOIN tg ON tg.model_id = m.id
+"""
+
+
+def model_lines(where: Path | Location, kind: str | None = None, base: str | None = None, task: str | None = None,
+                tag: str | None = None) -> list[str]:
+    """``zoo list --json``'s objects, one JSON line per model: ``json.dumps`` of each
+    ``list_models`` row. On PostgreSQL the server writes them, so a listing of 100,000
+    models costs this process little more than reading the text."""
+    if not _on_server(where):
+        return [json.dumps(row) for row in list_models(where, kind, base, task, tag)]
+    con = _open(where, kind)
+    try:
+        with _reading(where):
+            # A parallel plan would build both aggregates in every worker: more CPU, no gain.
+            con.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+            clause, args = _filters(con, where.shown, kind, base, task, tag)  # type: ignore[union-attr]
+            sql = (_JSON_SQL + clause + ") SELECT CASE WHEN octet_length(line) = char_length(line) AND strpos(line, chr(127)) = 0 "
+                   "THEN line END "
+                   'FROM lines ORDER BY name COLLATE "C", version')
+            lines = [r[0] for r in _rows(con, sql, args)]
+    finally:
+        con.close()
+    if any(line is None for line in lines):  # text beyond ASCII: json.dumps escapes it, to_json does not
+        return [json.dumps(row) for row in list_models(where, kind, base, task, tag)]
+    return lines
+
+
+def _file(where: Path | Location) -> Path:
+    return where.file if isinstance(where, Location) and where.file is not None else Path(where)  # type: ignore[arg-type]
+
+
+def schema_revision(where: Path | Location) -> str | None:
     """The registry's schema revision, read without SQLAlchemy (None if it has none)."""
+    if isinstance(where, Location) and where.on_server:
+        con = _server_connect(where)
+        try:
+            if con.execute("SELECT to_regclass('alembic_version')").fetchone()[0] is None:
+                return None
+            row = con.execute("SELECT version_num FROM alembic_version").fetchone()
+            return row[0] if row else None
+        finally:
+            con.close()
+    path = _file(where)
     con = connect_readonly(path)
     try:
         return con.execute("SELECT version_num FROM alembic_version").fetchone()[0]
@@ -109,10 +244,17 @@ def schema_revision(path: Path) -> str | None:
         con.close()
 
 
-def discard_if_unused(path: Path) -> bool:
+def discard_if_unused(path: Path | Location) -> bool:
     """Remove a registry that holds nothing (no model, task or served repository) with its
     store and side files: what a command that made it and then failed leaves. Returns
-    whether it was removed; a registry with anything in it is never touched."""
+    whether it was removed; a registry with anything in it is never touched, nor is a
+    database on a server (its owner made it; an empty schema there is harmless)."""
+    store = store_path(path) if not isinstance(path, Location) else path.store
+    keys = keys_path(path) if not isinstance(path, Location) else path.keys
+    if isinstance(path, Location):
+        if path.file is None:
+            return False
+        path = path.file
     try:
         con = connect_readonly(path)
         try:
@@ -122,14 +264,12 @@ def discard_if_unused(path: Path) -> bool:
             con.close()
     except sqlite3.Error:
         return False
-    store = store_path(path)
     if used or any(p.is_file() for p in (store / "blobs").rglob("*")):
         return False
     for side in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"),
                  path.with_name(path.name + ".lock")):
         side.unlink(missing_ok=True)
     shutil.rmtree(store, ignore_errors=True)
-    keys = keys_path(path)
     if keys.is_dir() and not any(keys.iterdir()):
         keys.rmdir()
     return True

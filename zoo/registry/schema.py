@@ -11,20 +11,28 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from zoo.registry.names import KINDS
 
+
+
+# Byte and parameter counts pass 2**31 (a 7B model): SQLite's INTEGER is 64-bit already,
+# PostgreSQL's is not, so there they are BIGINT (SQLite's table definitions are unchanged).
+Count = Integer().with_variant(BigInteger(), "postgresql")
 
 
 def utcnow() -> datetime:
@@ -77,8 +85,8 @@ class Model(Base):
     architecture: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     tensor_count: Mapped[int] = mapped_column(Integer)
-    param_count: Mapped[int] = mapped_column(Integer)
-    total_bytes: Mapped[int] = mapped_column(Integer)
+    param_count: Mapped[int] = mapped_column(Count)
+    total_bytes: Mapped[int] = mapped_column(Count)
     dtypes: Mapped[dict[str, int]] = mapped_column(JSON)
 
     source_type: Mapped[str] = mapped_column(String(16))  # local | hub | zoo
@@ -131,7 +139,7 @@ class File(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
     relpath: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Count)
     # Absolute path for models registered --in-place; NULL when the blob is in the store.
     external_path: Mapped[str | None] = mapped_column(Text)
 
@@ -200,7 +208,10 @@ class HubRepo(Base):
     """A repository served by ``zoo serve``: its files live in the registry's blob store."""
 
     __tablename__ = "hub_repos"
-    __table_args__ = (UniqueConstraint("repo_type", "repo_id", name="uq_hub_repos_type_id"),)
+    __table_args__ = (UniqueConstraint("repo_type", "repo_id", name="uq_hub_repos_type_id"),
+                      # `ALICE/T1` beside `alice/t1` would collide in clients' caches on
+                      # case-insensitive disks
+                      Index("uq_hub_repos_type_lower_id", "repo_type", func.lower("repo_id"), unique=True))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     repo_type: Mapped[str] = mapped_column(String(16))
@@ -233,16 +244,55 @@ class HubEntry(Base):
     commit_sha: Mapped[str] = mapped_column(ForeignKey("hub_commits.sha", ondelete="CASCADE"), primary_key=True)
     path: Mapped[str] = mapped_column(String(1024), primary_key=True)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Count)
     git_oid: Mapped[str] = mapped_column(String(40))
     lfs: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class HubRef(Base):
-    """A branch: ``main`` moves to each new commit."""
+    """A branch or a tag. A commit moves its branch; a tag never moves. Branches and
+    tags share one set of names, so a name resolves to one commit."""
 
     __tablename__ = "hub_refs"
 
     repo_pk: Mapped[int] = mapped_column(ForeignKey("hub_repos.id", ondelete="CASCADE"), primary_key=True)
     name: Mapped[str] = mapped_column(String(256), primary_key=True)
     commit_sha: Mapped[str] = mapped_column(ForeignKey("hub_commits.sha"))
+    kind: Mapped[str] = mapped_column(String(8), default="branch", server_default="branch")  # branch | tag
+
+
+class HubAccount(Base):
+    """A user or an organisation of ``zoo serve``: a namespace that owns repositories."""
+
+    __tablename__ = "hub_accounts"
+    __table_args__ = (CheckConstraint("kind in ('user', 'org')", name="ck_hub_accounts_kind"),
+                      Index("uq_hub_accounts_lower_name", func.lower("name"), unique=True))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(96), unique=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class HubMember(Base):
+    """A user's membership of an organisation."""
+
+    __tablename__ = "hub_members"
+
+    org_pk: Mapped[int] = mapped_column(ForeignKey("hub_accounts.id", ondelete="CASCADE"), primary_key=True)
+    user_pk: Mapped[int] = mapped_column(ForeignKey("hub_accounts.id", ondelete="CASCADE"), primary_key=True,
+                                         index=True)
+
+
+class HubToken(Base):
+    """A user's token: only its sha256 is kept. Revoked tokens stay, for the record."""
+
+    __tablename__ = "hub_tokens"
+    __table_args__ = (CheckConstraint("scope in ('read', 'write')", name="ck_hub_tokens_scope"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_pk: Mapped[int] = mapped_column(ForeignKey("hub_accounts.id", ondelete="CASCADE"), index=True)
+    scope: Mapped[str] = mapped_column(String(8))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -17,6 +17,7 @@ import queue
 import secrets
 import shutil
 import signal
+import socket
 import stat
 import threading
 from collections.abc import Callable, Iterator
@@ -33,6 +34,24 @@ CHUNK = 1 << 20  # 1 MiB: measured faster than 8 MiB for copy loops (stays in ca
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 WAIT_S = 0.5  # how often a waiting copy thread looks up (Ctrl-C, a partner gone)
 JOIN_S = 30.0  # the hasher has at most 8 chunks left when told to stop: milliseconds
+
+
+# A store may be shared by several machines (a registry on PostgreSQL, its store on a
+# shared filesystem): temporary names carry the host, so that one machine never takes
+# another's live temp file for a dead process's.
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def owner_tag() -> str:
+    """``PID.HOST``: this process, as the start of a temporary name in a store."""
+    return f"{os.getpid()}.{HOST_TAG}"
+
+
+def owner_gone(name: str) -> bool:
+    """True when the process that ``name`` starts with (``PID.HOST-...``, or an older
+    zoo's ``PID-...``) ran on this machine and has exited."""
+    pid, _, host = name.split("-", 1)[0].partition(".")
+    return pid.isdigit() and host in ("", HOST_TAG) and not pid_alive(int(pid))
 
 
 def hash_file(path: Path, advance: Advance = ignore) -> tuple[str, int]:
@@ -219,8 +238,7 @@ class BlobStore:
         if not self.tmp.is_dir():
             return
         for p in self.tmp.iterdir():
-            pid = p.name.split("-", 1)[0]
-            if pid.isdigit() and not pid_alive(int(pid)):
+            if owner_gone(p.name):
                 try:
                     if p.is_dir():
                         shutil.rmtree(p, ignore_errors=True)
@@ -230,9 +248,9 @@ class BlobStore:
                     pass
 
     def temp_path(self, suffix: str = ".part") -> Path:
-        """A fresh path in the store's temp folder, tagged with this process id."""
+        """A fresh path in the store's temp folder, tagged with this process and host."""
         self.ensure()
-        return self.tmp / f"{os.getpid()}-{secrets.token_hex(8)}{suffix}"
+        return self.tmp / f"{owner_tag()}-{secrets.token_hex(8)}{suffix}"
 
     def ingest(self, src: Path, advance: Advance = ignore) -> tuple[str, int]:
         """Copy ``src`` into the store. Returns its sha256 and size."""

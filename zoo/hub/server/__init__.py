@@ -10,7 +10,8 @@ arrive. Xet is not spoken: clients must set ``HF_HUB_DISABLE_XET=1`` (zoo's own
 pull and push do).
 
 ``app`` answers the requests, ``wire`` reads and writes the Hub's wire format,
-``uploads`` receives LFS uploads, ``startup`` binds the socket and runs uvicorn.
+``uploads`` receives LFS uploads, ``cards`` checks and serves model cards, ``startup`` binds
+the socket and runs uvicorn.
 """
 
 from zoo.hub.server.app import ServeSettings

@@ -4,27 +4,60 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from zoo.errors import ZooError
+from zoo.hub.accounts import Accounts, legacy_token_file
 from zoo.hub.server.app import HubApp, ServeSettings
-from zoo.hub.server.wire import MAX_INLINE_LINE
+from zoo.hub.server.web import WebApp
+from zoo.hub.server.wire import MAX_INLINE_LINE, RefuseControlInURL
 from zoo.registry import Registry
 
 
-def make_app(registry: Registry, settings: ServeSettings) -> Starlette:
+def open_accounts(registry: Registry, path: Path) -> list[str]:
+    """Ready the server's accounts; returns the lines to tell the operator.
+
+    Tokens of an older zoo's token file (``registry.tokens``) are adopted, each name
+    becoming a user, and the file is renamed so that it is read once. A server with no
+    accounts gets its first user, named after the login, with a write token shown once.
+    """
+    said = []
+    accounts = Accounts(registry)
+    legacy = legacy_token_file(path)
+    if legacy.is_file():
+        n = accounts.import_token_file(legacy)
+        done = legacy.with_name(legacy.name + ".imported")
+        os.replace(legacy, done)
+        said.append(f"adopted {n} token(s) of {legacy} (each name is now a user); the file is kept as {done.name}")
+    first = accounts.first_run()
+    if first is not None:
+        said.append(f"first run: added user {first['user']!r} with write token {first['token']} (shown once; "
+                    f"more with `zoo token create --user NAME`, organisations with `zoo org add`)")
+    return said
+
+
+def check_settings(settings: ServeSettings) -> None:
     if not 0 <= settings.lfs_threshold <= MAX_INLINE_LINE * 3 // 4 - 1024:  # base64 grows a file by 4/3
         raise ZooError(f"--lfs-threshold must be between 0 and {(MAX_INLINE_LINE * 3 // 4) >> 20} MiB: files "
                        "above it travel inside the commit")
+
+
+def make_app(registry: Registry, settings: ServeSettings) -> Starlette:
+    check_settings(settings)
     hub = HubApp(registry, settings)
-    methods = ["GET", "HEAD", "POST", "PUT"]
-    return Starlette(routes=[Route("/{path:path}", hub.dispatch, methods=methods)])
+    web = WebApp(registry, open_reads=settings.open_reads)  # the pages, under /ui; the rest is the Hub's
+    methods = ["GET", "HEAD", "POST", "PUT", "DELETE"]
+    return Starlette(routes=[*web.routes(), Route("/{path:path}", hub.dispatch, methods=methods)],
+                     middleware=[Middleware(RefuseControlInURL)])
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -64,6 +97,7 @@ def serve(registry: "Registry | Callable[[], Registry]", settings: ServeSettings
     """Serve until interrupted. ``on_ready(url)`` is called once the socket listens.
     ``registry`` may be a function that opens it: it is called only once the address is
     bound, so a bad --host or --port leaves no new registry behind."""
+    check_settings(settings)
     sock = bind(host, port)
     try:
         registry = registry() if callable(registry) else registry

@@ -8,6 +8,8 @@ Create Date: 2026-11-26
 from alembic import op
 import sqlalchemy as sa
 
+# Counts of bytes and parameters are BIGINT on PostgreSQL (INTEGER is 64-bit on SQLite).
+
 
 revision = '0001'
 down_revision = None
@@ -31,8 +33,8 @@ def upgrade() -> None:
     sa.Column('vocab_size', sa.Integer(), nullable=True),
     sa.Column('architecture', sa.JSON(), nullable=True),
     sa.Column('tensor_count', sa.Integer(), nullable=False),
-    sa.Column('param_count', sa.Integer(), nullable=False),
-    sa.Column('total_bytes', sa.Integer(), nullable=False),
+    sa.Column('param_count', sa.Integer().with_variant(sa.BigInteger(), 'postgresql'), nullable=False),
+    sa.Column('total_bytes', sa.Integer().with_variant(sa.BigInteger(), 'postgresql'), nullable=False),
     sa.Column('dtypes', sa.JSON(), nullable=False),
     sa.Column('source_type', sa.String(length=16), nullable=False),
     sa.Column('source_path', sa.Text(), nullable=True),
@@ -69,7 +71,7 @@ def upgrade() -> None:
     sa.Column('model_id', sa.Integer(), nullable=False),
     sa.Column('relpath', sa.Text(), nullable=False),
     sa.Column('sha256', sa.String(length=64), nullable=False),
-    sa.Column('size', sa.Integer(), nullable=False),
+    sa.Column('size', sa.Integer().with_variant(sa.BigInteger(), 'postgresql'), nullable=False),
     sa.Column('external_path', sa.Text(), nullable=True),
     sa.ForeignKeyConstraint(['model_id'], ['models.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),

@@ -8,6 +8,8 @@ Create Date: 2026-11-27
 from alembic import op
 import sqlalchemy as sa
 
+# Counts of bytes and parameters are BIGINT on PostgreSQL (INTEGER is 64-bit on SQLite).
+
 
 revision = '0003'
 down_revision = '0002'
@@ -41,7 +43,7 @@ def upgrade() -> None:
     sa.Column('commit_sha', sa.String(length=40), nullable=False),
     sa.Column('path', sa.String(length=1024), nullable=False),
     sa.Column('sha256', sa.String(length=64), nullable=False),
-    sa.Column('size', sa.Integer(), nullable=False),
+    sa.Column('size', sa.Integer().with_variant(sa.BigInteger(), 'postgresql'), nullable=False),
     sa.Column('git_oid', sa.String(length=40), nullable=False),
     sa.Column('lfs', sa.Boolean(), nullable=False),
     sa.ForeignKeyConstraint(['commit_sha'], ['hub_commits.sha'], ondelete='CASCADE'),
