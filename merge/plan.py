@@ -99,6 +99,23 @@ class Plan:
         return out
 
 
+def _promoted(name: str, dtype: str, models: list[Input]) -> str:
+    """The saved dtype of a merged tensor without ``dtype``/``out_dtype``: as mergekit,
+    the result's, which is the inputs' dtypes promoted together (bfloat16 with float16
+    gives float32). An adapter's tensors are not among them: its B·A is added to the
+    base in float32 and saved in the base's dtype, as PEFT's merge_and_unload does."""
+    import torch
+
+    if dtype not in DTYPE_NAMES:
+        return dtype
+    out = getattr(torch, DTYPE_NAMES[dtype])
+    for m in models:
+        info = None if m.is_adapter else m.ckpt.tensors.get(name)
+        if info is not None and info.dtype in DTYPE_NAMES:
+            out = torch.promote_types(out, getattr(torch, DTYPE_NAMES[info.dtype]))
+    return SAFETENSORS_DTYPE[str(out).removeprefix("torch.")]
+
+
 def _open_input(label: str, registry: "Registry | None") -> Input:
     ckpt, info = open_model(label, registry)
     if info is None:
@@ -150,7 +167,7 @@ def make_plan(recipe: Recipe, registry: "Registry | None" = None) -> Plan:
     steps = []
     saved = recipe.out_dtype or recipe.dtype  # mergekit: dtype is also the saved dtype unless out_dtype says
     for name, info in ref.tensors.items():
-        out_dtype = SAFETENSORS_DTYPE[saved] if saved else info.dtype
+        out_dtype = SAFETENSORS_DTYPE[saved] if saved else _promoted(name, info.dtype, models)
         mergeable = info.dtype in FLOAT_DTYPES and not is_head(name, patterns)
         steps.append(TensorStep(OutTensor(name, out_dtype if mergeable else info.dtype, info.shape), mergeable))
     plan = Plan(recipe, method, base, models, steps, heads)
