@@ -336,7 +336,7 @@ def test_every_method_documents_itself():
     default for every parameter."""
     assert list(M.METHODS) == ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "linear",
                                "slerp", "model_stock", "tsv", "iso_c", "iso_cts", "adamerging", "concrete_ta",
-                               "concrete_adamerging", "parity"]
+                               "concrete_adamerging", "parity", "breadcrumbs_ties", "della", "della_linear", "sce"]
     for name, m in M.METHODS.items():
         assert m.name == name and M.get_method(name) is m
         assert m.summary and "\n" not in m.summary, name

@@ -35,8 +35,11 @@ from zoo.merge.methods.iso import IsoC, IsoCTS  # noqa: E402
 from zoo.merge.methods.adamerging import AdaMerging  # noqa: E402
 from zoo.merge.methods.concrete import ConcreteAdaMerging, ConcreteTA  # noqa: E402
 from zoo.merge.methods.parity import Parity  # noqa: E402
+from zoo.merge.methods.breadcrumbs_ties import BreadcrumbsTies  # noqa: E402
+from zoo.merge.methods.della import DellaLinear, DellaTies  # noqa: E402
+from zoo.merge.methods.sce import Sce  # noqa: E402
 
 __all__ = ["METHODS", "AdaMerging", "Breadcrumbs", "ConcreteAdaMerging", "ConcreteTA", "DareLinear", "DareTies",
-           "IsoC", "IsoCTS", "Linear", "MergeMethod", "ModelStock", "Param", "ParamDoc", "Parity", "Slerp",
+           "BreadcrumbsTies", "DellaLinear", "DellaTies", "IsoC", "IsoCTS", "Linear", "MergeMethod", "ModelStock", "Param", "ParamDoc", "Parity", "Sce", "Slerp",
            "StatsCollector", "TaskArithmetic", "TaskSingularVectors", "TensorContext", "Ties", "check_count",
            "describe", "get_method", "rebuildable", "register", "slices", "validate_params"]
