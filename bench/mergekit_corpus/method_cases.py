@@ -52,3 +52,28 @@ CASES: dict[str, dict[str, Any]] = {
         "merge_method": "della", "base_model": "{base}",
         "models": [_m("e0", weight=1.0, density=0.5, epsilon=0.5)]}},
 }
+CASES.update({
+    "nuslerp_f32": {"inputs": "f32", "recipe": {
+        "merge_method": "nuslerp", "models": [_m("e0", weight=0.3), _m("e1", weight=0.7)]}},
+    "nuslerp_base_bf16": {"inputs": "bf16", "recipe": {
+        "merge_method": "nuslerp", "base_model": "{base}", "models": [_m("e0", weight=0.6), _m("e1", weight=0.4)]}},
+    "nuslerp_rows_f32": {"inputs": "f32", "recipe": {
+        "merge_method": "nuslerp", "base_model": "{base}", "parameters": {"nuslerp_flatten": False},
+        "models": [_m("e0", weight=0.5), _m("e1", weight=0.5)]}},
+    "nuslerp_columns_bf16": {"inputs": "bf16", "recipe": {
+        "merge_method": "nuslerp", "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+        "models": [_m("e0", weight=0.2), _m("e1", weight=0.8)]}},
+    "multislerp_f32": {"inputs": "f32", "recipe": {
+        "merge_method": "multislerp", "models": [_m("e0", weight=0.2), _m("e1", weight=0.3), _m("e2", weight=0.5)]}},
+    "multislerp_base_bf16": {"inputs": "bf16", "recipe": {
+        "merge_method": "multislerp", "base_model": "{base}",
+        "models": [_m("e0", weight=1.0), _m("e1", weight=2.0), _m("e2", weight=1.0)]}},
+    "multislerp_base_f32": {"inputs": "f32", "recipe": {
+        "merge_method": "multislerp", "base_model": "{base}", "parameters": {"normalize_weights": False},
+        "models": [_m("e0", weight=0.5), _m("e1", weight=0.5)]}},
+    "karcher_f32": {"inputs": "f32", "recipe": {
+        "merge_method": "karcher", "models": [_m("e0"), _m("e1"), _m("e2")]}},
+    "karcher_base_bf16": {"inputs": "bf16", "recipe": {
+        "merge_method": "karcher", "base_model": "{base}", "parameters": {"max_iter": 5, "tol": 1e-4},
+        "models": [_m("e0"), _m("e1")]}},
+})

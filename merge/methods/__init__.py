@@ -38,8 +38,12 @@ from zoo.merge.methods.parity import Parity  # noqa: E402
 from zoo.merge.methods.breadcrumbs_ties import BreadcrumbsTies  # noqa: E402
 from zoo.merge.methods.della import DellaLinear, DellaTies  # noqa: E402
 from zoo.merge.methods.sce import Sce  # noqa: E402
+from zoo.merge.methods.nuslerp import NuSlerp  # noqa: E402
+from zoo.merge.methods.multislerp import MultiSlerp  # noqa: E402
+from zoo.merge.methods.karcher import Karcher  # noqa: E402
 
-__all__ = ["METHODS", "AdaMerging", "Breadcrumbs", "ConcreteAdaMerging", "ConcreteTA", "DareLinear", "DareTies",
-           "BreadcrumbsTies", "DellaLinear", "DellaTies", "IsoC", "IsoCTS", "Linear", "MergeMethod", "ModelStock", "Param", "ParamDoc", "Parity", "Sce", "Slerp",
-           "StatsCollector", "TaskArithmetic", "TaskSingularVectors", "TensorContext", "Ties", "check_count",
-           "describe", "get_method", "rebuildable", "register", "slices", "validate_params"]
+__all__ = ["METHODS", "AdaMerging", "Breadcrumbs", "BreadcrumbsTies", "ConcreteAdaMerging", "ConcreteTA", "DareLinear",
+           "DareTies", "DellaLinear", "DellaTies", "IsoC", "IsoCTS", "Karcher", "Linear", "MergeMethod", "ModelStock",
+           "MultiSlerp", "NuSlerp", "Param", "ParamDoc", "Parity", "Sce", "Slerp", "StatsCollector", "TaskArithmetic",
+           "TaskSingularVectors", "TensorContext", "Ties", "check_count", "describe", "get_method", "rebuildable",
+           "register", "slices", "validate_params"]
