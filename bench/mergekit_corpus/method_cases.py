@@ -2,7 +2,9 @@
 della_linear, breadcrumbs_ties, sce, ...), each run through mergekit 0.1.5 and
 through ``zoo merge``; the same form as cases.py, whose ``recipe_for`` fills them in.
 
-``zoo`` is what zoo must do: ``same`` (every tensor bit for bit), or ``random`` for
+``zoo`` is what zoo must do: ``same`` (every tensor bit for bit); ``rounded`` (mergekit
+wrote float32 tensors into a model whose config.json names a narrower dtype; zoo writes
+that dtype: mergekit's values rounded once, bit for bit); ``refuse``; or ``random`` for
 methods that draw at random (DELLA), compared statistically: each task vector's kept
 fraction, the kept fraction among the larger and the smaller half of each row's
 magnitudes, and the L1 rescale (see tests/test_mergekit_methods.py).
@@ -75,5 +77,31 @@ CASES.update({
         "merge_method": "karcher", "models": [_m("e0"), _m("e1"), _m("e2")]}},
     "karcher_base_bf16": {"inputs": "bf16", "recipe": {
         "merge_method": "karcher", "base_model": "{base}", "parameters": {"max_iter": 5, "tol": 1e-4},
+        "models": [_m("e0"), _m("e1")]}},
+})
+CASES.update({
+    "arcee_fusion_f32": {"inputs": "f32", "recipe": {
+        "merge_method": "arcee_fusion", "base_model": "{base}", "models": [_m("e0")]}},
+    # mergekit writes these two's float32 results unrounded into a bfloat16 model (its
+    # config.json says bfloat16); zoo writes the dtype the config names: the same values,
+    # rounded once
+    "arcee_fusion_bf16": {"inputs": "bf16", "zoo": "rounded", "recipe": {
+        "merge_method": "arcee_fusion", "base_model": "{base}", "models": [_m("e1")]}},
+    "nearswap_f32": {"inputs": "f32", "recipe": {
+        "merge_method": "nearswap", "base_model": "{base}", "parameters": {"t": 0.01}, "models": [_m("e0")]}},
+    "nearswap_bf16": {"inputs": "bf16", "recipe": {
+        "merge_method": "nearswap", "base_model": "{base}", "parameters": {"t": 0.05}, "models": [_m("e2")]}},
+    "nearswap_without_t": {"inputs": "f32", "zoo": "refuse", "match": "no t on tensor", "recipe": {
+        "merge_method": "nearswap", "base_model": "{base}", "models": [_m("e0")]}},
+    "ram_f32": {"inputs": "f32", "recipe": {
+        "merge_method": "ram", "base_model": "{base}", "models": [_m("e0"), _m("e1"), _m("e2")]}},
+    "ram_bf16": {"inputs": "bf16", "recipe": {
+        "merge_method": "ram", "base_model": "{base}", "parameters": {"epsilon": 0.01},
+        "models": [_m("e0"), _m("e1"), _m("e2")]}},
+    "ramplus_tl_f32": {"inputs": "f32", "recipe": {
+        "merge_method": "ramplus_tl", "base_model": "{base}", "parameters": {"epsilon": 0.005},
+        "models": [_m("e0"), _m("e1"), _m("e2")]}},
+    "ramplus_tl_bf16": {"inputs": "bf16", "zoo": "rounded", "recipe": {
+        "merge_method": "ramplus_tl", "base_model": "{base}", "parameters": {"r": 0.5, "alpha": 0.5, "epsilon": 0.01},
         "models": [_m("e0"), _m("e1")]}},
 })

@@ -41,9 +41,12 @@ from zoo.merge.methods.sce import Sce  # noqa: E402
 from zoo.merge.methods.nuslerp import NuSlerp  # noqa: E402
 from zoo.merge.methods.multislerp import MultiSlerp  # noqa: E402
 from zoo.merge.methods.karcher import Karcher  # noqa: E402
+from zoo.merge.methods.arcee_fusion import ArceeFusion  # noqa: E402
+from zoo.merge.methods.nearswap import NearSwap  # noqa: E402
+from zoo.merge.methods.ram import Ram, RamPlusTL  # noqa: E402
 
-__all__ = ["METHODS", "AdaMerging", "Breadcrumbs", "BreadcrumbsTies", "ConcreteAdaMerging", "ConcreteTA", "DareLinear",
-           "DareTies", "DellaLinear", "DellaTies", "IsoC", "IsoCTS", "Karcher", "Linear", "MergeMethod", "ModelStock",
-           "MultiSlerp", "NuSlerp", "Param", "ParamDoc", "Parity", "Sce", "Slerp", "StatsCollector", "TaskArithmetic",
-           "TaskSingularVectors", "TensorContext", "Ties", "check_count", "describe", "get_method", "rebuildable",
-           "register", "slices", "validate_params"]
+__all__ = ["METHODS", "AdaMerging", "ArceeFusion", "Breadcrumbs", "BreadcrumbsTies", "ConcreteAdaMerging",
+           "ConcreteTA", "DareLinear", "DareTies", "DellaLinear", "DellaTies", "IsoC", "IsoCTS", "Karcher", "Linear",
+           "MergeMethod", "ModelStock", "MultiSlerp", "NearSwap", "NuSlerp", "Param", "ParamDoc", "Parity", "Ram",
+           "RamPlusTL", "Sce", "Slerp", "StatsCollector", "TaskArithmetic", "TaskSingularVectors", "TensorContext",
+           "Ties", "check_count", "describe", "get_method", "rebuildable", "register", "slices", "validate_params"]
