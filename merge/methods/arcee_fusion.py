@@ -34,7 +34,11 @@ def quartiles(scores: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 @register
 class ArceeFusion(MergeMethod):
-    """Arcee Fusion: the other model's entries whose importance (change x KL of row softmaxes) is above median + 1.5 IQR, the base's elsewhere."""
+    """Arcee Fusion: the other model's entries of outlying importance (change x KL), the base's elsewhere.
+
+    Importance is |theta_1 - theta_0| times the KL divergence of the rows' softmaxes;
+    outlying is at least median + 1.5 IQR of the tensor's importances.
+    """
 
     name = "arcee_fusion"
     reference = 'Arcee AI, "Arcee Fusion", mergekit (2025)'

@@ -13,7 +13,7 @@ from zoo.merge.methods.params import REQUIRED, Param, check_bool, check_number, 
 
 @register
 class MultiSlerp(MergeMethod):
-    """Multi-SLERP: the weighted mean of the unit tensors in the tangent space at their mean direction, mapped back to the sphere.
+    """Multi-SLERP: the weighted mean of unit tensors in the tangent space at their mean, mapped back.
 
     The result's norm is the weighted mean of the norms; with a base, over task vectors.
     """

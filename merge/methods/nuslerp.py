@@ -33,7 +33,7 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, eps: fl
 
 @register
 class NuSlerp(MergeMethod):
-    """NuSLERP: spherical interpolation between two models, t = w₂ / (w₁ + w₂); over task vectors when a base is given.
+    """NuSLERP: spherical interpolation of two models, t = w₂ / (w₁ + w₂); of task vectors given a base.
 
     ``nuslerp_flatten`` (the default) interpolates the flattened tensors; otherwise each
     row (``nuslerp_row_wise``: each column) is interpolated on its own.

@@ -12,7 +12,7 @@ from zoo.merge.methods.params import Param, check_bool, check_unit
 
 @register
 class Sce(MergeMethod):
-    """SCE: keep the top ``select_topk`` entries by variance across models, weight task vectors by mean square, erase sign conflicts.
+    """SCE: keep the highest-variance entries, weight task vectors by mean square, erase sign conflicts.
 
     No per-model weights: each task vector's weight is its mean square over the sum of them.
     """
