@@ -142,9 +142,9 @@ def test_della_matches_mergekit_statistically(corpus, tmp_path, name):
     assert all(torch.equal(again[k], got[k]) for k in got)
 
 
-@pytest.mark.parametrize("name", ["nearswap_f32", "nearswap_bf16"])
+@pytest.mark.parametrize("name", ["nearswap_f32", "nearswap_bf16", "ram_f32", "ram_bf16"])
 def test_elementwise_methods_stream_in_pieces(corpus, tmp_path, monkeypatch, name):
-    """nearswap is elementwise: streamed in pieces of 100 entries it writes the same bytes."""
+    """nearswap and ram are elementwise: streamed in pieces of 100 entries they write the same bytes."""
     from zoo.merge import engine
 
     monkeypatch.setattr(engine, "CHUNK_ELEMS", 100)

@@ -29,6 +29,7 @@ class Ram(MergeMethod):
 
     name = "ram"
     reference = RAM_REFERENCE
+    elementwise = True  # each entry's result depends on that entry of each model only
     parameters = {"epsilon": EPSILON}
 
     def merge(self, base, tensors, params, options, ctx):
