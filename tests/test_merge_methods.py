@@ -336,11 +336,14 @@ def test_every_method_documents_itself():
     default for every parameter."""
     assert list(M.METHODS) == ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "linear",
                                "slerp", "model_stock", "tsv", "iso_c", "iso_cts", "adamerging", "concrete_ta",
-                               "concrete_adamerging", "parity"]
+                               "concrete_adamerging", "parity", "breadcrumbs_ties", "della", "della_linear", "sce",
+                               "nuslerp", "multislerp", "karcher", "arcee_fusion", "nearswap", "ram",
+                               "ramplus_tl"]
     for name, m in M.METHODS.items():
         assert m.name == name and M.get_method(name) is m
         assert m.summary and "\n" not in m.summary, name
-        assert m.reference and (re.search(r"arXiv \d{4}\.\d{4,5}", m.reference) or "1985" in m.reference), name
+        assert m.reference and (re.search(r"arXiv \d{4}\.\d{4,5}", m.reference)
+                                or re.search(r"\b(19|20)\d\d\b", m.reference)), name  # no arXiv id: a dated one
         rows = M.describe(m)
         assert [(r.scope, r.name) for r in rows] == [("global", k) for k in m.parameters] + \
             [("per-model", k) for k in m.model_parameters]

@@ -28,9 +28,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import inputs  # noqa: E402
-from cases import CASES, recipe_for  # noqa: E402
+import cases  # noqa: E402
+import method_cases  # noqa: E402
+from cases import recipe_for  # noqa: E402
 
-OUT = HERE.parent.parent / "tests" / "data" / "mergekit"
+# each corpus: its recipes and where its fixtures go
+CORPORA = {"issue18": (cases.CASES, HERE.parent.parent / "tests" / "data" / "mergekit"),
+           "methods": (method_cases.CASES, HERE.parent.parent / "tests" / "data" / "mergekit_methods")}
 
 
 def tokenizer_summary(folder: Path) -> dict | None:
@@ -51,7 +55,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mergekit", required=True, help="the mergekit-yaml executable (mergekit 0.1.5)")
     ap.add_argument("--only", nargs="*", help="run only these cases (the manifest keeps the others)")
+    ap.add_argument("--corpus", choices=sorted(CORPORA), default="issue18",
+                    help="issue18: cases.py, the divergences; methods: method_cases.py, the added methods")
     args = ap.parse_args()
+    CASES, OUT = CORPORA[args.corpus]
     import torch
     from safetensors.torch import load_file, save_file
 

@@ -35,8 +35,18 @@ from zoo.merge.methods.iso import IsoC, IsoCTS  # noqa: E402
 from zoo.merge.methods.adamerging import AdaMerging  # noqa: E402
 from zoo.merge.methods.concrete import ConcreteAdaMerging, ConcreteTA  # noqa: E402
 from zoo.merge.methods.parity import Parity  # noqa: E402
+from zoo.merge.methods.breadcrumbs_ties import BreadcrumbsTies  # noqa: E402
+from zoo.merge.methods.della import DellaLinear, DellaTies  # noqa: E402
+from zoo.merge.methods.sce import Sce  # noqa: E402
+from zoo.merge.methods.nuslerp import NuSlerp  # noqa: E402
+from zoo.merge.methods.multislerp import MultiSlerp  # noqa: E402
+from zoo.merge.methods.karcher import Karcher  # noqa: E402
+from zoo.merge.methods.arcee_fusion import ArceeFusion  # noqa: E402
+from zoo.merge.methods.nearswap import NearSwap  # noqa: E402
+from zoo.merge.methods.ram import Ram, RamPlusTL  # noqa: E402
 
-__all__ = ["METHODS", "AdaMerging", "Breadcrumbs", "ConcreteAdaMerging", "ConcreteTA", "DareLinear", "DareTies",
-           "IsoC", "IsoCTS", "Linear", "MergeMethod", "ModelStock", "Param", "ParamDoc", "Parity", "Slerp",
-           "StatsCollector", "TaskArithmetic", "TaskSingularVectors", "TensorContext", "Ties", "check_count",
-           "describe", "get_method", "rebuildable", "register", "slices", "validate_params"]
+__all__ = ["METHODS", "AdaMerging", "ArceeFusion", "Breadcrumbs", "BreadcrumbsTies", "ConcreteAdaMerging",
+           "ConcreteTA", "DareLinear", "DareTies", "DellaLinear", "DellaTies", "IsoC", "IsoCTS", "Karcher", "Linear",
+           "MergeMethod", "ModelStock", "MultiSlerp", "NearSwap", "NuSlerp", "Param", "ParamDoc", "Parity", "Ram",
+           "RamPlusTL", "Sce", "Slerp", "StatsCollector", "TaskArithmetic", "TaskSingularVectors", "TensorContext",
+           "Ties", "check_count", "describe", "get_method", "rebuildable", "register", "slices", "validate_params"]

@@ -1,0 +1,61 @@
+"""RAM (Reinforced Agent Merging): entries only one task vector changes keep that
+change whole; entries several change are averaged over those (mergekit's ``ram``);
+RAM+ (tensor-local) also scales each model's unique entries up by how much it shares
+(``ramplus_tl``)."""
+
+from __future__ import annotations
+
+import torch
+
+from zoo.merge.methods.base import MergeMethod, register
+from zoo.merge.methods.params import Param, check_number, check_positive
+
+RAM_REFERENCE = 'Reinforced Agent Merging, arXiv 2601.13572'
+EPSILON = Param(1e-5, check_positive, "a task-vector entry counts as changed when its magnitude is above this")
+
+
+def ram_vectors(base: torch.Tensor, tensors: list[torch.Tensor], epsilon: float):
+    """Flat task vectors, which entries each changes, how many models change each entry,
+    and where that is more than one (overlap) or exactly one (unique)."""
+    tv = torch.stack([t - base for t in tensors], dim=0).view(len(tensors), -1)
+    changed = tv.abs() > epsilon
+    counts = changed.sum(dim=0, keepdim=True)
+    return tv, changed, counts, counts > 1, counts == 1
+
+
+@register
+class Ram(MergeMethod):
+    """RAM: each entry's change from the one model that changes it, or the mean change of those that do."""
+
+    name = "ram"
+    reference = RAM_REFERENCE
+    elementwise = True  # each entry's result depends on that entry of each model only
+    parameters = {"epsilon": EPSILON}
+
+    def merge(self, base, tensors, params, options, ctx):
+        tv, changed, counts, overlap, unique = ram_vectors(base, tensors, self.option(options, "epsilon"))
+        z = tv * changed
+        merged = ((z * unique) + (z * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+        return base + merged.reshape_as(base)
+
+
+@register
+class RamPlusTL(MergeMethod):
+    """RAM+ (tensor-local): RAM, with each model's unique entries scaled by 1 + r * clamp(shared / unique, 0, alpha)."""
+
+    name = "ramplus_tl"
+    reference = RAM_REFERENCE
+    parameters = {"r": Param(0.1, check_number, "how strongly sharing scales a model's unique entries up"),
+                  "alpha": Param(0.2, check_number, "the most the shared/unique ratio counts for"),
+                  "epsilon": EPSILON}
+
+    def merge(self, base, tensors, params, options, ctx):
+        eps = self.option(options, "epsilon")
+        tv, changed, counts, overlap, unique = ram_vectors(base, tensors, eps)
+        shared = (changed & overlap).sum(dim=1)
+        alone = (changed & unique).sum(dim=1)
+        rho = shared / alone.clamp(min=eps)
+        lam = 1 + self.option(options, "r") * rho.clamp(min=0, max=self.option(options, "alpha"))
+        z = tv * changed
+        merged = ((z * unique * lam.unsqueeze(-1)) + (z * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+        return base + merged.reshape_as(base)
