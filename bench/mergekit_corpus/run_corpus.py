@@ -111,6 +111,18 @@ def compare(mk: Path, zoo: Path, method: str, base: Path | None, no_base_tokeniz
     if set(a) != set(b):
         missing, extra = sorted(set(b) - set(a)), sorted(set(a) - set(b))
         return "SILENT DIVERGENCE", f"tensor names differ: zoo lacks {missing[:3]}, has extra {extra[:3]}", facts
+    named = str(sb["dtype"]).removeprefix("torch.")
+    upcast = [n for n in b if b[n].dtype == torch.float32 and a[n].dtype != torch.float32
+              and str(a[n].dtype).removeprefix("torch.") == named and a[n].shape == b[n].shape]
+    if upcast and all(torch.equal(a[n], b[n].to(a[n].dtype)) for n in upcast) and \
+            all(a[n].dtype == b[n].dtype or n in upcast for n in b):
+        # mergekit saves some methods' results in float32 while its config.json names
+        # another dtype; zoo saves the dtype the config names (docs/merging.md says so)
+        for n in upcast:
+            b[n] = b[n].to(a[n].dtype)
+        if all(torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in b) and sa["dtype"] == sb["dtype"]:
+            return "rounding", f"{len(upcast)} tensors: mergekit saves float32 under a {named} config.json; zoo " \
+                               f"saves {named}, equal to mergekit's values rounded once", facts
     for n in b:
         if a[n].dtype != b[n].dtype or a[n].shape != b[n].shape:
             return "SILENT DIVERGENCE", f"tensor {n}: zoo {a[n].dtype}{list(a[n].shape)} vs mergekit " \
@@ -118,6 +130,10 @@ def compare(mk: Path, zoo: Path, method: str, base: Path | None, no_base_tokeniz
     arbitrary = []
     if sa["dtype"] != sb["dtype"] and str(sb["dtype"]).removeprefix("torch.") == sa["dtype"]:
         arbitrary.append(f"config.json dtype: mergekit echoes {sb['dtype']!r}, zoo writes {sa['dtype']!r}")
+        sb = {**sb, "dtype": sa["dtype"]}
+    if sa["dtype"] != sb["dtype"] and no_base_tokenizer:
+        arbitrary.append(f"config.json: mergekit copies the config of a model picked in set order (dtype "
+                         f"{sb['dtype']!r}), zoo the first model's ({sa['dtype']!r})")
         sb = {**sb, "dtype": sa["dtype"]}
     if sa["tokenizer"] != sb["tokenizer"] and no_base_tokenizer and sa["tokenizer"] and sb["tokenizer"] \
             and sa["tokenizer"]["vocab_sha256"] == sb["tokenizer"]["vocab_sha256"]:
