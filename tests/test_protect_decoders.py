@@ -20,7 +20,7 @@ from zoo.errors import ZooError
 from zoo.protect.layouts import layout_for
 from zoo.protect.transform import Key, draw
 
-from tests.test_protect_families import _ids, outputs, tensors
+from tests.test_protect_families import _ids, assert_reproducible_and_keyless, kl_and_top1, outputs, tensors
 
 SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
 GPTJ = dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=256)
@@ -102,15 +102,7 @@ def test_family_is_exact_reversible_reproducible_and_keyless(family, tmp_path):
     assert changed <= set(layout.roles)  # nothing outside attention moved
     assert {n for n, (_, role) in layout.roles.items() if role in ("q", "k", "v", "o", "qkv")} <= changed
 
-    protect.protect(str(src), out_dir=tmp_path / "again", seed=1234567)
-    assert tensors(tmp_path / "again") == locked
-
-    rnd = protect.protect(str(src), out_dir=tmp_path / "random")
-    key, _ = protect.read_key_file(rnd["key_file"])
-    for f in (tmp_path / "random").iterdir():
-        data = f.read_bytes()
-        for form in (f"{key.seed:x}", str(key.seed), key.seed.to_bytes(16, "little").hex()):
-            assert form.encode() not in data, f.name
+    assert_reproducible_and_keyless(src, tmp_path, locked)
 
     protect.unlock(str(tmp_path / "locked"), out_dir=tmp_path / "back", key_file=info["key_file"])
     back, back_ck = tensors(tmp_path / "back"), open_checkpoint(tmp_path / "back")
@@ -254,9 +246,7 @@ def test_bf16_on_128_tokens(family, tmp_path):
     assert info["lock"]["max_cond_qk"] <= 30 and info["lock"]["max_cond_vo"] <= 30
     ids = _ids(src, 128)
     a, b = outputs(src, ids)[0], outputs(tmp_path / "locked", ids)[0]
-    logp, logq = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-    kl = (logp.exp() * (logp - logq)).sum(-1).mean().item()
-    top1 = (a.argmax(-1) == b.argmax(-1)).double().mean().item()
+    kl, top1 = kl_and_top1(a, b)
     print(f"{family} bf16 128 tokens: KL {kl:.2e}, top-1 {top1:.4f}")
     max_kl, min_top1 = BF16_GATES[family]
     assert kl <= max_kl and top1 >= min_top1

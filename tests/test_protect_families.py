@@ -87,6 +87,25 @@ def outputs(folder: Path, ids: torch.Tensor) -> list[torch.Tensor]:
     return [out.logits.double(), *(h.double() for h in out.hidden_states)]
 
 
+def assert_reproducible_and_keyless(src: Path, tmp_path: Path, locked: dict[str, bytes]) -> None:
+    """The same seed (1234567) gives the same bytes; a random lock's files hold no form of its seed."""
+    protect.protect(str(src), out_dir=tmp_path / "again", seed=1234567)
+    assert tensors(tmp_path / "again") == locked
+    rnd = protect.protect(str(src), out_dir=tmp_path / "random")
+    key, _ = protect.read_key_file(rnd["key_file"])
+    for f in (tmp_path / "random").iterdir():
+        data = f.read_bytes()
+        for form in (f"{key.seed:x}", str(key.seed), key.seed.to_bytes(16, "little").hex()):
+            assert form.encode() not in data, f.name
+
+
+def kl_and_top1(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(a || b) of the next-token distributions, and top-1 agreement."""
+    logp, logq = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1).mean().item()
+    return kl, (a.argmax(-1) == b.argmax(-1)).double().mean().item()
+
+
 def _ids(folder: Path, n: int = TOKENS, seed: int = 0) -> torch.Tensor:
     cfg = json.loads((folder / "config.json").read_text())
     return torch.randint(0, int(cfg["vocab_size"]), (2, n), generator=torch.Generator().manual_seed(seed))
@@ -119,15 +138,7 @@ def test_family_is_exact_reversible_reproducible_and_keyless(family, tmp_path):
     moved = {"v", "o", "q_norm", "k_norm"} if att.qk_norm else {"q", "k", "v", "o", "qkv"}
     assert {n for n, (_, role) in layout.roles.items() if role in moved} <= changed
 
-    protect.protect(str(src), out_dir=tmp_path / "again", seed=1234567)
-    assert tensors(tmp_path / "again") == locked
-
-    rnd = protect.protect(str(src), out_dir=tmp_path / "random")
-    key, _ = protect.read_key_file(rnd["key_file"])
-    for f in (tmp_path / "random").iterdir():
-        data = f.read_bytes()
-        for form in (f"{key.seed:x}", str(key.seed), key.seed.to_bytes(16, "little").hex()):
-            assert form.encode() not in data, f.name
+    assert_reproducible_and_keyless(src, tmp_path, locked)
 
     protect.unlock(str(tmp_path / "locked"), out_dir=tmp_path / "back", key_file=info["key_file"])
     back, back_ck = tensors(tmp_path / "back"), open_checkpoint(tmp_path / "back")
@@ -216,9 +227,7 @@ def test_bf16_on_128_tokens(family, tmp_path):
     assert info["lock"]["max_cond_qk"] <= 30 and info["lock"]["max_cond_vo"] <= 30
     ids = _ids(src, 128)
     a, b = outputs(src, ids)[0], outputs(tmp_path / "locked", ids)[0]
-    logp, logq = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-    kl = (logp.exp() * (logp - logq)).sum(-1).mean().item()
-    top1 = (a.argmax(-1) == b.argmax(-1)).double().mean().item()
+    kl, top1 = kl_and_top1(a, b)
     print(f"{family} bf16 128 tokens: KL {kl:.2e}, top-1 {top1:.4f}")
     max_kl, min_top1 = BF16_GATES[family]
     assert kl <= max_kl and top1 >= min_top1
