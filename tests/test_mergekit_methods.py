@@ -11,9 +11,7 @@ magnitudes (MagPrune's tilt), and the rescale of what is kept.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,22 +21,10 @@ from safetensors.torch import load_file
 from zoo import merge
 from zoo.errors import ZooError
 
-ROOT = Path(__file__).resolve().parent.parent
-CORPUS = ROOT / "bench" / "mergekit_corpus"
+from tests.test_mergekit_parity import ROOT, _load, cases, inputs  # noqa: F401  (the corpus modules)
+
 FIXTURES = ROOT / "tests" / "data" / "mergekit_methods"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"mergekit_corpus_{name}", CORPUS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-inputs = _load("inputs")
-cases = _load("cases")
 method_cases = _load("method_cases")
 CASES = method_cases.CASES
 
