@@ -82,7 +82,8 @@ def zoo(tmp_path_factory):
         # random tiny models all score alike: a later, distinct value tells models apart on the page
         reg.record_metric(f"expert-t{i}", f"t{i}", "accuracy", 0.875 - 0.125 * i, split="test")
     recipe = {"merge_method": "task_arithmetic", "base_model": "vit-base", "parameters": {"lambda": 0.5},
-              "models": [{"model": "expert-t0"}, {"model": "expert-t1"}]}
+              "models": [{"model": "expert-t0", "parameters": {"weight": 1.0}},
+                         {"model": "expert-t1", "parameters": {"weight": 1.0}}]}
     merge.run(merge.from_dict(recipe), out="demo-ta", registry=reg)
     evaluate(reg, "demo-ta", ["t0", "t1"])
     # a parity merge's lineage and rounds, as the registry keeps them (a real parity run
