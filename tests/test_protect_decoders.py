@@ -20,7 +20,8 @@ from zoo.errors import ZooError
 from zoo.protect.layouts import layout_for
 from zoo.protect.transform import Key, draw
 
-from tests.test_protect_families import _ids, assert_reproducible_and_keyless, kl_and_top1, outputs, tensors
+from tests.test_protect_families import (_ids, assert_bf16_within, assert_reproducible_and_keyless, outputs,
+                                         tensors)
 
 SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
 GPTJ = dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=256)
@@ -242,14 +243,7 @@ BF16_GATES = {"gpt_neox-parallel-bias": (1e-3, 0.97), "falcon-new-gqa": (1e-3, 0
 @pytest.mark.parametrize("family", list(BF16_GATES))
 def test_bf16_on_128_tokens(family, tmp_path):
     src = build(tmp_path / "src", family, dtype=torch.bfloat16)
-    info = protect.protect(str(src), out_dir=tmp_path / "locked", seed=11, verify=True)
-    assert info["lock"]["max_cond_qk"] <= 30 and info["lock"]["max_cond_vo"] <= 30
-    ids = _ids(src, 128)
-    a, b = outputs(src, ids)[0], outputs(tmp_path / "locked", ids)[0]
-    kl, top1 = kl_and_top1(a, b)
-    print(f"{family} bf16 128 tokens: KL {kl:.2e}, top-1 {top1:.4f}")
-    max_kl, min_top1 = BF16_GATES[family]
-    assert kl <= max_kl and top1 >= min_top1
+    assert_bf16_within(src, tmp_path, family, *BF16_GATES[family])
 
 
 @pytest.mark.parametrize("family", ["gpt_neox-parallel-bias", "gptj-rotary_dim4", "falcon-new-gqa", "bloom-alibi"])

@@ -106,6 +106,18 @@ def kl_and_top1(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return kl, (a.argmax(-1) == b.argmax(-1)).double().mean().item()
 
 
+def assert_bf16_within(src: Path, tmp_path: Path, label: str, max_kl: float, min_top1: float) -> None:
+    """Lock a bf16 causal LM at the default bound (κ = 30, --verify) and gate its logits
+    against the source's on 2 × 128 tokens by KL and top-1 agreement."""
+    info = protect.protect(str(src), out_dir=tmp_path / "locked", seed=11, verify=True)
+    assert info["lock"]["max_cond_qk"] <= 30 and info["lock"]["max_cond_vo"] <= 30
+    ids = _ids(src, 128)
+    a, b = outputs(src, ids)[0], outputs(tmp_path / "locked", ids)[0]
+    kl, top1 = kl_and_top1(a, b)
+    print(f"{label} bf16 128 tokens: KL {kl:.2e}, top-1 {top1:.4f}")
+    assert kl <= max_kl and top1 >= min_top1
+
+
 def _ids(folder: Path, n: int = TOKENS, seed: int = 0) -> torch.Tensor:
     cfg = json.loads((folder / "config.json").read_text())
     return torch.randint(0, int(cfg["vocab_size"]), (2, n), generator=torch.Generator().manual_seed(seed))
@@ -223,14 +235,7 @@ BF16_GATES = {"qwen3-gqa": (1e-3, 0.97), "gemma2-softcap-sliding": (1e-3, 0.97),
 def test_bf16_on_128_tokens(family, tmp_path):
     """bf16 checkpoints at the default bound (κ = 30): KL and top-1 on 2 × 128 tokens."""
     src = build(tmp_path / "src", family, dtype=torch.bfloat16)
-    info = protect.protect(str(src), out_dir=tmp_path / "locked", seed=11, verify=True)
-    assert info["lock"]["max_cond_qk"] <= 30 and info["lock"]["max_cond_vo"] <= 30
-    ids = _ids(src, 128)
-    a, b = outputs(src, ids)[0], outputs(tmp_path / "locked", ids)[0]
-    kl, top1 = kl_and_top1(a, b)
-    print(f"{family} bf16 128 tokens: KL {kl:.2e}, top-1 {top1:.4f}")
-    max_kl, min_top1 = BF16_GATES[family]
-    assert kl <= max_kl and top1 >= min_top1
+    assert_bf16_within(src, tmp_path, family, *BF16_GATES[family])
 
 
 def test_family_refusals(tmp_path):
