@@ -75,15 +75,16 @@ def execute(plan: Plan, folder: Path, *, device: str = "auto", shard_bytes: int 
     try:
         for step in plan.steps:
             name = step.out.name
+            part = step.part or plan  # a slices recipe's tensor: its slice layer's sources and parameters
             if not step.merge:
-                writer.put(_base_ckpt(plan).read_bytes(name))
+                writer.put(_base_ckpt(part).read_bytes(name))
             elif merged is not None:
                 writer.put(tensor_bytes(merged[name].to(TORCH_DTYPES[step.out.dtype])))
-            elif _streamable(plan, name):
-                bufs = _merge_chunked(plan, step.out, dev, writer, chunk, bufs, model_stats, advance)
+            elif _streamable(part, name):
+                bufs = _merge_chunked(part, step.out, dev, writer, chunk, bufs, model_stats, advance)
                 continue  # the tensor's bytes were reported as its passes went
             else:
-                _merge_whole(plan, step.out, dev, writer, model_stats)
+                _merge_whole(part, step.out, dev, writer, model_stats)
             advance(step.out.nbytes, 1)
         digests = writer.close()
     except BaseException:
@@ -104,23 +105,23 @@ def _model_stats(plan: Plan, dev: torch.device, chunk: int, progress: ProgressFa
                  label: str) -> "tuple[dict | None, _Buffers | None]":
     """Statistics over all merged tensors together, gathered in streaming passes before
     anything is written (None when the method needs none)."""
-    merged = [s.out for s in plan.steps if s.merge]
+    merged = [(s.out, s.part or plan) for s in plan.steps if s.merge]
     collector = plan.method.model_collector(
-        [(plan.model_params(o.name), plan.options(o.name), math.prod(o.shape)) for o in merged])
+        [(p.model_params(o.name), p.options(o.name), math.prod(o.shape)) for o, p in merged])
     if collector is None:
         return None, None
     scan = progress(f"scanning {label} ({collector.passes} passes)",
-                    collector.passes * sum(o.nbytes for o in merged), collector.passes * len(merged))
+                    collector.passes * sum(o.nbytes for o, _ in merged), collector.passes * len(merged))
     bufs = None
 
     def every_piece():
         nonlocal bufs
-        for o in merged:
-            if _streamable(plan, o.name):
-                pieces, bufs, _ = _pieces(plan, o.name, dev, chunk, bufs, whole=False)
+        for o, p in merged:
+            if _streamable(p, o.name):
+                pieces, bufs, _ = _pieces(p, o.name, dev, chunk, bufs, whole=False)
                 yield from pieces()
             else:
-                yield _whole_inputs(plan, o.name, dev)
+                yield _whole_inputs(p, o.name, dev)
             scan(o.nbytes, 1)
 
     return collector.gather(every_piece), bufs

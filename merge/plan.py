@@ -7,7 +7,7 @@ refused before the merge starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from zoo.checkpoints.compat import compare
@@ -18,8 +18,10 @@ from zoo.checkpoints.writer import OutTensor
 from zoo.errors import IncompatibleModels, ZooError
 from zoo.registry.resolve import open_model
 
+from zoo.merge.layers import LAYER_COUNT_KEYS, layer_count, position
 from zoo.merge.methods import MergeMethod, get_method
-from zoo.merge.recipe import Recipe, resolve, split_globals
+from zoo.merge.recipe import ModelSpec, Recipe, resolve, slice_models, split_globals
+from zoo.merge.slicing import Placement, RenamedCheckpoint, layout, output_layers
 
 if TYPE_CHECKING:
     import torch
@@ -60,6 +62,9 @@ class Input:
 class TensorStep:
     out: OutTensor
     merge: bool  # False: copied from the base as it is
+    # slices recipes: the plan of the slice layer the tensor comes from (its sources,
+    # their names for it, its parameters and position); None: the whole plan's
+    part: "Plan | None" = None
 
 
 @dataclass
@@ -71,15 +76,41 @@ class Plan:
     steps: list[TensorStep]
     heads: dict[int, list[str]]  # model index -> its task-head tensor names
     tokenizer: Input | None = None  # whose tokenizer files the merge carries (None: the base's)
+    layers: int = 0  # the models' number of layers, where gradients take a tensor's position
+    t: float | None = None  # a slice layer's position for gradients (None: from the tensor's layer)
+    slice_parameters: dict[str, Any] = field(default_factory=dict)  # a slice's, above the global ones
+    config_updates: dict[str, Any] = field(default_factory=dict)  # what the merged config.json changes
+
+    def position(self, tensor: str) -> float:
+        """Where gradients are evaluated for a tensor (mergekit's t, 0 to 1)."""
+        return self.t if self.t is not None else position(tensor, self.layers)
+
+    def _shared_scopes(self) -> list[dict[str, Any]]:
+        return [self.slice_parameters, self.recipe.parameters]
 
     def model_params(self, tensor: str) -> list[dict[str, Any]]:
-        """Each model's parameters for one tensor: its own, else the global ones (mergekit's precedence)."""
-        _, catch_all = split_globals(self.method, self.recipe.parameters)
-        shared = resolve(catch_all, tensor)
-        return [{**shared, **resolve(spec.parameters, tensor)} for spec in self.recipe.models]
+        """Each model's parameters for one tensor, as mergekit looks them up: its own
+        (a slice source's), then its slice's, then the global ones; the first scope
+        whose value applies to the tensor wins. Filters see the model's own name for it."""
+        t = self.position(tensor)
+        shared = [split_globals(self.method, scope)[1] for scope in self._shared_scopes()]
+        out = []
+        for spec, inp in zip(self.recipe.models, self.models):
+            name = inp.ckpt.source_name(tensor) if isinstance(inp.ckpt, RenamedCheckpoint) else tensor
+            got: dict[str, Any] = {}
+            for scope in (spec.parameters, *shared):
+                for key, value in resolve(scope, name, t).items():
+                    got.setdefault(key, value)
+            out.append(got)
+        return out
 
     def options(self, tensor: str) -> dict[str, Any]:
-        return resolve(split_globals(self.method, self.recipe.parameters)[0], tensor)
+        t = self.position(tensor)
+        got: dict[str, Any] = {}
+        for scope in self._shared_scopes():
+            for key, value in resolve(split_globals(self.method, scope)[0], tensor, t).items():
+                got.setdefault(key, value)
+        return got
 
     def compute_dtype(self, tensor: str) -> "torch.dtype":
         """The dtype a tensor is merged in: the recipe's ``dtype``; else, as mergekit, the
@@ -146,6 +177,8 @@ def make_plan(recipe: Recipe, registry: "Registry | None" = None) -> Plan:
             raise IncompatibleModels(f"{m.label} was fine-tuned from {m.base_ref}, not from the base {base.ref}; "
                                      "task vectors from different bases do not merge")
     ref = base.ckpt if base is not None else models[0].ckpt
+    if recipe.slices is not None:
+        return _plan_slices(recipe, method, base, models)
     if any(m.is_adapter for m in models) and base is None:
         raise ZooError("merging LoRA adapters needs the base model they adapt")
     heads: dict[int, list[str]] = {}
@@ -170,13 +203,86 @@ def make_plan(recipe: Recipe, registry: "Registry | None" = None) -> Plan:
         out_dtype = SAFETENSORS_DTYPE[saved] if saved else _promoted(name, info.dtype, models)
         mergeable = info.dtype in FLOAT_DTYPES and not is_head(name, patterns)
         steps.append(TensorStep(OutTensor(name, out_dtype if mergeable else info.dtype, info.shape), mergeable))
-    plan = Plan(recipe, method, base, models, steps, heads)
+    plan = Plan(recipe, method, base, models, steps, heads,
+                layers=layer_count(ref.config if ref.form == "model" else None, ref.tensors))
     plan.tokenizer = _tokenizer_source(plan)
     if not method.learned:
         for step in steps:
             if step.merge:
                 _check_values(plan, step.out.name)
     return plan
+
+
+def _plan_slices(recipe: Recipe, method: MergeMethod, base: Input | None, models: list[Input]) -> Plan:
+    """A slices recipe: one part plan per output layer (and one each for the tensors
+    before and after the layers), over renamed views of its sources' checkpoints."""
+    assert recipe.slices is not None
+    inputs = {m.label: m for m in models}
+    if base is not None:
+        inputs.setdefault(base.label, base)
+    everyone = list(inputs.values())
+    if any(m.is_adapter for m in everyone):
+        raise ZooError("slices take full models; merge a LoRA adapter into its base first (zoo merge linear "
+                       "with the adapter alone), then slice that")
+    ref = base if base is not None else models[0]
+    for m in everyone:
+        arch_m, arch_r = m.ckpt.architecture(), ref.ckpt.architecture()
+        if arch_m.get("model_type") and arch_r.get("model_type") and arch_m["model_type"] != arch_r["model_type"]:
+            raise IncompatibleModels(f"{m.label} is a {arch_m['model_type']} model but {ref.label} is "
+                                     f"{arch_r['model_type']}")
+    placed = layout(recipe.slices, ref.ckpt, {label: m.ckpt for label, m in inputs.items()})
+    groups: dict[tuple[int, int | None, int], list[Placement]] = {}
+    for p in placed:
+        groups.setdefault((p.slice, p.layer, len(p.names)), []).append(p)
+    parts = {key: _slice_part(recipe, method, inputs, key[0], group) for key, group in groups.items()}
+    saved = recipe.out_dtype or recipe.dtype
+    patterns = tuple(recipe.heads)
+    steps = []
+    for p in placed:
+        part = parts[(p.slice, p.layer, len(p.names))]
+        infos = [inputs[s.model].ckpt.tensors[n] for s, n in zip(recipe.slices[p.slice].sources, p.names)]
+        if any(i.shape != infos[0].shape for i in infos):
+            raise IncompatibleModels(f"{p.out}: the slice's sources differ in shape ("
+                                     + ", ".join(f"{s.model} {n} {list(i.shape)}" for s, n, i in
+                                                 zip(recipe.slices[p.slice].sources, p.names, infos)) + ")")
+        info = infos[0]
+        out_dtype = SAFETENSORS_DTYPE[saved] if saved else _promoted(p.out, info.dtype, part.models)
+        mergeable = info.dtype in FLOAT_DTYPES and not is_head(p.out, patterns)
+        steps.append(TensorStep(OutTensor(p.out, out_dtype if mergeable else info.dtype, info.shape), mergeable,
+                                part))
+    plan = Plan(recipe, method, base, models, steps, {})
+    config = ref.ckpt.config if ref.ckpt.form == "model" else None
+    key = next((k for k in LAYER_COUNT_KEYS if k in (config or {})), None)
+    if key is not None:
+        plan.config_updates[key] = output_layers(recipe.slices)
+    plan.tokenizer = _tokenizer_source(plan)
+    for step in steps:
+        if step.merge:
+            assert step.part is not None
+            _check_values(step.part, step.out.name)
+    return plan
+
+
+def _slice_part(recipe: Recipe, method: MergeMethod, inputs: dict[str, Input], index: int,
+                group: list[Placement]) -> Plan:
+    """The plan that merges one group of a slice's output tensors: its sources seen
+    through the output names, its base, its parameters and its position."""
+    assert recipe.slices is not None
+    sl = recipe.slices[index]
+    sources = sl.sources[:len(group[0].names)]
+    views = {s.model: replace(inputs[s.model], ckpt=RenamedCheckpoint(inputs[s.model].ckpt,
+                                                                      {p.out: p.names[j] for p in group}))
+             for j, s in enumerate(sources)}
+    slice_base = sl.base_model or recipe.base_model
+    names = slice_models(method, [s.model for s in sources], slice_base)
+    specs = [ModelSpec(n, {k: v for s in sources if s.model == n for k, v in s.parameters.items()}) for n in names]
+    part_recipe = replace(recipe, models=specs, base_model=slice_base, slices=None)
+    base = views.get(slice_base) if slice_base else None
+    if method.needs_base and base is None:
+        raise ZooError(f"slice {index}: {method.name} needs its base {slice_base} among the sources of every "
+                       "slice (mergekit reads the base's layers from there)")
+    return Plan(part_recipe, method, base, [views[n] for n in names], [], {}, t=group[0].t,
+                slice_parameters=sl.parameters)
 
 
 def _check_values(plan: Plan, name: str) -> None:

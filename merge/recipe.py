@@ -4,11 +4,18 @@ Accepted mergekit fields: ``merge_method``, ``base_model``, ``models[].model``,
 ``models[].parameters`` (``weight``, ``density``, ...), global ``parameters`` (which
 also hold per-model parameters for every model that does not set them), ``dtype``
 (the compute dtype, and the saved one unless ``out_dtype`` is given), ``out_dtype``
-and ``tokenizer_source``. A parameter is a number, or a list of ``{filter: SUBSTRING,
-value: V}`` conditionals where the first whose filter is in the tensor name wins (a
+and ``tokenizer_source``; or, in place of ``models``, ``slices`` of ``sources`` with a
+``layer_range`` each (a slice's own ``base_model`` and ``parameters`` too), which
+stack, reorder or interpolate layers (Goddard et al., "Arcee's MergeKit: A Toolkit
+for Merging Large Language Models", EMNLP 2024 Industry, arXiv 2403.13257).
+
+A parameter is a number; a *gradient*, a list of numbers interpolated over the layers
+(``t: [0, 0.5, 1]``); or a list of ``{filter: SUBSTRING, value: V}`` conditionals where
+the first whose filter is in the tensor name wins, and whose value may be a gradient (a
 conditional without ``filter``, or with ``filter: "*"``, matches every tensor; when
-none matches, the global parameters answer). zoo adds ``seed`` (for DARE) and
-``heads`` (patterns of task-specific tensors).
+none matches, the next scope answers: a source's parameters, then its slice's, then
+the global ones). zoo adds ``seed`` (for DARE) and ``heads`` (patterns of
+task-specific tensors).
 """
 
 from __future__ import annotations
@@ -28,13 +35,36 @@ from zoo.merge.methods import check_count, get_method, validate_params
 from zoo.merge.methods.base import LOOP_PARAMETERS
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-UNSUPPORTED = ("slices", "modules", "tokenizer", "chat_template")
+UNSUPPORTED = ("modules", "tokenizer", "chat_template")
 
 
 @dataclass
 class ModelSpec:
     model: str
     parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SourceSpec:
+    """One input of a slice: a model's layers ``[start, end)``, with its own parameters."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SliceSpec:
+    """Consecutive output layers, each merged from the same-offset layer of every source."""
+
+    sources: list[SourceSpec]
+    base_model: str | None = None  # None: the recipe's
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        start, end = self.sources[0].layer_range
+        return end - start
 
 
 @dataclass
@@ -48,10 +78,20 @@ class Recipe:
     seed: int = 0
     heads: list[str] = field(default_factory=lambda: list(DEFAULT_HEAD_PATTERNS))
     tokenizer_source: str | None = None
+    # ``slices`` recipes: the layers each output slice takes; ``models`` then lists every
+    # model the slices name (their parameters live in the slices).
+    slices: list[SliceSpec] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["models"] = [{"model": m.model, "parameters": m.parameters} for m in self.models]
+        if self.slices is None:
+            del d["slices"]  # a models recipe's record stays as it was
+        else:
+            d["slices"] = [{"sources": [{"model": s.model, "layer_range": list(s.layer_range),
+                                         "parameters": s.parameters} for s in sl.sources],
+                            **({"base_model": sl.base_model} if sl.base_model else {}),
+                            "parameters": sl.parameters} for sl in self.slices]
         return d
 
     def validate(self) -> None:
@@ -61,28 +101,46 @@ class Recipe:
             raise ZooError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.out_dtype is not None and self.out_dtype not in DTYPES:
             raise ZooError(f"out_dtype {self.out_dtype!r} is not one of {', '.join(DTYPES)}")
-        if method.needs_base and not self.base_model:
+        if method.needs_base and not self.base_model and self.slices is None:
             raise ZooError(f"{self.merge_method} needs a base model (base_model / --base)")
         if not self.models:
             raise ZooError("the recipe names no models to merge")
-        check_count(method, len(self.models))
+        if self.slices is None:
+            check_count(method, len(self.models))
         if self.tokenizer_source is not None and (not isinstance(self.tokenizer_source, str)
                                                   or not self.tokenizer_source):
             raise ZooError("tokenizer_source must be base, union or the name of a merged model")
-        shared, catch_all = split_globals(method, self.parameters)
-        validate_params(method, _all_values(shared, "parameters"),
-                        [_all_values(catch_all, "parameters")]
-                        + [_all_values(m.parameters, f"parameters of {m.model}") for m in self.models])
-        # Conditionals: check every value they can take.
-        for spec, is_global in [(shared, True), (catch_all, False), *((m.parameters, False) for m in self.models)]:
-            for key, value in spec.items():
-                if isinstance(value, list):
-                    for cond in value:
-                        probe = {key: cond["value"]}
-                        if is_global:
-                            validate_params(method, probe, [])
-                        else:
-                            validate_params(method, {}, [probe])
+        _check_scope(method, self.parameters, "parameters", shared=True)
+        for m in self.models:
+            _check_scope(method, m.parameters, f"parameters of {m.model}", shared=False)
+        for i, sl in enumerate(self.slices or []):
+            if method.learned:
+                raise ZooError(f"{self.merge_method} learns by running the model and does not take slices; "
+                               "give models instead")
+            base = sl.base_model or self.base_model
+            if method.needs_base and not base:
+                raise ZooError(f"{self.merge_method} needs a base model: give base_model in the recipe or in slice {i}")
+            names = [s.model for s in sl.sources]
+            if base and method.needs_base and base not in names:
+                raise ZooError(f"slice {i}: the base model {base} is not among its sources; add it with the "
+                               "same layer_range as the others")
+            check_count(method, len(slice_models(method, names, base)))
+            _check_scope(method, sl.parameters, f"parameters of slice {i}", shared=True)
+            for src in sl.sources:
+                _check_scope(method, src.parameters, f"parameters of {src.model} in slice {i}", shared=False)
+
+
+def _check_scope(method: Any, params: dict[str, Any], where: str, *, shared: bool) -> None:
+    """Refuse unknown parameters and every value a parameter can take that the method
+    refuses (each conditional's, each point of a gradient). A shared scope (global or a
+    slice's) may hold the method's own parameters and per-model ones for every model."""
+    catch_all = split_globals(method, params)[1] if shared else params
+    for key, value in params.items():
+        for leaf in _leaves(value, where, key):
+            if key in catch_all:
+                validate_params(method, {}, [{key: leaf}])
+            else:
+                validate_params(method, {key: leaf}, [])
 
 
 def split_globals(method: Any, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -92,38 +150,64 @@ def split_globals(method: Any, params: dict[str, Any]) -> tuple[dict[str, Any], 
     return {k: v for k, v in params.items() if k not in catch_all}, catch_all
 
 
-def _all_values(params: dict[str, Any], where: str) -> dict[str, Any]:
-    """Parameters with conditionals reduced to their first value, for validation."""
-    out = {}
-    for key, value in params.items():
-        if isinstance(value, list):
-            if not value:
-                raise ZooError(f"{where}: {key} is an empty list")
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-                raise ZooError(f"{where}: {key} is a gradient (a list of numbers over layers); zoo does not "
-                               "support gradients yet: give a number or {filter, value} conditionals")
-            for cond in value:
-                if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"filter", "value"}:
-                    raise ZooError(f"{where}: {key} conditionals must be {{filter: SUBSTRING, value: V}} items")
-            out[key] = value[0]["value"]
-        else:
-            out[key] = value
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool))
+
+
+def _leaves(value: Any, where: str, key: str) -> list[Any]:
+    """Every plain value a setting holds: itself, a gradient's points, or each
+    conditional's (whose value may be a gradient)."""
+    if not isinstance(value, list):
+        return [value]
+    if not value:
+        raise ZooError(f"{where}: {key} is an empty list")
+    if all(_is_scalar(v) for v in value):
+        return list(value)  # a gradient
+    out = []
+    for cond in value:
+        if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"filter", "value"}:
+            raise ZooError(f"{where}: {key} must be a number, a gradient (a list of numbers) or a list of "
+                           "{filter: SUBSTRING, value: V} conditionals")
+        if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+            raise ZooError(f"{where}: {key}: a conditional's filter must be a string, got {cond['filter']!r}")
+        inner = cond["value"]
+        if isinstance(inner, list) and not (inner and all(_is_scalar(v) for v in inner)):
+            raise ZooError(f"{where}: {key}: a conditional's value must be a number or a gradient")
+        out += _leaves(inner, where, key)
     return out
 
 
-def resolve(params: dict[str, Any], tensor: str) -> dict[str, Any]:
-    """The value each parameter takes for one tensor; a conditional list where nothing
-    matches leaves the parameter out (mergekit then asks the next scope)."""
+def evaluate(value: Any, tensor: str, t: float) -> Any:
+    """A setting's value for one tensor at layer position ``t`` (0 to 1), as mergekit
+    evaluates it; None when no conditional matches. A gradient of numbers is
+    interpolated linearly between its two nearest points (``t * (n - 1)``, truncated);
+    a gradient of booleans or strings takes the point at or below."""
+    if not isinstance(value, list):
+        return value
+    if value and all(_is_scalar(v) for v in value):
+        scaled = t * (len(value) - 1)
+        i0 = int(scaled)
+        if any(isinstance(v, (bool, str)) for v in value):
+            return value[i0]
+        i1 = min(len(value) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * value[i0] + frac * value[i1]
+    for cond in value:
+        f = cond.get("filter")
+        if f is None or f == "*" or f in tensor:  # "*" is mergekit's wildcard, not a substring
+            return evaluate(cond["value"], tensor, t)
+    return None
+
+
+def resolve(params: dict[str, Any], tensor: str, t: float = 0.0) -> dict[str, Any]:
+    """The value each parameter takes for one tensor at layer position ``t``; a
+    conditional list where nothing matches leaves the parameter out (mergekit then asks
+    the next scope)."""
     out = {}
     for key, value in params.items():
-        if isinstance(value, list):
-            for cond in value:
-                f = cond.get("filter")
-                if f is None or f == "*" or f in tensor:  # "*" is mergekit's wildcard, not a substring
-                    out[key] = cond["value"]
-                    break
-        else:
-            out[key] = value
+        got = evaluate(value, tensor, t)
+        if got is not None:
+            out[key] = got
     return out
 
 
@@ -140,14 +224,18 @@ def from_dict(data: dict[str, Any]) -> Recipe:
         raise ZooError("a recipe must be a YAML mapping")
     for key in UNSUPPORTED:
         if key in data:
-            raise ZooError(f"recipe field {key!r} is not supported yet; use merge_method, base_model and models")
-    known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed", "heads",
+            raise ZooError(f"recipe field {key!r} is not supported yet; use merge_method, base_model and models "
+                           "or slices")
+    known = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "seed", "heads",
              "tokenizer_source", "name"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ZooError(f"unknown recipe field(s): {', '.join(unknown)}")
     if "merge_method" not in data:
         raise ZooError("the recipe has no merge_method")
+    if data.get("models") and data.get("slices"):
+        raise ZooError("give either models or slices, not both (as in mergekit)")
+    slices = _read_slices(data["slices"]) if data.get("slices") is not None else None
     models = []
     if not isinstance(data.get("models") or [], list):
         raise ZooError(f"models must be a list of {{model: NAME}} entries, got {data['models']!r}; e.g. "
@@ -162,7 +250,11 @@ def from_dict(data: dict[str, Any]) -> Recipe:
     base = data.get("base_model")
     if base is not None:
         base = _model_ref(base)
-        models = place_base(str(data["merge_method"]) if "merge_method" in data else "", models, base)
+    if slices is not None:  # every model the slices name, once, in order (their parameters stay in the slices)
+        models = [ModelSpec(m, {}) for m in dict.fromkeys(s.model for sl in slices for s in sl.sources)
+                  if m != base or _base_is_input(str(data["merge_method"]))]
+    elif base is not None:
+        models = place_base(str(data["merge_method"]), models, base)
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ZooError("seed must be an integer")
@@ -171,9 +263,64 @@ def from_dict(data: dict[str, Any]) -> Recipe:
         parameters=dict(data.get("parameters") or {}), dtype=_dtype_name(data.get("dtype")),
         out_dtype=_dtype_name(data.get("out_dtype")), seed=seed,
         heads=list(data.get("heads") or DEFAULT_HEAD_PATTERNS), tokenizer_source=data.get("tokenizer_source"),
+        slices=slices,
     )
     recipe.validate()
     return recipe
+
+
+def _read_slices(raw: Any) -> list[SliceSpec]:
+    """``slices``: a list of ``{sources: [{model, layer_range: [start, end], parameters}],
+    base_model, parameters}``; every source of a slice spans the same number of layers."""
+    if not isinstance(raw, list) or not raw:
+        raise ZooError("slices must be a non-empty list of {sources: [{model, layer_range}]} entries")
+    out = []
+    for i, sl in enumerate(raw):
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
+            raise ZooError(f"slice {i} needs sources: a list of {{model: NAME, layer_range: [START, END]}}")
+        unknown = sorted(set(sl) - {"sources", "base_model", "parameters", "residual_weight"})
+        if unknown:
+            raise ZooError(f"slice {i}: unknown field(s) {', '.join(map(str, unknown))}")
+        if sl.get("residual_weight") is not None:
+            raise ZooError(f"slice {i}: residual_weight is not supported (mergekit 0.1.5 does not use it either)")
+        sources = []
+        for src in sl["sources"]:
+            if not isinstance(src, dict) or "model" not in src:
+                raise ZooError(f"slice {i}: each source needs a model and a layer_range, got {src!r}")
+            unknown = sorted(set(src) - {"model", "layer_range", "parameters"})
+            if unknown:
+                raise ZooError(f"slice {i}: unknown source field(s) {', '.join(map(str, unknown))}")
+            rng = src.get("layer_range")
+            if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                     for x in rng) and 0 <= rng[0] < rng[1]):
+                raise ZooError(f"slice {i}: {src['model']}'s layer_range must be [START, END] with "
+                               f"0 <= START < END, got {rng!r}")
+            params = src.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise ZooError(f"slice {i}: parameters of {src['model']} must be a mapping")
+            sources.append(SourceSpec(_model_ref(src["model"]), (rng[0], rng[1]), dict(params)))
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+        if len(lengths) > 1:
+            raise ZooError(f"slice {i}: all its sources must span the same number of layers, got "
+                           + ", ".join(f"{s.model} {list(s.layer_range)}" for s in sources))
+        params = sl.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ZooError(f"slice {i}: parameters must be a mapping")
+        base = _model_ref(sl["base_model"]) if sl.get("base_model") is not None else None
+        out.append(SliceSpec(sources, base, dict(params)))
+    return out
+
+
+def _base_is_input(method: str) -> bool:
+    from zoo.merge.methods import METHODS
+
+    return method in METHODS and METHODS[method].base_is_input
+
+
+def slice_models(method: Any, names: list[str], base: str | None) -> list[str]:
+    """A slice's models merged beside its base: its sources, less the base unless the
+    method averages the base too. Unlike ``models``, a slice gets no base it does not list."""
+    return names if method.base_is_input or base is None else [n for n in names if n != base]
 
 
 def place_base(method: str, models: list[ModelSpec], base: str) -> list[ModelSpec]:

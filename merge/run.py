@@ -30,8 +30,14 @@ def resolved_recipe(plan: Plan) -> dict[str, Any]:
     d = plan.recipe.to_dict()
     if plan.base is not None:
         d["base_model"] = plan.base.ref or plan.base.label
+    pinned = {inp.label: inp.ref or inp.label for inp in ([plan.base] if plan.base is not None else []) + plan.models}
     for spec, inp in zip(d["models"], plan.models):
         spec["model"] = inp.ref or inp.label
+    for sl in d.get("slices") or []:
+        for src in sl["sources"]:
+            src["model"] = pinned.get(src["model"], src["model"])
+        if sl.get("base_model"):
+            sl["base_model"] = pinned.get(sl["base_model"], sl["base_model"])
     return d
 
 
@@ -100,7 +106,7 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
                                      progress=progress or no_progress, label=name, merged=learned)
             digests.update(copy_sidecars((plan.base if plan.base is not None else plan.models[0]).ckpt, folder))
             digests.update(_carry_tokenizer(plan, folder, digests))
-            digests.update(_name_saved_dtype(plan, folder))
+            digests.update(_update_config(plan, folder))
             digests["README.md"] = write_file(folder / "README.md", model_card(name, plan, recipe_d).encode())
             kept = dest.keep(_new_model(folder, name, digests, plan, recipe_d, artifacts, registry))
             if not dest.registers:
@@ -148,21 +154,23 @@ def _carry_tokenizer(plan: Plan, folder: Path, digests: dict[str, str]) -> dict[
             for name, path in src.ckpt.files.items() if name in TOKENIZER_FILES}
 
 
-def _name_saved_dtype(plan: Plan, folder: Path) -> dict[str, str]:
-    """With ``dtype`` or ``out_dtype``, ``config.json`` names the saved dtype, as mergekit
-    writes it (transformers reads ``dtype``, older versions ``torch_dtype``)."""
-    saved = plan.recipe.out_dtype or plan.recipe.dtype
+def _update_config(plan: Plan, folder: Path) -> dict[str, str]:
+    """``config.json`` as mergekit writes it: naming the saved dtype with ``dtype`` or
+    ``out_dtype`` (transformers reads ``dtype``, older versions ``torch_dtype``), and
+    the number of layers a slices recipe made."""
     path = folder / "config.json"
-    if saved is None or not path.exists():
+    saved = plan.recipe.out_dtype or plan.recipe.dtype
+    if (saved is None and not plan.config_updates) or not path.exists():
         return {}
     import json
 
     config = json.loads(path.read_text(encoding="utf-8"))
-    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
-    if all(config[k] == saved for k in keys if k in config) and all(k in config for k in keys):
+    updates = dict(plan.config_updates)
+    if saved is not None:
+        updates.update({k: saved for k in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]})
+    if all(config.get(k) == v and k in config for k, v in updates.items()):
         return {}
-    for k in keys:
-        config[k] = saved
+    config.update(updates)
     return {"config.json": write_file(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())}
 
 

@@ -20,18 +20,18 @@ HIDDEN, INTER, VOCAB, HEADS, KV_HEADS, LAYERS = 16, 32, 64, 4, 2, 1
 EXPERTS = 3
 
 
-def llama_config(dtype: str) -> dict:
+def llama_config(dtype: str, layers: int = LAYERS) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-            "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+            "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": HEADS,
             "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "max_position_embeddings": 64,
             "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": False, "dtype": dtype,
             "bos_token_id": 1, "eos_token_id": 2}
 
 
-def shapes() -> dict[str, tuple[int, ...]]:
+def shapes(layers: int = LAYERS) -> dict[str, tuple[int, ...]]:
     kv = HIDDEN // HEADS * KV_HEADS
     out = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(LAYERS):
+    for i in range(layers):
         p = f"model.layers.{i}."
         out.update({p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (kv, HIDDEN),
                     p + "self_attn.v_proj.weight": (kv, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
@@ -57,13 +57,14 @@ def tokenizer_files() -> dict[str, str]:
     return {"tokenizer.json": json.dumps(tok, indent=2), "tokenizer_config.json": json.dumps(config, indent=2)}
 
 
-def build(root: Path) -> dict[str, dict[str, str]]:
-    """Write every input model under ``root`` (``f32/base``, ``f32/e0``, ..., ``bf16/...``);
-    return each model's files' sha256, keyed by its folder relative to ``root``."""
+def build(root: Path, layers: int = LAYERS) -> dict[str, dict[str, str]]:
+    """Write every input model under ``root`` (``f32/base``, ``f32/e0``, ..., ``bf16/...``),
+    with ``layers`` layers; return each model's files' sha256, keyed by its folder
+    relative to ``root``."""
     digests = {}
     for tag, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
         g = torch.Generator().manual_seed(1234)
-        base = {n: torch.randn(s, generator=g) * 0.05 for n, s in shapes().items()}
+        base = {n: torch.randn(s, generator=g) * 0.05 for n, s in shapes(layers).items()}
         models = {"base": base}
         for i in range(EXPERTS):
             g = torch.Generator().manual_seed(100 + i)
@@ -73,7 +74,7 @@ def build(root: Path) -> dict[str, dict[str, str]]:
             folder.mkdir(parents=True, exist_ok=True)
             save_file({n: t.to(dtype).contiguous() for n, t in sd.items()}, str(folder / "model.safetensors"),
                       metadata={"format": "pt"})
-            cfg = llama_config("float32" if dtype == torch.float32 else "bfloat16")
+            cfg = llama_config("float32" if dtype == torch.float32 else "bfloat16", layers)
             (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
             files = tokenizer_files()
             if name == "e2":  # one expert's tokenizer differs in a setting only (not its vocabulary)

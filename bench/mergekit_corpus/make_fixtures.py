@@ -30,11 +30,14 @@ sys.path.insert(0, str(HERE))
 import inputs  # noqa: E402
 import cases  # noqa: E402
 import method_cases  # noqa: E402
+import slice_cases  # noqa: E402
 from cases import recipe_for  # noqa: E402
 
-# each corpus: its recipes and where its fixtures go
-CORPORA = {"issue18": (cases.CASES, HERE.parent.parent / "tests" / "data" / "mergekit"),
-           "methods": (method_cases.CASES, HERE.parent.parent / "tests" / "data" / "mergekit_methods")}
+# each corpus: its recipes, where its fixtures go, and its input models' number of layers
+CORPORA = {"issue18": (cases.CASES, HERE.parent.parent / "tests" / "data" / "mergekit", inputs.LAYERS),
+           "methods": (method_cases.CASES, HERE.parent.parent / "tests" / "data" / "mergekit_methods", inputs.LAYERS),
+           "slices": (slice_cases.CASES, HERE.parent.parent / "tests" / "data" / "mergekit_slices",
+                      slice_cases.LAYERS)}
 
 
 def tokenizer_summary(folder: Path) -> dict | None:
@@ -56,9 +59,10 @@ def main() -> None:
     ap.add_argument("--mergekit", required=True, help="the mergekit-yaml executable (mergekit 0.1.5)")
     ap.add_argument("--only", nargs="*", help="run only these cases (the manifest keeps the others)")
     ap.add_argument("--corpus", choices=sorted(CORPORA), default="issue18",
-                    help="issue18: cases.py, the divergences; methods: method_cases.py, the added methods")
+                    help="issue18: cases.py, the divergences; methods: method_cases.py, the added methods; "
+                         "slices: slice_cases.py, slices, gradients and frankenmerges")
     args = ap.parse_args()
-    CASES, OUT = CORPORA[args.corpus]
+    CASES, OUT, layers = CORPORA[args.corpus]
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -67,7 +71,7 @@ def main() -> None:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() and args.only else {"cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "in"
-        manifest["inputs"] = inputs.build(root)
+        manifest["inputs"] = inputs.build(root, layers)
         manifest["mergekit"] = subprocess.run([str(Path(args.mergekit).parent / "python"), "-c",
                                                "import importlib.metadata as m; print(m.version('mergekit'), "
                                                "m.version('torch'), m.version('transformers'))"],
@@ -93,6 +97,8 @@ def main() -> None:
                 entry["nan"] = any(not bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
                 config = json.loads((out / "config.json").read_text())
                 entry["config_dtype"] = config.get("dtype", config.get("torch_dtype"))
+                if layers != inputs.LAYERS:
+                    entry["num_hidden_layers"] = config.get("num_hidden_layers")
                 entry["tokenizer"] = tokenizer_summary(out)
                 if not entry["nan"]:
                     target = OUT / f"{name}.safetensors"

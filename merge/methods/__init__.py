@@ -44,9 +44,10 @@ from zoo.merge.methods.karcher import Karcher  # noqa: E402
 from zoo.merge.methods.arcee_fusion import ArceeFusion  # noqa: E402
 from zoo.merge.methods.nearswap import NearSwap  # noqa: E402
 from zoo.merge.methods.ram import Ram, RamPlusTL  # noqa: E402
+from zoo.merge.methods.passthrough import Passthrough  # noqa: E402
 
 __all__ = ["METHODS", "AdaMerging", "ArceeFusion", "Breadcrumbs", "BreadcrumbsTies", "ConcreteAdaMerging",
            "ConcreteTA", "DareLinear", "DareTies", "DellaLinear", "DellaTies", "IsoC", "IsoCTS", "Karcher", "Linear",
-           "MergeMethod", "ModelStock", "MultiSlerp", "NearSwap", "NuSlerp", "Param", "ParamDoc", "Parity", "Ram",
+           "MergeMethod", "ModelStock", "MultiSlerp", "NearSwap", "NuSlerp", "Param", "ParamDoc", "Parity", "Passthrough", "Ram",
            "RamPlusTL", "Sce", "Slerp", "StatsCollector", "TaskArithmetic", "TaskSingularVectors", "TensorContext",
            "Ties", "check_count", "describe", "get_method", "rebuildable", "register", "slices", "validate_params"]

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-import math
+import torch
 
 from zoo.merge.methods.base import MergeMethod, register
 from zoo.merge.methods.params import REQUIRED, Param, check_unit
 
+# Norms and the dot product are summed over pieces of this many elements (mergekit's
+# bound on full-precision scratch), so the sums round as mergekit's do.
+PIECE = 1 << 20
+
 
 @register
 class Slerp(MergeMethod):
-    """Spherical interpolation from the base (t=0) to the one other model (t=1)."""
+    """Spherical interpolation from the base (t=0) to the one other model (t=1).
+
+    The whole tensor is one vector, as in mergekit: its norms and the cosine between
+    the two are summed in float32 (float64 for float64 inputs) over pieces of 2^20
+    elements, t is a float32 value, and nearly parallel tensors (|cos| > 0.9995) are
+    interpolated linearly. The result is rounded once to the inputs' dtype.
+    """
 
     name = "slerp"
     reference = 'Shoemake, "Animating Rotation with Quaternion Curves", SIGGRAPH 1985'
@@ -20,17 +30,34 @@ class Slerp(MergeMethod):
 
     # Nearly parallel tensors: interpolate linearly (the angle is too small to divide by).
     DOT_THRESHOLD = 0.9995
+    EPS = 1e-8
 
     def merge(self, base, tensors, params, options, ctx):
-        t = self.option(options, "t")
         v0, v1 = base, tensors[0]
-        n0, n1 = v0.norm(), v1.norm()
-        u0 = v0 / n0 if n0 > 1e-8 else v0
-        u1 = v1 / n1 if n1 > 1e-8 else v1
-        dot = float((u0 * u1).sum())
-        if abs(dot) > self.DOT_THRESHOLD:
-            return (1 - t) * v0 + t * v1
-        theta0 = math.acos(dot)
-        s0 = math.sin(theta0 - theta0 * t) / math.sin(theta0)
-        s1 = math.sin(theta0 * t) / math.sin(theta0)
-        return s0 * v0 + s1 * v1
+        dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
+        a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+        t = torch.tensor([self.option(options, "t")], dtype=dtype, device=a.device).reshape(-1, 1)
+        if not a.shape[1]:
+            return ((1 - t) * a + t * b).reshape(v0.shape).to(v0.dtype)
+        starts = range(0, a.shape[1], PIECE)
+
+        def piece(x: torch.Tensor, s: int) -> torch.Tensor:
+            return x[:, s:s + PIECE].to(dtype)
+
+        norm_a = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(piece(a, s), dim=1, keepdim=True) for s in starts]), dim=0)
+        norm_b = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(piece(b, s), dim=1, keepdim=True) for s in starts]), dim=0)
+        norm_a = torch.where(norm_a > self.EPS, norm_a, 1)
+        norm_b = torch.where(norm_b > self.EPS, norm_b, 1)
+        dot = torch.stack([((piece(a, s) / norm_a) * (piece(b, s) / norm_b)).sum(dim=1, keepdim=True)
+                           for s in starts]).sum(dim=0).clamp(-1, 1)
+        linear = dot.abs() > self.DOT_THRESHOLD
+        theta = torch.acos(torch.where(linear, 0, dot))
+        sin_theta = torch.sin(theta)
+        coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+        coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+        out = torch.empty_like(a)  # the inputs' dtype: each piece is rounded once, as mergekit writes it
+        for s in starts:
+            out[:, s:s + PIECE] = coef_a * piece(a, s) + coef_b * piece(b, s)
+        return out.reshape(v0.shape)
