@@ -153,6 +153,9 @@ def make_plan(recipe: Recipe, registry: "Registry | None" = None) -> Plan:
     vocab = None
     if recipe.tokenizer_source is not None or recipe.tokenizer is not None:
         vocab = vocabulary.build(recipe.tokenizer_source, recipe.tokenizer, base, models)
+        if method.learned and vocab.moves_rows():
+            raise ZooError(f"{method.name} learns on the models' own vocabularies; tokenizer_source over "
+                           "vocabularies that differ works with mergekit's methods only")
     heads: dict[int, list[str]] = {}
     patterns = tuple(recipe.heads)
     for i, m in enumerate(models):

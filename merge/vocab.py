@@ -72,13 +72,21 @@ class Vocabulary:
         self.tensors.add(name)
         return (self.size, *shape[1:])
 
+    def moves_rows(self) -> bool:
+        """Whether any model's rows move (or new ones appear): not every model has exactly these tokens at these ids."""
+        same = list(range(len(self.vocab)))
+        return self.size != len(self.vocab) or any(p != same or len(self.originals[o]) != len(same)
+                                                   for o, p in self.perms.items())
+
     def tolerates(self, kind: str, tensor: str | None) -> bool:
         """A compatibility finding the rebuilt vocabulary resolves: vocab_size, or a vocabulary tensor's rows."""
         return kind == "vocab" or (kind == "shape" and tensor is not None and tensor.endswith(VOCAB_TENSORS))
 
     def align(self, base: "torch.Tensor | None", base_label: str | None, xs: list["torch.Tensor"],
               labels: list[str]) -> "tuple[torch.Tensor | None, list[torch.Tensor]]":
-        """Each input's tensor rebuilt on the new vocabulary (axis 0), in the inputs' promoted dtype."""
+        """Each input's tensor rebuilt on the new vocabulary (axis 0), in the inputs' promoted
+        dtype. ``xs`` is updated in place, one input at a time, so each old tensor can be
+        freed as soon as its new one exists."""
         import torch
 
         given = dict(zip(labels, xs))
@@ -91,14 +99,14 @@ class Vocabulary:
         rest = tuple(given[order[0]].shape[1:])
         defaults = self._defaults(given, order, dtype, rest)
         n = len(self.vocab)
-        ids = torch.tensor(list(self.vocab.values()), dtype=torch.long)
+        dev = given[order[0]].device
+        ids = torch.tensor(list(self.vocab.values()), dtype=torch.long, device=dev)
         names = list(self.vocab)
-        out = {}
+        forced = torch.tensor([self.tokens[t].force if t in self.tokens else False for t in names], device=dev)
         for o in order:
-            p = torch.tensor([self.perms[o][i] for i in ids.tolist()], dtype=torch.long)
-            forced = torch.tensor([self.tokens[t].force if t in self.tokens else False for t in names])
+            p = torch.tensor([self.perms[o][i] for i in ids.tolist()], dtype=torch.long, device=dev)
             own = (p >= 0) & ~forced
-            new = torch.zeros((self.size, *rest), dtype=dtype)
+            new = torch.zeros((self.size, *rest), dtype=dtype, device=dev)
             new[ids[own]] = given[o][p[own]].to(dtype)
             for k in (~own).nonzero().flatten().tolist():
                 row = defaults.get(names[k])
@@ -106,8 +114,13 @@ class Vocabulary:
                     new[ids[k]] = row
             if self.size > n:  # padding rows: the mean of the real ones
                 new[n:] = torch.mean(new[:n], dim=0)
-            out[o] = new
-        return (out[base_label] if base is not None and base_label is not None else None), [out[lb] for lb in labels]
+            for k, lb in enumerate(labels):
+                if lb == o:
+                    xs[k] = new
+            given[o] = new
+            if o == base_label:
+                base = new
+        return (base if base_label is not None else None), xs
 
     def _defaults(self, given: dict[str, "torch.Tensor"], order: list[str], dtype: "torch.dtype",
                   rest: tuple[int, ...]) -> dict[str, "torch.Tensor"]:
@@ -134,7 +147,7 @@ class Vocabulary:
             if not (cfg is not None and cfg.force) and all(self.perms[o][i] >= 0 for o in order):
                 continue
             if tok in average:
-                row = torch.zeros(rest, dtype=dtype)
+                row = torch.zeros(rest, dtype=dtype, device=given[order[0]].device)
                 count = 0
                 for o in order:  # summed in order, then divided, as mergekit does
                     if self.perms[o][i] >= 0:
@@ -159,7 +172,7 @@ class Vocabulary:
                     src = self.perms[cfg.model][i]
                     if src < 0:
                         raise ZooError(f"tokenizer: token {tok!r} is not in {cfg.model}, which should give its row")
-                row = given[cfg.model][src]
+                row = given[cfg.model][src].clone()  # a copy: the model's old tensor can then be freed
             out[tok] = row
         return out
 
