@@ -3,8 +3,10 @@
 Accepted mergekit fields: ``merge_method``, ``base_model``, ``models[].model``,
 ``models[].parameters`` (``weight``, ``density``, ...), global ``parameters`` (which
 also hold per-model parameters for every model that does not set them), ``dtype``
-(the compute dtype, and the saved one unless ``out_dtype`` is given), ``out_dtype``
-and ``tokenizer_source``. A parameter is a number, or a list of ``{filter: SUBSTRING,
+(the compute dtype, and the saved one unless ``out_dtype`` is given), ``out_dtype``,
+``tokenizer_source`` or the ``tokenizer:`` block (merge/vocab.py), ``chat_template``
+(merge/chat_template.py), and ``MODEL+ADAPTER`` model references (merge/lora_ref.py).
+A parameter is a number, or a list of ``{filter: SUBSTRING,
 value: V}`` conditionals where the first whose filter is in the tensor name wins (a
 conditional without ``filter``, or with ``filter: "*"``, matches every tensor; when
 none matches, the global parameters answer). zoo adds ``seed`` (for DARE) and

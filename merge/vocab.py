@@ -72,6 +72,22 @@ class Vocabulary:
         self.tensors.add(name)
         return (self.size, *shape[1:])
 
+    def check_tokens(self, rows: dict[str, int]) -> None:
+        """Refuse, before any work, a ``tokens:`` entry whose row cannot be found where it is needed."""
+        for tok, cfg in self.tokens.items():
+            i = self.vocab[tok]
+            if not cfg.force and all(self.perms[o][i] >= 0 for o in self.owners):
+                continue  # every model has it: the entry is never used
+            if cfg.kind == "none":
+                raise ZooError(f"tokenizer: token {tok!r} needs a row and its entry gives no source")
+            if cfg.kind == "model" and self.perms[cfg.model][i] < 0:
+                raise ZooError(f"tokenizer: token {tok!r} is not in {cfg.model}, which should give its row")
+            if cfg.kind == "model_token":
+                src = cfg.token_id if cfg.token_id is not None else self.originals[cfg.model].get(cfg.token)
+                if src is None or not 0 <= src < rows[cfg.model]:
+                    raise ZooError(f"tokenizer: token {tok!r}: {cfg.model} has no token "
+                                   f"{cfg.token if cfg.token_id is None else cfg.token_id!r}")
+
     def moves_rows(self) -> bool:
         """Whether any model's rows move (or new ones appear): not every model has exactly these tokens at these ids."""
         same = list(range(len(self.vocab)))
@@ -314,7 +330,9 @@ def build(recipe_source: Any, block: dict[str, Any] | None, base: "Input | None"
     if base is not None and base.label not in owners:
         owners.append(base.label)
     tokens = {t: _token_source(t, spec, everyone) for t, spec in token_cfg.items()}
-    return Vocabulary(out, vocab, size, owners, base.label if base is not None else None, perms, originals, tokens)
+    result = Vocabulary(out, vocab, size, owners, base.label if base is not None else None, perms, originals, tokens)
+    result.check_tokens(rows={m.label: _rows(m, own.get(m.label, base_tok)) for m in distinct})
+    return result
 
 
 def _token_source(tok: str, spec: Any, everyone: "list[Input]") -> TokenSource:

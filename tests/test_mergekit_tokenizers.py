@@ -98,6 +98,10 @@ def test_zoo_refuses(corpus, tmp_path, name):
     ({"tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token", "model": "m"}}}}}, "exactly one"),
     ({"tokenizer": {"tokens": {"<x>": {"source": "elsewhere"}}}}, "not one of the merged models"),
     ({"tokenizer_source": "elsewhere"}, "not one of the merged models"),
+    ({"tokenizer": {"tokens": {"<x>": {"source": "{a0}"}}}}, "is not in"),
+    ({"tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token", "model": "{a0}", "token_id": 999}}}}},
+     "has no token"),
+    ({"tokenizer": {"tokens": {"<x>": {}}}}, "gives no source"),
     ({"chat_template": "{% x %}"}, "not a valid template"),
 ])
 def test_bad_tokenizer_settings_are_one_line(corpus, tmp_path, recipe, match):
@@ -112,5 +116,12 @@ def test_bad_tokenizer_settings_are_one_line(corpus, tmp_path, recipe, match):
 def test_adapter_reference_must_be_an_adapter(corpus, tmp_path):
     recipe = {"merge_method": "linear", "models": [{"model": "{base}+{e0}", "parameters": {"weight": 1.0}}]}
     with pytest.raises(ZooError, match="not a LoRA adapter"):
+        merge.run(merge.from_dict(cases.recipe_for({"inputs": "f32", "recipe": recipe}, str(corpus))),
+                  out_dir=tmp_path / "out")
+
+
+def test_adapter_reference_takes_one_plus(corpus, tmp_path):
+    recipe = {"merge_method": "linear", "models": [{"model": "{base}+{l0}+{l0}", "parameters": {"weight": 1.0}}]}
+    with pytest.raises(ZooError, match="MODEL\\+ADAPTER"):
         merge.run(merge.from_dict(cases.recipe_for({"inputs": "f32", "recipe": recipe}, str(corpus))),
                   out_dir=tmp_path / "out")
