@@ -64,11 +64,23 @@ class Vocabulary:
     originals: dict[str, dict[str, int]]  # label -> its own vocabulary
     tokens: dict[str, TokenSource] = field(default_factory=dict)  # the recipe's tokens: entries
     tensors: set[str] = field(default_factory=set)  # the tensor names rebuilt
+    inputs: "dict[str, Input]" = field(default_factory=dict)  # label -> input, to check tensor shapes
 
     def shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         """A merged tensor's shape; a vocabulary tensor's is recorded to be rebuilt."""
         if not is_vocab_tensor(name, shape):
             return shape
+        for label, inp in self.inputs.items():
+            info = None if inp.is_adapter else inp.ckpt.tensors.get(name)
+            if info is None:
+                continue
+            if tuple(info.shape[1:]) != tuple(shape[1:]):
+                raise ZooError(f"{name}: {label}'s rows are {list(info.shape[1:])} wide, the base's "
+                               f"{list(shape[1:])}; rows of different widths do not merge")
+            used = max(self.perms[label], default=-1)
+            if used >= info.shape[0]:
+                raise ZooError(f"{name}: {label}'s tokenizer has token id {used} but the tensor has only "
+                               f"{info.shape[0]} rows")
         self.tensors.add(name)
         return (self.size, *shape[1:])
 
@@ -332,6 +344,7 @@ def build(recipe_source: Any, block: dict[str, Any] | None, base: "Input | None"
     tokens = {t: _token_source(t, spec, everyone) for t, spec in token_cfg.items()}
     result = Vocabulary(out, vocab, size, owners, base.label if base is not None else None, perms, originals, tokens)
     result.check_tokens(rows={m.label: _rows(m, own.get(m.label, base_tok)) for m in distinct})
+    result.inputs = {m.label: m for m in distinct}
     return result
 
 
