@@ -143,6 +143,9 @@ def make_plan(recipe: Recipe, registry: "Registry | None" = None) -> Plan:
     models = [_open_input(m.model, registry) for m in recipe.models]
     if base is not None and base.is_adapter:
         raise ZooError(f"the base {base.label} is a LoRA adapter; name the full model it adapts")
+    if base is not None and base.adapter is not None:
+        raise ZooError(f"base_model {base.label}: zoo takes MODEL+ADAPTER as a merged model, not as the base; "
+                       "write it out first (linear, that one model, weight 1) and use that as the base")
     for m in models:
         if base is not None and base.ref and m.base_ref and m.base_ref != base.ref:
             raise IncompatibleModels(f"{m.label} was fine-tuned from {m.base_ref}, not from the base {base.ref}; "

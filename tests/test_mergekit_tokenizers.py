@@ -125,3 +125,11 @@ def test_adapter_reference_takes_one_plus(corpus, tmp_path):
     with pytest.raises(ZooError, match="MODEL\\+ADAPTER"):
         merge.run(merge.from_dict(cases.recipe_for({"inputs": "f32", "recipe": recipe}, str(corpus))),
                   out_dir=tmp_path / "out")
+
+
+def test_adapter_reference_as_the_base_is_refused(corpus, tmp_path):
+    recipe = {"merge_method": "task_arithmetic", "base_model": "{base}+{l0}",
+              "models": [{"model": "{e0}", "parameters": {"weight": 1.0}}]}
+    with pytest.raises(ZooError, match="not as the base"):
+        merge.run(merge.from_dict(cases.recipe_for({"inputs": "f32", "recipe": recipe}, str(corpus))),
+                  out_dir=tmp_path / "out")
