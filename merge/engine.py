@@ -98,7 +98,9 @@ def _streamable(plan: Plan, name: str) -> bool:
     """Elementwise methods stream in pieces, except over LoRA tensors (B·A is made whole)."""
     shape = tuple(_base_ckpt(plan).tensors[name].shape)
     return plan.method.streams(name, shape, plan.options(name)) and \
-        not any(m.is_adapter and name in m.lora for m in plan.models)
+        not any(m.is_adapter and name in m.lora for m in plan.models) and \
+        not any(m.adapter is not None and (name in m.lora or name in m.overrides) for m in plan.models) and \
+        not (plan.vocab is not None and name in plan.vocab.tensors)  # rows moved whole: merge/vocab.py
 
 
 def _model_stats(plan: Plan, dev: torch.device, chunk: int, progress: ProgressFactory,
@@ -370,7 +372,11 @@ def _whole_inputs(plan: Plan, name: str, dev: torch.device):
     compute = plan.compute_dtype(name)
     b_raw = _base_ckpt(plan).read_tensor(name)
     xs = [read_input(m, name, b_raw).to(dev, compute) for m in plan.models]
-    return (b_raw.to(dev, compute) if plan.base is not None else None), xs
+    b = b_raw.to(dev, compute) if plan.base is not None else None
+    if plan.vocab is not None and name in plan.vocab.tensors:  # each input's rows on the merged vocabulary
+        b, xs = plan.vocab.align(b, plan.base.label if plan.base is not None else None, xs,
+                                 [m.label for m in plan.models])
+    return b, xs
 
 
 def _merge_whole(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardWriter,

@@ -18,6 +18,8 @@ from zoo.checkpoints.writer import OutTensor
 from zoo.errors import IncompatibleModels, ZooError
 from zoo.registry.resolve import open_model
 
+from zoo.merge import lora_ref
+from zoo.merge import vocab as vocabulary
 from zoo.merge.layers import LAYER_COUNT_KEYS, layer_count, position
 from zoo.merge.methods import MergeMethod, get_method
 from zoo.merge.recipe import ModelSpec, Recipe, resolve, slice_models, split_globals
@@ -30,9 +32,6 @@ if TYPE_CHECKING:
 
 SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPE.items()}
-# The files that make a tokenizer (copied from the tokenizer_source model).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "chat_template.jinja")
 
 
 @dataclass
@@ -47,6 +46,7 @@ class Input:
     kind: str | None = None  # its registry kind (None for a path)
     lora: dict[str, LoraPair] = field(default_factory=dict)  # base tensor name -> pair
     overrides: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter tensor
+    adapter: Checkpoint | None = None  # ``model+adapter``: the adapter merged into ckpt (merge/lora_ref.py)
 
     @property
     def is_adapter(self) -> bool:
@@ -75,7 +75,7 @@ class Plan:
     models: list[Input]
     steps: list[TensorStep]
     heads: dict[int, list[str]]  # model index -> its task-head tensor names
-    tokenizer: Input | None = None  # whose tokenizer files the merge carries (None: the base's)
+    vocab: "vocabulary.Vocabulary | None" = None  # the rebuilt vocabulary (tokenizer_source / tokenizer:)
     layers: int = 0  # the models' number of layers, where gradients take a tensor's position
     t: float | None = None  # a slice layer's position for gradients (None: from the tensor's layer)
     slice_parameters: dict[str, Any] = field(default_factory=dict)  # a slice's, above the global ones
@@ -148,6 +148,8 @@ def _promoted(name: str, dtype: str, models: list[Input]) -> str:
 
 
 def _open_input(label: str, registry: "Registry | None") -> Input:
+    if "+" in label and (plus := lora_ref.open_merged(label, registry, _open_input)) is not None:
+        return plus
     ckpt, info = open_model(label, registry)
     if info is None:
         return Input(label, None, ckpt)
@@ -172,6 +174,9 @@ def make_plan(recipe: Recipe, registry: "Registry | None" = None) -> Plan:
     models = [_open_input(m.model, registry) for m in recipe.models]
     if base is not None and base.is_adapter:
         raise ZooError(f"the base {base.label} is a LoRA adapter; name the full model it adapts")
+    if base is not None and base.adapter is not None:
+        raise ZooError(f"base_model {base.label}: zoo takes MODEL+ADAPTER as a merged model, not as the base; "
+                       "write it out first (linear, that one model, weight 1) and use that as the base")
     for m in models:
         if base is not None and base.ref and m.base_ref and m.base_ref != base.ref:
             raise IncompatibleModels(f"{m.label} was fine-tuned from {m.base_ref}, not from the base {base.ref}; "
@@ -181,6 +186,12 @@ def make_plan(recipe: Recipe, registry: "Registry | None" = None) -> Plan:
         return _plan_slices(recipe, method, base, models)
     if any(m.is_adapter for m in models) and base is None:
         raise ZooError("merging LoRA adapters needs the base model they adapt")
+    vocab = None
+    if recipe.tokenizer_source is not None or recipe.tokenizer is not None:
+        vocab = vocabulary.build(recipe.tokenizer_source, recipe.tokenizer, base, models)
+        if method.learned and vocab.moves_rows():
+            raise ZooError(f"{method.name} learns on the models' own vocabularies; tokenizer_source over "
+                           "vocabularies that differ works with mergekit's methods only")
     heads: dict[int, list[str]] = {}
     patterns = tuple(recipe.heads)
     for i, m in enumerate(models):
@@ -193,6 +204,8 @@ def make_plan(recipe: Recipe, registry: "Registry | None" = None) -> Plan:
             raise IncompatibleModels(f"{m.label} is a {arch_m['model_type']} model but the base is "
                                      f"{arch_b['model_type']}")
         report = compare(m.ckpt, ref, m.label, recipe.base_model or recipe.models[0].model, patterns)
+        if vocab is not None:  # vocabulary tensors are rebuilt on the merged vocabulary
+            report.findings = [f for f in report.findings if not vocab.tolerates(f.kind, f.tensor)]
         if not report.ok:
             raise IncompatibleModels(report.one_line())
         heads[i] = sorted({*report.head_tensors()} & set(m.ckpt.tensors))
@@ -202,10 +215,10 @@ def make_plan(recipe: Recipe, registry: "Registry | None" = None) -> Plan:
     for name, info in ref.tensors.items():
         out_dtype = SAFETENSORS_DTYPE[saved] if saved else _promoted(name, info.dtype, models)
         mergeable = info.dtype in FLOAT_DTYPES and not is_head(name, patterns)
-        steps.append(TensorStep(OutTensor(name, out_dtype if mergeable else info.dtype, info.shape), mergeable))
-    plan = Plan(recipe, method, base, models, steps, heads,
+        shape = vocab.shape(name, info.shape) if vocab is not None and mergeable else info.shape
+        steps.append(TensorStep(OutTensor(name, out_dtype if mergeable else info.dtype, shape), mergeable))
+    plan = Plan(recipe, method, base, models, steps, heads, vocab,
                 layers=layer_count(ref.config if ref.form == "model" else None, ref.tensors))
-    plan.tokenizer = _tokenizer_source(plan)
     if not method.learned:
         for step in steps:
             if step.merge:
@@ -221,9 +234,12 @@ def _plan_slices(recipe: Recipe, method: MergeMethod, base: Input | None, models
     if base is not None:
         inputs.setdefault(base.label, base)
     everyone = list(inputs.values())
-    if any(m.is_adapter for m in everyone):
+    if any(m.is_adapter or m.adapter is not None for m in everyone):
         raise ZooError("slices take full models; merge a LoRA adapter into its base first (zoo merge linear "
                        "with the adapter alone), then slice that")
+    if recipe.tokenizer_source is not None or recipe.tokenizer is not None:
+        raise ZooError("tokenizer_source and tokenizer: with slices are not supported yet; merge with slices, "
+                       "then give the result the tokenizer in a models recipe")
     ref = base if base is not None else models[0]
     for m in everyone:
         arch_m, arch_r = m.ckpt.architecture(), ref.ckpt.architecture()
@@ -255,7 +271,6 @@ def _plan_slices(recipe: Recipe, method: MergeMethod, base: Input | None, models
     key = next((k for k in LAYER_COUNT_KEYS if k in (config or {})), None)
     if key is not None:
         plan.config_updates[key] = output_layers(recipe.slices)
-    plan.tokenizer = _tokenizer_source(plan)
     for step in steps:
         if step.merge:
             assert step.part is not None
@@ -300,63 +315,10 @@ def _check_values(plan: Plan, name: str) -> None:
         raise ZooError(problem)
 
 
-def vocabulary(inp: Input) -> dict[str, int] | None:
-    """A model's tokens and their ids, from its ``tokenizer.json`` (or ``vocab.json``); None without one."""
-    import json
-
-    files = inp.ckpt.files
-    try:
-        if "tokenizer.json" in files:
-            data = json.loads(files["tokenizer.json"].read_text(encoding="utf-8"))
-            vocab = dict((data.get("model") or {}).get("vocab") or {})
-            for tok in data.get("added_tokens") or []:
-                vocab[tok["content"]] = tok["id"]
-            return vocab
-        if "vocab.json" in files:
-            return dict(json.loads(files["vocab.json"].read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ZooError(f"cannot read the tokenizer of {inp.label}: {e}") from None
-    return None
-
-
-def _tokenizer_source(plan: Plan) -> Input | None:
-    """The model whose tokenizer files the merge carries, for ``tokenizer_source``.
-
-    mergekit builds the tokenizer and moves each model's embedding rows to its ids.
-    zoo carries a tokenizer only where that moves nothing: every merged model has the
-    same vocabulary, one id per embedding row. Then ``base``, ``union`` and a model's
-    name all give those tokens at those ids, and the files are the named model's (the
-    base's for ``base`` and ``union``). Anything else is refused, naming the reason."""
-    source = plan.recipe.tokenizer_source
-    if source is None:
-        return None
-    everyone = ([plan.base] if plan.base is not None else []) + plan.models
-    if source in ("base", "union"):
-        chosen = plan.base if plan.base is not None else plan.models[0]
-    else:
-        named = [m for m in everyone if m.label == source or m.ref == source
-                 or (m.ref and m.ref.split("@")[0] == source)]
-        if not named:
-            raise ZooError(f"tokenizer_source {source!r} is not one of the merged models; name one of them, "
-                           "or use base or union")
-        chosen = named[0]
-    vocab = vocabulary(chosen)
-    if vocab is None:
-        raise ZooError(f"tokenizer_source {source}: {chosen.label} has no tokenizer.json to take the tokenizer from")
-    for m in everyone:
-        if m is not chosen and not m.is_adapter and vocabulary(m) != vocab:
-            raise ZooError(f"tokenizer_source {source}: {m.label}'s vocabulary differs from {chosen.label}'s; "
-                           "zoo does not yet rebuild embedding rows for another vocabulary (mergekit's "
-                           f"tokenizer_source {'union' if source == 'union' else 'with differing tokenizers'})")
-    rows = (chosen.ckpt.config or {}).get("vocab_size") if chosen.ckpt.form == "model" else None
-    if rows is not None and len(vocab) != rows:
-        raise ZooError(f"tokenizer_source {source}: the tokenizer has {len(vocab)} tokens but the embeddings "
-                       f"{rows} rows; mergekit would resize them, which zoo does not yet do")
-    return chosen
-
-
 def read_input(inp: Input, name: str, base_tensor: "torch.Tensor | None") -> "torch.Tensor":
     """One model's value of a tensor; for an adapter, base + scale * B @ A (``LoraPair.delta``)."""
+    if inp.adapter is not None:
+        return lora_ref.merged_tensor(inp, name)
     if not inp.is_adapter:
         return inp.ckpt.read_tensor(name)
     if name in inp.overrides:

@@ -3,11 +3,13 @@
 Accepted mergekit fields: ``merge_method``, ``base_model``, ``models[].model``,
 ``models[].parameters`` (``weight``, ``density``, ...), global ``parameters`` (which
 also hold per-model parameters for every model that does not set them), ``dtype``
-(the compute dtype, and the saved one unless ``out_dtype`` is given), ``out_dtype``
-and ``tokenizer_source``; or, in place of ``models``, ``slices`` of ``sources`` with a
-``layer_range`` each (a slice's own ``base_model`` and ``parameters`` too), which
-stack, reorder or interpolate layers (Goddard et al., "Arcee's MergeKit: A Toolkit
-for Merging Large Language Models", EMNLP 2024 Industry, arXiv 2403.13257).
+(the compute dtype, and the saved one unless ``out_dtype`` is given), ``out_dtype``,
+``tokenizer_source`` or the ``tokenizer:`` block (merge/vocab.py), ``chat_template``
+(merge/chat_template.py), and ``MODEL+ADAPTER`` model references (merge/lora_ref.py);
+or, in place of ``models``, ``slices`` of ``sources`` with a ``layer_range`` each (a
+slice's own ``base_model`` and ``parameters`` too), which stack, reorder or
+interpolate layers (Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large
+Language Models", EMNLP 2024 Industry, arXiv 2403.13257).
 
 A parameter is a number; a *gradient*, a list of numbers interpolated over the layers
 (``t: [0, 0.5, 1]``); or a list of ``{filter: SUBSTRING, value: V}`` conditionals where
@@ -31,11 +33,12 @@ import yaml
 from zoo.checkpoints.heads import DEFAULT_HEAD_PATTERNS
 from zoo.errors import ZooError
 
+from zoo.merge.chat_template import check as check_chat_template
 from zoo.merge.methods import check_count, get_method, validate_params
 from zoo.merge.methods.base import LOOP_PARAMETERS
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-UNSUPPORTED = ("modules", "tokenizer", "chat_template")
+UNSUPPORTED = ("modules",)
 
 
 @dataclass
@@ -81,10 +84,15 @@ class Recipe:
     # ``slices`` recipes: the layers each output slice takes; ``models`` then lists every
     # model the slices name (their parameters live in the slices).
     slices: list[SliceSpec] | None = None
+    tokenizer: dict[str, Any] | None = None  # mergekit's tokenizer: block (merge/vocab.py)
+    chat_template: str | None = None  # auto or a Jinja template (merge/chat_template.py)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["models"] = [{"model": m.model, "parameters": m.parameters} for m in self.models]
+        for key in ("tokenizer", "chat_template"):
+            if d[key] is None:
+                del d[key]  # a recipe without them is recorded as before they existed
         if self.slices is None:
             del d["slices"]  # a models recipe's record stays as it was
         else:
@@ -110,6 +118,8 @@ class Recipe:
         if self.tokenizer_source is not None and (not isinstance(self.tokenizer_source, str)
                                                   or not self.tokenizer_source):
             raise ZooError("tokenizer_source must be base, union or the name of a merged model")
+        check_tokenizer(self.tokenizer_source, self.tokenizer)
+        check_chat_template(self.chat_template)
         _check_scope(method, self.parameters, "parameters", shared=True)
         for m in self.models:
             _check_scope(method, m.parameters, f"parameters of {m.model}", shared=False)
@@ -141,6 +151,39 @@ def _check_scope(method: Any, params: dict[str, Any], where: str, *, shared: boo
                 validate_params(method, {}, [{key: leaf}])
             else:
                 validate_params(method, {key: leaf}, [])
+
+
+def check_tokenizer(source: Any, block: Any) -> None:
+    """The ``tokenizer:`` block's shape, as mergekit's schema has it."""
+    if block is None:
+        return
+    if source is not None:
+        raise ZooError("give tokenizer_source or a tokenizer: block, not both (mergekit refuses both)")
+    if not isinstance(block, dict) or set(block) - {"source", "tokens", "pad_to_multiple_of"}:
+        raise ZooError("tokenizer: must be a mapping of source, tokens and pad_to_multiple_of")
+    if not isinstance(block.get("source", "union"), str) or not block.get("source", "union"):
+        raise ZooError("tokenizer.source must be union, base or the name of a merged model")
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+        raise ZooError("tokenizer.pad_to_multiple_of must be a positive integer")
+    tokens = block.get("tokens") or {}
+    if not isinstance(tokens, dict):
+        raise ZooError("tokenizer.tokens must map each token to {source, force}")
+    for tok, spec in tokens.items():
+        if not isinstance(spec, dict) or set(spec) - {"source", "force"}:
+            raise ZooError(f"tokenizer.tokens.{tok}: expected {{source, force}}")
+        src = spec.get("source")
+        if isinstance(src, dict):
+            kind = src.get("kind")
+            if kind == "zero" and set(src) == {"kind"}:
+                continue
+            if kind != "model_token" or not isinstance(src.get("model"), str) \
+                    or set(src) - {"kind", "model", "token_id", "token"} \
+                    or (src.get("token_id") is None) == (src.get("token") is None):
+                raise ZooError(f"tokenizer.tokens.{tok}.source: expected a model, {{kind: zero}} or "
+                               "{kind: model_token, model, token_id or token (exactly one)}")
+        elif src is not None and not isinstance(src, str):
+            raise ZooError(f"tokenizer.tokens.{tok}.source: expected a model name")
 
 
 def split_globals(method: Any, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -227,7 +270,7 @@ def from_dict(data: dict[str, Any]) -> Recipe:
             raise ZooError(f"recipe field {key!r} is not supported yet; use merge_method, base_model and models "
                            "or slices")
     known = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "seed", "heads",
-             "tokenizer_source", "name"}
+             "tokenizer_source", "tokenizer", "chat_template", "name"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ZooError(f"unknown recipe field(s): {', '.join(unknown)}")
@@ -263,7 +306,7 @@ def from_dict(data: dict[str, Any]) -> Recipe:
         parameters=dict(data.get("parameters") or {}), dtype=_dtype_name(data.get("dtype")),
         out_dtype=_dtype_name(data.get("out_dtype")), seed=seed,
         heads=list(data.get("heads") or DEFAULT_HEAD_PATTERNS), tokenizer_source=data.get("tokenizer_source"),
-        slices=slices,
+        slices=slices, tokenizer=data.get("tokenizer"), chat_template=data.get("chat_template"),
     )
     recipe.validate()
     return recipe

@@ -13,7 +13,7 @@ from zoo.registry.records import NewModel
 from zoo.progress import no_progress
 
 from zoo.merge import engine
-from zoo.merge.plan import TOKENIZER_FILES, Plan, make_plan
+from zoo.merge.plan import Plan, make_plan
 from zoo.merge.recipe import Recipe
 from zoo.registry.destination import Destination
 from zoo.checkpoints.writer import DEFAULT_SHARD_BYTES, copy_sidecars, write_file
@@ -141,17 +141,24 @@ def _new_model(folder: Path, name: str, digests: dict[str, str], plan: Plan, rec
 
 
 def _carry_tokenizer(plan: Plan, folder: Path, digests: dict[str, str]) -> dict[str, str]:
-    """``tokenizer_source``: the named model's tokenizer files in place of the base's
-    (the plan checked that this moves no embedding row)."""
-    src = plan.tokenizer
-    if src is None or src is plan.base:
+    """The merged tokenizer (``tokenizer_source`` / ``tokenizer:``) and ``chat_template``,
+    saved as mergekit saves them (merge/vocab.py, merge/chat_template.py)."""
+    from zoo.merge import chat_template, vocab
+
+    if plan.vocab is None and plan.recipe.chat_template is None and \
+            not (plan.base is None and plan.models[0].adapter is not None):
         return {}
-    for name in TOKENIZER_FILES:
-        if name in digests:
-            (folder / name).unlink()
-            del digests[name]
-    return {name: write_file(folder / name, path.read_bytes())
-            for name, path in src.ckpt.files.items() if name in TOKENIZER_FILES}
+    everyone = ([plan.base] if plan.base is not None else []) + plan.models
+    template = chat_template.resolve(plan.recipe.chat_template, everyone, vocab.load_tokenizer)
+    for name in vocab.TOKENIZER_FILES:
+        digests.pop(name, None)
+    if plan.vocab is not None:
+        return vocab.save(plan.vocab, folder, template)
+    # mergekit loads the donor's tokenizer and saves it again (for MODEL+ADAPTER: the model's)
+    tok = vocab.load_tokenizer(everyone[0])
+    if tok is None:
+        return {}
+    return vocab.save_tokenizer(tok, folder, template)
 
 
 def _update_config(plan: Plan, folder: Path) -> dict[str, str]:

@@ -201,6 +201,17 @@ EDGE = {
     "chat_template_chatml": ("llama-f32", {"merge_method": "linear", "tokenizer_source": "base",
                                            "chat_template": "chatml", "base_model": "{base}",
                                            "parameters": {"weight": 0.5}, "models": [_m("e0")]}),
+    "tokenizer_union_pad_tokens_bf16": ("llama-bf16", {
+        "merge_method": "ties", "base_model": "{base}",
+        "tokenizer": {"source": "union", "pad_to_multiple_of": 48, "tokens": {"<extra>": {"source": {"kind": "zero"}}}},
+        "models": [_m("t0", weight=0.5, density=0.5), _m("e1", weight=0.5, density=0.5)]}),
+    "tokenizer_union_gpt2_tied": ("gpt2-f32", {"merge_method": "task_arithmetic", "base_model": "{base}",
+                                               "tokenizer_source": "union",
+                                               "models": [_m("t0", weight=0.5), _m("e1", weight=0.5)]}),
+    "chat_template_literal": ("mistral-f32", {
+        "merge_method": "linear", "base_model": "{base}", "parameters": {"weight": 0.5},
+        "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}\n",
+        "models": [_m("e0")]}),
     "slerp_slices_gradient_bf16": ("llama-bf16", {"merge_method": "slerp", "base_model": "{base}", "slices": [
         {"sources": [_src("base", 0, 2), _src("e0", 0, 2)]}, {"sources": [_src("base", 2, 4), _src("e0", 2, 4)]}],
         "parameters": {"t": [0, 1]}}),
