@@ -100,15 +100,17 @@ class StagedKey:
     """An upload waiting at a temporary key, sealed by ``S3BlobStore.seal``; ``unlink``
     removes it (like a staged temp file)."""
 
-    def __init__(self, store: "S3BlobStore", key: str):
-        self.store, self.key = store, key
+    def __init__(self, store: "S3BlobStore", key: str | None):
+        self.store, self.key = store, key  # None: the blob was stored already, nothing was uploaded
 
     @property
     def name(self) -> str:
-        return self.key.rsplit("/", 1)[-1]
+        return (self.key or "").rsplit("/", 1)[-1]
 
     def unlink(self, missing_ok: bool = True) -> None:
-        self.store.delete_key(self.key)
+        if self.key is not None:
+            self.store.delete_key(self.key)
+            self.key = None
 
     def __str__(self) -> str:
         return f"s3://{self.store.bucket}/{self.key}"
@@ -242,14 +244,24 @@ class S3BlobStore(BlobStore):
 
     # -- writing -----------------------------------------------------------------------
     def stage(self, src: Path, advance: Advance = ignore) -> tuple[StagedKey, str, int]:  # type: ignore[override]
-        """Upload ``src`` to a new temporary key, hashing it as it goes; ``seal`` it once it
-        may enter the store. An error or Ctrl-C (at the end of a part) aborts the upload."""
-        key = self._key("tmp", f"{owner_tag()}-{secrets.token_hex(8)}.part")
+        """Hash ``src``; unless that blob is stored already, upload it to a new temporary key,
+        hashing it again as it goes (a file that changed in between is refused). ``seal``
+        it once it may enter the store. An error or Ctrl-C (at the end of a part) aborts
+        the upload."""
         try:
-            digest, size = self._upload(src, key, advance)
+            digest, size = hash_file(src)
+            if self.has(digest):
+                advance(size)
+                return StagedKey(self, None), digest, size
+            key = self._key("tmp", f"{owner_tag()}-{secrets.token_hex(8)}.part")
+            got, size = self._upload(src, key, advance)
         except OSError as e:
             raise self._copy_error(src, e) from None
-        return StagedKey(self, key), digest, size
+        staged = StagedKey(self, key)
+        if got != digest:
+            staged.unlink()
+            raise StorageError(f"{src} changed while it was copied into the store; try again")
+        return staged, digest, size
 
     def seal(self, path: Any, digest: str, src: Path | None = None) -> None:
         if isinstance(path, StagedKey):
@@ -261,7 +273,7 @@ class S3BlobStore(BlobStore):
         """A staged upload: copied to its content key, then its temporary key deleted. A
         local file zoo wrote: uploaded once at its content key, then kept in the cache."""
         if isinstance(path, StagedKey):
-            if not self.has(digest):
+            if path.key is not None and not self.has(digest):
                 with self.calls(f"storing blob {digest[:12]}"):
                     self.client.copy({"Bucket": self.bucket, "Key": path.key}, self.bucket, self.key(digest),
                                      Config=_transfer_config())
