@@ -107,8 +107,9 @@ class Registry:
         """
         with self.db.read() as s:
             m = self._resolve(s, ref)
-            files = [(f.relpath, self.file_path(f)) for f in m.files]
+            rows = list(m.files)
             key = f"{m.id}-{m.name}@{m.version}"
+        files = [(f.relpath, self.file_path(f)) for f in rows]  # outside the session: may download (S3)
         for _, p in files:
             if not p.exists():
                 raise StorageError(f"{p} is missing; run `zoo verify {ref}`")
@@ -253,7 +254,10 @@ class Registry:
                         digest, size = hash_file(p, advance)
                     else:
                         advance(size)
-                    sealing.append((p, digest, p))
+                    ready = self.store.prepare(p, digest)  # on object storage: uploaded now, not in the transaction
+                    if ready is not p:
+                        staged.append(ready)
+                    sealing.append((ready, digest, p))
                 else:
                     tmp, digest, size = self.store.stage(p, advance)
                     staged.append(tmp)
@@ -515,7 +519,8 @@ class Registry:
             raise ZooError(f"{missing_folder(dest.parent)}; choose a new folder in an existing one")
         with self.db.read() as s:
             m = self._resolve(s, ref)
-            files = [(f.relpath, self.file_path(f), f.size) for f in m.files]
+            rows = list(m.files)
+        files = [(f.relpath, self.file_path(f), f.size) for f in rows]
         advance = (progress or no_progress)(f"exporting {ref}", sum(sz for *_, sz in files))
         tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)

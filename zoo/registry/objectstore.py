@@ -5,12 +5,13 @@ The endpoint, region and credentials come from the standard AWS environment and 
 ``~/.aws/config``...), read by boto3 itself. Blobs live at
 ``PREFIX/blobs/sha256/ab/<sha256>``, as in a folder store.
 
-- Writes stay content-addressed and atomic. A user's file is uploaded (multipart above
-  one part) to a temporary key ``PREFIX/tmp/PID.HOST-...`` while it is hashed, and sealed
-  by one server-side copy to its content key and a delete; a file zoo wrote itself, whose
-  hash is known, is written once at its content key (a multipart upload appears whole
-  or not at all). A blob already stored is never uploaded again. A failed or
-  interrupted upload is aborted; `zoo gc` removes what a killed process left.
+- Writes stay content-addressed and atomic. A file is hashed, then uploaded (multipart
+  above one part) to a temporary key ``PREFIX/tmp/PID.HOST-...`` while it is hashed again,
+  all before the registry's transaction; sealing, inside it, is one server-side copy to
+  the content key and a delete. A file ``adopt``ed (an upload ``zoo serve`` received and
+  checked) is written once at its content key: a multipart upload appears whole or not
+  at all. A blob already stored is never uploaded again. A failed or interrupted upload
+  is aborted; `zoo gc` removes what a killed process left.
 - Reads go through a bounded local read-through cache (``blobcache.py``): ``path()``
   fetches a blob once, checks its sha256 and hands back the local file, so the merge
   engine and MergeLock keep ``pread`` access.
@@ -31,6 +32,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from zoo.errors import StorageError, ZooError
 from zoo.progress import Advance, ignore
@@ -100,8 +102,9 @@ class StagedKey:
     """An upload waiting at a temporary key, sealed by ``S3BlobStore.seal``; ``unlink``
     removes it (like a staged temp file)."""
 
-    def __init__(self, store: "S3BlobStore", key: str | None):
+    def __init__(self, store: "S3BlobStore", key: str | None, local: Path | None = None):
         self.store, self.key = store, key  # None: the blob was stored already, nothing was uploaded
+        self.local = local  # a file zoo wrote: it enters the cache when sealed
 
     @property
     def name(self) -> str:
@@ -225,12 +228,12 @@ class S3BlobStore(BlobStore):
         return h.hexdigest()
 
     def presign(self, sha256: str, filename: str, expires_s: int = PRESIGN_S) -> str | None:
-        name = filename.rsplit("/", 1)[-1].replace('"', "")
+        name = quote(filename.rsplit("/", 1)[-1], safe="")  # RFC 6266/5987: any file name, one header
         with self.calls("signing a download URL"):
             return str(self.client.generate_presigned_url(
                 "get_object", ExpiresIn=expires_s,
                 Params={"Bucket": self.bucket, "Key": self.key(sha256),
-                        "ResponseContentDisposition": f'attachment; filename="{name}"'}))
+                        "ResponseContentDisposition": f"attachment; filename*=UTF-8''{name}"}))
 
     def all_digests(self) -> set[str]:
         return {k.rsplit("/", 1)[-1] for k, _, _ in self._list(self._key("blobs", "sha256") + "/")
@@ -263,6 +266,23 @@ class S3BlobStore(BlobStore):
             raise StorageError(f"{src} changed while it was copied into the store; try again")
         return staged, digest, size
 
+    def prepare(self, path: Path, digest: str) -> StagedKey:
+        """Upload a file zoo wrote to a temporary key now, outside the registry's transaction
+        (which serialises every write), unless that blob is stored already."""
+        if self.has(digest):
+            return StagedKey(self, None, local=path)
+        key = self._key("tmp", f"{owner_tag()}-{secrets.token_hex(8)}.part")
+        try:
+            got, _ = self._upload(path, key, ignore)
+        except OSError as e:
+            raise self._copy_error(path, e) from None
+        staged = StagedKey(self, key, local=path)
+        if got != digest:
+            staged.unlink()
+            raise StorageError(f"{path} changed while it was stored (sha256 {got[:12]}, not {digest[:12]}); "
+                               "nothing was kept")
+        return staged
+
     def seal(self, path: Any, digest: str, src: Path | None = None) -> None:
         if isinstance(path, StagedKey):
             self._seal(path, digest)
@@ -270,14 +290,17 @@ class S3BlobStore(BlobStore):
         super().seal(path, digest, src)
 
     def _seal(self, path: Any, digest: str) -> None:
-        """A staged upload: copied to its content key, then its temporary key deleted. A
-        local file zoo wrote: uploaded once at its content key, then kept in the cache."""
+        """A staged upload: copied to its content key, then its temporary key deleted (and
+        the local file zoo wrote, if any, kept in the cache). A local file (`adopt`):
+        uploaded once at its content key, then kept in the cache."""
         if isinstance(path, StagedKey):
             if path.key is not None and not self.has(digest):
                 with self.calls(f"storing blob {digest[:12]}"):
                     self.client.copy({"Bucket": self.bucket, "Key": path.key}, self.bucket, self.key(digest),
                                      Config=_transfer_config())
             path.unlink()
+            if path.local is not None:
+                self.cache.admit(path.local, digest)
             return
         if not self.has(digest):
             got, _ = self._upload(Path(path), self.key(digest), ignore)

@@ -252,6 +252,11 @@ class BlobStore:
         p = self.path(sha256)
         return hash_file(p, advance)[0] if p.is_file() else None
 
+    def prepare(self, path: Path, digest: str) -> Any:
+        """Make a complete file that zoo wrote (and hashed) ready for ``seal`` before the
+        registry's transaction starts; here nothing is needed: sealing is a rename."""
+        return path
+
     def presign(self, sha256: str, filename: str, expires_s: int = 3600) -> str | None:
         """A URL that serves the blob without this process, where the store can make one."""
         return None
