@@ -316,3 +316,23 @@ def test_bad_stores_get_one_line_and_leave_nothing(bucket, s3_server, s3_auth_se
     code, _, err = zoo_cli("--registry", tmp_path / "other.db", "--store", bucket, "init")
     assert "no AWS credentials" in one_line(code, err)
     assert not (tmp_path / "other.db").exists() and keys(s3_auth_server, bucket) == []
+
+
+def test_registry_copy_onto_s3_and_back(bucket, s3_server, zoo_cli, models, tmp_path):
+    from conftest import db_dump
+
+    a = tmp_path / "a.db"
+    with Registry(a, create=True) as reg:
+        reg.add(models["base"], "base", "base")
+        reg.add(models["parity"], "parity", "expert", base="base")
+    code, out, err = zoo_cli("registry", "copy", a, tmp_path / "s3.db", "--to-store", bucket, "--json")
+    assert code == 0, err
+    blobs = sorted(p.name for p in (tmp_path / "a.store" / "blobs").rglob("*") if p.is_file())
+    assert sorted(k.rsplit("/", 1)[1] for k in keys(s3_server, bucket, "blobs/")) == blobs
+    assert zoo_cli("--registry", tmp_path / "s3.db", "--store", bucket, "verify")[0] == 0
+    code, out, err = zoo_cli("registry", "copy", tmp_path / "s3.db", tmp_path / "b.db", "--from-store", bucket)
+    assert code == 0 and "verified" in out, err
+    assert db_dump(tmp_path / "b.db") == db_dump(a)
+    # a bucket that holds blobs already is not an empty destination
+    code, _, err = zoo_cli("registry", "copy", a, tmp_path / "c.db", "--to-store", bucket)
+    assert "is not empty" in one_line(code, err) and not (tmp_path / "c.db").exists()
