@@ -68,6 +68,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/add_throughput.py
 	$(BIN)/python bench/list_10k.py
 	$(BIN)/python bench/list_pg.py
+	$(BIN)/python bench/store_s3.py
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/demo_interference.py
 	$(BIN)/python bench/learned_demo.py --investigate

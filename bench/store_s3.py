@@ -10,8 +10,10 @@ registered twice: in a SQLite registry with a local store, and in one whose stor
 with ``--out-dir`` to a local folder, so the runs differ only in where the inputs come
 from. "cold" empties the cache first, so every input is downloaded, checked against its
 sha256 and cached; "warm" runs again over the cached files. Every run's output is
-checked to be byte-identical to the local merge's. Also recorded: the time to add the
-family to each store (upload to the bucket), and the cache's size afterwards.
+checked to be byte-identical to the local merge's. Each run records its wall time, the
+CPU seconds of the zoo process (what a loaded machine distorts least) and those of the
+S3 server for it; also the time to add the family to each store (upload to the
+bucket), the cache's size afterwards, and the load average before and after.
 
     .venv/bin/python bench/store_s3.py [--hidden 512] [--layers 4] [--vocab 16000] [--runs 2]
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -65,6 +68,12 @@ def family(root: Path, hidden: int, layers: int, vocab: int) -> tuple[Path, list
     return paths[0], paths[1:], (paths[0] / "model.safetensors").stat().st_size
 
 
+def server_cpu(server: PrivateS3) -> float:
+    """CPU seconds the S3 server process has used (utime + stime, from /proc)."""
+    fields = Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
 
@@ -77,6 +86,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     args = ap.parse_args()
 
+    load_before = [round(x, 2) for x in os.getloadavg()]
     work = Path(tempfile.mkdtemp(prefix="zoo-bench-s3-"))
     server = PrivateS3().start()
     try:
@@ -100,7 +110,11 @@ def main() -> None:
 
         def merge(where: str, n: int) -> dict:
             out = work / f"out-{where}-{n}"
+            before, server_before = resource.getrusage(resource.RUSAGE_CHILDREN), server_cpu(server)
             r = run_measured([ZOO, *regs[where], *MERGE, "--out-dir", str(out)], env=env)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            r["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            r["server_cpu_s"] = server_cpu(server) - server_before
             r["digests"] = digests(out)
             shutil.rmtree(out)
             return r
@@ -116,9 +130,13 @@ def main() -> None:
         cached = sum(p.stat().st_size for p in (work / "cache" / "blobs").rglob("*") if p.is_file())
         summary = {k: {"wall_s": [round(r["wall_s"], 3) for r in rs],
                        "median_wall_s": round(statistics.median(r["wall_s"] for r in rs), 3),
+                       "cpu_s": [round(r["cpu_s"], 3) for r in rs],
+                       "median_cpu_s": round(statistics.median(r["cpu_s"] for r in rs), 3),
+                       "server_cpu_s": [round(r["server_cpu_s"], 3) for r in rs],
                        "peak_anon_mib": round(max(r["peak_anon_mib"] for r in rs), 1)}
                    for k, rs in runs.items()}
         local = summary["local"]["median_wall_s"]
+        local_cpu = summary["local"]["median_cpu_s"]
         result = {
             "what": "zoo merge --method ties (base + 2 experts, bf16) with --out-dir, inputs from a local folder "
                     "store vs from S3 (moto server on loopback) through the read-through cache: cold (empty "
@@ -130,6 +148,9 @@ def main() -> None:
             "merge": summary,
             "cold_over_local": round(summary["s3_cold"]["median_wall_s"] / local, 3),
             "warm_over_local": round(summary["s3_warm"]["median_wall_s"] / local, 3),
+            "cold_over_local_cpu": round(summary["s3_cold"]["median_cpu_s"] / local_cpu, 3),
+            "warm_over_local_cpu": round(summary["s3_warm"]["median_cpu_s"] / local_cpu, 3),
+            "load_avg_before": load_before,
             "cache_bytes_after": cached,
             "outputs_identical": True,
             "load_avg_after": [round(x, 2) for x in os.getloadavg()],

@@ -72,6 +72,11 @@ class PrivateS3:
             self._make_user()
         return self
 
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
     def _make_user(self) -> None:
         import boto3
 
