@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python $(PIP) --upgrade pip
 	$(BIN)/python $(PIP) "$(TORCH)"
-	$(PINNED) $(BIN)/python $(PIP) -e ".[test]"
+	$(PINNED) $(BIN)/python $(PIP) -e ".[s3,test]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -33,6 +33,8 @@ demo: $(STAMP)
 postgres:
 	$(BIN)/python tests/postgres.py
 
+# The object-store tests start moto's S3-compatible server (moto[server], in the test extra) on a
+# private loopback port and stop it at the end (tests/s3.py).
 test: $(STAMP) postgres browser
 	$(BIN)/python -m pytest -q
 
@@ -54,7 +56,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LOCK_VENV)/bin/python -m pip install --quiet "$(TORCH)"
-	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[test]"
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[s3,test]"
 	{ sed -n '/^#/p' constraints.txt; \
 	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -viE '^(zoo|torch|triton|nvidia-[^=]*)=='; \
 	} > constraints.txt.new
@@ -66,6 +68,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/add_throughput.py
 	$(BIN)/python bench/list_10k.py
 	$(BIN)/python bench/list_pg.py
+	$(BIN)/python bench/store_s3.py
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/demo_interference.py
 	$(BIN)/python bench/learned_demo.py --investigate

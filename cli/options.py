@@ -78,8 +78,10 @@ def _remember_registry(value: Optional[str]) -> Optional[str]:
 
 REGISTRY_HELP = ("Registry: a SQLite file (PATH or sqlite:///PATH) or a PostgreSQL database "
                  "(postgresql://USER@HOST/DB, with --store). Default: $ZOO_REGISTRY, else ./registry.db.")
-STORE_HELP = ("Blob store folder. Required with a PostgreSQL registry (default: $ZOO_STORE); a SQLite "
-              "registry keeps it beside the file.")
+STORE_HELP = ("Blob store: a folder, or S3-compatible object storage (s3://BUCKET/PREFIX; endpoint and "
+              "credentials from the AWS environment, a local cache in $ZOO_S3_CACHE bounded by "
+              "$ZOO_S3_CACHE_SIZE, default 20G). Required with a PostgreSQL registry (default: $ZOO_STORE); a "
+              "SQLite registry keeps a folder beside the file.")
 
 
 # A subcommand's ``--registry`` reaches State through its callback, so the commands only

@@ -24,9 +24,10 @@ def init(as_json: bool = JsonOpt, registry: Optional[Path] = RegistryOpt) -> Non
     r = open_registry(create=True)
     r.store.ensure()
     if as_json:
-        render.emit_json({"registry": str(r.path), "store": str(r.store.root)})
+        render.emit_json({"registry": str(r.path), "store": r.store.shown,
+                          **({"cache": str(r.store.root)} if r.store.remote else {})})
     else:
-        print(f"registry: {r.path}\nstore:    {r.store.root}")
+        print(f"registry: {r.path}\nstore:    {r.store.shown}" + (f"\ncache:    {r.store.root}" if r.store.remote else ""))
 
 
 @app.command()

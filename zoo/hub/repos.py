@@ -201,8 +201,7 @@ class HubRepos:
             check_path(path)
             if not is_lfs_oid(str(sha256)):
                 raise HubError(f"{path}: invalid sha256 oid {sha256!r}")
-            p = self.store.path(sha256)
-            if not p.is_file() or p.stat().st_size != int(size):
+            if self.store.size(sha256) != int(size):
                 raise HubError(f"{path}: its content (sha256 {sha256[:12]}…) was not uploaded; "
                                "upload it through the LFS batch API first")
             adds[path] = Entry(path, sha256, int(size), git_blob_oid(lfs_pointer(sha256, int(size))), lfs=True)

@@ -53,10 +53,11 @@ class Registry:
                 existing_registry(self.location.file)  # raises with the hint
             if not self.location.file.parent.is_dir():
                 raise NotFound(f"cannot create a registry at {self.path}: {missing_folder(self.location.file.parent)}")
-        if self.location.on_server and create and not self.location.store.parent.is_dir():
+        if self.location.on_server and create and not self.location.store.parent.is_dir() \
+                and self.location.remote is None:
             raise NotFound(f"cannot make the blob store {self.location.store}: "
                            f"{missing_folder(self.location.store.parent)}")
-        self.store = BlobStore(self.location.store)
+        self.store = _open_store(self.location)
         self.db = db.Database(self.location, self.store, create=create)
         self.engine = self.db.engine
         self.views = self.store.root / "views"
@@ -106,8 +107,9 @@ class Registry:
         """
         with self.db.read() as s:
             m = self._resolve(s, ref)
-            files = [(f.relpath, self.file_path(f)) for f in m.files]
+            rows = list(m.files)
             key = f"{m.id}-{m.name}@{m.version}"
+        files = [(f.relpath, self.file_path(f)) for f in rows]  # outside the session: may download (S3)
         for _, p in files:
             if not p.exists():
                 raise StorageError(f"{p} is missing; run `zoo verify {ref}`")
@@ -252,7 +254,10 @@ class Registry:
                         digest, size = hash_file(p, advance)
                     else:
                         advance(size)
-                    sealing.append((p, digest, p))
+                    ready = self.store.prepare(p, digest)  # on object storage: uploaded now, not in the transaction
+                    if ready is not p:
+                        staged.append(ready)
+                    sealing.append((ready, digest, p))
                 else:
                     tmp, digest, size = self.store.stage(p, advance)
                     staged.append(tmp)
@@ -333,7 +338,7 @@ class Registry:
                 source={"type": m.source_type, "path": m.source_path, "hub_repo": m.hub_repo,
                         "hub_revision": m.hub_revision, "in_place": m.in_place},
                 files=[{"path": f.relpath, "sha256": f.sha256, "size": f.size,
-                        "location": str(self.file_path(f))} for f in m.files],
+                        "location": f.external_path or self.store.where(f.sha256)} for f in m.files],
                 parents=[{"role": e.role, "ref": e.parent_ref, "present": e.parent_id is not None}
                          for e in m.parents],
                 recipe=m.recipe.recipe if m.recipe else None,
@@ -472,29 +477,36 @@ class Registry:
         with self.db.read() as s:
             models = [self._resolve(s, ref)] if ref else s.scalars(
                 select(Model).options(selectinload(Model.files)).order_by(Model.name, Model.version)).all()
-            items = [(m.ref, f.relpath, f.sha256, f.size, self.file_path(f)) for m in models for f in m.files]
+            # Where each file is: its own path (registered in place), else None (the store's blob).
+            items: list[tuple[str, str, str, int, Path | None]] = [
+                (m.ref, f.relpath, f.sha256, f.size, Path(f.external_path) if f.external_path else None)
+                for m in models for f in m.files]
             for m in models:  # lineage artifacts (a learned merge's mask) are checked too
                 for key, a in _artifacts(m).items():
-                    items.append((m.ref, f"artifact:{key}", a["sha256"], a["size"], self.store.path(a["sha256"])))
+                    items.append((m.ref, f"artifact:{key}", a["sha256"], a["size"], None))
             if ref is None:
                 served = s.execute(select(HubRepo.repo_id, HubEntry.path, HubEntry.sha256, HubEntry.size)
                                    .join(HubCommit, HubCommit.sha == HubEntry.commit_sha)
                                    .join(HubRepo, HubRepo.id == HubCommit.repo_pk).distinct()
                                    .order_by(HubRepo.repo_id, HubEntry.path)).all()
-                items += [(f"hub:{repo}", path, digest, size, self.store.path(digest))
-                          for repo, path, digest, size in served]
-        total = sum({p: size for *_, size, p in items}.values())
+                items += [(f"hub:{repo}", path, digest, size, None) for repo, path, digest, size in served]
+        total = sum({p or digest: size for _, _, digest, size, p in items}.values())
         advance = progress("verifying", total)
-        seen: dict[Path, str | None] = {}
+        seen: dict[Path | str, str | None] = {}
         problems = []
         for mref, rel, digest, size, p in items:
-            if p not in seen:
-                seen[p] = hash_file(p, advance)[0] if p.is_file() else None
-            actual = seen[p]
+            where = p if p is not None else digest
+            if where not in seen:
+                if p is None:
+                    seen[where] = self.store.rehash(digest, advance)
+                else:
+                    seen[where] = hash_file(p, advance)[0] if p.is_file() else None
+            actual = seen[where]
+            shown = str(p) if p is not None else self.store.where(digest)
             if actual is None:
-                problems.append({"model": mref, "file": rel, "path": str(p), "problem": "missing"})
+                problems.append({"model": mref, "file": rel, "path": shown, "problem": "missing"})
             elif actual != digest:
-                problems.append({"model": mref, "file": rel, "path": str(p), "problem": "changed",
+                problems.append({"model": mref, "file": rel, "path": shown, "problem": "changed",
                                  "expected": digest, "actual": actual})
         return problems
 
@@ -507,7 +519,8 @@ class Registry:
             raise ZooError(f"{missing_folder(dest.parent)}; choose a new folder in an existing one")
         with self.db.read() as s:
             m = self._resolve(s, ref)
-            files = [(f.relpath, self.file_path(f), f.size) for f in m.files]
+            rows = list(m.files)
+        files = [(f.relpath, self.file_path(f), f.size) for f in rows]
         advance = (progress or no_progress)(f"exporting {ref}", sum(sz for *_, sz in files))
         tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -602,15 +615,20 @@ class Registry:
             with self.db.read() as s:
                 used = self._in_use(s)
             for d in sorted(self.store.all_digests() - used):
-                try:
-                    st = self.store.path(d).stat()
-                except FileNotFoundError:
+                info = self.store.info(d)
+                if info is None:
                     continue
-                if st.st_mtime <= cutoff:
+                size, stored_at = info
+                if stored_at <= cutoff:
                     self.store.remove(d)
-                    removed, freed = removed + 1, freed + st.st_size
+                    removed, freed = removed + 1, freed + size
             folders, folder_bytes = collect_workspaces(self.store.root)
-        return {"blobs_removed": removed, "folders_removed": folders, "bytes_freed": freed + folder_bytes}
+            temporary, temporary_bytes = self.store.collect_temporary(cutoff)
+        result = {"blobs_removed": removed, "folders_removed": folders,
+                  "bytes_freed": freed + folder_bytes + temporary_bytes}
+        if self.store.remote is not None:  # the object store's leftovers: temporary keys, unfinished uploads
+            result["temporary_removed"] = temporary
+        return result
 
     # -- tasks and metrics -----------------------------------------------------------
     def add_task(self, name: str, labels: Sequence[str] | None = None, data: str | os.PathLike[str] | None = None,
@@ -679,6 +697,16 @@ class Registry:
             if task:
                 q = q.where(Metric.task.has(Task.name == task))
             return [{"model": m.ref, **_metric(x)} for x, m in s.execute(q)]
+
+
+def _open_store(location: Location) -> BlobStore:
+    """The blob store of ``location``: a folder, or a bucket on object storage (boto3 is
+    imported only then)."""
+    if location.remote is None:
+        return BlobStore(location.store)
+    from zoo.registry.objectstore import S3BlobStore
+
+    return S3BlobStore(location.remote, location.store)
 
 
 def _key_id(key: dict[str, Any]) -> str:

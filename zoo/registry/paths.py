@@ -2,12 +2,15 @@
 
 A registry is a SQLite file (a path, or ``sqlite:///PATH``) with its blob store beside
 it, or a database on a PostgreSQL server (``postgresql://...``), whose blob store is a
-folder named by ``--store`` or ``$ZOO_STORE``. ``locate`` turns either into a
-``Location``; nothing here imports SQLAlchemy, so ``zoo list`` stays fast.
+folder named by ``--store`` or ``$ZOO_STORE``. Either may keep its blobs on S3-compatible
+object storage instead (``--store s3://BUCKET/PREFIX``); a local folder then holds the
+read-through cache and the temporary area. ``locate`` turns all of these into a
+``Location``; nothing here imports SQLAlchemy or boto3, so ``zoo list`` stays fast.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -20,6 +23,8 @@ DEFAULT_FILENAME = "registry.db"
 ENV_VAR = "ZOO_REGISTRY"
 STORE_ENV_VAR = "ZOO_STORE"
 SERVER_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+S3_LOCAL_ENV_VAR = "ZOO_S3_CACHE"  # the local folder of a store on S3: cache, temp area
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -30,8 +35,9 @@ class Location:
 
     file: Path | None
     url: str | None
-    store: Path
+    store: Path  # the blob store's folder; for blobs on S3, its local cache and temp area
     keys: Path
+    remote: str | None = None  # s3://BUCKET/PREFIX where the blobs live on object storage
 
     @property
     def on_server(self) -> bool:
@@ -112,6 +118,10 @@ def locate(registry: str | os.PathLike[str] | None = None, store: str | os.PathL
         (os.environ.get(ENV_VAR) if use_env else None) or DEFAULT_FILENAME)
     if store is None and use_env:
         store = os.environ.get(STORE_ENV_VAR) or None
+    remote = None
+    if isinstance(store, str) and is_url(store):
+        remote = s3_url(store)
+        store = None
     if isinstance(value, str) and is_url(value):
         scheme = value.split("://", 1)[0].lower()
         if scheme == "sqlite":
@@ -120,6 +130,10 @@ def locate(registry: str | os.PathLike[str] | None = None, store: str | os.PathL
                 raise ZooError(f"{value} names no file; write sqlite:///relative.db or sqlite:////absolute.db")
             value = rest[1:].split("?", 1)[0]
         elif scheme in SERVER_SCHEMES:
+            url = "postgresql://" + value.split("://", 1)[1]
+            if remote is not None:
+                root = s3_local(remote, mask_url(url))
+                return Location(file=None, url=url, store=root, keys=root / "keys", remote=remote)
             if store is None:
                 how = f"pass --store PATH or set ${STORE_ENV_VAR}" if use_env else "name its store folder"
                 raise ZooError(f"a registry on a database server ({mask_url(value)}) keeps its blobs in a folder: "
@@ -127,14 +141,48 @@ def locate(registry: str | os.PathLike[str] | None = None, store: str | os.PathL
             root = Path(store).absolute()
             if root.exists() and not root.is_dir():
                 raise ZooError(f"--store {root} is a file; name a folder for the blob store")
-            return Location(file=None, url="postgresql://" + value.split("://", 1)[1], store=root,
-                            keys=root / "keys")
+            return Location(file=None, url=url, store=root, keys=root / "keys")
         else:
             raise ZooError(f"{mask_url(value)}: zoo keeps registries in SQLite (a path or sqlite:///PATH) or "
                            "PostgreSQL (postgresql://USER@HOST/DATABASE)")
     file = registry_path(value)
+    if remote is not None:
+        return Location(file=file, url=None, store=s3_local(remote, None, file), keys=keys_path(file), remote=remote)
     root = Path(store).absolute() if store is not None else store_path(file)
     return Location(file=file, url=None, store=root, keys=keys_path(file))
+
+
+def s3_url(value: str) -> str:
+    """``value`` as ``s3://BUCKET`` or ``s3://BUCKET/PREFIX`` (no trailing slash), or one line why not."""
+    scheme, _, rest = value.partition("://")
+    if scheme.lower() != "s3":
+        raise ZooError(f"--store {mask_url(value)}: zoo keeps blobs in a folder (a path) or on S3-compatible "
+                       "object storage (s3://BUCKET/PREFIX)")
+    bucket, _, prefix = rest.partition("/")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise ZooError(f"--store {value}: {bucket!r} is not a bucket name (3 to 63 lowercase letters, digits, "
+                       "dots and hyphens)")
+    parts = [p for p in prefix.split("/") if p]
+    if any(p in (".", "..") or any(ord(c) < 32 for c in p) for p in parts) or "?" in prefix or "#" in prefix:
+        raise ZooError(f"--store {value}: the prefix must be plain folder names, e.g. s3://{bucket}/team/zoo")
+    return "/".join([f"s3://{bucket}", *parts])
+
+
+def s3_local(remote: str, server: str | None, file: Path | None = None) -> Path:
+    """The local folder of a store on S3: ``$ZOO_S3_CACHE``, else ``registry.store/`` beside
+    a SQLite file, else one folder per registry and store under ``$XDG_DATA_HOME/zoo/s3``."""
+    chosen = os.environ.get(S3_LOCAL_ENV_VAR)
+    if chosen:
+        root = Path(chosen).absolute()
+    elif file is not None:
+        root = store_path(file)
+    else:
+        data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+        tag = hashlib.sha256(f"{server}\0{remote}".encode()).hexdigest()[:16]
+        root = (data / "zoo" / "s3" / tag).absolute()
+    if root.exists() and not root.is_dir():
+        raise ZooError(f"${S3_LOCAL_ENV_VAR} {root} is a file; name a folder for the local cache of {remote}")
+    return root
 
 
 def registry_path(path: str | os.PathLike[str] | None = None) -> Path:

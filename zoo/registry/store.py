@@ -218,10 +218,53 @@ def _free_buffer(free: queue.SimpleQueue[bytearray | None], hasher: threading.Th
 class BlobStore:
     """Blobs named by their sha256 under ``root``."""
 
+    remote: str | None = None  # the object store's URL where the blobs live elsewhere (objectstore.py)
+
     def __init__(self, root: Path):
         self.root = Path(root)
         self.blobs = self.root / "blobs" / "sha256"
         self.tmp = self.root / "tmp"
+
+    @property
+    def shown(self) -> str:
+        """The store as messages name it."""
+        return str(self.root)
+
+    def where(self, sha256: str) -> str:
+        """Where blob ``sha256`` lives, for messages and ``zoo show`` (never fetches it)."""
+        return str(self.path(sha256))
+
+    def size(self, sha256: str) -> int | None:
+        """The stored size of a blob, or None when it is not stored."""
+        info = self.info(sha256)
+        return info[0] if info is not None else None
+
+    def info(self, sha256: str) -> tuple[int, float] | None:
+        """Size and time of storing of a blob, or None when it is not stored."""
+        try:
+            st = self.path(sha256).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime
+
+    def rehash(self, sha256: str, advance: Advance = ignore) -> str | None:
+        """The sha256 of the stored bytes of blob ``sha256`` (None when missing): `zoo verify`."""
+        p = self.path(sha256)
+        return hash_file(p, advance)[0] if p.is_file() else None
+
+    def prepare(self, path: Path, digest: str) -> Any:
+        """Make a complete file that zoo wrote (and hashed) ready for ``seal`` before the
+        registry's transaction starts; here nothing is needed: sealing is a rename."""
+        return path
+
+    def presign(self, sha256: str, filename: str, expires_s: int = 3600) -> str | None:
+        """A URL that serves the blob without this process, where the store can make one."""
+        return None
+
+    def collect_temporary(self, cutoff: float) -> tuple[int, int]:
+        """For `zoo gc`: temporary objects older than ``cutoff`` kept outside ``tmp/``
+        (none here: ``clean_tmp`` has them). Returns how many and their bytes."""
+        return 0, 0
 
     def ensure(self) -> None:
         self.blobs.mkdir(parents=True, exist_ok=True)

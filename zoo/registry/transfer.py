@@ -84,8 +84,11 @@ def copy_registry(source: Location, destination: Location, progress: ProgressFac
     """Copy the registry at ``source`` into ``destination``, which must be empty or new."""
     if (source.file, source.url) == (destination.file, destination.url):
         raise ZooError(f"{source.shown} is both the source and the destination; name another destination")
-    if source.store.resolve() == destination.store.resolve():
-        raise ZooError(f"the source and the destination share the store {source.store}; give the destination "
+    if source.store.resolve() == destination.store.resolve() or (
+            source.remote is not None and source.remote == destination.remote):
+        shared = source.remote if source.remote is not None and source.remote == destination.remote \
+            else source.store
+        raise ZooError(f"the source and the destination share the store {shared}; give the destination "
                        "its own (--to-store)")
     progress = progress or no_progress
     made_file = destination.file is not None and not destination.file.exists()
@@ -125,7 +128,7 @@ def _copy(src: Registry, dst: Registry, report: CopyReport, progress: ProgressFa
         with sconn.begin():  # one snapshot of the source for the rows and the blob list
             counts = _counts(sconn)
             digests = sorted(src.store.all_digests())
-            sizes = {d: src.store.path(d).stat().st_size for d in digests}
+            sizes = {d: src.store.size(d) for d in digests}
             advance = held.checked(progress("copying blobs", sum(sizes.values())))
             staged: list[tuple[Path, str]] = []
             sealed: list[str] = []
@@ -134,7 +137,7 @@ def _copy(src: Registry, dst: Registry, report: CopyReport, progress: ProgressFa
                     tmp, digest, size = dst.store.stage(src.store.path(d), advance)
                     staged.append((tmp, d))
                     if digest != d:
-                        raise StorageError(f"blob {d} in {src.store.root} does not match its hash (it reads as "
+                        raise StorageError(f"blob {d} in {src.store.shown} does not match its hash (it reads as "
                                            f"{digest}); run `zoo verify` on the source and repair it first")
                     report.blobs, report.bytes = report.blobs + 1, report.bytes + size
                 with dst.db.write() as s:
@@ -157,7 +160,7 @@ def _copy(src: Registry, dst: Registry, report: CopyReport, progress: ProgressFa
                         dst.store.seal(tmp, d, tmp)
                         sealed.append(d)
                     staged.clear()
-                    on_disk = {d: dst.store.path(d).stat().st_size for d in digests}
+                    on_disk = {d: dst.store.size(d) for d in digests}
                     if on_disk != sizes:
                         raise StorageError("the blobs in the destination store differ from the source's; "
                                            "nothing was kept")

@@ -29,7 +29,7 @@ from zoo.hub.repos import Change, Entry, HubRepos, folders
 from zoo.hub.server import refusals
 from zoo.hub.server.history import MAX_PAGE, HistoryRoutes, hub_time, paged
 from zoo.hub.server.cards import CARDS, check_card, check_commit
-from zoo.hub.server.blobs import BlobChecks, RangeFile, VerifiedBlob, stamp
+from zoo.hub.server.blobs import BlobChecks, RangeFile, VerifiedBlob, presigned, stamp
 from zoo.hub.server.uploads import Uploads
 from zoo.hub.server.wire import JSON_LFS, base_url, error, json_body, media_type, ndjson, sibling
 from zoo.hub.accounts import Accounts, Holder
@@ -469,10 +469,13 @@ class HubApp(HistoryRoutes):
             return error(e.status, e.code, str(e), headers={"X-Repo-Commit": revision.sha})
         etag = entry.sha256 if entry.lfs else entry.git_oid
         headers = {"ETag": f'"{etag}"', "X-Repo-Commit": revision.sha, "Cache-Control": "no-cache"}
-        blob, what = self.repos.blob(entry), f"{repo_id}@{revision.sha[:12]}/{path}"
         if request.method == "HEAD":  # metadata, from the registry: a damaged blob is refused by its GET
             return Response(headers={**headers, "Content-Length": str(entry.size), "Accept-Ranges": "bytes",
                                      "Content-Type": media_type(path)})
+        moved = await run_in_threadpool(presigned, self.registry.store, entry.sha256, entry.size, path, headers)
+        if moved is not None:  # a large blob on object storage: fetched from there, as the Hub's CDN
+            return moved
+        blob, what = await run_in_threadpool(self.repos.blob, entry), f"{repo_id}@{revision.sha[:12]}/{path}"
         at = stamp(blob)
         whole = at is not None and at[0] == entry.size and self.checks.known(entry.sha256, at) is not False
         if whole and "range" in request.headers:  # a range is not hashed on the way: the whole blob is, first

@@ -13,6 +13,12 @@ file that rotted or was edited on disk must never be sent as if it were that blo
   since, is refused before any byte is sent.
 
 Every refusal is logged with the repository, the path and what to run.
+
+A registry whose blobs live on object storage answers a GET of a large file with a 302
+to a presigned URL, as the Hub does with its CDN: the bytes then come from the store,
+not through this server (the stock ``huggingface_hub`` client follows the redirect).
+Those bytes are not hashed by the server on the way; the object store keeps them, and
+`zoo verify` checks them there. Small files are served here, checked as above.
 """
 
 from __future__ import annotations
@@ -25,12 +31,27 @@ from pathlib import Path
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import FileResponse, Response
+from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.types import Receive, Scope, Send
+
+from zoo.registry.store import BlobStore
 
 log = logging.getLogger("zoo.serve")
 
 Stamp = tuple[int, int, int]
+REDIRECT_MIN_BYTES = 10 << 20  # the Hub's LFS threshold: smaller files are served directly
+
+
+def presigned(store: BlobStore, sha256: str, size: int, path: str, headers: dict[str, str],
+              min_bytes: int = REDIRECT_MIN_BYTES) -> Response | None:
+    """A 302 to a presigned URL for a large blob where the store can make one, else None."""
+    if size < min_bytes:
+        return None
+    url = store.presign(sha256, path)
+    if url is None:
+        return None
+    return RedirectResponse(url, status_code=302, headers={**headers, "X-Linked-Size": str(size),
+                                                           "X-Linked-ETag": f'"{sha256}"'})
 
 
 def stamp(path: Path) -> Stamp | None:

@@ -90,8 +90,7 @@ class Uploads:
         return (repo_id, oid) in self.received
 
     def stored_size(self, oid: str) -> int | None:
-        store = self.registry.store
-        return store.path(oid).stat().st_size if store.has(oid) else None
+        return self.registry.store.size(oid)
 
     def committed(self, repo_id: str, oid: str) -> None:
         self.received.pop((repo_id, oid), None)
