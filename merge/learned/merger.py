@@ -348,6 +348,20 @@ def rescale(mask: dict[str, torch.Tensor]) -> MaskSample:
     return MaskSample({n: m / m.mean().clamp_min(torch.finfo(torch.float32).tiny) for n, m in mask.items()})
 
 
+def mask_stats(logits: dict[str, torch.Tensor]) -> dict[str, float]:
+    """How much of a learned mask is a subspace, over every masked element with keep
+    probability p = σ(logit): ``above_half``, the fraction with p > ½ (what a draw keeps
+    more often than not); ``binariness``, mean |2p − 1| (0: every p at ½, a soft
+    re-weighting; 1: every p at 0 or 1, a fixed subspace); ``mean_keep``, mean p; and
+    ``mean_abs_logit``."""
+    x = torch.cat([v.detach().reshape(-1).float().cpu() for v in logits.values()])
+    if x.numel() == 0:
+        return {"above_half": 0.0, "binariness": 0.0, "mean_keep": 0.0, "mean_abs_logit": 0.0}
+    p = torch.sigmoid(x)
+    return {"above_half": float((p > 0.5).float().mean()), "binariness": float((2 * p - 1).abs().mean()),
+            "mean_keep": float(p.mean()), "mean_abs_logit": float(x.abs().mean())}
+
+
 def is_binary(mask: dict[str, torch.Tensor]) -> bool:
     return all(bool(((m == 0) | (m == 1)).all()) for m in mask.values())
 

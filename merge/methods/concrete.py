@@ -4,7 +4,7 @@ then AdaMerging inside the frozen mask (Concrete AdaMerging)."""
 
 from __future__ import annotations
 
-from zoo.merge.learned.merger import FINAL_MASKS, rescale
+from zoo.merge.learned.merger import FINAL_MASKS, mask_stats, rescale
 from zoo.merge.learned.train import Loop, adam
 from zoo.merge.methods.base import register
 from zoo.merge.methods.learned import COEF, COMMON, MASK, LearnedMethod
@@ -30,6 +30,12 @@ class ConcreteMethod(LearnedMethod):
 
     def start_directions(self, source):
         return source.task_vectors, self.option(source.global_parameters, "mask")
+
+    def learn(self, inputs):
+        result, used = super().learn(inputs)
+        if result.mask_logits:  # is the learned mask a subspace, or a soft re-weighting?
+            used["mask_stats"] = {k: round(v, 6) for k, v in mask_stats(result.mask_logits).items()}
+        return result, used
 
     def recorded(self, options, s):
         # which draw the saved model folds in (the mask artifact holds that very draw)
