@@ -54,11 +54,11 @@ class Draw:
     def flat(self) -> torch.Tensor:
         x = self.merger.logit_flat.detach() if self.detached else self.merger.logit_flat
         m = torch.sigmoid((x + self.noise) / self.merger.temperature)
-        return m / self.merger._per_tensor_mean(m).clamp_min(torch.finfo(m.dtype).tiny)
+        return m / self.merger.per_tensor_mean(m).clamp_min(torch.finfo(m.dtype).tiny)
 
     @property
     def values(self) -> dict[str, torch.Tensor]:
-        return self.merger._views(self.flat, masked_only=True)
+        return self.merger.views(self.flat, masked_only=True)
 
 
 Mask = MaskSample | Draw
@@ -116,14 +116,14 @@ class Merger(nn.Module):
     # -- per-tensor views ------------------------------------------------------------------
     @property
     def base(self) -> dict[str, torch.Tensor]:
-        return self._views(self.base_flat)
+        return self.views(self.base_flat)
 
     @property
     def tv(self) -> dict[str, list[torch.Tensor]]:
-        views = [self._views(t) for t in self.tv_flat]
+        views = [self.views(t) for t in self.tv_flat]
         return {n: [v[n] for v in views] for n in self.names}
 
-    def _views(self, flat: torch.Tensor, masked_only: bool = False) -> dict[str, torch.Tensor]:
+    def views(self, flat: torch.Tensor, masked_only: bool = False) -> dict[str, torch.Tensor]:
         """Per-tensor views of a flat vector over all tensors (or the masked ones)."""
         k = len(self.mask_names) if masked_only else len(self.names)
         parts = flat.split(self.sizes[:k])
@@ -131,7 +131,7 @@ class Merger(nn.Module):
 
     @property
     def logits(self) -> list[torch.Tensor]:
-        return list(self._views(self.logit_flat, masked_only=True).values())
+        return list(self.views(self.logit_flat, masked_only=True).values())
 
     # -- coefficients -------------------------------------------------------------------
     def coefficient_matrix(self) -> torch.Tensor:
@@ -160,14 +160,19 @@ class Merger(nn.Module):
             self.weights.fill_(self.init)
 
     # -- the mask -------------------------------------------------------------------------
-    def _tensor_means(self, m: torch.Tensor) -> torch.Tensor:
+    @property
+    def mask_sizes(self) -> torch.Tensor:
+        """The masked tensors' element counts, on the device."""
+        return self._sizes_t[:len(self.mask_names)]
+
+    def tensor_means(self, m: torch.Tensor) -> torch.Tensor:
         """The mean of a flat mask over each masked tensor: one value per tensor."""
         return torch.stack([part.mean() for part in m.split(self.sizes[:len(self.mask_names)])])
 
-    def _per_tensor_mean(self, m: torch.Tensor) -> torch.Tensor:
+    def per_tensor_mean(self, m: torch.Tensor) -> torch.Tensor:
         """Each element's tensor's mean, as a flat vector beside ``m``."""
         k = len(self.mask_names)
-        return self._tensor_means(m).repeat_interleave(self._sizes_t[:k], output_size=self.masked_total)
+        return self.tensor_means(m).repeat_interleave(self._sizes_t[:k], output_size=self.masked_total)
 
     def sample(self, generator: torch.Generator) -> Draw:
         """A RelaxedBernoulli(temperature, logits) draw, reparameterised so gradients reach
@@ -184,7 +189,7 @@ class Merger(nn.Module):
         x = self.logit_flat.detach()
         u = torch.rand(x.shape, generator=generator, device=x.device)
         bits = (u < torch.sigmoid(x)).to(torch.float32)
-        return {n: v.clone() for n, v in self._views(bits, masked_only=True).items()}
+        return {n: v.clone() for n, v in self.views(bits, masked_only=True).items()}
 
     def draw_relaxed(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """One RelaxedBernoulli(temperature, logit) draw per element, values in [0, 1]
@@ -194,7 +199,7 @@ class Merger(nn.Module):
         u = torch.rand(x.shape, generator=generator, device=x.device)
         u = u.clamp_(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps)
         m = torch.sigmoid((x + (u.log() - (-u).log1p())) / self.temperature)
-        return {n: v.clone() for n, v in self._views(m, masked_only=True).items()}
+        return {n: v.clone() for n, v in self.views(m, masked_only=True).items()}
 
     def draw_final(self, kind: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The mask folded into the saved model: ``relaxed`` (the reference's default)
@@ -204,11 +209,11 @@ class Merger(nn.Module):
         return self.draw_relaxed(generator) if kind == "relaxed" else self.draw_bits(generator)
 
     def logits_dict(self) -> dict[str, torch.Tensor]:
-        return {n: v.detach() for n, v in self._views(self.logit_flat, masked_only=True).items()}
+        return {n: v.detach() for n, v in self.views(self.logit_flat, masked_only=True).items()}
 
     # -- the merged parameters ------------------------------------------------------------
-    def _weighted(self, w: torch.Tensor) -> torch.Tensor:
-        """Σᵢ wᵢτᵢ over the flat vector, in task order (no graph: ``_Merge`` differentiates it)."""
+    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+        """Σᵢ wᵢτᵢ over the flat vector, in task order (no graph: the merge's autograd node differentiates it)."""
         if self.mode == "fixed" and self._fixed_delta is not None:
             return self._fixed_delta
         if self.tv_flat is None:
@@ -226,7 +231,7 @@ class Merger(nn.Module):
             self._fixed_delta = acc
         return acc
 
-    def _weights_grad(self, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def weights_grad(self, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """d/dw of Σᵢ wᵢτᵢ against the gradient ``g`` of the flat sum: per task (and
         tensor, layer-wise) the sum of g ⊙ τᵢ; zero outside [0, 1] when clamped."""
         assert self.tv_flat is not None
@@ -243,24 +248,24 @@ class Merger(nn.Module):
         ViT-B/32 size and 8 tasks, 2.8 GB)."""
         if self.mode != "fixed":
             raise ZooError("only fixed coefficients can let go of the task vectors")
-        self._weighted(self.weights)
+        self.weighted_sum(self.weights)
         self.tv_flat = None
 
     def merged(self, mask: Mask | None = None) -> dict[str, torch.Tensor]:
         """θ₀ + m ⊙ Σᵢ wᵢτᵢ for every merged tensor (differentiable in w and the logits)."""
         if mask is None or not self.mask_names:
-            return self._views(_Merge.apply(self.weights, None, None, None, self))
+            return self.views(_Merge.apply(self.weights, None, None, None, self))
         if isinstance(mask, Draw):
             logits = self.logit_flat.detach() if mask.detached else self.logit_flat
-            return self._views(_Merge.apply(self.weights, logits, mask.noise, None, self))
+            return self.views(_Merge.apply(self.weights, logits, mask.noise, None, self))
         m = mask.flat if mask.flat is not None else \
             torch.cat([mask.values[n].reshape(-1) for n in self.mask_names]).to(self.base_flat.device)
         if not m.requires_grad:
-            return self._views(_Merge.apply(self.weights, None, None, m, self))
+            return self.views(_Merge.apply(self.weights, None, None, m, self))
         # a mask that carries its own graph: autograd through the plain chain
         delta = _Differentiable.apply(self.weights, self)
         k = self.masked_total
-        return self._views(torch.cat([self.base_flat[:k] + delta[:k] * m, self.base_flat[k:] + delta[k:]]))
+        return self.views(torch.cat([self.base_flat[:k] + delta[:k] * m, self.base_flat[k:] + delta[k:]]))
 
     def coefficients_list(self) -> list[list[float]]:
         """[task][tensor] coefficients, tensors in the merger's name order (``names``)."""
@@ -278,12 +283,12 @@ class _Merge(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weights, logits, noise, given, merger):  # noqa: D401
-        delta = merger._weighted(weights)
+        delta = merger.weighted_sum(weights)
         base, k = merger.base_flat, merger.masked_total
         s = m = None
         if noise is not None:
             s = torch.sigmoid((logits + noise) / merger.temperature)
-            m = s / merger._per_tensor_mean(s).clamp_min(torch.finfo(s.dtype).tiny)
+            m = s / merger.per_tensor_mean(s).clamp_min(torch.finfo(s.dtype).tiny)
         elif given is not None:
             m = given
         flat = base + delta if m is None else torch.cat([base[:k] + delta[:k] * m, base[k:] + delta[k:]])
@@ -295,16 +300,16 @@ class _Merge(torch.autograd.Function):
     def backward(ctx, g):
         merger, delta, s, given = ctx.merger, ctx.delta, ctx.s, ctx.given
         k = merger.masked_total
-        sizes = merger._sizes_t[:len(merger.mask_names)]
+        sizes = merger.mask_sizes
         means = mean = None
         if s is not None:  # recomputed, as in the forward
-            means = merger._tensor_means(s).clamp_min(torch.finfo(s.dtype).tiny)
+            means = merger.tensor_means(s).clamp_min(torch.finfo(s.dtype).tiny)
             mean = means.repeat_interleave(sizes, output_size=k)
         m = s / mean if s is not None else given
         grad_w = grad_x = None
         if ctx.needs_input_grad[0]:
             gd = g if m is None else torch.cat([g[:k] * m, g[k:]])
-            grad_w = merger._weights_grad(gd, ctx.w)
+            grad_w = merger.weights_grad(gd, ctx.w)
             del gd
         if ctx.needs_input_grad[1]:
             assert s is not None and mean is not None and means is not None
@@ -321,12 +326,12 @@ class _Differentiable(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights, merger):
         ctx.merger, ctx.w = merger, weights.detach().clone()
-        return merger._weighted(weights).clone() if merger.mode == "fixed" else merger._weighted(weights)
+        return merger.weighted_sum(weights).clone() if merger.mode == "fixed" else merger.weighted_sum(weights)
 
     @staticmethod
     def backward(ctx, g):
         merger = ctx.merger
-        return (merger._weights_grad(g, ctx.w) if ctx.needs_input_grad[0] else None), None
+        return (merger.weights_grad(g, ctx.w) if ctx.needs_input_grad[0] else None), None
 
 
 # -- packing the final mask for the lineage ---------------------------------------------------
