@@ -8,9 +8,10 @@ this checkout. Each (version, method) runs in its own process, one after the oth
 machine is shared), with the same torch thread count. The rate is measured between the
 progress reports of the first and the last step, so setup, the first step and writing
 the model are left out: in wall-clock steps per second, and in steps per CPU-second of
-the process (one thread), which other processes on a shared machine disturb far less. Both versions write the merged model; the largest difference
-between their weights (and between their losses at the steps both report) says how far
-the new arithmetic moved the result.
+the process (one thread), which other processes on a shared machine disturb far less.
+Both versions write the merged model; the largest difference between their weights
+(and between their losses at the steps both report) says how far the new arithmetic
+moved the result.
 
 Methods, with the demo's settings (lr 1e-2, batch 16 per task, entropy): Concrete TA,
 layer-wise AdaMerging and parity distillation (from task arithmetic, training

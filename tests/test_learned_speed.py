@@ -93,7 +93,8 @@ def test_one_body_pass_gives_each_tasks_logits_and_gradients(tmp_path):
     batches = [{"pixel_values": torch.randn(4 + t, 1, 8, 8, generator=g)} for t in range(len(LABELS))]
     results = []
     for joint in (True, False):
-        params = {n: ck.read_tensor(n).float().requires_grad_(True) for n in ck.tensors if not n.startswith("classifier")}
+        params = {n: ck.read_tensor(n).float().requires_grad_(True) for n in ck.tensors
+                  if not n.startswith("classifier")}
         logits = forward.all(params, batches) if joint else [forward(t, params, b) for t, b in enumerate(batches)]
         assert logits is not None
         sum(train.entropy(x) for x in logits).backward()

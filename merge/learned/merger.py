@@ -99,8 +99,8 @@ class Merger(nn.Module):
         self.total = sum(self.sizes)
         self.masked_total = sum(self.sizes[:len(self.mask_names)])
         self.base_flat = torch.cat([base[n].reshape(-1).to(device, torch.float32) for n in self.names])
-        self.tv_flat = [torch.cat([tv[n].reshape(-1).to(device, torch.float32) for n in self.names])
-                        for tv in task_vectors]
+        self.tv_flat: list[torch.Tensor] | None = [
+            torch.cat([tv[n].reshape(-1).to(device, torch.float32) for n in self.names]) for tv in task_vectors]
         self.n_tasks = len(task_vectors)
         self.mode, self.init, self.clamp, self.temperature = coefficients, init, clamp, temperature
         shape = {"fixed": (self.n_tasks, 1), "task": (self.n_tasks, 1), "layer": (self.n_tasks, len(self.names))}
@@ -120,6 +120,8 @@ class Merger(nn.Module):
 
     @property
     def tv(self) -> dict[str, list[torch.Tensor]]:
+        if self.tv_flat is None:
+            raise ZooError("this merge let go of its task vectors (release_task_vectors)")
         views = [self.views(t) for t in self.tv_flat]
         return {n: [v[n] for v in views] for n in self.names}
 
@@ -213,7 +215,8 @@ class Merger(nn.Module):
 
     # -- the merged parameters ------------------------------------------------------------
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
-        """Σᵢ wᵢτᵢ over the flat vector, in task order (no graph: the merge's autograd node differentiates it)."""
+        """Σᵢ wᵢτᵢ over the flat vector, in task order (no graph: the merge's autograd
+        node differentiates it)."""
         if self.mode == "fixed" and self._fixed_delta is not None:
             return self._fixed_delta
         if self.tv_flat is None:
