@@ -162,6 +162,7 @@ def test_a_concrete_merge_records_its_mask_and_zoo_show_prints_it(zoo_cli, regis
     learned = registry.show("cta")["recipe"]["learned"]
     stats = learned["mask_stats"]
     assert 0 <= stats["above_half"] <= 1 and 0 < stats["binariness"] < 1
+    assert f"mask: {100 * stats['above_half']:.1f}% of entries above ½" in err  # zoo merge says so too
     rc, out, err = zoo_cli("show", "cta")
     assert rc == 0, err
     line = next(x for x in out.splitlines() if x.strip().startswith("mask:"))

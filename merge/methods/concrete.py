@@ -34,7 +34,10 @@ class ConcreteMethod(LearnedMethod):
     def learn(self, inputs):
         result, used = super().learn(inputs)
         if result.mask_logits:  # is the learned mask a subspace, or a soft re-weighting?
-            used["mask_stats"] = {k: round(v, 6) for k, v in mask_stats(result.mask_logits).items()}
+            stats = used["mask_stats"] = {k: round(v, 6) for k, v in mask_stats(result.mask_logits).items()}
+            if inputs.log is not None:
+                inputs.log(f"mask: {100 * stats['above_half']:.1f}% of entries above ½ (keep probability), "
+                           f"binariness {stats['binariness']:.3f} (0: a soft re-weighting, 1: a fixed subspace)")
         return result, used
 
     def recorded(self, options, s):
