@@ -47,7 +47,11 @@ def print_tour(tour: "Tour") -> None:
     res, tasks = tour.zoo, tour.tasks
     print()
     table = [{"method": r["method"], **{t: f"{100 * r[t]:.1f}" for t in [*tasks, "avg"]}} for r in tour.table]
-    render.table(table, [("method", "TEST ACCURACY %")] + [(t, t) for t in tasks] + [("avg", "AVG")])
+    columns = [("method", "TEST ACCURACY %")] + [(t, t) for t in tasks] + [("avg", "AVG")]
+    if tour.masks:  # the Concrete rows: is the learned mask a subspace, or a soft re-weighting?
+        table = mask_columns(table, tour.masks)
+        columns += [("above_half", "MASK>½ %"), ("binariness", "BINARY")]
+    render.table(table, columns)
     for p in tour.parity:
         vs_entropy = "" if p["entropy_adamerging_avg"] is None else \
             f"; label-free entropy AdaMerging: {100 * p['entropy_adamerging_avg']:.1f}"
@@ -71,6 +75,18 @@ def print_tour(tour: "Tour") -> None:
     p = res.config.prefix
     print(f"next: `zoo list`, `zoo lineage {p}-ties`, `zoo check {p}-parity`, `zoo eval {p}-ta --task hflip`")
     print(f"compare the merges in a browser: run `zoo serve`, then open http://127.0.0.1:8000{tour.compare_path}")
+
+
+def mask_columns(table: list[dict[str, Any]], masks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The demo's table with each Concrete row's mask: the share of entries whose keep
+    probability is above ½, and its binariness (mean |2p - 1|); blank elsewhere."""
+    by_method = {m["method"]: m for m in masks}
+    out = []
+    for row in table:
+        m = by_method.get(row["method"])
+        out.append({**row, "above_half": f"{100 * m['above_half']:.1f}" if m and "above_half" in m else "",
+                    "binariness": f"{m['binariness']:.2f}" if m else ""})
+    return out
 
 
 def _print_protection(locked: dict[str, Any], tasks: list[str]) -> None:

@@ -122,6 +122,9 @@ def _print_model(info: dict[str, Any]) -> None:
         print("  parents:      " + ", ".join(f"{p['role']}={p['ref']}" for p in info["parents"]))
     if info["recipe"]:
         print(f"  recipe:       {info['recipe']}")
+    stats = (info["recipe"] or {}).get("learned", {}) or {}
+    if stats.get("mask_stats"):
+        print(f"  mask:         {mask_line(stats['mask_stats'])}")
     if info["dependents"]:
         print(f"  used by:      {', '.join(info['dependents'])}")
     print("  files:")
@@ -132,6 +135,13 @@ def _print_model(info: dict[str, Any]) -> None:
         for m in info["metrics"]:
             print(f"    {m['task'] or '-'}: {m['metric']} = {m['value']:.4f}  "
                   f"({m['split'] or '-'}, {m['measured_at']})")
+
+
+def mask_line(stats: dict[str, float]) -> str:
+    """A learned Concrete mask in one line: how much of it a draw keeps more often than
+    not, and how binary it is."""
+    return (f"{100 * stats['above_half']:.1f}% of entries above ½, binariness {stats['binariness']:.3f} "
+            "(mean |2p - 1| of the keep probabilities: 0 is a soft re-weighting, 1 a fixed subspace)")
 
 
 @app.command()

@@ -6,6 +6,11 @@ frozen task vectors, producing merged parameters for ``torch.func.functional_cal
 vector (masked tensors first), so a step is a few large operations, not a few per
 tensor: that is what keeps a GPU busy. With fixed weights Σᵢ wᵢτᵢ is computed once,
 in task arithmetic's order, so an all-ones mask gives task arithmetic's bits.
+
+The whole chain, from the mask logits and the draw's noise through σ, the per-tensor
+rescale and Σᵢ wᵢτᵢ to θ, is one autograd node (``_Merge``) that keeps only σ and
+Σᵢ wᵢτᵢ for its backward: autograd's own graph would also keep the rescaled mask, its
+divisor and, layer-wise, one model-sized coefficient vector per task.
 """
 
 from __future__ import annotations
@@ -31,6 +36,32 @@ class MaskSample:
 
     values: dict[str, torch.Tensor]
     flat: torch.Tensor | None = None
+
+
+class Draw:
+    """One RelaxedBernoulli draw of the mask, kept as its logistic noise: the merge
+    computes σ((logits + noise) / T) / mean inside its one autograd node. ``values`` and
+    ``flat`` materialise the rescaled mask (differentiable in the logits) when asked."""
+
+    def __init__(self, merger: "Merger", noise: torch.Tensor, detached: bool = False):
+        self.merger, self.noise, self.detached = merger, noise, detached
+
+    def detach(self) -> "Draw":
+        """The same draw, with no gradient to the logits."""
+        return Draw(self.merger, self.noise, True)
+
+    @property
+    def flat(self) -> torch.Tensor:
+        x = self.merger.logit_flat.detach() if self.detached else self.merger.logit_flat
+        m = torch.sigmoid((x + self.noise) / self.merger.temperature)
+        return m / self.merger.per_tensor_mean(m).clamp_min(torch.finfo(m.dtype).tiny)
+
+    @property
+    def values(self) -> dict[str, torch.Tensor]:
+        return self.merger.views(self.flat, masked_only=True)
+
+
+Mask = MaskSample | Draw
 
 
 class Merger(nn.Module):
@@ -68,8 +99,8 @@ class Merger(nn.Module):
         self.total = sum(self.sizes)
         self.masked_total = sum(self.sizes[:len(self.mask_names)])
         self.base_flat = torch.cat([base[n].reshape(-1).to(device, torch.float32) for n in self.names])
-        self.tv_flat = [torch.cat([tv[n].reshape(-1).to(device, torch.float32) for n in self.names])
-                        for tv in task_vectors]
+        self.tv_flat: list[torch.Tensor] | None = [
+            torch.cat([tv[n].reshape(-1).to(device, torch.float32) for n in self.names]) for tv in task_vectors]
         self.n_tasks = len(task_vectors)
         self.mode, self.init, self.clamp, self.temperature = coefficients, init, clamp, temperature
         shape = {"fixed": (self.n_tasks, 1), "task": (self.n_tasks, 1), "layer": (self.n_tasks, len(self.names))}
@@ -85,14 +116,16 @@ class Merger(nn.Module):
     # -- per-tensor views ------------------------------------------------------------------
     @property
     def base(self) -> dict[str, torch.Tensor]:
-        return self._views(self.base_flat)
+        return self.views(self.base_flat)
 
     @property
     def tv(self) -> dict[str, list[torch.Tensor]]:
-        views = [self._views(t) for t in self.tv_flat]
+        if self.tv_flat is None:
+            raise ZooError("this merge let go of its task vectors (release_task_vectors)")
+        views = [self.views(t) for t in self.tv_flat]
         return {n: [v[n] for v in views] for n in self.names}
 
-    def _views(self, flat: torch.Tensor, masked_only: bool = False) -> dict[str, torch.Tensor]:
+    def views(self, flat: torch.Tensor, masked_only: bool = False) -> dict[str, torch.Tensor]:
         """Per-tensor views of a flat vector over all tensors (or the masked ones)."""
         k = len(self.mask_names) if masked_only else len(self.names)
         parts = flat.split(self.sizes[:k])
@@ -100,7 +133,7 @@ class Merger(nn.Module):
 
     @property
     def logits(self) -> list[torch.Tensor]:
-        return list(self._views(self.logit_flat, masked_only=True).values())
+        return list(self.views(self.logit_flat, masked_only=True).values())
 
     # -- coefficients -------------------------------------------------------------------
     def coefficient_matrix(self) -> torch.Tensor:
@@ -129,21 +162,28 @@ class Merger(nn.Module):
             self.weights.fill_(self.init)
 
     # -- the mask -------------------------------------------------------------------------
-    def _per_tensor_mean(self, m: torch.Tensor) -> torch.Tensor:
-        k = len(self.mask_names)
-        means = torch.stack([part.mean() for part in m.split(self.sizes[:k])])
-        return means.repeat_interleave(self._sizes_t[:k], output_size=self.masked_total)
+    @property
+    def mask_sizes(self) -> torch.Tensor:
+        """The masked tensors' element counts, on the device."""
+        return self._sizes_t[:len(self.mask_names)]
 
-    def sample(self, generator: torch.Generator) -> MaskSample:
+    def tensor_means(self, m: torch.Tensor) -> torch.Tensor:
+        """The mean of a flat mask over each masked tensor: one value per tensor."""
+        return torch.stack([part.mean() for part in m.split(self.sizes[:len(self.mask_names)])])
+
+    def per_tensor_mean(self, m: torch.Tensor) -> torch.Tensor:
+        """Each element's tensor's mean, as a flat vector beside ``m``."""
+        k = len(self.mask_names)
+        return self.tensor_means(m).repeat_interleave(self._sizes_t[:k], output_size=self.masked_total)
+
+    def sample(self, generator: torch.Generator) -> Draw:
         """A RelaxedBernoulli(temperature, logits) draw, reparameterised so gradients reach
         the logits, each tensor divided by its mean. ``generator`` lives on the logits'
         device (drawing a model's worth of noise on the CPU would dominate a GPU step)."""
         x = self.logit_flat
         u = torch.rand(x.shape, generator=generator, device=x.device)
         u = u.clamp_(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps)
-        m = torch.sigmoid((x + (u.log() - (-u).log1p())) / self.temperature)
-        m = m / self._per_tensor_mean(m).clamp_min(torch.finfo(m.dtype).tiny)
-        return MaskSample(self._views(m, masked_only=True), m)
+        return Draw(self, u.log() - (-u).log1p())
 
     def draw_bits(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """One Bernoulli(σ(logit)) draw per element: fusion_bench's ``discrete``
@@ -151,7 +191,7 @@ class Merger(nn.Module):
         x = self.logit_flat.detach()
         u = torch.rand(x.shape, generator=generator, device=x.device)
         bits = (u < torch.sigmoid(x)).to(torch.float32)
-        return {n: v.clone() for n, v in self._views(bits, masked_only=True).items()}
+        return {n: v.clone() for n, v in self.views(bits, masked_only=True).items()}
 
     def draw_relaxed(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """One RelaxedBernoulli(temperature, logit) draw per element, values in [0, 1]
@@ -161,7 +201,7 @@ class Merger(nn.Module):
         u = torch.rand(x.shape, generator=generator, device=x.device)
         u = u.clamp_(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps)
         m = torch.sigmoid((x + (u.log() - (-u).log1p())) / self.temperature)
-        return {n: v.clone() for n, v in self._views(m, masked_only=True).items()}
+        return {n: v.clone() for n, v in self.views(m, masked_only=True).items()}
 
     def draw_final(self, kind: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The mask folded into the saved model: ``relaxed`` (the reference's default)
@@ -171,38 +211,130 @@ class Merger(nn.Module):
         return self.draw_relaxed(generator) if kind == "relaxed" else self.draw_bits(generator)
 
     def logits_dict(self) -> dict[str, torch.Tensor]:
-        return {n: v.detach() for n, v in self._views(self.logit_flat, masked_only=True).items()}
+        return {n: v.detach() for n, v in self.views(self.logit_flat, masked_only=True).items()}
 
     # -- the merged parameters ------------------------------------------------------------
-    def _delta(self) -> torch.Tensor:
-        """Σᵢ wᵢτᵢ over the flat vector, in task order (differentiable in w)."""
+    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+        """Σᵢ wᵢτᵢ over the flat vector, in task order (no graph: the merge's autograd
+        node differentiates it)."""
         if self.mode == "fixed" and self._fixed_delta is not None:
             return self._fixed_delta
-        w = self.weights.clamp(0, 1) if self.clamp else self.weights
+        if self.tv_flat is None:
+            raise ZooError("this merge let go of its task vectors (release_task_vectors); it cannot re-weight them")
+        w = w.detach()
+        w = w.clamp(0, 1) if self.clamp else w
         acc = None
         for i, tv in enumerate(self.tv_flat):
             wi = w[i, 0] if w.shape[1] == 1 else w[i].repeat_interleave(self._sizes_t, output_size=self.total)
             term = tv * wi
-            acc = term if acc is None else acc + term
+            acc = term if acc is None else acc.add_(term)
+            del term, wi
+        assert acc is not None
         if self.mode == "fixed":
-            self._fixed_delta = acc.detach()
+            self._fixed_delta = acc
         return acc
 
-    def merged(self, mask: MaskSample | None = None) -> dict[str, torch.Tensor]:
-        """θ₀ + m ⊙ Σᵢ wᵢτᵢ for every merged tensor (differentiable in w and the logits)."""
-        delta = self._delta()
-        if mask is not None and self.mask_names:
-            m = mask.flat if mask.flat is not None else \
-                torch.cat([mask.values[n].reshape(-1) for n in self.mask_names]).to(delta.device)
-            k = self.masked_total
-            flat = torch.cat([self.base_flat[:k] + delta[:k] * m, self.base_flat[k:] + delta[k:]])
+    def weights_grad(self, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """d/dw of Σᵢ wᵢτᵢ against the gradient ``g`` of the flat sum: per task (and
+        tensor, layer-wise) the sum of g ⊙ τᵢ; zero outside [0, 1] when clamped."""
+        assert self.tv_flat is not None
+        if w.shape[1] == 1:
+            grad = torch.stack([(g * tv).sum() for tv in self.tv_flat]).unsqueeze(1)
         else:
-            flat = self.base_flat + delta
-        return self._views(flat)
+            grad = torch.stack([torch.segment_reduce(g * tv, "sum", lengths=self._sizes_t) for tv in self.tv_flat])
+        if self.clamp:
+            grad = grad * ((w >= 0) & (w <= 1))
+        return grad.to(w.dtype)
+
+    def release_task_vectors(self) -> None:
+        """Fixed coefficients: keep Σᵢ wᵢτᵢ, let go of the task vectors themselves (at
+        ViT-B/32 size and 8 tasks, 2.8 GB)."""
+        if self.mode != "fixed":
+            raise ZooError("only fixed coefficients can let go of the task vectors")
+        self.weighted_sum(self.weights)
+        self.tv_flat = None
+
+    def merged(self, mask: Mask | None = None) -> dict[str, torch.Tensor]:
+        """θ₀ + m ⊙ Σᵢ wᵢτᵢ for every merged tensor (differentiable in w and the logits)."""
+        if mask is None or not self.mask_names:
+            return self.views(_Merge.apply(self.weights, None, None, None, self))
+        if isinstance(mask, Draw):
+            logits = self.logit_flat.detach() if mask.detached else self.logit_flat
+            return self.views(_Merge.apply(self.weights, logits, mask.noise, None, self))
+        m = mask.flat if mask.flat is not None else \
+            torch.cat([mask.values[n].reshape(-1) for n in self.mask_names]).to(self.base_flat.device)
+        if not m.requires_grad:
+            return self.views(_Merge.apply(self.weights, None, None, m, self))
+        # a mask that carries its own graph: autograd through the plain chain
+        delta = _Differentiable.apply(self.weights, self)
+        k = self.masked_total
+        return self.views(torch.cat([self.base_flat[:k] + delta[:k] * m, self.base_flat[k:] + delta[k:]]))
 
     def coefficients_list(self) -> list[list[float]]:
         """[task][tensor] coefficients, tensors in the merger's name order (``names``)."""
         return self.coefficient_matrix().detach().cpu().tolist()
+
+
+class _Merge(torch.autograd.Function):
+    """θ = θ₀ + m ⊙ Σᵢ wᵢτᵢ as one node, m either σ((logits + noise)/T) rescaled by its
+    per-tensor mean, or a given mask without a graph (none: unmasked). The forward is the
+    plain chain's arithmetic, op for op; the backward keeps only σ and Σᵢ wᵢτᵢ.
+
+    With s = σ(z), z = (x + noise)/T, μⱼ = mean of s over tensor j (nⱼ elements) and
+    m = s/μⱼ: ∂L/∂s = gₘ/μⱼ − Σⱼ(gₘ·s)/(μⱼ²·nⱼ) with gₘ = g ⊙ Σᵢ wᵢτᵢ, and
+    ∂L/∂x = ∂L/∂s · s(1 − s)/T."""
+
+    @staticmethod
+    def forward(ctx, weights, logits, noise, given, merger):  # noqa: D401
+        delta = merger.weighted_sum(weights)
+        base, k = merger.base_flat, merger.masked_total
+        s = m = None
+        if noise is not None:
+            s = torch.sigmoid((logits + noise) / merger.temperature)
+            m = s / merger.per_tensor_mean(s).clamp_min(torch.finfo(s.dtype).tiny)
+        elif given is not None:
+            m = given
+        flat = base + delta if m is None else torch.cat([base[:k] + delta[:k] * m, base[k:] + delta[k:]])
+        # the coefficients as merged (a stage-1 reset may change them before the backward)
+        ctx.merger, ctx.delta, ctx.s, ctx.given, ctx.w = merger, delta, s, given, weights.detach().clone()
+        return flat
+
+    @staticmethod
+    def backward(ctx, g):
+        merger, delta, s, given = ctx.merger, ctx.delta, ctx.s, ctx.given
+        k = merger.masked_total
+        sizes = merger.mask_sizes
+        means = mean = None
+        if s is not None:  # recomputed, as in the forward
+            means = merger.tensor_means(s).clamp_min(torch.finfo(s.dtype).tiny)
+            mean = means.repeat_interleave(sizes, output_size=k)
+        m = s / mean if s is not None else given
+        grad_w = grad_x = None
+        if ctx.needs_input_grad[0]:
+            gd = g if m is None else torch.cat([g[:k] * m, g[k:]])
+            grad_w = merger.weights_grad(gd, ctx.w)
+            del gd
+        if ctx.needs_input_grad[1]:
+            assert s is not None and mean is not None and means is not None
+            gm = g[:k] * delta[:k]
+            dot = torch.segment_reduce(gm * s, "sum", lengths=sizes)
+            correction = (dot / (means * means * sizes)).repeat_interleave(sizes, output_size=k)
+            grad_x = (gm / mean - correction) * s * (1 - s) / merger.temperature
+        return grad_w, grad_x, None, None, None
+
+
+class _Differentiable(torch.autograd.Function):
+    """Σᵢ wᵢτᵢ differentiable in w, for a mask that carries its own graph."""
+
+    @staticmethod
+    def forward(ctx, weights, merger):
+        ctx.merger, ctx.w = merger, weights.detach().clone()
+        return merger.weighted_sum(weights).clone() if merger.mode == "fixed" else merger.weighted_sum(weights)
+
+    @staticmethod
+    def backward(ctx, g):
+        merger = ctx.merger
+        return (merger.weights_grad(g, ctx.w) if ctx.needs_input_grad[0] else None), None
 
 
 # -- packing the final mask for the lineage ---------------------------------------------------
@@ -222,6 +354,20 @@ def unpack_mask(packed: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ..
 def rescale(mask: dict[str, torch.Tensor]) -> MaskSample:
     """A mask draw (binary or relaxed) divided by its per-tensor mean, as applied to the merge."""
     return MaskSample({n: m / m.mean().clamp_min(torch.finfo(torch.float32).tiny) for n, m in mask.items()})
+
+
+def mask_stats(logits: dict[str, torch.Tensor]) -> dict[str, float]:
+    """How much of a learned mask is a subspace, over every masked element with keep
+    probability p = σ(logit): ``above_half``, the fraction with p > ½ (what a draw keeps
+    more often than not); ``binariness``, mean |2p − 1| (0: every p at ½, a soft
+    re-weighting; 1: every p at 0 or 1, a fixed subspace); ``mean_keep``, mean p; and
+    ``mean_abs_logit``."""
+    x = torch.cat([v.detach().reshape(-1).float().cpu() for v in logits.values()])
+    if x.numel() == 0:
+        return {"above_half": 0.0, "binariness": 0.0, "mean_keep": 0.0, "mean_abs_logit": 0.0}
+    p = torch.sigmoid(x)
+    return {"above_half": float((p > 0.5).float().mean()), "binariness": float((2 * p - 1).abs().mean()),
+            "mean_keep": float(p.mean()), "mean_abs_logit": float(x.abs().mean())}
 
 
 def is_binary(mask: dict[str, torch.Tensor]) -> bool:

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from zoo.errors import ZooError
 
-from zoo.merge.learned.merger import MaskSample, Merger, rescale
-from zoo.merge.learned.train import Forward, Report, Result, TaskData
+from zoo.merge.learned.merger import Mask, MaskSample, Merger, rescale
+from zoo.merge.learned.train import LOG_EVERY, Forward, Report, Result, TaskData, forward_all
 
 # teacher(batch of inputs) -> logits; each task has its own (its expert, or a named teacher)
 Teacher = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -249,7 +249,7 @@ class Student:
     mask_bits: dict[str, torch.Tensor] | None
     offsets: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def params(self, mask: MaskSample | None = None) -> dict[str, torch.Tensor]:
+    def params(self, mask: Mask | None = None) -> dict[str, torch.Tensor]:
         merged = self.merger.merged(mask if mask is not None else self.mask)
         for n, d in self.offsets.items():
             merged[n] = merged[n] + d
@@ -334,14 +334,19 @@ def distill(merger: Merger, forward: Forward, teachers: list[TeacherFactory], da
             break
         cycles = {t: (_Cycle(selections[t].parity.nonzero().squeeze(1).cpu(), s.batch_size, gen),
                       _Cycle(selections[t].agreeing.nonzero().squeeze(1).cpu(), s.batch_size, gen)) for t in active}
+        pending: list[torch.Tensor] = []  # losses not yet read back from the device
         for step in range(s.steps):
-            value = _step(student, forward, annotations, data, cycles, s, opt, noise, device)
-            if not math.isfinite(value):
-                raise ZooError(f"the parity loss became {value} at round {r + 1}, step {step + 1}; nothing was "
-                               "written. Try a lower lr")
+            pending.append(_step(student, forward, annotations, data, cycles, s, opt, noise, device))
             done += 1
-            history.append({"round": r + 1, "step": done, "loss": value})
-            report(done, total, value, done / max(time.perf_counter() - t0, 1e-9))
+            if step == 0 or (step + 1) % LOG_EVERY == 0 or step + 1 == s.steps:
+                first = step + 1 - len(pending)
+                for i, value in enumerate(torch.stack(pending).tolist()):
+                    if not math.isfinite(value):
+                        raise ZooError(f"the parity loss became {value} at round {r + 1}, step {first + i + 1}; "
+                                       "nothing was written. Try a lower lr")
+                    history.append({"round": r + 1, "step": done - len(pending) + i + 1, "loss": value})
+                pending = []
+                report(done, total, history[-1]["loss"], done / max(time.perf_counter() - t0, 1e-9))
         if "mask" in s.train:  # the current model: one binary draw of the learned mask
             student.mask_bits = merger.draw_bits(noise)
             student.mask = rescale(student.mask_bits)
@@ -394,25 +399,29 @@ def _trainable(student: Student, s: ParitySettings, device) -> list[torch.Tensor
 
 def _step(student: Student, forward: Forward, annotations: list[Annotation], data: list[TaskData],
           cycles: dict[int, tuple[_Cycle, _Cycle]], s: ParitySettings, opt: torch.optim.Optimizer,
-          noise: torch.Generator, device) -> float:
-    """One Adam step on every active task's parity batch (and agreeing batch); the loss."""
+          noise: torch.Generator, device) -> torch.Tensor:
+    """One Adam step on every active task's parity batch (and agreeing batch), the body
+    run once over all of them; the loss, left on the device (a step with a loss that is
+    not finite moves the merge too, but the caller stops at the next read-back)."""
     params = student.params(student.merger.sample(noise) if "mask" in s.train else None)
-    loss = None
+    tasks, batches, picked = [], [], []
     for t, (parity, agreeing) in cycles.items():
         par = parity.next()
         idx = torch.cat([par, agreeing.next() if s.agree_weight > 0 else par[:0]])
-        batch = {k: v[idx].to(device) for k, v in data[t].inputs.items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16) if s.autocast else nullcontext():
-            logits = forward(t, params, batch)
-        term = parity_loss(logits, annotations[t].logits[idx.to(device)], len(par), s)
+        tasks.append(t)
+        batches.append({k: v[idx].to(device) for k, v in data[t].inputs.items()})
+        picked.append((idx, len(par)))
+    with torch.autocast("cuda", dtype=torch.bfloat16) if s.autocast else nullcontext():
+        logits = forward_all(forward, params, batches, tasks)
+    loss = None
+    for t, out, (idx, n_parity) in zip(tasks, logits, picked):
+        term = parity_loss(out, annotations[t].logits[idx.to(device)], n_parity, s)
         loss = term if loss is None else loss + term
     assert loss is not None
-    value = float(loss.detach())
-    if math.isfinite(value):
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return value
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
 
 
 @torch.no_grad()

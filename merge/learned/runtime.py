@@ -94,13 +94,108 @@ def _folder(ckpt: Checkpoint) -> Path | None:
     return files[0].parent if files else None
 
 
-def make_forward(body: Body, heads: list[dict[str, torch.Tensor]]) -> Forward:
+class ModelForward:
     """forward(task, merged body, batch) = the module with the merged body and task's
-    head (all named as in the checkpoint)."""
-    heads = [body.rename(h) for h in heads]
+    head (all named as in the checkpoint).
 
-    def forward(task: int, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = functional_call(body.module, {**body.rename(params), **heads[task]}, args=(), kwargs=batch,
-                              strict=False)
-        return out.logits if hasattr(out, "logits") else out[0]
-    return forward
+    ``all(params, batches)`` runs the body once over every task's batch together and
+    each task's head on its own rows: one pass instead of one per task, the same
+    logits up to float rounding (a batched matmul may sum in another order). It works
+    where the heads are one submodule whose output is the model's logits, called once
+    with the batch first (a classifier on pooled features); elsewhere it returns None
+    and the caller runs the tasks one by one."""
+
+    def __init__(self, body: Body, heads: list[dict[str, torch.Tensor]]):
+        self.body = body
+        self.heads = [body.rename(h) for h in heads]
+        self.head_name = _head_module(body.module, self.heads)
+        self.shared = self.head_name is not None or not any(self.heads)
+
+    def __call__(self, task: int, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = functional_call(self.body.module, {**self.body.rename(params), **self.heads[task]}, args=(),
+                              kwargs=batch, strict=False)
+        return _logits(out)
+
+    def all(self, params: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]],
+            tasks: list[int] | None = None) -> list[torch.Tensor] | None:
+        """Task ``tasks[i]``'s logits on ``batches[i]`` (tasks: 0, 1, ... by default)."""
+        tasks = list(range(len(batches))) if tasks is None else tasks
+        if not self.shared or not _stackable(batches):
+            return None
+        sizes = [len(next(iter(b.values()))) for b in batches]
+        joint = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        renamed = self.body.rename(params)
+        if self.head_name is None:  # no heads: one model for every task
+            out = _logits(functional_call(self.body.module, renamed, args=(), kwargs=joint, strict=False))
+            return list(out.split(sizes))
+        head = self.body.module.get_submodule(self.head_name)
+        prefix = self.head_name + "."
+        per_task = [{n[len(prefix):]: t for n, t in self.heads[i].items()} for i in tasks]
+        seen: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        busy = [False]
+
+        def split_heads(module, args, kwargs, output):
+            if busy[0]:
+                return None
+            if seen or not args or not isinstance(args[0], torch.Tensor) or args[0].shape[0] != sum(sizes):
+                seen.append((output, []))  # not the one call on the joint batch: give up below
+                return None
+            busy[0] = True
+            try:
+                outs = [functional_call(module, per_task[t], args=(chunk, *args[1:]), kwargs=kwargs, strict=False)
+                        for t, chunk in enumerate(args[0].split(sizes))]
+            finally:
+                busy[0] = False
+            seen.append((output, outs))
+            return None
+
+        handle = head.register_forward_hook(split_heads, with_kwargs=True)
+        try:
+            out = functional_call(self.body.module, renamed, args=(), kwargs=joint, strict=False)
+        finally:
+            handle.remove()
+        # the heads' outputs are the logits only if the model returned the head's output as is
+        if len(seen) != 1 or not seen[0][1] or _logits(out) is not seen[0][0]:
+            self.shared = False
+            return None
+        return seen[0][1]
+
+
+def make_forward(body: Body, heads: list[dict[str, torch.Tensor]]) -> ModelForward:
+    """forward(task, merged body, batch): the module with the merged body and task's head."""
+    return ModelForward(body, heads)
+
+
+def _logits(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _head_module(module: nn.Module, heads: list[dict[str, torch.Tensor]]) -> str | None:
+    """The one submodule every task's head tensors belong to, with the same tensor names
+    in each head and all of that submodule's parameters; None otherwise."""
+    if not heads or not all(heads):
+        return None
+    names = set(heads[0])
+    if any(set(h) != names for h in heads):
+        return None
+    paths = [n.split(".")[:-1] for n in names]
+    common = paths[0]
+    for p in paths[1:]:
+        while p[:len(common)] != common:
+            common = common[:-1]
+    if not common:
+        return None
+    owner = ".".join(common)
+    try:
+        sub = module.get_submodule(owner)
+    except AttributeError:
+        return None
+    own = {f"{owner}.{n}" for n, _ in sub.named_parameters()}
+    return owner if own == names else None
+
+
+def _stackable(batches: list[dict[str, torch.Tensor]]) -> bool:
+    """Whether the batches concatenate: the same inputs, the same shapes but the first."""
+    first = batches[0]
+    return all(set(b) == set(first) and all(b[k].shape[1:] == first[k].shape[1:] and b[k].dtype == first[k].dtype
+                                            and b[k].device == first[k].device for k in first) for b in batches)

@@ -21,13 +21,28 @@ import torch
 
 from zoo.errors import ZooError
 
-from zoo.merge.learned.merger import MaskSample, Merger
+from zoo.merge.learned.merger import Mask, Merger
 from zoo.merge.learned.objectives import cross_entropy, entropy, supervised
 
-# forward(task index, merged parameters, batch of model inputs) -> logits
+# forward(task index, merged parameters, batch of model inputs) -> logits. A forward may
+# also have ``all(params, batches, tasks) -> [logits per batch] | None``: the shared body
+# run once over every task's batch together (``merge.learned.runtime``); None where it
+# cannot be.
 Forward = Callable[[int, dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
 # report(step, total steps, loss, steps per second)
 Report = Callable[[int, int, float, float], None]
+# the loss is read back from the device (a synchronisation) every this many steps
+LOG_EVERY = 10
+
+
+def forward_all(forward: Forward, params: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]],
+                tasks: list[int] | None = None) -> list[torch.Tensor]:
+    """Task ``tasks[i]``'s logits on ``batches[i]`` (tasks 0, 1, ... by default): one
+    pass over all of them where ``forward`` can, else one pass per task."""
+    tasks = list(range(len(batches))) if tasks is None else tasks
+    shared = getattr(forward, "all", None)
+    out = shared(params, batches, tasks) if shared is not None and len(batches) > 1 else None
+    return out if out is not None else [forward(t, params, b) for t, b in zip(tasks, batches)]
 
 
 @dataclass
@@ -129,21 +144,22 @@ def validate(data: list[TaskData], objective: str, batch_size: int) -> None:
 
 def _loss(merger_params: dict[str, torch.Tensor], forward: Forward, batches: Batches, objective: str,
           autocast: bool) -> torch.Tensor:
-    """Σ over tasks of the objective on one batch each."""
+    """Σ over tasks of the objective on one batch each (one body pass where the forward
+    shares it)."""
+    drawn = [batches.next(t) for t in range(len(batches.data))]
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
+    with ctx:
+        logits = forward_all(forward, merger_params, [inputs for inputs, _ in drawn])
     total = None
-    for t in range(len(batches.data)):
-        inputs, labels = batches.next(t)
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
-        with ctx:
-            logits = forward(t, merger_params, inputs)
-        loss = cross_entropy(logits, labels) if supervised(objective) else entropy(logits)
+    for out, (_, labels) in zip(logits, drawn):
+        loss = cross_entropy(out, labels) if supervised(objective) else entropy(out)
         total = loss if total is None else total + loss
     assert total is not None
     return total
 
 
-def _check(loss: torch.Tensor, step: int, what: str) -> float:
-    value = float(loss.detach())
+def _check(loss: torch.Tensor | float, step: int, what: str) -> float:
+    value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
     if not math.isfinite(value):
         raise ZooError(f"the {what} loss became {value} at step {step}; nothing was written. "
                        "Try a lower lr, objective ce, or fewer masked tensors")
@@ -169,21 +185,44 @@ class Loop:
         self.history: list[dict[str, float]] = []
         self.t0 = time.perf_counter()
         self.done = 0
+        # steps whose loss is still on the device: (step, total, loss, extra)
+        self.pending: list[tuple[int, int, torch.Tensor, dict[str, float]]] = []
+
+    def objective(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ over tasks of the objective on one batch each, left on the device."""
+        return _loss(params, self.forward, self.batches, self.s.objective, self.s.autocast)
 
     def loss(self, params: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, float]:
-        """Σ over tasks of the objective on one batch each, and its value (a one-line
-        error where it is not finite)."""
-        loss = _loss(params, self.forward, self.batches, self.s.objective, self.s.autocast)
+        """The objective and its value (a one-line error where it is not finite). Reading
+        the value waits for the device: the loops use ``objective`` and ``tick``."""
+        loss = self.objective(params)
         return loss, _check(loss, step, self.s.objective)
 
-    def tick(self, step: int, total: int, loss: float, **extra: float) -> None:
+    def tick(self, step: int, total: int, loss: torch.Tensor, **extra: float) -> None:
+        """Record a step's loss. It is read back (and checked finite) every ``LOG_EVERY``
+        steps and at the last, not every step: reading it waits for the device."""
         self.done += 1
-        self.history.append({"step": step, "loss": loss, **extra})
-        self.report(step, total, loss, self.done / max(time.perf_counter() - self.t0, 1e-9))
+        self.pending.append((step, total, loss.detach(), extra))
+        if step == 1 or step % LOG_EVERY == 0 or step == total:
+            self.flush()
 
-    def result(self, final_mask: MaskSample | None = None,
+    def flush(self) -> None:
+        """Read back the pending losses in one transfer; a one-line error at the first
+        that is not finite (nothing has been written)."""
+        if not self.pending:
+            return
+        values = torch.stack([x.float().reshape(()) for _, _, x, _ in self.pending]).tolist()
+        for (step, _, _, extra), value in zip(self.pending, values):
+            _check(value, step, self.s.objective)
+            self.history.append({"step": step, "loss": value, **extra})
+        step, total = self.pending[-1][:2]
+        self.pending = []
+        self.report(step, total, values[-1], self.done / max(time.perf_counter() - self.t0, 1e-9))
+
+    def result(self, final_mask: Mask | None = None,
                mask_bits: dict[str, torch.Tensor] | None = None) -> Result:
         """The merge after the loop (with ``final_mask`` applied), checked finite."""
+        self.flush()
         seconds = time.perf_counter() - self.t0
         merger = self.merger
         with torch.no_grad():
@@ -234,4 +273,13 @@ def calibrated(forward: Forward, merger: Merger, data: list[TaskData]) -> tuple[
 
     def scaled(task: int, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return forward(task, params, batch) / temps[task]
+
+    shared = getattr(forward, "all", None)
+    if shared is not None:  # keep the one body pass over every task's batch
+        def scaled_all(params: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]],
+                       tasks: list[int] | None = None) -> list[torch.Tensor] | None:
+            tasks = list(range(len(batches))) if tasks is None else tasks
+            out = shared(params, batches, tasks)
+            return None if out is None else [x / temps[t] for t, x in zip(tasks, out)]
+        scaled.all = scaled_all  # type: ignore[attr-defined]
     return scaled, temps

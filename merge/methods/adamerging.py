@@ -57,11 +57,11 @@ class AdaMerging(LearnedMethod):
         loop = Loop(merger, forward, data, s, report)
         opt = adam([merger.weights], s.lr)
         for step in range(1, s.steps + 1):
-            loss, value = loop.loss(merger.merged(), step)
+            loss = loop.objective(merger.merged())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loop.tick(step, s.steps, value)
+            loop.tick(step, s.steps, loss)
         return loop.result()
 
 

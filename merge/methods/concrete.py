@@ -4,7 +4,7 @@ then AdaMerging inside the frozen mask (Concrete AdaMerging)."""
 
 from __future__ import annotations
 
-from zoo.merge.learned.merger import FINAL_MASKS, MaskSample, rescale
+from zoo.merge.learned.merger import FINAL_MASKS, mask_stats, rescale
 from zoo.merge.learned.train import Loop, adam
 from zoo.merge.methods.base import register
 from zoo.merge.methods.learned import COEF, COMMON, MASK, LearnedMethod
@@ -31,6 +31,15 @@ class ConcreteMethod(LearnedMethod):
     def start_directions(self, source):
         return source.task_vectors, self.option(source.global_parameters, "mask")
 
+    def learn(self, inputs):
+        result, used = super().learn(inputs)
+        if result.mask_logits:  # is the learned mask a subspace, or a soft re-weighting?
+            stats = used["mask_stats"] = {k: round(v, 6) for k, v in mask_stats(result.mask_logits).items()}
+            if inputs.log is not None:
+                inputs.log(f"mask: {100 * stats['above_half']:.1f}% of entries above ½ (keep probability), "
+                           f"binariness {stats['binariness']:.3f} (0: a soft re-weighting, 1: a fixed subspace)")
+        return result, used
+
     def recorded(self, options, s):
         # which draw the saved model folds in (the mask artifact holds that very draw)
         out = {"final_mask": s.final_mask}
@@ -50,13 +59,14 @@ class ConcreteTA(ConcreteMethod):
 
     def fit(self, merger, forward, data, s, report=None):
         loop = Loop(merger, forward, data, s, report)
+        merger.release_task_vectors()  # the coefficients are fixed: Σᵢ λτᵢ is all the merge needs
         opt = adam([merger.logit_flat], s.lr)
         for step in range(1, s.steps + 1):
-            loss, value = loop.loss(merger.merged(merger.sample(loop.noise)), step)
+            loss = loop.objective(merger.merged(merger.sample(loop.noise)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loop.tick(step, s.steps, value)
+            loop.tick(step, s.steps, loss)
         drawn = merger.draw_final(s.final_mask or "relaxed", loop.noise)
         return loop.result(rescale(drawn), drawn)
 
@@ -95,28 +105,27 @@ class ConcreteAdaMerging(ConcreteMethod):
             if order == "reset_first":
                 merger.reset_coefficients()
             sample = merger.sample(loop.noise)
-            detached = MaskSample({n: v.detach() for n, v in sample.values.items()})
-            loss_w, _ = loop.loss(merger.merged(detached), step)
+            loss_w = loop.objective(merger.merged(sample.detach()))
             inner.zero_grad(set_to_none=True)
             loss_w.backward()
             if order == "reference":
                 merger.reset_coefficients()
             inner.step()
-            loss_m, value = loop.loss(merger.merged(sample), step)
+            loss_m = loop.objective(merger.merged(sample))
             outer.zero_grad(set_to_none=True)
             merger.weights.grad = None
             loss_m.backward()
             outer.step()
-            loop.tick(step, total, value, stage=1)
+            loop.tick(step, total, loss_m, stage=1)
         # Stage 2: freeze one mask draw; AdaMerging inside it from the initial coefficients.
         drawn = merger.draw_final(s.final_mask or "relaxed", loop.noise)
         final_mask = rescale(drawn)
         merger.reset_coefficients()
         opt = adam([merger.weights], s.lr)
         for step in range(s.steps + 1, total + 1):
-            loss, value = loop.loss(merger.merged(final_mask), step)
+            loss = loop.objective(merger.merged(final_mask))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loop.tick(step, total, value, stage=2)
+            loop.tick(step, total, loss, stage=2)
         return loop.result(final_mask, drawn)

@@ -88,5 +88,7 @@ def mask_report(registry: Registry, name: str, experts: dict[str, str], draws: i
     fresh = [average(merger.draw_final(kind, torch.Generator().manual_seed(seed + i))) for i in range(draws)]
     mean = sum(fresh) / len(fresh)
     std = (sum((a - mean) ** 2 for a in fresh) / max(len(fresh) - 1, 1)) ** 0.5
-    return {"model": info["ref"], "final_mask": kind, **mask_stats(start.mask_logits or {}), "saved_avg": saved,
+    # the lineage's statistics (from the exact logits; above ½ and binariness) where it has them
+    return {"model": info["ref"], "final_mask": kind, **mask_stats(start.mask_logits or {}),
+            **(learned.get("mask_stats") or {}), "saved_avg": saved,
             "draw_avgs": fresh, "draw_mean": mean, "draw_std": std, "draw_range": max(fresh) - min(fresh)}
