@@ -35,7 +35,7 @@ from zoo.checkpoints.prompts import read_prompts
 from zoo.demo.llm_zoo import LLM_FULL, LLM_BUILD_THREADS, exact_match, llm_zoo
 from zoo.merge.state_dicts import task_arithmetic, ties
 
-LAMBDAS = [round(0.1 * i, 1) for i in range(1, 11)]
+LAMBDAS = [0.05] + [round(0.1 * i, 1) for i in range(1, 11)]
 NAME = "llm_demo_feasibility"
 
 

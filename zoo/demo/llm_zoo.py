@@ -55,9 +55,10 @@ class LlmDemoConfig:
     expert_lr: float = 1e-3
     batch_size: int = 64
     seed: int = 0
-    tasks: tuple[str, ...] = ("add", "rev", "sort", "caesar", "upper")
-    # share of the base's pre-training batches given to each task (default: equal)
-    base_mix: tuple[float, ...] | None = None
+    tasks: tuple[str, ...] = ("sort", "count", "upper", "rev", "caesar")
+    # Relative share of the base's pre-training batches per task (None: equal). Less of
+    # the first three leaves the base weak on them, so every expert has something to add.
+    base_mix: tuple[float, ...] | None = (0.3, 0.3, 0.3, 1.0, 1.0)
     pool_size: int = 256
     val_size: int = 128
     test_size: int = 256
@@ -76,7 +77,7 @@ LLM_FULL = LlmDemoConfig()
 # For tests: the same pipeline, small enough to build in seconds.
 LLM_QUICK = LlmDemoConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, base_steps=40,
                           expert_steps=15, batch_size=32, tasks=("add", "rev", "upper"),
-                          pool_size=16, val_size=16, test_size=16)
+                          base_mix=None, pool_size=16, val_size=16, test_size=16)
 
 
 def llm_build_environment() -> dict[str, Any]:
@@ -258,6 +259,8 @@ def _build(cfg: LlmDemoConfig, out: Path, log: Callable[[str], None]) -> LlmBuil
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown LLM demo task(s) {unknown}; known: {', '.join(TASKS)}")
+    if cfg.base_mix is not None and len(cfg.base_mix) != len(cfg.tasks):
+        raise ValueError(f"base_mix has {len(cfg.base_mix)} shares for {len(cfg.tasks)} tasks")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
