@@ -49,9 +49,45 @@ def test_splits_are_disjoint_and_answers_right(zoo_folder: Path) -> None:
     assert all(r.answer == r.prompt[4:-1][::-1] for r in rows)
 
 
-def test_same_seed_same_bytes(zoo_folder: Path, tmp_path: Path) -> None:
-    again = build_llm_zoo(LLM_QUICK, tmp_path / "again", log=lambda _: None).folder
+def test_same_seed_same_bytes_whatever_the_callers_threads(zoo_folder: Path, tmp_path: Path) -> None:
+    """The build runs on its own fixed thread setting with deterministic algorithms, so a
+    caller's thread count changes no byte, and the caller's settings come back after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        again = build_llm_zoo(LLM_QUICK, tmp_path / "again", log=lambda _: None).folder
+        assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(before)
     assert _digest(again) == _digest(zoo_folder)
+
+
+def test_cache_key_holds_config_threads_and_versions(monkeypatch) -> None:
+    import dataclasses
+
+    from zoo.demo import llm_zoo as mod
+
+    key = LLM_QUICK.key()
+    assert dataclasses.replace(LLM_QUICK, seed=1).key() != key
+    monkeypatch.setattr(mod, "LLM_BUILD_THREADS", 2)
+    assert LLM_QUICK.key() != key
+    monkeypatch.setattr(mod, "LLM_BUILD_THREADS", 1)
+    env = mod.llm_build_environment()
+    assert set(env["versions"]) >= {"torch", "transformers", "tokenizers", "safetensors"}
+    monkeypatch.setattr(mod, "llm_build_environment", lambda: {**env, "versions": {**env["versions"], "torch": "0"}})
+    assert LLM_QUICK.key() != key
+
+
+def test_bad_config_is_refused(tmp_path: Path) -> None:
+    import dataclasses
+
+    with pytest.raises(ValueError, match="unknown LLM demo task"):
+        build_llm_zoo(dataclasses.replace(LLM_QUICK, tasks=("nope",)), tmp_path / "x", log=lambda _: None)
+    with pytest.raises(ValueError, match="base_mix has 2 shares for 3 tasks"):
+        build_llm_zoo(dataclasses.replace(LLM_QUICK, base_mix=(1.0, 1.0)), tmp_path / "y", log=lambda _: None)
+    assert not any(tmp_path.iterdir())  # nothing left behind
 
 
 def test_cache_is_reused(zoo_folder: Path) -> None:
