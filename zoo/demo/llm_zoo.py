@@ -4,7 +4,8 @@ A character-level Llama (random init, seeded) is pre-trained from scratch on a m
 text tasks with checkable answers (``zoo.demo.llm_tasks``), then fine-tuned into one
 expert per task. Every model is a standard Hugging Face folder (config.json,
 model.safetensors, a tokenizer ``transformers`` loads), and each task's prompts are
-JSONL splits (pool/val/test). The build is seeded, runs on fixed torch threads with
+JSONL splits (pool/val/test; every split keeps its reference answers, which a label-free
+method must ignore). The build is seeded, runs on fixed torch threads with
 deterministic algorithms, and is cached under a key of its config, the library
 versions and the thread setting, as the classifier demo is.
 
