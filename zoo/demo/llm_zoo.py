@@ -54,6 +54,8 @@ class LlmDemoConfig:
     base_lr: float = 3e-3
     expert_steps: int = 200
     expert_lr: float = 1e-3
+    # share of each expert's training prompts drawn from the base's mix (replay) instead of its task
+    expert_replay: float = 0.5
     batch_size: int = 64
     seed: int = 0
     tasks: tuple[str, ...] = ("sort", "count", "upper", "rev", "caesar")
@@ -289,7 +291,9 @@ def _build(cfg: LlmDemoConfig, out: Path, log: Callable[[str], None]) -> LlmBuil
             t0, c0 = time.perf_counter(), time.process_time()
             torch.manual_seed(cfg.seed + 1 + i)
             base.load_state_dict(base_state)
-            draw = _drawer([task], [1.0], cfg.batch_size, random.Random(f"{task}/{cfg.seed}"), excluded)
+            share = [(1.0 - cfg.expert_replay) * (t == task) + cfg.expert_replay * m / sum(mix)
+                     for t, m in zip(cfg.tasks, mix)]
+            draw = _drawer(cfg.tasks, share, cfg.batch_size, random.Random(f"{task}/{cfg.seed}"), excluded)
             rec.final_loss[task] = _train(base, draw, cfg.expert_steps, cfg.expert_lr, cfg.context)[-1]
             _save(base, tmp / "experts" / task, cfg)
             _timed(rec, task, t0, c0)
