@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from zoo.checkpoints.prompts import Prompt, PromptDataError, read_prompts, write_prompts
+from zoo.checkpoints.prompts import Prompt, read_prompts, write_prompts
+from zoo.errors import PromptDataError
 from zoo.demo import llm_tasks
 from zoo.demo.llm_zoo import LLM_QUICK, build_llm_zoo, encode, exact_match, greedy, llm_zoo
 

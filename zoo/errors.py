@@ -29,6 +29,10 @@ class CheckpointError(ZooError):
     """A checkpoint that cannot be read: missing, truncated, corrupt or pickled."""
 
 
+class PromptDataError(ZooError):
+    """A generative task file that cannot be used: unreadable, malformed, empty or too long."""
+
+
 class IncompatibleModels(ZooError):
     """Models that cannot be combined: shapes, vocabulary or layout differ."""
 

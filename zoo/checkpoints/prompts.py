@@ -13,13 +13,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from zoo.errors import ZooError
+from zoo.errors import PromptDataError
 
 FORMAT = "zoo-prompts-jsonl-v1"
-
-
-class PromptDataError(ZooError):
-    """A generative task file that cannot be used: unreadable, malformed, empty or too long."""
 
 
 @dataclass(frozen=True)
