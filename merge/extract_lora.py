@@ -287,6 +287,8 @@ def extract(expert: str, options: ExtractOptions, *, base: str | None = None, na
     if dest.registers and base_info is None:
         raise ZooError(f"registering an adapter needs its base in the registry; add {base} first "
                        "(zoo add --kind base), or write a folder with --out")
+    if expert_label == base_label or ckpt.path.resolve() == base_ckpt.path.resolve():
+        raise ZooError(f"{expert_label} is the base itself: its task vector is zero; name the fine-tuned expert")
     _check_pair(ckpt, base_ckpt, expert_label, base_label, head_patterns)
     plan = plan_extraction(ckpt, base_ckpt, options, head_patterns)
     if not plan.targets:
