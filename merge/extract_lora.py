@@ -167,9 +167,10 @@ def _ancestors(module: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-def plan_extraction(expert: Checkpoint, base: Checkpoint, options: ExtractOptions,
+def plan_extraction(expert: Checkpoint, options: ExtractOptions,
                     head_patterns: tuple[str, ...] = DEFAULT_HEAD_PATTERNS) -> ExtractionPlan:
-    """Sort the expert's tensors by mergekit's rules (see the module's docstring)."""
+    """Sort the expert's tensors by mergekit's rules (see the module's docstring); the
+    compatibility check against the base comes first (``extract``)."""
     by_module: dict[str, dict[str, str]] = {}
     for name in expert.tensors:
         module, leaf = _module(name)
@@ -290,7 +291,7 @@ def extract(expert: str, options: ExtractOptions, *, base: str | None = None, na
     if expert_label == base_label or ckpt.path.resolve() == base_ckpt.path.resolve():
         raise ZooError(f"{expert_label} is the base itself: its task vector is zero; name the fine-tuned expert")
     _check_pair(ckpt, base_ckpt, expert_label, base_label, head_patterns)
-    plan = plan_extraction(ckpt, base_ckpt, options, head_patterns)
+    plan = plan_extraction(ckpt, options, head_patterns)
     if not plan.targets:
         raise ZooError(f"no module of {expert_label} is left to decompose (check --include/--exclude)")
     dev = _device(device)

@@ -110,7 +110,7 @@ def test_plan_follows_mergekit_rules_on_a_vit(tmp_path):
     full rank, the expert's head saved as it is (its shape differs from the base's)."""
     base = vit(tmp_path / "base", 10, seed=0)
     expert = perturbed_expert(base, tmp_path / "e", 3, seed=5)
-    plan = plan_extraction(open_checkpoint(expert), open_checkpoint(base), ExtractOptions(rank=4))
+    plan = plan_extraction(open_checkpoint(expert), ExtractOptions(rank=4))
     targets = {t.module for t in plan.targets}
     assert "vit.encoder.layer.0.attention.attention.query" in targets
     assert "vit.encoder.layer.1.output.dense" in targets
@@ -119,8 +119,7 @@ def test_plan_follows_mergekit_rules_on_a_vit(tmp_path):
     assert "classifier.weight" in plan.saved and "vit.embeddings.cls_token" in plan.saved
     assert "vit.embeddings.patch_embeddings.projection.weight" in plan.saved
     assert all(n.endswith(".bias") and n[:-len(".bias")] in targets for n in plan.dropped)
-    skip = plan_extraction(open_checkpoint(expert), open_checkpoint(base),
-                           ExtractOptions(rank=4, skip_undecomposable=True))
+    skip = plan_extraction(open_checkpoint(expert), ExtractOptions(rank=4, skip_undecomposable=True))
     assert set(skip.save_keys) == {"classifier"}
     assert skip.dropped["vit.layernorm.weight"].startswith("skipped")
     info = extract(str(expert), ExtractOptions(rank=64), base=str(base), out=tmp_path / "ad", device="cpu")
@@ -129,13 +128,13 @@ def test_plan_follows_mergekit_rules_on_a_vit(tmp_path):
 
 def test_options_choose_and_shape_the_modules(family, tmp_path):
     base, expert = family
-    e, b = open_checkpoint(expert), open_checkpoint(base)
-    only_attn = plan_extraction(e, b, ExtractOptions(rank=4, include=("self_attn",), exclude=(r"\.o_proj",)))
+    e = open_checkpoint(expert)
+    only_attn = plan_extraction(e, ExtractOptions(rank=4, include=("self_attn",), exclude=(r"\.o_proj",)))
     assert {t.module.rsplit(".", 1)[1] for t in only_attn.targets} == {"q_proj", "k_proj", "v_proj"}
     assert only_attn.dropped["model.layers.0.mlp.up_proj.weight"] == "not chosen by --include/--exclude"
-    saved = plan_extraction(e, b, ExtractOptions(rank=4, save_modules=("up_proj",)))
+    saved = plan_extraction(e, ExtractOptions(rank=4, save_modules=("up_proj",)))
     assert "model.layers.1.mlp.up_proj.weight" in saved.saved and "up_proj" in saved.save_keys
-    embed = plan_extraction(e, b, ExtractOptions(rank=4, embed_lora=True))
+    embed = plan_extraction(e, ExtractOptions(rank=4, embed_lora=True))
     kinds = {t.module: t.embedding for t in embed.targets}
     assert kinds["model.embed_tokens"] is True and kinds["lm_head"] is False
     assert "embed_tokens" not in embed.save_keys
