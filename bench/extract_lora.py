@@ -124,8 +124,8 @@ def demo_part(reg: Registry, res, work: Path) -> dict:
 def mergekit_on_vit(mergekit: str, reg: Registry, res, work: Path) -> str | None:
     """mergekit's answer for one demo expert: None if it ran, else the last line of its error."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([mergekit, "--model", str(reg.model_dir(res.experts["parity"])), "--base-model",
-                          str(reg.model_dir(res.base)), "--out-path", str(work / "mk-vit"), "--max-rank", "16"],
+    run = subprocess.run([mergekit, "--model", str(res.cache / "experts" / "parity"), "--base-model",
+                          str(res.cache / "base"), "--out-path", str(work / "mk-vit"), "--max-rank", "16"],
                          capture_output=True, text=True, env=env)
     return None if run.returncode == 0 else run.stderr.strip().splitlines()[-1]
 
@@ -147,12 +147,21 @@ def timing_part(mergekit: str | None, medium: Path, work: Path, rank: int, inclu
         out["zoo_over_mergekit_wall"] = out["zoo"]["wall_s"] / out["mergekit"]["wall_s"]
         z, m = folder_tensors(work / "zoo-medium"), folder_tensors(work / "mk-medium")
         out["same_tensor_names"] = set(z) == set(m)
-        worst = 0.0
+        # each product against the exact rank-r truncation of the float32 task vector
+        # (mergekit subtracts in bf16; both round the factors to bf16)
+        e_ckpt, b_ckpt = open_checkpoint(expert), open_checkpoint(base)
+        worst = {"zoo_vs_mergekit": 0.0, "zoo_vs_exact": 0.0, "mergekit_vs_exact": 0.0}
         for name in z:
             if ".lora_A." in name:
                 b = name.replace(".lora_A.", ".lora_B.")
                 pz, pm = z[b].float() @ z[name].float(), m[b].float() @ m[name].float()
-                worst = max(worst, float((pz - pm).norm() / pm.norm()))
+                weight = name.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+                delta = e_ckpt.read_tensor(weight).float() - b_ckpt.read_tensor(weight).float()
+                u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+                exact = (u[:, :rank] * sv[:rank]) @ vh[:rank]
+                for key, x, y in (("zoo_vs_mergekit", pz, pm), ("zoo_vs_exact", pz, exact),
+                                  ("mergekit_vs_exact", pm, exact)):
+                    worst[key] = max(worst[key], float((x - y).norm() / y.norm()))
         out["max_relative_product_difference"] = worst
         out["saved_tensors_equal"] = all(torch.equal(z[n], m[n]) for n in z if "lora_" not in n and n in m)
     return out
