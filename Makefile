@@ -74,6 +74,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/learned_demo.py --investigate
 	$(BIN)/python bench/parity_demo.py
 	$(BIN)/python bench/protect_demo.py
+	$(BIN)/python bench/extract_lora.py
 
 clean:
 	rm -rf $(VENV) $(LOCK_VENV) registry.db registry.db-* registry.store
