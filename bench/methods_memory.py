@@ -26,6 +26,12 @@ HERE = Path(__file__).resolve().parent
 ZOO = str(Path(sys.executable).with_name("zoo"))
 # method -> (experts used, per-model parameters, global parameters)
 RECIPES = {
+    "task_arithmetic": (3, {"weight": 0.3}, {}),
+    "linear": (3, {}, {"weight": 1.0}),
+    "ties": (3, {"weight": 0.3, "density": 0.5}, {}),
+    "dare_linear": (3, {"weight": 0.3, "density": 0.5}, {}),
+    "dare_ties": (3, {"weight": 0.3, "density": 0.5}, {}),
+    "breadcrumbs": (3, {"weight": 0.3, "density": 0.5}, {}),
     "breadcrumbs_ties": (3, {"weight": 0.3, "density": 0.5}, {}),
     "della": (3, {"weight": 0.3, "density": 0.5}, {}),
     "della_linear": (3, {"weight": 0.3, "density": 0.5}, {}),
@@ -37,6 +43,8 @@ RECIPES = {
     "nearswap": (1, {}, {"t": 0.001}),
     "ram": (3, {}, {}),
     "ramplus_tl": (3, {}, {}),
+    "slerp": (1, {}, {"t": 0.3}),
+    "model_stock": (3, {}, {}),
 }
 
 
