@@ -83,6 +83,15 @@ class Generators:
         return self.made[index]
 
 
+def streamed_sparsify(stats: dict, delta: torch.Tensor, index: int) -> torch.Tensor:
+    """Model ``index``'s kept entries of a piece of a streamed tensor (``L1Rescale``'s
+    draw, going on with the generator where the last piece left off), rescaled by the
+    whole tensor's L1 sums when the method rescales."""
+    kept = stats["draw"](delta, index, stats["generators"](index))
+    l1 = stats["l1"]
+    return rescaled(kept, *l1[index]) if l1 is not None else kept
+
+
 class L1Rescale(StatsCollector):
     """mergekit's rescale for a random sparsifier over a streamed tensor: one pass draws
     each model's mask piece by piece (``draw(delta, index, generator)`` gives the kept
@@ -108,7 +117,7 @@ class L1Rescale(StatsCollector):
             self.after[i] += float(kept.abs().sum(dtype=torch.float64))
 
     def result(self):
-        return {"generators": Generators(self.make),
+        return {"generators": Generators(self.make), "draw": self.draw,
                 "l1": list(zip(self.before, self.after)) if self.passes else None}
 
 
