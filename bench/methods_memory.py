@@ -6,7 +6,7 @@ head). Each method merges the experts (as many as it takes) with float32 compute
 bf16 output; wall time and peak anonymous / file-backed memory go to
 bench/results/methods_memory.json (a run of some methods keeps the others' results).
 
-    .venv/bin/python bench/methods_memory.py --family DIR [--methods nearswap,della_linear]
+    .venv/bin/python bench/methods_memory.py --family DIR [--methods nearswap,della_linear] [--result FILE]
 """
 
 from __future__ import annotations
@@ -53,9 +53,11 @@ def main() -> None:
     ap.add_argument("--family", required=True, type=Path)
     ap.add_argument("--methods", default=",".join(RECIPES))
     ap.add_argument("--work", type=Path, default=None, help="scratch folder on the same disk")
+    ap.add_argument("--result", type=Path, default=HERE / "results" / "methods_memory.json",
+                    help="the JSON file the results go into (its other methods' results are kept)")
     args = ap.parse_args()
     experts = sorted(p for p in args.family.iterdir() if p.name.startswith("expert"))
-    target = HERE / "results" / "methods_memory.json"
+    target = args.result
     results = json.loads(target.read_text()) if target.is_file() else {}
     work = Path(tempfile.mkdtemp(prefix="zoo-methods-mem-", dir=args.work))
     try:

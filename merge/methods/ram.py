@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from zoo.merge.methods.base import MergeMethod, StatsCollector, register
-from zoo.merge.methods.params import Param, check_number, check_positive
+from zoo.merge.methods.params import IGNORED_WEIGHT, Param, check_number, check_positive
 from zoo.merge.methods.streamed import large
 
 RAM_REFERENCE = 'Reinforced Agent Merging, arXiv 2601.13572'
@@ -32,6 +32,7 @@ class Ram(MergeMethod):
     reference = RAM_REFERENCE
     elementwise = True  # each entry's result depends on that entry of each model only
     parameters = {"epsilon": EPSILON}
+    model_parameters = IGNORED_WEIGHT
 
     def merge(self, base, tensors, params, options, ctx):
         tv, changed, counts, overlap, unique = ram_vectors(base, tensors, self.option(options, "epsilon"))
@@ -49,6 +50,7 @@ class RamPlusTL(MergeMethod):
     parameters = {"r": Param(0.1, check_number, "how strongly sharing scales a model's unique entries up"),
                   "alpha": Param(0.2, check_number, "the most the shared/unique ratio counts for"),
                   "epsilon": EPSILON}
+    model_parameters = IGNORED_WEIGHT
 
     def streams(self, name, shape, options):
         return large(shape)  # the counts in one pass (exact integers), then elementwise

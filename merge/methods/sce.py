@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from zoo.merge.methods.base import MergeMethod, StatsCollector, register
-from zoo.merge.methods.params import Param, check_bool, check_unit
+from zoo.merge.methods.params import IGNORED_WEIGHT, Param, check_bool, check_unit
 from zoo.merge.methods.select import TopKThreshold
 from zoo.merge.methods.streamed import large
 
@@ -16,7 +16,8 @@ from zoo.merge.methods.streamed import large
 class Sce(MergeMethod):
     """SCE: keep the highest-variance entries, weight task vectors by mean square, erase sign conflicts.
 
-    No per-model weights: each task vector's weight is its mean square over the sum of them.
+    Each task vector's weight is its mean square over the sum of them; a ``weight`` in the
+    recipe is accepted and ignored, as mergekit does.
     """
 
     name = "sce"
@@ -25,6 +26,7 @@ class Sce(MergeMethod):
                                                         "across the task vectors (of the non-zero ones)"),
                   "int8_mask": Param(False, check_bool, "mergekit's memory option for the masks; the result is "
                                                         "the same")}
+    model_parameters = IGNORED_WEIGHT
 
     def streams(self, name, shape, options):
         return large(shape)  # the selection's cut-off and the mean squares in streamed passes
