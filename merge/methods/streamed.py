@@ -18,9 +18,9 @@ import torch
 
 from zoo.merge.methods.base import StatsCollector
 
-# Tensors up to this many elements are merged whole (a few float32 copies of 16 MiB);
+# Tensors up to this many elements are merged whole (a few float32 copies of 4 MiB);
 # larger ones stream in pieces.
-WHOLE_MAX_ELEMS = 1 << 22
+WHOLE_MAX_ELEMS = 1 << 20
 
 
 def large(shape: tuple[int, ...]) -> bool:
