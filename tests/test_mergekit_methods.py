@@ -166,7 +166,7 @@ def _ulps(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("hold", [True, False], ids=["held", "reread"])
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.get("zoo", "same") in ("same", "rounded")])
 def test_streamed_methods_stay_within_rounding_of_mergekit(corpus, tmp_path, monkeypatch, name, hold):
-    """Streamed in pieces of 100 entries (what a tensor over 4M entries gets), every method
+    """Streamed in pieces of 100 entries (what a tensor over 1M entries gets), every method
     writes mergekit's tensors up to the rounding of its whole-tensor sums (streamed in
     float64): at most 8 epsilons of the tensor's largest magnitude (measured: at most
     2.1 in float32, 4.5 in bfloat16, where mergekit's own bf16 arithmetic rounds more).

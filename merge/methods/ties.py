@@ -57,7 +57,7 @@ class Ties(TaskVectorMerge):
 
     def streams(self, name, shape, options):
         # rescale needs each task vector's whole L1 norm before and after the trim: a
-        # tensor up to 4M entries is merged whole, as mergekit does; a larger one gets
+        # tensor up to 1M entries is merged whole, as mergekit does; a larger one gets
         # a pass for those sums after its thresholds
         return not self.option(options, "rescale") or large(shape)
 
