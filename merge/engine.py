@@ -184,7 +184,8 @@ def _pieces(plan: Plan, name: str, dev: torch.device, chunk: int, bufs: "_Buffer
     size = max(chunk, numel) if whole else chunk
     in_bytes = max(DTYPE_SIZES[ck.tensors[n].dtype] for ck, n in zip(inputs, names) if n is not None)
     if bufs is None or len(bufs.work) != len(inputs) or bufs.work[0].numel() < size or bufs.in_bytes < in_bytes \
-            or bufs.raw[0].numel() < chunk * in_bytes or bufs.work[0].dtype != compute:
+            or bufs.raw[0].numel() < chunk * in_bytes or bufs.work2[0].numel() < chunk \
+            or bufs.work[0].dtype != compute:
         bufs = _Buffers(len(inputs), size, compute, dev, ShardWriter.QUEUE_DEPTH + 2, in_bytes, chunk)
     sets = [(bufs.raw, bufs.work), (bufs.raw2, bufs.work2)]
 
@@ -255,7 +256,9 @@ def _merge_chunked(plan: Plan, out: OutTensor, dev: torch.device, writer: ShardW
     name = out.name
     numel = math.prod(out.shape)
     params, options = plan.model_params(name), plan.options(name)
-    collector = None if model_stats is not None else plan.method.stats_collector(numel, params, options)
+    chunk = plan.method.piece_elems(tuple(out.shape), options, chunk)  # row-wise methods: whole rows
+    collector = None if model_stats is not None else \
+        plan.method.tensor_collector(tuple(out.shape), params, options, TensorContext(name, plan.recipe.seed))
     # A tensor whose statistics need extra passes is read once and kept whole when it is
     # small enough; only the largest (embeddings) are streamed again for each pass.
     whole = collector is not None and numel <= STATS_WHOLE_ELEMS

@@ -105,3 +105,16 @@ CASES.update({
         "merge_method": "ramplus_tl", "base_model": "{base}", "parameters": {"r": 0.5, "alpha": 0.5, "epsilon": 0.01},
         "models": [_m("e0"), _m("e1")]}},
 })
+# mergekit 0.1.5's sce, ram and ramplus_tl declare no weight: a per-model (or global)
+# weight is accepted and never read, so these write what the unweighted recipes write
+CASES.update({
+    "sce_weight_f32": {"inputs": "f32", "recipe": {
+        "merge_method": "sce", "base_model": "{base}", "parameters": {"select_topk": 0.4},
+        "models": [_m("e0", weight=0.2), _m("e1", weight=0.9), _m("e2", weight=0.5)]}},
+    "ram_weight_f32": {"inputs": "f32", "recipe": {
+        "merge_method": "ram", "base_model": "{base}", "parameters": {"weight": 0.3},
+        "models": [_m("e0", weight=0.7), _m("e1"), _m("e2", weight=2.0)]}},
+    "ramplus_tl_weight_f32": {"inputs": "f32", "recipe": {
+        "merge_method": "ramplus_tl", "base_model": "{base}", "parameters": {"epsilon": 0.005},
+        "models": [_m("e0", weight=0.1), _m("e1", weight=0.6), _m("e2", weight=0.3)]}},
+})

@@ -12,6 +12,7 @@ looks one up with a one-line error for an unknown name.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -141,6 +142,17 @@ class MergeMethod:
         """What to gather over a whole tensor before merging it in chunks (None: nothing)."""
         return None
 
+    def tensor_collector(self, shape: tuple[int, ...], params: list[dict[str, Any]], options: dict[str, Any],
+                         ctx: TensorContext) -> "StatsCollector | None":
+        """``stats_collector`` for a tensor of ``shape``: a method that works row by row, or
+        draws at random (``ctx.generator``) in its statistics pass, overrides this one."""
+        return self.stats_collector(math.prod(shape), params, options)
+
+    def piece_elems(self, shape: tuple[int, ...], options: dict[str, Any], chunk: int) -> int:
+        """How many elements each streamed piece of a tensor of ``shape`` holds: ``chunk``,
+        or (``whole_rows``) a whole number of rows for a method that works row by row."""
+        return chunk
+
     def model_collector(self, tensors: list[tuple[list[dict[str, Any]], dict[str, Any], int]]) \
             -> "StatsCollector | None":
         """What to gather over all merged tensors together before merging any of them
@@ -214,6 +226,13 @@ class StatsCollector:
         """The result over tensors held whole (flat); by default every pass walks them in
         cache-sized slices."""
         return self.gather(lambda: slices(base, tensors, slice_elems), deltas)
+
+
+def whole_rows(shape: tuple[int, ...], chunk: int) -> int:
+    """About ``chunk`` elements, rounded to whole rows of the last dimension (at least
+    one row; a vector is one row)."""
+    cols = shape[-1] if shape else 1
+    return max(1, chunk // max(1, cols)) * max(1, cols)
 
 
 def slices(base: "torch.Tensor | None", tensors: "list[torch.Tensor]", size: int):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from zoo.merge.methods.base import register
 from zoo.merge.methods.params import REQUIRED, Param, check_bool, check_density, check_number
 from zoo.merge.methods.sparsify import drop_random
+from zoo.merge.methods.streamed import L1Rescale, large, streamed_sparsify
 from zoo.merge.methods.task_arithmetic import TV_PARAMS, WEIGHT_DOC, TaskVectorMerge
 
 DARE_REFERENCE = ('Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a '
@@ -22,7 +23,20 @@ class Dare(TaskVectorMerge):
 
     reference = DARE_REFERENCE
 
+    def streams(self, name, shape, options):
+        return large(shape)  # the L1 sums in a first pass that draws the same masks
+
+    def tensor_collector(self, shape, params, options, ctx):
+        densities = [self.model_option(p, "density") for p in params]
+
+        def draw(delta, index, generator):
+            return drop_random(delta, densities[index], False, generator)
+
+        return L1Rescale(draw, ctx.generator, len(params), self.option(options, "rescale"))
+
     def sparsify(self, delta, index, params, options, ctx):
+        if ctx.stats is not None:  # a piece of a streamed tensor
+            return streamed_sparsify(ctx.stats, delta, index)
         return drop_random(delta, self.model_option(params, "density"), self.option(options, "rescale"),
                            ctx.generator(index))
 

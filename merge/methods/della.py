@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from zoo.merge.methods.base import register
+from zoo.merge.methods.base import register, whole_rows
 from zoo.merge.methods.params import REQUIRED, Param, check_bool, check_density, check_number, check_unit
 from zoo.merge.methods.sparsify import rescale_l1
+from zoo.merge.methods.streamed import L1Rescale, large, streamed_sparsify
 from zoo.merge.methods.task_arithmetic import TV_PARAMS, WEIGHT_DOC, TaskVectorMerge
 
 DELLA_REFERENCE = ('Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based '
@@ -29,7 +30,15 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
     bfloat16 tensors), drawn on the CPU from ``generator``."""
     if density >= 1:
         return delta
-    shape = delta.shape
+    x, masked = magprune_kept(delta, density, epsilon, generator)
+    out = rescale_l1(x, masked) if rescale else masked
+    return out.to(delta.dtype).reshape(delta.shape)
+
+
+def magprune_kept(delta: torch.Tensor, density: float, epsilon: float,
+                  generator: torch.Generator) -> "tuple[torch.Tensor, torch.Tensor]":
+    """MagPrune's draw without the rescale: the task vector in the work dtype (rows
+    along dim 1) and its kept entries."""
     work = delta.dtype if delta.dtype == torch.bfloat16 else torch.float32
     x = delta.unsqueeze(0) if delta.dim() < 2 else delta
     ranks = torch.argsort(x.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
@@ -39,9 +48,7 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
     # drawn on the CPU: CUDA's generator gives other numbers for the same seed
     mask = torch.bernoulli(probs.cpu(), generator=generator).to(work).to(x.device)
     x = x.to(work)
-    masked = x * mask
-    out = rescale_l1(x, masked) if rescale else masked
-    return out.to(delta.dtype).reshape(shape)
+    return x, x * mask
 
 
 class Della(TaskVectorMerge):
@@ -58,7 +65,29 @@ class Della(TaskVectorMerge):
                         "as mergekit requires")
         return None
 
+    def streams(self, name, shape, options):
+        # 2-D (rows along dim 1) and vectors: in blocks of whole rows, with the L1 sums
+        # of a first pass that draws the same masks
+        return large(shape) and len(shape) <= 2
+
+    def piece_elems(self, shape, options, chunk):
+        return whole_rows(shape, chunk)
+
+    def tensor_collector(self, shape, params, options, ctx):
+        cols = shape[-1]
+        dens = [(self.model_option(p, "density"), self.model_option(p, "epsilon")) for p in params]
+
+        def draw(delta, index, generator):
+            density, epsilon = dens[index]
+            if density >= 1:
+                return delta
+            return magprune_kept(delta.view(-1, cols), density, epsilon, generator)[1].reshape(-1)
+
+        return L1Rescale(draw, ctx.generator, len(params), self.option(options, "rescale"))
+
     def sparsify(self, delta, index, params, options, ctx):
+        if ctx.stats is not None:  # a block of rows of a streamed tensor
+            return streamed_sparsify(ctx.stats, delta, index).to(delta.dtype)
         return magprune(delta, self.model_option(params, "density"), self.model_option(params, "epsilon"),
                         self.option(options, "rescale"), ctx.generator(index))
 

@@ -3,10 +3,13 @@ between their task vectors."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from zoo.merge.methods.base import MergeMethod, register
+from zoo.merge.methods.base import MergeMethod, TensorContext, register, whole_rows
 from zoo.merge.methods.params import Param, check_bool
+from zoo.merge.methods.streamed import Gram, Rows, large
 
 
 @register
@@ -21,7 +24,26 @@ class ModelStock(MergeMethod):
     min_models = 2
     parameters = {"filter_wise": Param(False, check_bool, "one cosine per row instead of per tensor")}
 
+    def streams(self, name, shape, options):
+        # per tensor: the task vectors' dot products in one pass, then elementwise;
+        # filter_wise: in blocks of whole rows
+        return large(shape)
+
+    def piece_elems(self, shape, options, chunk):
+        return whole_rows(shape, chunk) if self.option(options, "filter_wise") else chunk
+
+    def tensor_collector(self, shape, params, options, ctx):
+        if self.option(options, "filter_wise"):
+            return Rows(shape[-1])
+        return Gram(lambda base, tensors: [x - base for x in tensors])
+
     def merge(self, base, tensors, params, options, ctx):
+        if ctx.stats is not None and "rows" in ctx.stats:  # a block of whole rows of a streamed tensor
+            cols = ctx.stats["rows"]
+            return self.merge(base.view(-1, cols), [x.view(-1, cols) for x in tensors], params, options,
+                              TensorContext(ctx.name, ctx.seed)).reshape(-1)
+        if ctx.stats is not None:  # a piece of a streamed tensor, its cosines summed already
+            return self.merge_piece(base, tensors, ctx.stats["gram"])
         shape = base.shape
         if self.option(options, "filter_wise"):
             w0 = base.unsqueeze(0) if base.dim() == 1 else base
@@ -40,3 +62,18 @@ class ModelStock(MergeMethod):
         t = (n * cos) / (1 + (n - 1) * cos)
         avg = sum(ws) / n
         return (t * avg + (1 - t) * w0).reshape(shape)
+
+    @staticmethod
+    def merge_piece(base: torch.Tensor, tensors: list[torch.Tensor], gram: list[list[float]]) -> torch.Tensor:
+        """A piece of a streamed tensor given its task vectors' dot products: the same
+        interpolation as the whole-tensor formula, with the mean cosine from the sums."""
+        n = len(tensors)
+        cosines = []
+        for i in range(n):
+            for j in range(i + 1, n):
+                norms = max(math.sqrt(gram[i][i]) * math.sqrt(gram[j][j]), 1e-6)
+                cosines.append(min(1.0, max(-1.0, gram[i][j] / norms)))
+        cos = torch.tensor([sum(cosines) / len(cosines)], dtype=base.dtype, device=base.device)
+        t = (n * cos) / (1 + (n - 1) * cos)
+        avg = sum(tensors) / n
+        return t * avg + (1 - t) * base

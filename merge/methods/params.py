@@ -96,3 +96,9 @@ def check_regex(v: Any) -> str | None:
 def check_string(v: Any) -> str | None:
     """A non-empty string."""
     return None if isinstance(v, str) and v else "must be a non-empty string"
+
+
+# mergekit 0.1.5 declares no weight for ram, ramplus_tl and sce: a recipe may give one
+# (per model or global) and mergekit never reads it; so here.
+IGNORED_WEIGHT = {"weight": Param(None, check_number, "accepted and ignored, as mergekit does: the method "
+                                                      "weighs the models itself")}

@@ -11,10 +11,11 @@ import torch
 from zoo.errors import ZooError
 
 from zoo.merge.learned.start import Start
-from zoo.merge.methods.base import StatsCollector, register
+from zoo.merge.methods.base import StatsCollector, register, slices
 from zoo.merge.methods.params import REQUIRED, Param, check_bool, check_density, check_number
 from zoo.merge.methods.select import Bracket, TopKThreshold
 from zoo.merge.methods.sparsify import drop_extra_ties, elect_sign, keep_top_k_in_place, trim_magnitude
+from zoo.merge.methods.streamed import large, rescaled
 from zoo.merge.methods.task_arithmetic import FULL_PRECISION, TV_PARAMS, WEIGHT_DOC, TaskVectorMerge
 
 
@@ -55,21 +56,29 @@ class Ties(TaskVectorMerge):
         return super().merge(base, tensors, params, options, ctx)
 
     def streams(self, name, shape, options):
-        # rescale needs each task vector's whole L1 norm before and after the trim
-        return not self.option(options, "rescale")
+        # rescale needs each task vector's whole L1 norm before and after the trim: a
+        # tensor up to 1M entries is merged whole, as mergekit does; a larger one gets
+        # a pass for those sums after its thresholds
+        return not self.option(options, "rescale") or large(shape)
 
     def sparsify(self, delta, index, params, options, ctx):
         stats = ctx.stats or {}
         thresholds = stats.get("thresholds")
-        return trim_magnitude(delta, self.model_option(params, "density"),
+        l1 = stats.get("l1")
+        kept = trim_magnitude(delta, self.model_option(params, "density"),
                               thresholds[index] if thresholds is not None else None,
-                              self.option(options, "rescale"), stats.get("ties"), index)
+                              self.option(options, "rescale") and l1 is None, stats.get("ties"), index)
+        return rescaled(kept, *l1[index]) if l1 is not None else kept
 
     def stats_collector(self, numel, params, options):
         if self.option(options, "trim") == "global":
             return None  # thresholds come from model_collector
         densities = [self.model_option(p, "density") for p in params]
-        return TrimThresholds(numel, densities) if any(d < 1 for d in densities) else None
+        if not any(d < 1 for d in densities):
+            return None
+        if self.option(options, "rescale"):
+            return TrimmedL1(TrimThresholds(numel, densities), densities)
+        return TrimThresholds(numel, densities)
 
     def model_collector(self, tensors):
         scopes = {self.option(o, "trim") for _, o, _ in tensors}
@@ -256,3 +265,59 @@ class TrimThresholds(StatsCollector):
             # how many entries equal to the threshold are kept, in order (None: all of them)
             ties.append(s.k - above if s is not None and above + equal > s.k else None)
         return {"thresholds": thresholds, "ties": ties}
+
+
+class TrimmedL1(StatsCollector):
+    """TIES' thresholds (``TrimThresholds``' passes), then one more pass for ``rescale``:
+    each task vector's L1 norm before and after the trim, in float64, so a streamed
+    tensor's survivors are scaled by the whole tensor's ratio."""
+
+    def __init__(self, thresholds: TrimThresholds, densities: list[float]):
+        self.inner = thresholds
+        self.densities = densities
+        self.found: dict | None = None  # the inner result, once its passes are done
+        self.l1 = [[0.0, 0.0] for _ in densities]
+
+    @property
+    def passes(self) -> int:  # the inner passes may grow as they go (a bracket that missed)
+        return self.inner.passes + 1
+
+    def use_sample(self, base, tensors):
+        self.inner.use_sample(base, tensors)
+
+    def _ties(self) -> list | None:
+        """A fresh count of the ties at each threshold still to keep (each walk counts down its own)."""
+        ties = self.found.get("ties")
+        return list(ties) if ties is not None else None
+
+    def _sums(self, pieces, deltas: bool, before: bool = True, after: bool = True) -> None:
+        ties = self._ties() if after else None
+        for base, tensors in pieces:
+            for i, (x, d) in enumerate(zip(tensors, self.densities)):
+                delta = x if deltas else x - base
+                if before:
+                    self.l1[i][0] += float(delta.abs().sum(dtype=torch.float64))
+                if after:
+                    kept = trim_magnitude(delta, d, self.found["thresholds"][i], False, ties, i)
+                    self.l1[i][1] += float(kept.abs().sum(dtype=torch.float64))
+
+    def gather(self, pieces, deltas=False):
+        p = 0
+        while p < self.inner.passes:
+            for base, tensors in pieces():
+                self.inner.update(p, base, tensors, deltas)
+            self.inner.end_pass(p)
+            p += 1
+        self.found = self.inner.result()
+        self._sums(pieces(), deltas)
+        return self.result()
+
+    def gather_whole(self, base, tensors, deltas=False, slice_elems=1 << 18):
+        # the norms before the trim first: held task vectors lose their extra ties in place
+        self._sums(slices(base, tensors, slice_elems), deltas, after=False)
+        self.found = self.inner.gather_whole(base, tensors, deltas, slice_elems)
+        self._sums(slices(base, tensors, slice_elems), deltas, before=False)
+        return self.result()
+
+    def result(self):
+        return {**self.found, "ties": self._ties(), "l1": [tuple(x) for x in self.l1]}
