@@ -213,7 +213,7 @@ CASES: list[Case] = [
         ("tabs", r"not valid YAML \(while scanning for the next t"), ("unknown-key", r"frobnicate"), ("base-missing-model", r"ghost"),
         ("escape", r"\.\./|no model|no such"), ("abs-path", r"/etc"), ("wide", r"38 shape mismatches \(e\.g\. vit\.embeddings\.cls_"), ("adapter-base", r"adapter"),
         ("python-tag", r"not valid YAML \(could not determine a constru"), ("anchors", r"\bx\b|\by\b|unknown"), ("bomb", r"unknown recipe field\(s\): a, b, c, d, e, f, g,"), ("dup-keys", r"gives 'merge_method' twice"),
-        ("bad-slices", r"slices"), ("latin1", r"is not UTF-8 text \(byte 19\)"), ("nul", r"not valid YAML \(unacceptable character #x0000"),
+        ("bad-slices", r"slice 0 needs sources"), ("latin1", r"is not UTF-8 text \(byte 19\)"), ("nul", r"not valid YAML \(unacceptable character #x0000"),
         ("huge", r"ties needs a base model"), ("dir", r"cannot\ read\ recipe")))],
     c("recipe-file-missing", "merge {tmp}/nope.yml --out m", 1, r"nope\.yml"),
     c("recipe-and-method", "merge {r}/ok.yml --method ties --out m", 1, r"ties needs a base model \(base_model / --base\)"),

@@ -109,7 +109,7 @@ def recipes(fx: Path) -> None:
         "param-nan": ta + "parameters:\n  lambda: .nan\nmodels:\n  - model: parity\n",
         "param-inf": ta + "parameters:\n  lambda: .inf\nmodels:\n  - model: parity\n",
         "weight-nan": ta + "models:\n  - model: parity\n    parameters:\n      weight: .nan\n",
-        "weight-list": ta + "models:\n  - model: parity\n    parameters:\n      weight: [1, 2]\n",
+        "weight-list": ta + "models:\n  - model: parity\n    parameters:\n      weight: [1, x]\n",
         "density-high": "merge_method: ties\nbase_model: base\nmodels:\n  - model: parity\n    parameters:\n"
                         "      density: 1.5\n",
         "density-neg": "merge_method: ties\nbase_model: base\nmodels:\n  - model: parity\n    parameters:\n"
