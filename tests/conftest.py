@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import sys
 from dataclasses import dataclass, field
@@ -13,6 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# A shell that starts the suite in the background (`cmd &` without job control) leaves
+# SIGINT ignored, and every child would inherit that, so the Ctrl-C tests would see
+# commands that cannot be interrupted. Handling it here makes children start with the
+# default, whatever started the suite.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 from safetensors.torch import save_file
 
 from zoo import Registry
