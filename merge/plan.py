@@ -199,10 +199,7 @@ def make_plan(recipe: Recipe, registry: "Registry | None" = None) -> Plan:
             _check_adapter(m, ref, recipe.base_model or recipe.models[0].model, patterns)
             heads[i] = sorted(n for n in m.overrides if is_head(n, patterns))
             continue
-        arch_m, arch_b = m.ckpt.architecture(), ref.architecture()
-        if arch_m.get("model_type") and arch_b.get("model_type") and arch_m["model_type"] != arch_b["model_type"]:
-            raise IncompatibleModels(f"{m.label} is a {arch_m['model_type']} model but the base is "
-                                     f"{arch_b['model_type']}")
+        _check_model_type(m, ref, "the base")
         report = compare(m.ckpt, ref, m.label, recipe.base_model or recipe.models[0].model, patterns)
         if vocab is not None:  # vocabulary tensors are rebuilt on the merged vocabulary
             report.findings = [f for f in report.findings if not vocab.tolerates(f.kind, f.tensor)]
@@ -213,17 +210,32 @@ def make_plan(recipe: Recipe, registry: "Registry | None" = None) -> Plan:
     steps = []
     saved = recipe.out_dtype or recipe.dtype  # mergekit: dtype is also the saved dtype unless out_dtype says
     for name, info in ref.tensors.items():
-        out_dtype = SAFETENSORS_DTYPE[saved] if saved else _promoted(name, info.dtype, models)
-        mergeable = info.dtype in FLOAT_DTYPES and not is_head(name, patterns)
-        shape = vocab.shape(name, info.shape) if vocab is not None and mergeable else info.shape
-        steps.append(TensorStep(OutTensor(name, out_dtype if mergeable else info.dtype, shape), mergeable))
+        step = _step(name, info.dtype, info.shape, saved, models, patterns)
+        if vocab is not None and step.merge:
+            step.out = OutTensor(name, step.out.dtype, vocab.shape(name, info.shape))
+        steps.append(step)
     plan = Plan(recipe, method, base, models, steps, heads, vocab,
                 layers=layer_count(ref.config if ref.form == "model" else None, ref.tensors))
     if not method.learned:
-        for step in steps:
-            if step.merge:
-                _check_values(plan, step.out.name)
+        _check_all_values(plan)
     return plan
+
+
+def _check_model_type(m: Input, ref: Checkpoint, ref_name: str) -> None:
+    """Refuse a model of another architecture than the reference (``ref_name`` in the error)."""
+    arch_m, arch_r = m.ckpt.architecture(), ref.architecture()
+    if arch_m.get("model_type") and arch_r.get("model_type") and arch_m["model_type"] != arch_r["model_type"]:
+        raise IncompatibleModels(f"{m.label} is a {arch_m['model_type']} model but {ref_name} is "
+                                 f"{arch_r['model_type']}")
+
+
+def _step(name: str, dtype: str, shape: tuple[int, ...], saved: str | None, models: list[Input],
+          patterns: tuple[str, ...], part: "Plan | None" = None) -> TensorStep:
+    """One output tensor: merged (a float tensor that is not a task head) in the saved
+    dtype, or copied as it is."""
+    mergeable = dtype in FLOAT_DTYPES and not is_head(name, patterns)
+    out_dtype = (SAFETENSORS_DTYPE[saved] if saved else _promoted(name, dtype, models)) if mergeable else dtype
+    return TensorStep(OutTensor(name, out_dtype, shape), mergeable, part)
 
 
 def _plan_slices(recipe: Recipe, method: MergeMethod, base: Input | None, models: list[Input]) -> Plan:
@@ -242,10 +254,7 @@ def _plan_slices(recipe: Recipe, method: MergeMethod, base: Input | None, models
                        "then give the result the tokenizer in a models recipe")
     ref = base if base is not None else models[0]
     for m in everyone:
-        arch_m, arch_r = m.ckpt.architecture(), ref.ckpt.architecture()
-        if arch_m.get("model_type") and arch_r.get("model_type") and arch_m["model_type"] != arch_r["model_type"]:
-            raise IncompatibleModels(f"{m.label} is a {arch_m['model_type']} model but {ref.label} is "
-                                     f"{arch_r['model_type']}")
+        _check_model_type(m, ref.ckpt, ref.label)
     placed = layout(recipe.slices, ref.ckpt, {label: m.ckpt for label, m in inputs.items()})
     groups: dict[tuple[int, int | None, int], list[Placement]] = {}
     for p in placed:
@@ -261,20 +270,13 @@ def _plan_slices(recipe: Recipe, method: MergeMethod, base: Input | None, models
             raise IncompatibleModels(f"{p.out}: the slice's sources differ in shape ("
                                      + ", ".join(f"{s.model} {n} {list(i.shape)}" for s, n, i in
                                                  zip(recipe.slices[p.slice].sources, p.names, infos)) + ")")
-        info = infos[0]
-        out_dtype = SAFETENSORS_DTYPE[saved] if saved else _promoted(p.out, info.dtype, part.models)
-        mergeable = info.dtype in FLOAT_DTYPES and not is_head(p.out, patterns)
-        steps.append(TensorStep(OutTensor(p.out, out_dtype if mergeable else info.dtype, info.shape), mergeable,
-                                part))
+        steps.append(_step(p.out, infos[0].dtype, infos[0].shape, saved, part.models, patterns, part))
     plan = Plan(recipe, method, base, models, steps, {})
     config = ref.ckpt.config if ref.ckpt.form == "model" else None
     key = next((k for k in LAYER_COUNT_KEYS if k in (config or {})), None)
     if key is not None:
         plan.config_updates[key] = output_layers(recipe.slices)
-    for step in steps:
-        if step.merge:
-            assert step.part is not None
-            _check_values(step.part, step.out.name)
+    _check_all_values(plan)
     return plan
 
 
@@ -298,6 +300,13 @@ def _slice_part(recipe: Recipe, method: MergeMethod, inputs: dict[str, Input], i
                        "slice (mergekit reads the base's layers from there)")
     return Plan(part_recipe, method, base, [views[n] for n in names], [], {}, t=group[0].t,
                 slice_parameters=sl.parameters)
+
+
+def _check_all_values(plan: Plan) -> None:
+    """``_check_values`` for every merged tensor, with its slice's plan where it has one."""
+    for step in plan.steps:
+        if step.merge:
+            _check_values(step.part or plan, step.out.name)
 
 
 def _check_values(plan: Plan, name: str) -> None:

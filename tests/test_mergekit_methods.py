@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from zoo import merge
 from zoo.errors import ZooError
 
-from tests.test_mergekit_parity import ROOT, _load, cases, inputs  # noqa: F401  (the corpus modules)
+from tests.test_mergekit_parity import ROOT, _load, cases, check_fixtures, inputs, merged  # noqa: F401
 
 FIXTURES = ROOT / "tests" / "data" / "mergekit_methods"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
@@ -37,22 +37,11 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def _merge(corpus: Path, out: Path, case: dict) -> dict[str, torch.Tensor]:
-    info = merge.run(merge.from_dict(cases.recipe_for(case, str(corpus))), out_dir=out)
-    got = {}
-    for f in sorted(Path(info["path"]).glob("*.safetensors")):
-        got.update(load_file(str(f)))
-    return got
+    return merged(corpus, out, case)[0]
 
 
 def test_every_case_has_its_fixture():
-    assert set(MANIFEST["cases"]) == set(CASES)
-    for name, case in CASES.items():
-        got = MANIFEST["cases"][name]
-        if case.get("zoo") == "refuse":
-            assert got["rc"] != 0, name
-        else:
-            assert got["rc"] == 0 and not got["nan"] and (FIXTURES / f"{name}.safetensors").is_file(), name
-    assert sum(p.stat().st_size for p in FIXTURES.iterdir()) < 1_000_000
+    check_fixtures(MANIFEST, CASES, FIXTURES, 1_000_000)
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.get("zoo") == "refuse"])

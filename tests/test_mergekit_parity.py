@@ -50,6 +50,28 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
+def merged(corpus: Path, out: Path, case: dict) -> tuple[dict[str, torch.Tensor], Path]:
+    """A corpus case merged by zoo into ``out``: its tensors, and the folder written."""
+    info = merge.run(merge.from_dict(cases.recipe_for(case, str(corpus))), out_dir=out)
+    folder, got = Path(info["path"]), {}
+    for f in sorted(folder.glob("*.safetensors")):
+        got.update(load_file(str(f)))
+    return got, folder
+
+
+def check_fixtures(manifest: dict, corpus_cases: dict, fixtures: Path, max_bytes: int) -> None:
+    """Every case has mergekit's outcome on record: a refusal, or a clean merge stored as
+    a fixture; and the fixtures stay small."""
+    assert set(manifest["cases"]) == set(corpus_cases)
+    for name, case in corpus_cases.items():
+        got = manifest["cases"][name]
+        if case.get("zoo") == "refuse":
+            assert got["rc"] != 0, name
+        else:
+            assert got["rc"] == 0 and not got["nan"] and (fixtures / f"{name}.safetensors").is_file(), name
+    assert sum(p.stat().st_size for p in fixtures.iterdir()) < max_bytes
+
+
 def _tokenizer(folder: Path) -> dict | None:
     import hashlib
 

@@ -20,7 +20,7 @@ from zoo import merge
 from zoo.errors import ZooError
 from zoo.merge.recipe import evaluate
 
-from tests.test_mergekit_parity import ROOT, _load, cases, inputs  # noqa: F401  (the corpus modules)
+from tests.test_mergekit_parity import ROOT, _load, cases, check_fixtures, inputs, merged  # noqa: F401
 
 FIXTURES = ROOT / "tests" / "data" / "mergekit_slices"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
@@ -37,14 +37,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def test_every_case_has_its_fixture():
-    assert set(MANIFEST["cases"]) == set(CASES)
-    for name, case in CASES.items():
-        got = MANIFEST["cases"][name]
-        if case.get("zoo") == "refuse":
-            assert got["rc"] != 0, name
-        else:
-            assert got["rc"] == 0 and not got["nan"] and (FIXTURES / f"{name}.safetensors").is_file(), name
-    assert sum(p.stat().st_size for p in FIXTURES.iterdir()) < 1_000_000
+    check_fixtures(MANIFEST, CASES, FIXTURES, 1_000_000)
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.get("zoo") == "refuse"])
@@ -58,11 +51,7 @@ def test_zoo_refuses_what_mergekit_refuses(corpus, tmp_path, name):
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.get("zoo", "same") == "same"])
 def test_zoo_writes_what_mergekit_writes(corpus, tmp_path, name):
     expected = MANIFEST["cases"][name]
-    info = merge.run(merge.from_dict(cases.recipe_for(CASES[name], str(corpus))), out_dir=tmp_path / "out")
-    out = Path(info["path"])
-    got = {}
-    for f in sorted(out.glob("*.safetensors")):
-        got.update(load_file(str(f)))
+    got, out = merged(corpus, tmp_path / "out", CASES[name])
     want = load_file(str(FIXTURES / f"{name}.safetensors"))
     assert set(got) == set(want)
     for tensor, w in want.items():
