@@ -371,10 +371,7 @@ def place_base(method: str, models: list[ModelSpec], base: str) -> list[ModelSpe
     For a method that averages the base with the others (linear), the base is one more
     input: kept where it is listed, with its parameters, else appended (as mergekit
     does); for the others it is only the base, and its entry is dropped."""
-    from zoo.merge.methods import METHODS
-
-    m = METHODS.get(method)
-    if m is not None and m.base_is_input:
+    if _base_is_input(method):
         return models if any(x.model == base for x in models) else [*models, ModelSpec(base, {})]
     return [x for x in models if x.model != base]
 
