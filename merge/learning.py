@@ -5,18 +5,21 @@ each task's teacher, and hand them to the method's ``learn``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from zoo.checkpoints.compat import compare
+from zoo.checkpoints.prompts import Prompt
 from zoo.checkpoints.heads import is_head
 from zoo.errors import IncompatibleModels, ZooError
 from zoo.registry.resolve import open_model
+from zoo.textgen import TextCodec
 from zoo.checkpoints.taskdata import task_info
 
 from zoo.merge.plan import Plan, read_input
-from zoo.merge.learned.data import from_path, from_registry, from_task_file
+from zoo.merge.learned.data import from_path, from_registry, from_task_file, is_generative_file, prompts_from
 from zoo.merge.learned.objectives import default_split, supervised
 from zoo.merge.learned.parity import Log, Teacher, TeacherFactory
 from zoo.merge.starts import resolve_start
@@ -45,6 +48,35 @@ def task_data(plan: Plan, registry: "Registry | None", objective: str, split: st
             raise ZooError(f"{inp.label} has no task data: register its task with data, or set "
                            "models[].parameters.data to a file")
     return data
+
+
+def task_prompts(plan: Plan, registry: "Registry | None", split: str) -> list[list[Prompt]] | None:
+    """Each task's generative records (prompts, with answers where the data has them)
+    of ``split``; None when the tasks are not generative (inputs and labels). A merge's
+    tasks are all generative or none is."""
+    found: list[list[Prompt] | None] = []
+    for spec, inp in zip(plan.recipe.models, plan.models):
+        task = _task_name(spec, inp)
+        path = spec.parameters.get("data")
+        if path is None and task is not None and registry is not None:
+            path = registry.task_data(task)
+        if path is None:
+            raise ZooError(f"{inp.label} has no task data: register its task with data, or set "
+                           "models[].parameters.data to a file")
+        found.append(prompts_from(path, task or inp.label, split) if is_generative_file(Path(path)) else None)
+    if all(f is None for f in found):
+        return None
+    if any(f is None for f in found):
+        raise ZooError("a learned merge's tasks must all be generative (JSONL prompts) or all have inputs and labels")
+    return found  # type: ignore[return-value]
+
+
+def text_codec(plan: Plan) -> TextCodec:
+    """The base model's tokenizer, for generative tasks."""
+    assert plan.base is not None
+    folder = next(iter(plan.base.ckpt.files.values())).parent
+    context = (plan.base.ckpt.config or {}).get("max_position_embeddings")
+    return TextCodec.from_folder(folder, context=int(context) if context else None)
 
 
 def _task_name(spec, inp) -> str | None:
@@ -131,6 +163,13 @@ class PlanInputs:
 
     def eval_data(self, split: str | None) -> list[TaskData | None]:
         return eval_data(self.plan, self.registry, split)
+
+    def prompts(self, split: str) -> list[list[Prompt]] | None:
+        """Each task's generative records of ``split``; None when the tasks are not generative."""
+        return task_prompts(self.plan, self.registry, split)
+
+    def codec(self) -> TextCodec:
+        return text_codec(self.plan)
 
     def parts(self) -> Parts:
         return read_parts(self.plan, self.device)

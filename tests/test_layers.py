@@ -20,7 +20,7 @@ SOURCES = {"zoo": "zoo", "merge": "zoo.merge", "protect": "zoo.protect", "cli": 
 FLOORS: dict[str, int] = {
     "zoo.errors": 1, "zoo.progress": 1, "zoo.memory": 1, "zoo.fileio": 1,
     "zoo.checkpoints": 2,
-    "zoo.registry": 3,
+    "zoo.registry": 3, "zoo.textgen": 3,
     "zoo.hub": 4, "zoo.evaluate": 4, "zoo.merge": 4, "zoo.protect": 4,
     "zoo.publish": 5,
     "zoo.demo": 6,  # the demo tour ends by publishing, so it stands on publishing

@@ -122,6 +122,10 @@ def test_transformers_loads_and_decodes(zoo_folder: Path) -> None:
 # --- generative task data: JSONL prompts -------------------------------------------------------
 
 
+def _chars(p: Prompt) -> tuple[int, int]:
+    return len(p.prompt), len(p.answer or "")
+
+
 def test_prompts_round_trip(tmp_path: Path) -> None:
     rows = [Prompt("add:1+2=", "3"), Prompt("unlabeled prompt"), Prompt("ünï\"code", "ok")]
     assert write_prompts(tmp_path / "p.jsonl", rows) == 3
@@ -155,11 +159,11 @@ def test_answer_longer_than_context(tmp_path: Path) -> None:
     assert len(rows) == 3  # no context given: no length check
     with pytest.raises(PromptDataError, match=r"line 2: prompt and answer are 33 tokens, longer than the "
                                               r"model's context of 32"):
-        read_prompts(path, count_tokens=len, context=32)
+        read_prompts(path, lengths=_chars, context=32)
     write_prompts(path, [Prompt("q", "z" * 40)])
     with pytest.raises(PromptDataError, match=r"line 1: the answer is 40 tokens, longer than the model's "
                                               r"context of 32"):
-        read_prompts(path, count_tokens=len, context=32)
+        read_prompts(path, lengths=_chars, context=32)
 
 
 def test_missing_and_non_utf8_files(tmp_path: Path) -> None:

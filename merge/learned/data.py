@@ -1,5 +1,6 @@
 """Each task's examples for a learned merge: from the registry's task records, or from
-files (a .safetensors file of input tensors, a folder of images, a JSONL file of texts)."""
+files (a .safetensors file of input tensors, a folder of images, a JSONL file of texts);
+and a generative task's prompts (JSONL ``{"prompt": ..., "answer": ...}``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from zoo.checkpoints.prompts import DEFAULT_SPLIT, Prompt, is_prompt_file, prompt_splits, read_prompts
 from zoo.checkpoints.reader import open_safetensors
 from zoo.errors import NotFound, ZooError
 from zoo.checkpoints.taskdata import FORMAT as TASK_FORMAT
@@ -21,6 +23,33 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 LABEL_KEYS = ("labels", "label", "y")
+
+
+def is_generative_file(path: Path) -> bool:
+    """Whether task data is a generative task's JSONL prompts (``{"prompt": ...}`` or
+    ``{"messages": ...}`` lines), rather than inputs and labels."""
+    p = Path(path)
+    if not p.is_file() or not is_prompt_file(p):
+        return False
+    with open(p, "rb") as f:
+        first = next((line for line in f if line.strip()), b"")
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return True  # read_prompts gives the line's error
+    return not (isinstance(row, dict) and "text" in row)
+
+
+def prompts_from(path: str | Path, task: str, split: str) -> list[Prompt]:
+    """A generative task's records of one split, from its JSONL file. A file whose lines
+    name no split is one pool: every split asked of it is the whole file."""
+    p = Path(path)
+    if not p.exists():
+        raise NotFound(f"data for task {task!r}: {p} does not exist")
+    sizes = prompt_splits(p)
+    if set(sizes) == {DEFAULT_SPLIT}:
+        return read_prompts(p)
+    return read_prompts(p, split=split)
 
 
 def from_registry(registry: "Registry", task: str, split: str, labelled: bool) -> TaskData:

@@ -10,6 +10,9 @@ from typing import Any, Protocol
 
 import torch
 
+from zoo.checkpoints.prompts import Prompt
+from zoo.textgen import TextCodec
+
 from zoo.merge.learned.parity import Log, TeacherFactory
 from zoo.merge.learned.runtime import Body
 from zoo.merge.learned.start import Start
@@ -51,6 +54,10 @@ class LearnInputs(Protocol):
     def task_data(self, objective: str, split: str | None) -> list[TaskData]: ...
 
     def eval_data(self, split: str | None) -> list[TaskData | None]: ...
+
+    def prompts(self, split: str) -> list[list[Prompt]] | None: ...
+
+    def codec(self) -> TextCodec: ...
 
     def parts(self) -> Parts: ...
 

@@ -189,38 +189,13 @@ def _drawer(tasks: Sequence[str], weights: Sequence[float], batch: int, rng: ran
 
 
 def greedy(model, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 256) -> list[str]:
-    """Greedy continuations, cut at ``</s>``. Prompts are batched by length, so no padding
-    (and no attention mask) is ever needed; each step reruns the whole prefix, which at
-    these lengths costs less than a cache."""
-    import torch
+    """Greedy continuations, cut at ``</s>`` (``zoo.textgen.generate`` over the model)."""
+    from zoo.textgen import generate
 
-    vocab = vocabulary()
-    chars = {i: c for c, i in vocab.items() if c not in SPECIALS}
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
-    out = [""] * len(prompts)
-    with torch.inference_mode():
-        for idx_all in by_len.values():
-            for s in range(0, len(idx_all), batch_size):
-                idx = idx_all[s:s + batch_size]
-                ids = torch.tensor([[BOS] + encode(prompts[i]) for i in idx])
-                done = torch.zeros(len(idx), dtype=torch.bool)
-                new = []
-                for _ in range(max_new_tokens):
-                    nxt = model(input_ids=ids).logits[:, -1].argmax(-1)
-                    nxt = torch.where(done, torch.full_like(nxt, EOS), nxt)
-                    new.append(nxt)
-                    done |= nxt == EOS
-                    ids = torch.cat([ids, nxt[:, None]], 1)
-                    if bool(done.all()):
-                        break
-                gen = torch.stack(new, 1).tolist()
-                for j, i in enumerate(idx):
-                    toks = gen[j]
-                    toks = toks[:toks.index(EOS)] if EOS in toks else toks
-                    out[i] = "".join(chars.get(t, "\ufffd") for t in toks)
-    return out
+    chars = {i: c for c, i in vocabulary().items() if c not in SPECIALS}
+    gens = generate(lambda batch: model(input_ids=batch["input_ids"]).logits, [[BOS] + encode(p) for p in prompts],
+                    EOS, max_new_tokens, batch_size=batch_size)
+    return ["".join(chars.get(t, "\ufffd") for t in g.tokens) for g in gens]
 
 
 def exact_match(model, rows: Sequence[Prompt], max_new_tokens: int = 10) -> float:

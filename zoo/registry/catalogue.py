@@ -24,6 +24,7 @@ from zoo.checkpoints.reader import Checkpoint, open_checkpoint
 from zoo.registry.resolve import open_model  # noqa: F401 (open_model: re-exported)
 from zoo.checkpoints.compat import CompatReport, compare, nonfinite
 from zoo.checkpoints.heads import DEFAULT_HEAD_PATTERNS
+from zoo.checkpoints.prompts import FORMAT as PROMPTS_FORMAT, is_prompt_file, prompt_splits
 from zoo.errors import AlreadyExists, IncompatibleModels, InUse, NotFound, StorageError, ZooError
 from zoo.registry.listing import iso_utc, list_models
 from zoo.registry.names import KINDS, parse_ref, validate_name
@@ -635,9 +636,16 @@ class Registry:
                  *, data_format: str | None = None, splits: dict[str, int] | None = None,
                  description: str | None = None, metadata: dict[str, Any] | None = None,
                  replace: bool = False) -> dict[str, Any]:
-        """Register a task, its label set and its data file (copied into the store)."""
+        """Register a task, its label set and its data file (copied into the store).
+
+        The data is a zoo task file (safetensors: inputs and labels per split) or, for a
+        generative task, a JSONL file of prompts with optional answers
+        (``zoo.checkpoints.prompts``), checked line by line before anything is stored."""
         validate_name(name, "task")
         digest = None
+        if data is not None and Path(data).is_file() and is_prompt_file(Path(data)):
+            splits = splits or prompt_splits(Path(data))
+            data_format = data_format or PROMPTS_FORMAT
         with self.db.store_lock(exclusive=False):
             if data is not None:
                 if not Path(data).is_file():
