@@ -1,6 +1,6 @@
 """16 concurrent clients pushing and pulling through ``zoo serve --workers 4`` on
-PostgreSQL, against one worker on SQLite: throughput, p50/p99 latency, and afterwards
-0 lost or corrupt commits.
+PostgreSQL, against one worker on SQLite (and, for reference, one worker on PostgreSQL):
+throughput, p50/p99 latency, CPU per request, and afterwards 0 lost or corrupt commits.
 
 Each configuration gets a fresh registry: a database on a private PostgreSQL server
 (tests/postgres.py: initdb in a temp folder, unix socket, stopped at the end) with its
@@ -277,25 +277,39 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     try:
         url = server.create_database("bench")
+        postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+
+        def pg_cpu() -> float:  # the postmaster with its exited children, and the live backends
+            return server.cpu_seconds() + cpu_of(tree(postmaster)[1:])
+
         pg = run_config("postgresql", ["--registry", url, "--store", str(work / "pg.store")], env, args.workers,
-                        args, work, pg_cpu=server.cpu_seconds)
+                        args, work, pg_cpu=pg_cpu)
         print("postgresql", json.dumps(pg["operations"]), json.dumps(pg["verified"]), flush=True)
+        # The same database kind with one worker: what the workers themselves add on this machine.
+        url1 = server.create_database("bench1")
+        pg1 = run_config("postgresql", ["--registry", url1, "--store", str(work / "pg1.store")], env, 1,
+                         args, work, pg_cpu=pg_cpu)
+        print("postgresql, one worker", json.dumps(pg1["operations"]), flush=True)
         lite = run_config("sqlite", ["--registry", str(work / "server.db")], env, 1, args, work)
         print("sqlite", json.dumps(lite["operations"]), json.dumps(lite["verified"]), flush=True)
         version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True).stdout
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
+    runs = {"postgresql_workers": pg, "sqlite_one_worker": lite, "postgresql_one_worker": pg1}
     ok = all(c["verified"]["lost_commits"] == 0 and c["verified"]["corrupt_files"] == 0 and
-             c["verified"]["zoo_verify_exit"] == 0 for c in (pg, lite))
-    errors = {c["registry"]: sum(o.get("errors", 0) for o in c["operations"].values()) for c in (pg, lite)}
+             c["verified"]["zoo_verify_exit"] == 0 for c in runs.values())
+    errors = {k: sum(o.get("errors", 0) for o in c["operations"].values()) for k, c in runs.items()}
+    for c in runs.values():  # CPU per request, the measure a busy 2-core machine does not distort much
+        n = sum(o["requests"] for k, o in c["operations"].items() if k != "all")
+        c["cpu_ms_per_request"] = {k: round(1000 * v / max(n, 1), 1) for k, v in c["cpu_seconds"].items()}
     save(args.out, {
         "setup": {"clients": args.clients, "client_processes": CLIENT_PROCS, "lfs_kib": args.lfs_kib,
                   "lfs_threshold": LFS_THRESHOLD, "duration_s": args.duration, "request_timeout_s": REQUEST_TIMEOUT,
                   "clients_per_repo": args.clients_per_repo, "mix": "half push (model_info + create_commit with parent_commit), "
                                                 "half pull (hf_hub_download pinned to a commit, sha256 checked)"},
         "server": version.strip(),
-        "postgresql_workers": pg, "sqlite_one_worker": lite,
+        **runs,
         "throughput_ratio_pg_over_sqlite": round(pg["operations"]["all"]["per_s"] /
                                                  max(lite["operations"]["all"]["per_s"], 1e-9), 2),
         "errors": errors,
