@@ -6,6 +6,7 @@ commit's files read back byte for byte; SIGTERM and Ctrl-C stop every worker."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -195,6 +196,51 @@ def test_an_upload_through_one_worker_commits_through_another(served, pg_url):
         backends = con.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = 'zoo'").fetchone()[0]
     assert backends >= 2  # more than one worker holds connections
     assert len([f for f in api.list_repo_files(repo) if f.endswith(".bin")]) == 12
+
+
+def test_sigterm_mid_push_leaves_nothing_half_written(served, pg_url, zoo_cli):
+    """SIGTERM while a large LFS upload streams in: the workers finish what they serve and
+    stop. The push either committed whole or left no commit; no temp file stays behind."""
+    import psycopg
+
+    api = served.api()
+    repo = f"{served.user}/big"
+    api.create_repo(repo)
+    data = os.urandom(48 << 20)
+    result: dict = {}
+
+    def push() -> None:
+        try:
+            result["sha"] = api.upload_file(path_or_fileobj=data, path_in_repo="big.bin", repo_id=repo).oid
+        except Exception as e:  # noqa: BLE001 - the server going away is one outcome
+            result["error"] = e
+
+    t = threading.Thread(target=push)
+    t.start()
+    tmp = served.store / "tmp"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (tmp.is_dir() and any(tmp.glob("*.part"))) and t.is_alive():
+        time.sleep(0.005)
+    mid_upload = tmp.is_dir() and any(tmp.glob("*.part"))
+    code, err = served.stop(signal.SIGTERM)
+    t.join(120)
+    assert not t.is_alive()
+    assert code in (0, -signal.SIGTERM) and "Traceback" not in err, err
+    assert gone(served.workers)
+    with psycopg.connect(pg_url) as con:
+        commits = con.execute("SELECT c.sha FROM hub_commits c JOIN hub_repos r ON r.id = c.repo_pk "
+                              "WHERE r.repo_id = %s", (repo,)).fetchall()
+        big = con.execute("SELECT sha256, size FROM hub_entries WHERE path = 'big.bin'").fetchall()
+    if "sha" in result:  # committed: whole
+        assert result["sha"] in {c[0] for c in commits} and big == [(hashlib.sha256(data).hexdigest(), len(data))]
+    else:
+        assert len(commits) == 1 and big == []  # the initial commit only
+    assert not [p for p in tmp.iterdir()] if tmp.is_dir() else True
+    if mid_upload:  # the upload being received was finished, whole, before its worker stopped
+        blob = served.store / "blobs" / hashlib.sha256(data).hexdigest()[:2] / hashlib.sha256(data).hexdigest()
+        assert blob.is_file() and blob.stat().st_size == len(data)
+    code, out, err = zoo_cli("--registry", pg_url, "--store", served.store, "verify")
+    assert code == 0, out + err
 
 
 def test_ctrl_c_stops_every_worker(served):
