@@ -79,6 +79,15 @@ def tree(pid: int) -> list[int]:
     return out
 
 
+def pg_sessions(url: str) -> int:
+    """Sessions (connections) opened to the database so far, by PostgreSQL's statistics."""
+    import psycopg
+
+    time.sleep(1.5)  # backends report their statistics about once a second
+    with psycopg.connect(url) as con:
+        return con.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
+
+
 def start_server(cli: list[str], env: dict[str, str], workers: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "zoo.cli.main", *cli, "serve", "--port", "0", "--quiet",
                              "--lfs-threshold", str(LFS_THRESHOLD), "--workers", str(workers)], env=env,
@@ -217,6 +226,7 @@ def run_config(name: str, cli: list[str], env: dict[str, str], workers: int, arg
             api.create_repo(r)
         cpu0 = cpu_of(tree(proc.pid))
         pg0 = pg_cpu() if pg_cpu else 0.0
+        sessions0 = pg_sessions(cli[1]) if pg_cpu else 0
         start = time.time() + 5  # the client processes start first, then all begin together
         deadline = start + args.duration
         manager = multiprocessing.get_context("spawn").Manager()
@@ -236,6 +246,8 @@ def run_config(name: str, cli: list[str], env: dict[str, str], workers: int, arg
                 notes.append("the clients did not report by their deadline; their results are lost")
                 pool.terminate()
         server_cpu = cpu_of(tree(proc.pid)) - cpu0
+        pg_used = pg_cpu() - pg0 if pg_cpu else 0.0
+        sessions = pg_sessions(cli[1]) - sessions0 if pg_cpu else 0
         manager.shutdown()
         if proc.poll() is not None:
             notes.append(f"the server died (exit {proc.returncode})")
@@ -249,7 +261,8 @@ def run_config(name: str, cli: list[str], env: dict[str, str], workers: int, arg
     return {"registry": name, "workers": workers, "clients": args.clients, "repos": len(repos),
             "duration_s": args.duration, "operations": summarise(records, args.duration),
             "cpu_seconds": {"zoo_serve": round(server_cpu, 1),
-                            **({"postgresql": round(pg_cpu() - pg0, 1)} if pg_cpu else {})},
+                            **({"postgresql": round(pg_used, 1)} if pg_cpu else {})},
+            **({"postgresql_sessions_opened": sessions} if pg_cpu else {}),
             "verified": checked, "notes": notes}
 
 
@@ -300,9 +313,9 @@ def main() -> None:
     ok = all(c["verified"]["lost_commits"] == 0 and c["verified"]["corrupt_files"] == 0 and
              c["verified"]["zoo_verify_exit"] == 0 for c in runs.values())
     errors = {k: sum(o.get("errors", 0) for o in c["operations"].values()) for k, c in runs.items()}
-    for c in runs.values():  # CPU per request, the measure a busy 2-core machine does not distort much
+    for c in runs.values():  # CPU per operation (a push, a 412 attempt or a pull), the measure a busy 2-core machine does not distort much
         n = sum(o["requests"] for k, o in c["operations"].items() if k != "all")
-        c["cpu_ms_per_request"] = {k: round(1000 * v / max(n, 1), 1) for k, v in c["cpu_seconds"].items()}
+        c["cpu_ms_per_operation"] = {k: round(1000 * v / max(n, 1), 1) for k, v in c["cpu_seconds"].items()}
     save(args.out, {
         "setup": {"clients": args.clients, "client_processes": CLIENT_PROCS, "lfs_kib": args.lfs_kib,
                   "lfs_threshold": LFS_THRESHOLD, "duration_s": args.duration, "request_timeout_s": REQUEST_TIMEOUT,
