@@ -4,11 +4,13 @@ under 1 s).
 A private PostgreSQL server (tests/postgres.py: initdb in a temp folder, a unix socket,
 stopped at the end) holds a real registry made by zoo (the migrated schema), filled as
 bench/list_10k.py fills its SQLite one: models, their files, tasks and tags, in one
-transaction. The floor in the same run is a bare Python process that selects every row
-of the models table with psycopg and prints it as JSON. `zoo list --json` there has
-the server write each model's JSON line (zoo.registry.listing.model_lines), so the
-client's CPU time (recorded too) stays small. Results go to bench/results/list_pg.json,
-with the machine's load average while it ran.
+transaction, with each model's listing line written as zoo's own writes write it
+(zoo.registry.listing.relist). The floor in the same run is a bare Python process that
+selects every row of the models table with psycopg and prints it as JSON. `zoo list
+--json` reads the ready lines (zoo.registry.listing.model_lines); the CPU time of the
+zoo process and of the server for it are recorded too, since on a loaded machine the
+wall time is mostly waiting for a core. Results go to bench/results/list_pg.json, with
+the machine's load average while it ran.
 
     .venv/bin/python bench/list_pg.py [--models 100000] [--runs 5]
 """

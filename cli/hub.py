@@ -96,6 +96,8 @@ def serve(
     lfs_threshold: int = typer.Option(10 * 1024 * 1024, "--lfs-threshold", metavar="BYTES",
                                       help="Files this big or bigger upload through LFS, not inline."),
     quiet: bool = typer.Option(False, "--quiet", help="No access log."),
+    workers: int = typer.Option(1, "--workers", "-w", metavar="N",
+                                help="Processes serving the one port (more than 1: a registry on PostgreSQL)."),
     registry: Optional[Path] = RegistryOpt,
 ) -> None:
     """Serve the registry as a Hugging Face Hub-compatible endpoint (HF_ENDPOINT=URL).
@@ -104,9 +106,10 @@ def serve(
     and `zoo token`. On the first run, a user (your login name) and its write token are
     made, and the token is printed once."""
     from zoo.hub.server import ServeSettings, serve as serve_api
-    from zoo.hub.server.startup import open_accounts
+    from zoo.hub.server.startup import check_workers, open_accounts
 
     where = registry_location()
+    check_workers(workers, where.on_server)  # before anything is bound or made
     path = where.file if where.file is not None else where.store / "registry.db"  # beside it: an old token file
     settings = ServeSettings(open_reads=not private_reads, lfs_threshold=lfs_threshold)
     said: list[str] = []
@@ -117,12 +120,13 @@ def serve(
         return reg
 
     def ready(url: str) -> None:
-        print(f"serving {where.shown} at {url} (reads {'need a token' if private_reads else 'open'}). "
+        many = f", {workers} workers" if workers > 1 else ""
+        print(f"serving {where.shown} at {url} (reads {'need a token' if private_reads else 'open'}{many}). "
               f"Clients: HF_ENDPOINT={url} HF_HUB_DISABLE_XET=1 HF_TOKEN=<token>; pages: {url}/ui", flush=True)
         for line in said:
             print(line, flush=True)
 
-    serve_api(opened, settings, host=host, port=port, on_ready=ready, access_log=not quiet)
+    serve_api(opened, settings, host=host, port=port, on_ready=ready, access_log=not quiet, workers=workers)
 
 
 @token_app.command("create")

@@ -26,7 +26,7 @@ from zoo.checkpoints.compat import CompatReport, compare, nonfinite
 from zoo.checkpoints.heads import DEFAULT_HEAD_PATTERNS
 from zoo.checkpoints.prompts import FORMAT as PROMPTS_FORMAT, is_prompt_file, prompt_splits
 from zoo.errors import AlreadyExists, IncompatibleModels, InUse, NotFound, StorageError, ZooError
-from zoo.registry.listing import iso_utc, list_models
+from zoo.registry.listing import iso_utc, list_models, relist
 from zoo.registry.names import KINDS, parse_ref, validate_name
 from zoo.registry.paths import Location, existing_registry, locate, missing_folder, registry_path
 from zoo.registry.schema import File, HubCommit, HubEntry, HubRepo, LineageEdge, Metric, Model, ModelTag, ProtectionKey, Recipe, Task
@@ -313,6 +313,7 @@ class Registry:
                                         dataset=x.dataset) for x in metrics]
                     s.add(m)
                     s.flush()
+                    _relist(s, [m.id])
                     held.check()  # the last moment to back out
                     for file, digest, source in sealing:
                         self.store.seal(file, digest, source)
@@ -558,6 +559,8 @@ class Registry:
             m = self._resolve(s, ref)
             have = {t.tag for t in m.tags}
             m.tags = [ModelTag(tag=t) for t in sorted((have | set(add)) - set(remove))]
+            s.flush()
+            _relist(s, [m.id])
             return [t.tag for t in m.tags]
 
     def remove(self, ref: str, force: bool = False) -> dict[str, Any]:
@@ -577,8 +580,10 @@ class Registry:
                 digests = {f.sha256 for f in m.files if not f.external_path} | own_artifacts
                 removed = m.ref
                 key = f"{m.id}-{m.name}@{m.version}"
+                based = list(s.scalars(select(Model.id).where(Model.base_id == m.id)))  # their base goes
                 s.delete(m)
                 s.flush()
+                _relist(s, based)
                 still = self._in_use(s, digests, artifacts=bool(own_artifacts))
             for d in digests - still:
                 self.store.remove(d)
@@ -705,6 +710,11 @@ class Registry:
             if task:
                 q = q.where(Metric.task.has(Task.name == task))
             return [{"model": m.ref, **_metric(x)} for x, m in s.execute(q)]
+
+
+def _relist(s: Session, ids: list[int]) -> None:
+    """Rewrite these models' ``zoo list --json`` lines inside the write transaction ``s``."""
+    relist(s.connection().connection.dbapi_connection, ids)
 
 
 def _open_store(location: Location) -> BlobStore:

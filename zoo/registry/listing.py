@@ -69,14 +69,24 @@ def _open(where: Path | Location, kind: str | None) -> Any:
     """A read-only connection to an up-to-date registry (sqlite3, or psycopg on a server)."""
     if kind is not None and kind not in KINDS:
         raise ZooError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
-    revision = schema_revision(where)
-    if revision is None and isinstance(where, Location) and where.on_server:
-        raise NotFound(f"no registry in {where.shown}; create one with `zoo init`")
-    if revision != SCHEMA_HEAD:
-        from zoo.registry.database import upgrade_file  # SQLAlchemy and Alembic: only when needed
+    if _on_server(where):  # one connection both checks the schema and reads
+        con = _server_connect(where)  # type: ignore[arg-type]
+        try:
+            revision = _server_revision(con)
+        except BaseException:
+            con.close()
+            raise
+        if revision == SCHEMA_HEAD:
+            return con
+        con.close()
+        if revision is None:
+            raise NotFound(f"no registry in {where.shown}; create one with `zoo init`")  # type: ignore[union-attr]
+    elif schema_revision(where) == SCHEMA_HEAD:
+        return connect_readonly(_file(where))
+    from zoo.registry.database import upgrade_file  # SQLAlchemy and Alembic: only when needed
 
-        upgrade_file(where)
-    return _server_connect(where) if _on_server(where) else connect_readonly(_file(where))
+    upgrade_file(where)
+    return _server_connect(where) if _on_server(where) else connect_readonly(_file(where))  # type: ignore[arg-type]
 
 
 def _on_server(where: Path | Location) -> bool:
@@ -127,6 +137,23 @@ def _reading(where: Path | Location) -> Any:
     return _Errors()
 
 
+def _row(r: tuple[Any, ...], tasks: dict[int, list[str]], tags: dict[int, list[str]]) -> dict[str, Any]:
+    """A ``list_models`` row from one row of ``_SQL`` and the model's tasks and tags."""
+    return {
+        "name": r[1], "version": r[2], "ref": f"{r[1]}@{r[2]}", "kind": r[3], "form": r[4],
+        "base": f"{r[5]}@{r[6]}" if r[5] is not None else None, "model_type": r[7],
+        "parameters": r[8], "bytes": r[9], "tasks": tasks.get(r[0], []), "tags": tags.get(r[0], []),
+        "created_at": iso_utc(r[10]),
+    }
+
+
+def _by_model(rows: list[tuple[Any, ...]]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for mid, value in rows:
+        out.setdefault(mid, []).append(value)
+    return out
+
+
 def list_models(where: Path | Location, kind: str | None = None, base: str | None = None, task: str | None = None,
                 tag: str | None = None) -> list[dict[str, Any]]:
     """Registered models ordered by name and version, filtered by kind, base, task and tag."""
@@ -138,81 +165,57 @@ def list_models(where: Path | Location, kind: str | None = None, base: str | Non
             binary = ' COLLATE "C"' if _on_server(where) else ""
             clause, args = _filters(con, shown, kind, base, task, tag)
             rows = _rows(con, _SQL + clause + f" ORDER BY m.name{binary}, m.version", args)
-            tasks: dict[int, list[str]] = {}
-            tags: dict[int, list[str]] = {}
-            for mid, name in _rows(con, _TASKS + binary):
-                tasks.setdefault(mid, []).append(name)
-            for mid, tag_ in _rows(con, _TAGS + binary):
-                tags.setdefault(mid, []).append(tag_)
+            tasks = _by_model(_rows(con, _TASKS + binary))
+            tags = _by_model(_rows(con, _TAGS + binary))
     finally:
         con.close()
-    return [
-        {
-            "name": r[1], "version": r[2], "ref": f"{r[1]}@{r[2]}", "kind": r[3], "form": r[4],
-            "base": f"{r[5]}@{r[6]}" if r[5] is not None else None, "model_type": r[7],
-            "parameters": r[8], "bytes": r[9], "tasks": tasks.get(r[0], []), "tags": tags.get(r[0], []),
-            "created_at": iso_utc(r[10]),
-        }
-        for r in rows
-    ]
+    return [_row(r, tasks, tags) for r in rows]
 
 
-def _s(expr: str) -> str:
-    """A text column as JSON (``json.dumps``' escapes for ASCII text), or null."""
-    return f"COALESCE(to_json({expr})::text, 'null')"
-
-
-def _n(expr: str) -> str:
-    return f"COALESCE(({expr})::text, 'null')"
-
-
-# ``json.dumps`` of a ``list_models`` row, written by PostgreSQL: the same keys in the same
-# order, the same separators, ``iso_utc``'s timestamps. ``to_json`` escapes as json.dumps
-# does below DEL; a line with DEL or anything beyond ASCII comes back NULL (json.dumps
-# writes those as \u escapes), and that listing is made the Python way instead.
-_UTC = "(m.created_at AT TIME ZONE 'UTC')"
-_JSON_SQL = f"""
-WITH tk AS (SELECT mt.model_id, concat('[', string_agg(to_json(t.name)::text, ', ' ORDER BY t.name COLLATE "C"), ']') AS j
-            FROM model_tasks mt JOIN tasks t ON t.id = mt.task_id GROUP BY mt.model_id),
-     tg AS (SELECT model_id, concat('[', string_agg(to_json(tag)::text, ', ' ORDER BY tag COLLATE "C"), ']') AS j
-            FROM model_tags GROUP BY model_id),
-     lines AS (
-SELECT m.name, m.version, concat(
-       '{{"name": ', {_s("m.name")}, ', "version": ', {_n("m.version")},
-       ', "ref": ', to_json(concat(m.name, '@', m.version))::text,
-       ', "kind": ', {_s("m.kind")}, ', "form": ', {_s("m.form")},
-       ', "base": ', CASE WHEN b.name IS NULL THEN 'null' ELSE to_json(concat(b.name, '@', b.version))::text END,
-       ', "model_type": ', {_s("m.model_type")}, ', "parameters": ', {_n("m.param_count")},
-       ', "bytes": ', {_n("m.total_bytes")}, ', "tasks": ', COALESCE(tk.j, '[]'),
-       ', "tags": ', COALESCE(tg.j, '[]'), ', "created_at": ',
-       CASE WHEN m.created_at IS NULL THEN 'null' ELSE
-            concat('"', replace(to_char({_UTC}, 'YYYY-MM-DD"T"HH24:MI:SS.US'), '.000000', ''), '+00:00"') END,
-       '}}') AS line
-FROM models m LEFT JOIN models b ON b.id = m.base_id LEFT JOIN tk ON tk.model_id = m.id
-     LEFT JOIN tg ON tg.model_id = m.id
-"""
+def relist(con: Any, ids: list[int] | None = None) -> None:
+    """Write the ``listing`` line of the models ``ids`` (every model, when None): ``json.dumps``
+    of its ``list_models`` row, read through ``con`` (the raw sqlite3 or psycopg connection
+    of the write transaction that changed them, so the line is what a listing would build
+    after it commits). Every write that changes what ``zoo list`` shows of a model calls this."""
+    if ids is not None and not ids:
+        return
+    binary = "" if isinstance(con, sqlite3.Connection) else ' COLLATE "C"'
+    which = "" if ids is None else f" IN ({', '.join('?' * len(ids))})"
+    wanted = list(ids or [])
+    rows = _rows(con, _SQL + (f" WHERE m.id{which}" if which else ""), wanted)
+    tasks = _by_model(_rows(con, _TASKS.replace(" ORDER BY", (f" WHERE mt.model_id{which}" if which else "")
+                                               + " ORDER BY") + binary, wanted))
+    tags = _by_model(_rows(con, _TAGS.replace(" ORDER BY", (f" WHERE model_id{which}" if which else "")
+                                              + " ORDER BY") + binary, wanted))
+    lines = [(json.dumps(_row(r, tasks, tags)), r[0]) for r in rows]
+    sql = "UPDATE models SET listing = ? WHERE id = ?"
+    if isinstance(con, sqlite3.Connection):
+        con.executemany(sql, lines)
+    else:
+        with con.cursor() as cur:
+            cur.executemany(sql.replace("?", "%s"), lines)
 
 
 def model_lines(where: Path | Location, kind: str | None = None, base: str | None = None, task: str | None = None,
                 tag: str | None = None) -> list[str]:
     """``zoo list --json``'s objects, one JSON line per model: ``json.dumps`` of each
-    ``list_models`` row. On PostgreSQL the server writes them, so a listing of 100,000
-    models costs this process little more than reading the text."""
-    if not _on_server(where):
-        return [json.dumps(row) for row in list_models(where, kind, base, task, tag)]
+    ``list_models`` row. Each model's line is written with the model (``relist``), so a
+    listing of 100,000 models is one scan of ready text on either database."""
     con = _open(where, kind)
+    shown = where.shown if isinstance(where, Location) else str(where)
     try:
         with _reading(where):
-            # A parallel plan would build both aggregates in every worker: more CPU, no gain.
-            con.execute("SET LOCAL max_parallel_workers_per_gather = 0")
-            clause, args = _filters(con, where.shown, kind, base, task, tag)  # type: ignore[union-attr]
-            sql = (_JSON_SQL + clause + ") SELECT CASE WHEN octet_length(line) = char_length(line) AND strpos(line, chr(127)) = 0 "
-                   "THEN line END "
-                   'FROM lines ORDER BY name COLLATE "C", version')
-            lines = [r[0] for r in _rows(con, sql, args)]
+            binary = ' COLLATE "C"' if _on_server(where) else ""
+            if _on_server(where):
+                # One backend sorts the lines in memory: no parallel workers, no sort on disk.
+                con.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+                con.execute("SET LOCAL work_mem = '64MB'")
+            clause, args = _filters(con, shown, kind, base, task, tag)
+            lines = [r[0] for r in _rows(con, f"SELECT m.listing FROM models m{clause} "
+                                              f"ORDER BY m.name{binary}, m.version", args)]
     finally:
         con.close()
-    if any(line is None for line in lines):  # text beyond ASCII: json.dumps escapes it, to_json does not
+    if any(line is None for line in lines):  # not expected: every write keeps the lines
         return [json.dumps(row) for row in list_models(where, kind, base, task, tag)]
     return lines
 
@@ -221,15 +224,19 @@ def _file(where: Path | Location) -> Path:
     return where.file if isinstance(where, Location) and where.file is not None else Path(where)  # type: ignore[arg-type]
 
 
+def _server_revision(con: Any) -> str | None:
+    if con.execute("SELECT to_regclass('alembic_version')").fetchone()[0] is None:
+        return None
+    row = con.execute("SELECT version_num FROM alembic_version").fetchone()
+    return row[0] if row else None
+
+
 def schema_revision(where: Path | Location) -> str | None:
     """The registry's schema revision, read without SQLAlchemy (None if it has none)."""
     if isinstance(where, Location) and where.on_server:
         con = _server_connect(where)
         try:
-            if con.execute("SELECT to_regclass('alembic_version')").fetchone()[0] is None:
-                return None
-            row = con.execute("SELECT version_num FROM alembic_version").fetchone()
-            return row[0] if row else None
+            return _server_revision(con)
         finally:
             con.close()
     path = _file(where)

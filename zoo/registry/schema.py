@@ -97,6 +97,9 @@ class Model(Base):
 
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The model's `zoo list --json` line, rewritten by every write that changes it, so a
+    # listing of 100,000 models reads text instead of building it (listing.relist).
+    listing: Mapped[str | None] = mapped_column(Text)
 
     base: Mapped["Model | None"] = relationship(remote_side=[id], foreign_keys=[base_id])
     files: Mapped[list["File"]] = relationship(back_populates="model", cascade="all, delete-orphan",
@@ -296,3 +299,14 @@ class HubToken(Base):
     digest: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class HubUpload(Base):
+    """An LFS object received for a repository and not yet committed: a commit may name
+    it. Kept in the database, so every worker of one server sees the uploads of all."""
+
+    __tablename__ = "hub_uploads"
+
+    repo_pk: Mapped[int] = mapped_column(ForeignKey("hub_repos.id", ondelete="CASCADE"), primary_key=True)
+    oid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -356,7 +356,6 @@ class HubApp(HistoryRoutes):
         if not isinstance(objects, list):
             raise HubError("an LFS batch needs a list of objects")
         now = time.time()
-        self.uploads.expire(now)
         out = []
         for obj in objects:
             oid, size = (str(obj.get("oid", "")), obj.get("size")) if isinstance(obj, dict) else ("", None)
@@ -373,7 +372,7 @@ class HubApp(HistoryRoutes):
 
     async def _known(self, repo_id: str, oid: str) -> int | None:
         """The size of an LFS object this repository may commit without uploading it."""
-        if self.uploads.holds(repo_id, oid):
+        if await run_in_threadpool(self.uploads.holds, repo_id, oid):
             return self.uploads.stored_size(oid)
         return await run_in_threadpool(self.repos.repo_blob_size, repo_id, oid)
 
@@ -401,8 +400,7 @@ class HubApp(HistoryRoutes):
                 change.lfs[path] = (oid, known)
             await run_in_threadpool(check_commit, change, self.repos.store)  # a bad card commits nothing
             sha = await run_in_threadpool(self.repos.commit, repo_id, branch, change, holder.user)
-            for oid, _ in change.lfs.values():
-                self.uploads.committed(repo_id, oid)
+            await run_in_threadpool(self.uploads.committed, repo_id, [oid for oid, _ in change.lfs.values()])
         finally:
             change.discard()
         return JSONResponse({"commitUrl": f"{base_url(request)}/{repo_id}/commit/{sha}", "commitOid": sha,

@@ -1,10 +1,20 @@
-"""Starting ``zoo serve``: the Starlette app over a registry, the socket, uvicorn."""
+"""Starting ``zoo serve``: the Starlette app over a registry, the socket, uvicorn, and
+with ``workers`` > 1 a pre-forked set of uvicorn processes over that one socket.
+
+Workers share nothing in memory that a request depends on: the registry's database holds
+the commits, refs, accounts and received uploads, and the upload-signing key is made
+before the fork. A commit's ``parentCommit`` check and its branch update are one write
+transaction, which on PostgreSQL holds the registry's advisory write lock from its first
+statement, so two workers can never both move a branch from the same parent. Many
+workers need a registry on PostgreSQL: a SQLite file serialises every write anyway.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import signal
 import socket
 import threading
 import time
@@ -92,23 +102,124 @@ def _server(app: Starlette, access_log: bool):
     return uvicorn.Server(config)
 
 
+MAX_WORKERS = 64
+
+
+def check_workers(workers: int, on_server: bool) -> None:
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ZooError(f"--workers {workers}: choose from 1 to {MAX_WORKERS}")
+    if workers > 1 and not on_server:
+        raise ZooError(f"--workers {workers} needs a registry on PostgreSQL (--registry postgresql://...): "
+                       "a SQLite registry serialises every write, so it is served by one worker")
+
+
 def serve(registry: "Registry | Callable[[], Registry]", settings: ServeSettings, host: str = "127.0.0.1",
-          port: int = 8000, on_ready: Callable[[str], None] | None = None, access_log: bool = True) -> None:
+          port: int = 8000, on_ready: Callable[[str], None] | None = None, access_log: bool = True,
+          workers: int = 1) -> None:
     """Serve until interrupted. ``on_ready(url)`` is called once the socket listens.
     ``registry`` may be a function that opens it: it is called only once the address is
-    bound, so a bad --host or --port leaves no new registry behind."""
+    bound, so a bad --host or --port leaves no new registry behind. ``workers`` > 1 (a
+    registry on PostgreSQL) forks that many uvicorn processes over the one socket."""
     check_settings(settings)
+    check_workers(workers, on_server=True)
     sock = bind(host, port)
     try:
         registry = registry() if callable(registry) else registry
+        check_workers(workers, registry.db.on_server)
     except BaseException:
         sock.close()
         raise
     url = f"http://{host}:{sock.getsockname()[1]}"
-    server = _server(make_app(registry, settings), access_log)
+    app = make_app(registry, settings)
     if on_ready is not None:
         on_ready(url)
-    server.run(sockets=[sock])
+    if workers == 1:
+        _server(app, access_log).run(sockets=[sock])
+        return
+    try:
+        Workers(app, registry, sock, access_log).run(workers)
+    finally:
+        sock.close()
+
+
+class Workers:
+    """A pre-forked set of uvicorn processes accepting on one listening socket.
+
+    The parent only watches: a worker that dies is replaced (unless it died at once,
+    which would recur: then all stop, with one line). SIGINT or SIGTERM asks every worker
+    to finish what it is serving and stop (uvicorn's graceful shutdown); a second one
+    forces them. Once all have exited the parent takes the first signal's default action,
+    as one uvicorn process does, so Ctrl-C still ends in the CLI's one line.
+    """
+
+    QUICK_DEATH_S = 5.0  # a worker that dies this soon after its start would die again
+
+    def __init__(self, app: Starlette, registry: Registry, sock: socket.socket, access_log: bool):
+        self.app, self.registry, self.sock, self.access_log = app, registry, sock, access_log
+        self.children: dict[int, float] = {}  # pid -> when it started
+        self.signals: list[int] = []
+
+    def run(self, n: int) -> None:
+        # No connection of the parent's pool may be shared by the children: each opens its own.
+        self.registry.db.engine.dispose()
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        failure: str | None = None
+        try:
+            for _ in range(n):
+                self._spawn()
+            while self.children:
+                try:
+                    pid, status = os.wait()
+                except ChildProcessError:
+                    break
+                started = self.children.pop(pid, None)
+                if started is None or self.signals:
+                    continue
+                code = os.waitstatus_to_exitcode(status)
+                if time.monotonic() - started < self.QUICK_DEATH_S:
+                    failure = f"a worker of zoo serve exited at start (status {code}); see its output above"
+                    self._tell(signal.SIGTERM)
+                    self.signals.append(signal.SIGTERM)
+                else:
+                    self._spawn()  # a crash of one worker does not take the server down
+        finally:
+            self._tell(signal.SIGKILL)  # only if the parent itself failed: none is left otherwise
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if failure is not None:
+            raise ZooError(failure)
+        if self.signals:
+            signal.raise_signal(self.signals[0])
+
+    def _spawn(self) -> None:
+        stops = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # none lands between the fork and the handlers
+        pid = os.fork()
+        if pid == 0:  # the worker: serve until told to stop, then leave without running the parent's code
+            code = 0
+            try:
+                for sig in stops:
+                    signal.signal(sig, signal.SIG_DFL)  # until uvicorn installs its own
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+                _server(self.app, self.access_log).run(sockets=[self.sock])
+            except BaseException:  # pragma: no cover - reported by uvicorn's log
+                code = 1
+            finally:
+                os._exit(code)
+        self.children[pid] = time.monotonic()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+
+    def _on_signal(self, sig: int, _frame: object) -> None:
+        # The first asks for a graceful stop; any further one forces (uvicorn: a second SIGINT).
+        self._tell(signal.SIGTERM if not self.signals else signal.SIGINT)
+        self.signals.append(sig)
+
+    def _tell(self, sig: int) -> None:
+        for pid in list(self.children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
 
 @contextlib.contextmanager

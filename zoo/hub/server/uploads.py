@@ -5,7 +5,10 @@ upload. The PUT body is hashed and written as it arrives, synced to disk, checke
 against its oid and only then adopted into the content-addressed store. Objects
 received but not yet committed are remembered per repository: a commit may name an
 LFS object only if it is among them or already in that repository's history, so a
-write token cannot reach (or probe for) blobs of other repositories or models.
+write token cannot reach (or probe for) blobs of other repositories or models. They are
+remembered in the registry's database (``hub_uploads``), so with ``--workers N`` an
+object uploaded through one worker may be committed through another; the URL's signing
+key is made once, before the workers start, and shared by all of them.
 """
 
 from __future__ import annotations
@@ -18,15 +21,18 @@ import queue
 import secrets
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping
 from urllib.parse import quote
 
+from sqlalchemy import delete, select
 from starlette.concurrency import run_in_threadpool
 
-from zoo.errors import HubError
+from zoo.errors import HubError, RepoNotFound
 from zoo.fileio import DISK_FULL, datasync, start_writeback
 from zoo.registry import Registry
+from zoo.registry.schema import HubRepo, HubUpload
 
 BLOCK = 4 * 1024 * 1024  # upload bytes are handed to the writer thread in blocks this big
 UPLOAD_TTL = 3600  # seconds a signed upload URL stays valid
@@ -39,7 +45,6 @@ class Uploads:
     def __init__(self, registry: Registry):
         self.registry = registry
         self.secret = secrets.token_bytes(32)  # signs upload URLs; new for each server run
-        self.received: dict[tuple[str, str], float] = {}  # (repo, oid) -> when, not yet committed
 
     # -- upload URLs ---------------------------------------------------------------------
     def action(self, base_url: str, repo_id: str, oid: str, size: int, now: float) -> dict[str, Any]:
@@ -79,25 +84,41 @@ class Uploads:
             await run_in_threadpool(self._adopt, tmp, digest)
         finally:
             tmp.unlink(missing_ok=True)
-        self.received[repo_id, oid] = time.time()
+        await run_in_threadpool(self._remember, repo_id, oid)
 
     def _adopt(self, tmp: Path, digest: str) -> None:
         with self.registry.db.store_lock(exclusive=False):  # not while `zoo rm` removes blobs
             self.registry.store.adopt(tmp, digest)
 
+    def _remember(self, repo_id: str, oid: str) -> None:
+        """Record ``oid`` as received for ``repo_id``, and forget uploads never committed
+        once their URLs are long expired."""
+        now = datetime.now(timezone.utc)
+        with self.registry.db.write() as s:
+            s.execute(delete(HubUpload).where(HubUpload.received_at < now - timedelta(seconds=2 * UPLOAD_TTL)))
+            pk = s.scalar(select(HubRepo.id).where(HubRepo.repo_type == "model", HubRepo.repo_id == repo_id))
+            if pk is None:  # deleted since its upload URL was signed
+                raise RepoNotFound(f"repository {repo_id} not found")
+            s.merge(HubUpload(repo_pk=pk, oid=oid, received_at=now))
+
     def holds(self, repo_id: str, oid: str) -> bool:
-        """Whether ``oid`` was uploaded to ``repo_id`` through this server and not yet committed."""
-        return (repo_id, oid) in self.received
+        """Whether ``oid`` was uploaded to ``repo_id`` (through any worker of this server)
+        and not yet committed."""
+        with self.registry.db.read() as s:
+            return s.scalar(select(HubUpload.oid).join(HubRepo, HubRepo.id == HubUpload.repo_pk)
+                            .where(HubRepo.repo_type == "model", HubRepo.repo_id == repo_id,
+                                   HubUpload.oid == oid)) is not None
 
     def stored_size(self, oid: str) -> int | None:
         return self.registry.store.size(oid)
 
-    def committed(self, repo_id: str, oid: str) -> None:
-        self.received.pop((repo_id, oid), None)
-
-    def expire(self, now: float) -> None:
-        """Forget uploads never committed, once their URLs are long expired."""
-        self.received = {k: t for k, t in self.received.items() if now - t < 2 * UPLOAD_TTL}
+    def committed(self, repo_id: str, oids: list[str]) -> None:
+        """Forget the uploads a commit has taken into the repository's history."""
+        if not oids:
+            return
+        with self.registry.db.write() as s:
+            pk = s.scalar(select(HubRepo.id).where(HubRepo.repo_type == "model", HubRepo.repo_id == repo_id))
+            s.execute(delete(HubUpload).where(HubUpload.repo_pk == pk, HubUpload.oid.in_(oids)))
 
 
 async def receive_to_file(chunks: AsyncIterator[bytes], path: Path, limit: int) -> tuple[str, int]:
