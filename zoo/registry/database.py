@@ -72,7 +72,7 @@ def _server_engine(loc: Location) -> Engine:
     url = "postgresql+psycopg://" + loc.url.split("://", 1)[1]
     # A store lock and a write transaction each hold a connection, and `zoo serve` runs
     # many requests at once: room for them, bounded well below the server's 100.
-    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=25, pool_timeout=60,
+    engine = create_engine(url, pool_pre_ping=True, pool_size=15, max_overflow=15, pool_timeout=60,
                            connect_args={"connect_timeout": CONNECT_TIMEOUT_S, "options": "-c timezone=UTC",
                                          "application_name": "zoo"})
 

@@ -22,7 +22,7 @@ from sqlalchemy.types import TypeDecorator
 from zoo.errors import AlreadyExists, StorageError, ZooError
 from zoo.progress import ProgressFactory, no_progress
 from zoo.registry.catalogue import Registry
-from zoo.registry.listing import discard_if_unused
+from zoo.registry.listing import discard_if_unused, relist
 from zoo.registry.paths import Location
 from zoo.registry.schema import Base
 from zoo.registry.store import HeldInterrupts
@@ -150,6 +150,9 @@ def _copy(src: Registry, dst: Registry, report: CopyReport, progress: ProgressFa
                             dconn.execute(twin.insert(), [dict(r._mapping) for r in batch])
                     if dst.db.on_server:
                         _reset_sequences(dconn)
+                    # each listing line is remade by the destination's database: the two
+                    # engines format some values (a timestamp's zero microseconds) differently
+                    relist(dconn.connection.dbapi_connection)
                     copied = _counts(dconn)
                     if copied != counts:
                         bad = {k: (counts[k], copied.get(k)) for k in counts if copied.get(k) != counts[k]}
