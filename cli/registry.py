@@ -270,14 +270,10 @@ def task_add(
 ) -> None:
     """Register a generative task: prompts, an unlabeled pool, with optional reference
     answers for `zoo eval`. Every line is checked first; a bad file registers nothing."""
-    from zoo.errors import AlreadyExists
     from zoo.evaluate import add_prompt_task
 
-    try:
-        info = add_prompt_task(open_registry(create=True), name, path, description=description, model=model,
-                               replace=replace)
-    except AlreadyExists:
-        raise AlreadyExists(f"task {name!r} already exists with other data; pass --replace to replace it") from None
+    info = add_prompt_task(open_registry(create=True), name, path, description=description, model=model,
+                           replace=replace)
     if as_json:
         render.emit_json(info)
     else:

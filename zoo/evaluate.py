@@ -9,6 +9,7 @@ registers one, checked line by line and, given a model, against its context.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from zoo.checkpoints.heads import read_task_heads
 from zoo.checkpoints.prompts import FORMAT as PROMPTS_FORMAT, prompt_splits, read_prompts
-from zoo.errors import PromptDataError, ZooError
+from zoo.errors import AlreadyExists, PromptDataError, ZooError
 from zoo.registry import Registry
 from zoo.checkpoints.taskdata import load_split, task_info
 
@@ -258,6 +259,10 @@ def add_prompt_task(registry: Registry, name: str, path: Path, *, description: s
                            "against its context")
         read_prompts(path, lengths=codec.lengths, context=codec.context)
         meta = {"checked_against": ref, "context": codec.context}
+    if not replace:  # refused before the store ingests the file, so a refusal leaves no blob behind
+        old = next((t for t in registry.tasks() if t["name"] == name), None)
+        if old and old["data_sha256"] and old["data_sha256"] != hashlib.sha256(path.read_bytes()).hexdigest():
+            raise AlreadyExists(f"task {name!r} already exists with other data; pass --replace to replace it")
     task = registry.add_task(name, data=path, data_format=PROMPTS_FORMAT, splits=splits, description=description,
                              metadata=meta or None, replace=replace)
     return {**task, "kind": task_kind(task)}
