@@ -256,8 +256,8 @@ def tasks(as_json: bool = JsonOpt, registry: Optional[Path] = RegistryOpt) -> No
 @task_app.command("add")
 def task_add(
     name: str = typer.Argument(..., metavar="NAME", help="Task name: letters, digits, '.', '-', '_'."),
-    path: Path = typer.Argument(..., metavar="FILE", help="JSONL: one {\"prompt\", \"answer\"?} or "
-                                                          "{\"messages\": [...]} object a line, each with an "
+    path: Path = typer.Argument(..., metavar="FILE", help="JSONL, one record a line: a \"prompt\" and an "
+                                                          "optional \"answer\", or chat \"messages\"; each with an "
                                                           "optional \"split\" (default pool)."),
     description: Optional[str] = typer.Option(None, "--description", "-d", metavar="TEXT",
                                               help="What the task is."),
