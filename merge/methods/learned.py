@@ -34,7 +34,7 @@ COMMON = {
     "lr": Param(1e-3, check_positive, "Adam learning rate"),
     "batch_size": Param(16, check_positive_int, "examples per task per step"),
     "split": Param(None, check_string, "which split of a registry task to learn from "
-                                       "(default: train for entropy, val for ce)"),
+                                       "(default: train for entropy, a generative task's pool; val for ce)"),
     "precision": Param("auto", check_choice("auto", "fp32", "bf16"),
                        "forward precision: auto = bf16 autocast on CUDA, fp32 on CPU"),
     "calibrate": Param(False, check_bool, "temperature-scale each head on its expert and labelled validation data "
