@@ -97,9 +97,12 @@ def print_llm_tour(tour: "LlmTour") -> None:
     tasks = tour.tasks
     print()
     cells = [{"method": r["method"], **{t: f"{100 * r[t]:.1f}" if t in r else "" for t in [*tasks, "avg"]},
-              "time": f"{r['seconds']:.0f} s" if "seconds" in r else ""} for r in tour.table]
-    render.table(cells, [("method", "TEST EXACT MATCH %")] + [(t, t) for t in tasks] + [("avg", "AVG"),
-                                                                                       ("time", "MERGE")])
+              "time": f"{r['seconds']:.1f}" if "seconds" in r else "",
+              "cpu": f"{r['cpu_seconds']:.1f}" if "cpu_seconds" in r else "",
+              "steps": f"{r['steps_per_second']:.2f}" if "steps_per_second" in r else "",
+              "peak": f"{r['peak_rss_mib']:.0f}" if r.get("peak_rss_mib") else ""} for r in tour.table]
+    render.table(cells, [("method", "TEST EXACT MATCH %")] + [(t, t) for t in tasks]
+                 + [("avg", "AVG"), ("time", "MERGE s"), ("cpu", "CPU s"), ("steps", "STEPS/s"), ("peak", "PEAK MiB")])
     for r in tour.table:
         if "not_run" in r:
             print(f"not run: {r['method']}: {r['not_run']}")
@@ -118,7 +121,9 @@ def print_llm_tour(tour: "LlmTour") -> None:
             print(f"protected {victim} expert vs original: max relative logit error {v['max_rel_error']:.1e}, "
                   f"top-1 agreement {100 * v['top1_agreement']:.0f}%")
     print(f"\nbase: {tour.base}   experts: {', '.join(tour.experts.values())}")
-    print(f"({'built' if tour.built else 'cached'}; {tour.seconds:.0f} s, {tour.cpu_seconds:.0f} CPU s)")
+    print(f"({'built' if tour.built else 'cached'}; {tour.seconds:.0f} s, {tour.cpu_seconds:.0f} CPU s; a merge's "
+          "time, steps per second and the process's peak memory are measured in this process, on "
+          f"{tour.threads} torch thread(s))")
     print(f"registry: {tour.registry}\ncache:    {tour.folder}")
     print(f"next: `zoo tasks`, `zoo eval {tour.prefix}-ta --task {tasks[0]}`, `zoo lineage {tour.prefix}-ta`")
 

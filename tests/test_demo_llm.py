@@ -13,13 +13,14 @@ from zoo.demo.llm_tour import LEARNED, PARITY, STATIC, run_llm
 from zoo.demo.llm_zoo import LLM_QUICK
 from zoo.registry import Registry
 
+TIMINGS = ("seconds", "cpu_seconds", "peak_rss_mib", "steps_per_second")
 ROWS = 2 + len(STATIC) + len(LEARNED) + len(PARITY)  # experts, base, then one row per recipe
 
 
 def _numbers(table: list[dict]) -> list[dict]:
     """The table without its timings, which vary from run to run (and a not-run row's
     reason, which may name the registry's folder)."""
-    return [{k: (v if k != "not_run" else True) for k, v in r.items() if k not in ("seconds", "cpu_seconds")}
+    return [{k: (v if k != "not_run" else True) for k, v in r.items() if k not in TIMINGS}
             for r in table]
 
 

@@ -89,6 +89,7 @@ class LlmTour:
     registry: Path
     prefix: str
     selected: dict[str, dict[str, Any]] = field(default_factory=dict)
+    threads: int = LLM_BUILD_THREADS  # torch threads the merges and measurements ran on
 
     @property
     def tasks(self) -> list[str]:
@@ -98,7 +99,7 @@ class LlmTour:
         """The JSON of ``zoo demo --llm --json``."""
         return {"config": asdict(self.config), "folder": str(self.folder), "built": self.built, "base": self.base,
                 "experts": self.experts, "table": self.table, "protection": self.protection,
-                "selected_on_val": self.selected, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
+                "selected_on_val": self.selected, "threads": self.threads, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
                 "registry": str(self.registry)}
 
 
@@ -175,14 +176,38 @@ def _recipe(method: str, base: str, experts: list[str], params: dict[str, Any], 
                       "models": [{"model": ref, "parameters": dict(model_params)} for ref in experts]})
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident memory (Linux: ``5`` to ``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float | None:
+    """This process's peak resident memory since the last reset (``VmHWM``), in MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def _merge(registry: "Registry", name: str, method: str, base: str, experts: list[str], params: dict[str, Any],
            model_params: dict[str, Any], log: Callable[[str], None], report: Report | None) -> dict[str, Any]:
-    """Run one recipe into ``name`` (unless registered already); the wall and CPU seconds it took,
+    """Run one recipe into ``name`` (unless registered already): its wall and CPU seconds,
+    the process's peak memory while it ran and, for a learned merge, its steps per second;
     or why it could not run."""
     from zoo.merge.run import run
 
     if registry.has(name):
         return {}
+    reset = _reset_peak_rss()
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         run(_recipe(method, base, experts, params, model_params), name, registry=registry, device="cpu",
@@ -191,7 +216,13 @@ def _merge(registry: "Registry", name: str, method: str, base: str, experts: lis
         reason = " ".join(str(e).split())[:300] or type(e).__name__
         log(f"{method} ({name}) did not run: {reason}")
         return {"not_run": reason}
-    took = {"seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(time.process_time() - c0, 2)}
+    took: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 2),
+                            "cpu_seconds": round(time.process_time() - c0, 2),
+                            "peak_rss_mib": _peak_rss_mib() if reset else None}
+    learned = (registry.show(name)["recipe"] or {}).get("learned") or {}
+    steps = sum(learned.get(k) or 0 for k in ("steps", "stage2_steps"))
+    if steps and learned.get("seconds"):
+        took["steps_per_second"] = round(steps / learned["seconds"], 2)
     log(f"merged the experts with {method} into {name} in {took['seconds']:.1f} s")
     return took
 
