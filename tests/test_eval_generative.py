@@ -145,7 +145,7 @@ def _refused(zoo_cli, reg: Path, args, pattern: str) -> None:
     ("\n\n", r"no prompts in it \(an empty pool\)"),
     ('{"prompt": "a"}\n{"prompt": "b", \n', r"line 2: invalid JSON"),
     ('{"prompt": "a", "answer": 3}\n', r"\"answer\" must be a string"),
-    ('{"prompt": "upr:abc=", "answer": "' + "A" * 40 + '"}\n', r"longer than the model's context of 32"),
+    ('{"prompt": "up:abc=", "answer": "' + "A" * 40 + '"}\n', r"longer than the model's context of 32"),
 ])
 def test_bad_task_files(zoo_cli, tiny_lm: Path, tmp_path: Path, text: str, pattern: str) -> None:
     assert zoo_cli("add", tiny_lm, "--name", "lm", "--kind", "base")[0] == 0
@@ -159,7 +159,7 @@ def test_refusals(zoo_cli, registered, tmp_path: Path) -> None:
     _refused(zoo_cli, reg, ["task", "add", "t", tmp_path / "missing.jsonl"], "no such prompt file")
     _refused(zoo_cli, reg, ["task", "add", "t", tmp_path], "is a folder")
     other = tmp_path / "other.jsonl"
-    write_task_prompts(other, {"test": [Prompt("upr:abc=", "ABC")]})
+    write_task_prompts(other, {"test": [Prompt("up:abc=", "ABC")]})
     _refused(zoo_cli, reg, ["task", "add", "upper", other], "already exists with other data; pass --replace")
     # prompts without answers cannot be scored by exact match
     _refused(zoo_cli, reg, ["eval", "lm", "--task", "upper", "--split", "pool"], "4 of 4 prompts have no reference")
