@@ -22,7 +22,7 @@ import torch
 from zoo.errors import ZooError
 
 from zoo.merge.learned.merger import Mask, Merger
-from zoo.merge.learned.objectives import cross_entropy, loss as objective_loss, supervised
+from zoo.merge.learned.objectives import cross_entropy, entropy, loss as objective_loss, supervised  # noqa: F401
 
 # forward(task index, merged parameters, batch of model inputs) -> logits. A forward may
 # also have ``all(params, batches, tasks) -> [logits per batch] | None``: the shared body
