@@ -179,6 +179,10 @@ class PlanInputs:
     def codec(self) -> TextCodec:
         return text_codec(self.plan)
 
+    def task_names(self) -> list[str]:
+        """Each model's task: its ``task`` parameter, its registered task, or its label."""
+        return [_task_name(spec, inp) or inp.label for spec, inp in zip(self.plan.recipe.models, self.plan.models)]
+
     def parts(self) -> Parts:
         return read_parts(self.plan, self.device)
 
