@@ -65,6 +65,7 @@ LEARNED = {
 }
 LEARNED_LABELS = {"am-layer": "AdaMerging layer-wise", "concrete-ta": "Concrete TA"}
 PARITY = {"parity-ta": ("parity", {"rounds": 2, "steps": 50, "train": "coefficients,params", "split": "pool",
+                                   "max_new_tokens": 12,
                                    "start": "{prefix}-ta"})}
 PARITY_LABEL = "parity from task arithmetic (label-free, the pools)"
 
