@@ -106,6 +106,14 @@ def print_llm_tour(tour: "LlmTour") -> None:
     for r in tour.table:
         if "not_run" in r:
             print(f"not run: {r['method']}: {r['not_run']}")
+    if tour.parity is not None:
+        p = tour.parity
+        less = f" ({100 * (1 - p['disagreement_end'] / p['disagreement_start']):.0f}% less)" \
+            if p["disagreement_start"] else ""
+        print(f"\nparity from task arithmetic: disagreement with the experts on their pools "
+              f"{100 * p['disagreement_start']:.1f}% → {100 * p['disagreement_end']:.1f}%{less}, round "
+              f"{p['kept_round']} kept; average exact match {100 * p['avg']:.1f}, "
+              f"{100 * (p['avg'] - p['ta_avg']):+.1f} points over task arithmetic")
     if tour.protection is not None:
         locked = tour.protection
         victim = locked["victim"]

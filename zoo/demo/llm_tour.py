@@ -91,6 +91,7 @@ class LlmTour:
     registry: Path
     prefix: str
     selected: dict[str, dict[str, Any]] = field(default_factory=dict)
+    parity: dict[str, Any] | None = None
     threads: int = LLM_BUILD_THREADS  # torch threads the merges and measurements ran on
 
     @property
@@ -101,7 +102,7 @@ class LlmTour:
         """The JSON of ``zoo demo --llm --json``."""
         return {"config": asdict(self.config), "folder": str(self.folder), "built": self.built, "base": self.base,
                 "experts": self.experts, "table": self.table, "protection": self.protection,
-                "selected_on_val": self.selected, "threads": self.threads, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
+                "selected_on_val": self.selected, "parity": self.parity, "threads": self.threads, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
                 "registry": str(self.registry)}
 
 
@@ -295,6 +296,29 @@ def protect_rows(registry: "Registry", base: str, experts: dict[str, str], prefi
     return {"victim": victim, "rows": rows, "verify": registry.show(locked)["recipe"].get("verify")}
 
 
+def parity_summary(registry: "Registry", rows: list[dict[str, Any]], prefix: str) -> dict[str, Any] | None:
+    """The parity row's disagreement with the experts on their pools (the share of pool
+    prompts whose greedy answer differs from the expert's, averaged over tasks), at its
+    start and in the round it kept, from its lineage; and its average against task
+    arithmetic's."""
+    row = next((r for r in rows if r.get("model") == f"{prefix}-parity-ta"), None)
+    if row is None or "not_run" in row:
+        return None
+    learned = registry.show(row["model"])["recipe"].get("learned") or {}
+    table = learned.get("table") or []
+    if not table:
+        return None
+    key = "pool_disagreement" if "pool_disagreement" in table[0] else "disagreement"
+    first, kept = min(r["round"] for r in table), learned.get("kept_round", 0)
+
+    def mean(at: int) -> float:
+        values = [r[key] for r in table if r["round"] == at]
+        return sum(values) / len(values)
+    ta = next(r for r in rows if r.get("model") == f"{prefix}-ta")
+    return {"model": row["model"], "disagreement_start": mean(first), "disagreement_end": mean(kept),
+            "kept_round": kept, "avg": row["avg"], "ta_avg": ta["avg"]}
+
+
 def run_llm(registry: "Registry", *, quick: bool = False, learned: bool = True, protection: bool = True,
             cache: Path | None = None, log: Callable[[str], None] = print, report: Report | None = None) -> LlmTour:
     """The whole LLM tour on ``registry``: build or reuse the cached zoo (``quick``: the
@@ -316,10 +340,11 @@ def run_llm(registry: "Registry", *, quick: bool = False, learned: bool = True, 
         victim = VICTIM if VICTIM in experts else tasks[-1]
         locked = protect_rows(registry, base, experts, prefix, selected["ta"]["weight"], victim, log) \
             if protection else None
+        parity = parity_summary(registry, table, prefix)
     return LlmTour(cfg, folder, rec is not None, base, experts, table, locked,
                    round(time.perf_counter() - t0, 1), round(time.process_time() - c0, 1), registry.path, prefix,
-                   selected)
+                   selected, parity)
 
 
-__all__ = ["LEARNED", "LlmTour", "PARITY", "STATIC", "VICTIM", "WEIGHTS", "measure", "merge_rows", "protect_rows",
-           "register_llm_zoo", "run_llm", "select_weights"]
+__all__ = ["LEARNED", "LlmTour", "PARITY", "STATIC", "VICTIM", "WEIGHTS", "measure", "merge_rows",
+           "parity_summary", "protect_rows", "register_llm_zoo", "run_llm", "select_weights"]
