@@ -108,12 +108,16 @@ def print_llm_tour(tour: "LlmTour") -> None:
             print(f"not run: {r['method']}: {r['not_run']}")
     if tour.parity is not None:
         p = tour.parity
-        less = f" ({100 * (1 - p['disagreement_end'] / p['disagreement_start']):.0f}% less)" \
-            if p["disagreement_start"] else ""
-        print(f"\nparity from task arithmetic: disagreement with the experts on their pools "
-              f"{100 * p['disagreement_start']:.1f}% → {100 * p['disagreement_end']:.1f}%{less}, round "
-              f"{p['kept_round']} kept; average exact match {100 * p['avg']:.1f}, "
-              f"{100 * (p['avg'] - p['ta_avg']):+.1f} points over task arithmetic")
+
+        def change(start: float | None, end: float | None) -> str:
+            if start is None or end is None:
+                return "n/a"
+            less = f" ({100 * (1 - end / start):.0f}% less)" if start else ""
+            return f"{100 * start:.1f}% → {100 * end:.1f}%{less}"
+        print(f"\nparity from task arithmetic (round {p['kept_round']} kept): disagreement with the experts on their "
+              f"reliable pool prompts {change(p['disagreement_start'], p['disagreement_end'])}, on their whole pools "
+              f"{change(p['pool_disagreement_start'], p['pool_disagreement_end'])}; average exact match "
+              f"{100 * p['avg']:.1f}, {100 * (p['avg'] - p['ta_avg']):+.1f} points over task arithmetic")
     if tour.protection is not None:
         locked = tour.protection
         victim = locked["victim"]

@@ -297,10 +297,10 @@ def protect_rows(registry: "Registry", base: str, experts: dict[str, str], prefi
 
 
 def parity_summary(registry: "Registry", rows: list[dict[str, Any]], prefix: str) -> dict[str, Any] | None:
-    """The parity row's disagreement with the experts on their pools (the share of pool
-    prompts whose greedy answer differs from the expert's, averaged over tasks), at its
-    start and in the round it kept, from its lineage; and its average against task
-    arithmetic's."""
+    """The parity row's disagreement with the experts (the share of prompts whose greedy
+    answer differs from the expert's, averaged over tasks) on their reliable prompts and
+    on their whole pools, at its start and in the round it kept, from its lineage; and
+    its average exact match against task arithmetic's."""
     row = next((r for r in rows if r.get("model") == f"{prefix}-parity-ta"), None)
     if row is None or "not_run" in row:
         return None
@@ -308,15 +308,17 @@ def parity_summary(registry: "Registry", rows: list[dict[str, Any]], prefix: str
     table = learned.get("table") or []
     if not table:
         return None
-    key = "pool_disagreement" if "pool_disagreement" in table[0] else "disagreement"
     first, kept = min(r["round"] for r in table), learned.get("kept_round", 0)
 
-    def mean(at: int) -> float:
-        values = [r[key] for r in table if r["round"] == at]
-        return sum(values) / len(values)
+    def mean(key: str, at: int) -> float | None:
+        values = [r[key] for r in table if r["round"] == at and r.get(key) is not None]
+        return sum(values) / len(values) if values else None
     ta = next(r for r in rows if r.get("model") == f"{prefix}-ta")
-    return {"model": row["model"], "disagreement_start": mean(first), "disagreement_end": mean(kept),
-            "kept_round": kept, "avg": row["avg"], "ta_avg": ta["avg"]}
+    # "disagreement": on the reliable prompts (where parity sets come from); "pool_disagreement": on the whole pool
+    return {"model": row["model"], "kept_round": kept, "avg": row["avg"], "ta_avg": ta["avg"],
+            "disagreement_start": mean("disagreement", first), "disagreement_end": mean("disagreement", kept),
+            "pool_disagreement_start": mean("pool_disagreement", first),
+            "pool_disagreement_end": mean("pool_disagreement", kept)}
 
 
 def run_llm(registry: "Registry", *, quick: bool = False, learned: bool = True, protection: bool = True,
