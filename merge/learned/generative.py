@@ -39,39 +39,61 @@ MAX_NEW_TOKENS = 16
 # of the λ range over which greedy answers change; regenerating costs about as much
 # as a few steps (bench/llm_learned.py measures it).
 REFRESH_EVERY = 25
-GENERATE_BATCH = 128  # prompts per decoding batch
+GENERATE_BATCH = 256  # prompts per decoding batch
 
 
 @dataclass
 class Continuations:
-    """One task's prompts, continued greedily by whatever merge ``logits`` runs: a
-    ``TaskData.refresh``. Every task pads to one length, ``longest`` (the longest prompt
+    """Every generative task's prompts, continued greedily by the merge being learned:
+    the one ``TaskData.refresh`` of all the tasks. Where every task runs the same model
+    (a causal LM has no task heads) all prompts decode together, in as few batches as
+    their lengths allow. Every task pads to one length: ``longest`` (the longest prompt
     of any task) plus the new tokens, within the context."""
 
-    name: str
-    prompts: list[list[int]]
+    names: list[str]
+    prompts: list[list[list[int]]]  # [task][prompt] token ids
     eos_id: int
     pad_id: int
-    longest: int
     context: int | None = None
+
+    @property
+    def longest(self) -> int:
+        return max(len(p) for task in self.prompts for p in task)
 
     def length(self, max_new_tokens: int) -> int:
         n = self.longest + max_new_tokens
         return n if self.context is None else min(n, self.context)
 
-    def placeholder(self) -> TaskData:
+    def placeholders(self) -> list[TaskData]:
         """The prompts alone: the loop continues them before its first step."""
-        batch = teacher_forced(self.prompts, [[] for _ in self.prompts], self.pad_id, length=self.longest)
-        return TaskData(self.name, {"input_ids": batch["input_ids"]}, None, self)
+        out = []
+        for name, prompts in zip(self.names, self.prompts):
+            batch = teacher_forced(prompts, [[] for _ in prompts], self.pad_id, length=self.longest)
+            out.append(TaskData(name, {"input_ids": batch["input_ids"]}, None, self))
+        return out
 
-    def __call__(self, logits: Callable[[dict[str, torch.Tensor]], torch.Tensor], max_new_tokens: int,
-                 device: Any) -> TaskData:
-        gens = generate(logits, self.prompts, self.eos_id, max_new_tokens, batch_size=GENERATE_BATCH,
-                        context=self.context, device=device)
-        # the end token is scored where the merge chose it: stopping is a prediction too
-        answers = [list(g.tokens) + ([self.eos_id] if g.ended else []) for g in gens]
-        batch = teacher_forced(self.prompts, answers, self.pad_id, length=self.length(max_new_tokens))
-        return TaskData(self.name, {"input_ids": batch["input_ids"]}, batch["labels"], self)
+    def __call__(self, forward: Any, params: dict[str, torch.Tensor], max_new_tokens: int,
+                 device: Any) -> dict[int, TaskData]:
+        def decode(task: int, prompts: list[list[int]]) -> list[list[int]]:
+            gens = generate(lambda b: forward(task, params, b), prompts, self.eos_id, max_new_tokens,
+                            batch_size=GENERATE_BATCH, context=self.context, device=device)
+            # the end token is scored where the merge chose it: stopping is a prediction too
+            return [list(g.tokens) + ([self.eos_id] if g.ended else []) for g in gens]
+
+        if getattr(forward, "one_model", False):
+            flat = decode(0, [p for task in self.prompts for p in task])
+            answers, at = [], 0
+            for task in self.prompts:
+                answers.append(flat[at:at + len(task)])
+                at += len(task)
+        else:
+            answers = [decode(t, task) for t, task in enumerate(self.prompts)]
+        length = self.length(max_new_tokens)
+        out = {}
+        for t, (name, prompts, task_answers) in enumerate(zip(self.names, self.prompts, answers)):
+            batch = teacher_forced(prompts, task_answers, self.pad_id, length=length)
+            out[t] = TaskData(name, {"input_ids": batch["input_ids"]}, batch["labels"], self)
+        return out
 
 
 def prompt_task_data(names: Sequence[str], prompts: Sequence[Sequence[Prompt]], codec: TextCodec, objective: str,
@@ -89,9 +111,7 @@ def prompt_task_data(names: Sequence[str], prompts: Sequence[Sequence[Prompt]], 
                 if context is not None and len(p) >= context:
                     raise ZooError(f"task {name!r}, {split} prompt {k}: {len(p)} tokens leave no room for an "
                                    f"answer in the model's context of {context}")
-        longest = max(len(p) for task_ids in ids for p in task_ids)
-        return [Continuations(name, task_ids, codec.eos_id, codec.pad_id, longest, context).placeholder()
-                for name, task_ids in zip(names, ids)]
+        return Continuations(list(names), ids, codec.eos_id, codec.pad_id, context).placeholders()
     answers = []
     for name, rows, task_ids in zip(names, prompts, ids):
         task_answers = []

@@ -113,6 +113,11 @@ class ModelForward:
         # a causal LM would build a key/value cache on every call; nothing reads it
         self.extra = {"use_cache": False} if _takes(body.module, "use_cache") else {}
 
+    @property
+    def one_model(self) -> bool:
+        """Whether every task runs the same model (no task heads: a causal LM)."""
+        return not any(self.heads)
+
     def __call__(self, task: int, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = functional_call(self.body.module, {**self.body.rename(params), **self.heads[task]}, args=(),
                               kwargs={**batch, **self.extra}, strict=False)

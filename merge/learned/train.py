@@ -33,9 +33,10 @@ Forward = Callable[[int, dict[str, torch.Tensor], dict[str, torch.Tensor]], torc
 Report = Callable[[int, int, float, float], None]
 # the loss is read back from the device (a synchronisation) every this many steps
 LOG_EVERY = 10
-# refresh(logits(batch), max new tokens, device) -> the task's data anew: a generative
-# task's teacher-forced greedy continuations by the current merge (merge.learned.generative)
-Refresh = Callable[[Callable[[dict[str, torch.Tensor]], torch.Tensor], int, Any], "TaskData"]
+# refresh(forward, merged params, max new tokens, device) -> {task index: its data anew}:
+# generative tasks' teacher-forced greedy continuations by the current merge
+# (merge.learned.generative). One refresh may serve several tasks, and runs once for them.
+Refresh = Callable[[Any, dict[str, torch.Tensor], int, Any], dict[int, "TaskData"]]
 
 
 def forward_all(forward: Forward, params: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]],
@@ -226,10 +227,13 @@ class Loop:
         self.refreshes += 1
         device = self.merger.base_flat.device
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.s.autocast else nullcontext()
+        refreshes: list[Refresh] = []
+        for d in self.batches.data:
+            if d.refresh is not None and not any(d.refresh is r for r in refreshes):
+                refreshes.append(d.refresh)
         with torch.no_grad(), ctx:
-            for t, d in enumerate(self.batches.data):
-                if d.refresh is not None:
-                    fresh = d.refresh(lambda b, t=t: self.forward(t, params, b), self.s.max_new_tokens or 0, device)
+            for r in refreshes:
+                for t, fresh in r(self.forward, params, self.s.max_new_tokens or 0, device).items():
                     self.batches.replace(t, fresh)
 
     def loss(self, params: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, float]:
