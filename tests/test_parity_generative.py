@@ -170,28 +170,38 @@ def test_disagreement_falls_and_the_lineage_and_metrics_say_so(zoo_reg):
 
 def test_same_seed_same_bytes_other_seed_other_bytes(zoo_reg):
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        merge.run(recipe(seed=seed, view="sample", tau=0.05, rounds=1, steps=5, keep="last"), name, registry=zoo_reg)
+        merge.run(recipe(seed=seed, batch_size=4, rounds=1, steps=5, keep="last"), name, registry=zoo_reg)
     a, b, c = (weights(zoo_reg, n) for n in "abc")
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a)
 
 
 def test_a_protected_teacher_teaches_as_the_original(zoo_reg):
-    """MergeLock keeps the function: the protected expert's answers, reliability and parity
-    sets are the original's, and with the answer-token loss alone the merge is the same
-    bytes (the KL terms see distributions that differ by float rounding)."""
+    """MergeLock keeps the function: the protected expert's answers (greedy and sampled),
+    reliability and parity sets are the original's, and with the answer-token loss alone
+    the merge is the same bytes (the KL terms see distributions that differ by float
+    rounding)."""
     from zoo.protect.run import protect
 
-    protect("rev", "rev-locked", registry=zoo_reg, seed=3)
-    models = [{"model": "add"}, {"model": "rev", "parameters": {"teacher": "rev-locked"}}, {"model": "upper"}]
+    protect("upper", "upper-locked", registry=zoo_reg, seed=3)
+    codec = TextCodec.from_folder(zoo_reg.model_dir("base"), context=CFG.context)
+    prompts = [codec.prompt_ids(p) for p in read_prompts(zoo_reg.task_data("upper"), split="pool")]
+    seen = []
+    for name in ("upper", "upper-locked"):
+        _, fn = lm_of(zoo_reg.model_dir(name))
+        seen.append(annotate(fn, prompts, codec, settings(view="sample", max_new_tokens=12),
+                             torch.Generator().manual_seed(0), "cpu", True))
+    assert seen[0].texts == seen[1].texts and seen[0].view_texts == seen[1].view_texts
+    torch.testing.assert_close(seen[1].confidence, seen[0].confidence, rtol=1e-4, atol=1e-5)
+    models = [{"model": "add"}, {"model": "rev"}, {"model": "upper", "parameters": {"teacher": "upper-locked"}}]
     for loss in ({"agree_weight": 0.0}, {"agree_weight": 0.1, "kl_weight": 0.5}):
         tag = "hard" if loss["agree_weight"] == 0 else "kl"
-        opts = {"view": "sample", "tau": 0.3, "rounds": 2, "steps": 8, **loss}
+        opts = {"rounds": 2, "steps": 8, **loss}
         plain = merge.run(recipe(**opts), f"{tag}-plain", registry=zoo_reg)
         locked = merge.run(recipe(models=models, **opts), f"{tag}-locked", registry=zoo_reg)
         assert [(r["reliable"], r["parity"]) for r in locked["parity"]] == \
             [(r["reliable"], r["parity"]) for r in plain["parity"]]
-        assert sum(r["parity"] for r in plain["parity"] if r["task"] == "rev") > 0
+        assert sum(r["parity"] for r in plain["parity"] if r["task"] == "upper") > 0
         learned = [zoo_reg.show(n)["recipe"]["learned"] for n in (f"{tag}-plain", f"{tag}-locked")]
         assert learned[0]["teacher_answers"] == learned[1]["teacher_answers"]
         a, b = weights(zoo_reg, f"{tag}-plain"), weights(zoo_reg, f"{tag}-locked")
@@ -200,7 +210,7 @@ def test_a_protected_teacher_teaches_as_the_original(zoo_reg):
         else:
             for n in a:
                 torch.testing.assert_close(b[n], a[n], rtol=1e-3, atol=1e-4)
-    assert zoo_reg.show("hard-locked")["recipe"]["learned"]["teachers"] == ["add@1", "rev-locked@1", "upper@1"]
+    assert zoo_reg.show("hard-locked")["recipe"]["learned"]["teachers"] == ["add@1", "rev@1", "upper-locked@1"]
 
 
 def test_a_view_for_images_is_refused_on_prompts(zoo_reg):

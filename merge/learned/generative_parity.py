@@ -14,7 +14,9 @@ Per round, as for classifiers (``merge.learned.parity``):
 3. **Level**: token-level cross-entropy on the expert's answer (teacher-forced, the
    prompt masked), plus kl_weight·T²·KL(expert ‖ merge) at T over the answer positions,
    on the parity set; plus agree_weight·KL(expert ‖ merge) over the answer positions of
-   reliable prompts where the two agree, so they do not regress.
+   reliable prompts where the two agree, so they do not regress (also for a task whose
+   parity set is empty that round: with a whole answer at stake, a task left out of the
+   loss for a round loses agreement quickly).
 
 Why a sampled decode and not a perturbed prompt as the second view: for short checkable
 answers (sort, reverse, count) any edit of the prompt changes the right answer, so a
