@@ -12,7 +12,7 @@ PIP    := -m pip install --quiet -c constraints.txt
 PINNED := PIP_CONSTRAINT=$(CURDIR)/constraints.txt
 LOCK_VENV := .venv-lock
 
-.PHONY: demo test setup postgres browser bench docs lock clean
+.PHONY: demo demo-llm test setup postgres browser bench docs lock clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/zoo demo
+
+# The LLM demo: a tiny Llama base, one causal-LM expert per text task, merged and measured by
+# greedy exact match (docs/demo.md).
+demo-llm: $(STAMP)
+	$(BIN)/zoo demo --llm
 
 # The registry tests run on SQLite and on a real PostgreSQL server that the tests start on a
 # private port and socket in a temp folder and stop at the end (tests/postgres.py). This

@@ -49,6 +49,7 @@ app.add_typer(hub.user_app, name="user")
 app.add_typer(hub.org_app, name="org")
 app.add_typer(protect.key_app, name="key")
 app.add_typer(registry.registry_app, name="registry")
+app.add_typer(registry.task_app, name="task")
 
 
 def _quiet_third_party_bars() -> None:

@@ -14,6 +14,9 @@ app = Typer()
 # `zoo registry ...`: commands on a whole registry.
 registry_app = Typer(name="registry", no_args_is_help=True,
                      help="Whole registries: copy one between SQLite and PostgreSQL.")
+# `zoo task ...`: commands on one task (`zoo tasks` lists them all).
+task_app = Typer(name="task", no_args_is_help=True,
+                 help="Tasks: register a generative task from a JSONL file of prompts.")
 
 KINDS_HELP = "base | expert | adapter | merged | protected"
 
@@ -236,14 +239,48 @@ def rm(name: str = typer.Argument(..., metavar="MODEL", help="A registry name.")
 
 @app.command()
 def tasks(as_json: bool = JsonOpt, registry: Optional[Path] = RegistryOpt) -> None:
-    """List registered tasks."""
-    rows = open_registry().tasks()
+    """List registered tasks: classification (labels) or generative (prompts), and their splits."""
+    from zoo.evaluate import task_kind
+
+    rows = [{**row, "kind": task_kind(row)} for row in open_registry().tasks()]
     if as_json:
         render.emit_json(rows)
         return
     for row in rows:
-        row["n_labels"] = len(row["labels"] or [])
-    render.table(rows, [("name", "TASK"), ("n_labels", "LABELS"), ("splits", "SPLITS"), ("description", "DATA")])
+        row["n_labels"] = len(row["labels"] or []) if row["kind"] != "generative" else None
+        row["split_sizes"] = [f"{k}={v}" for k, v in (row["splits"] or {}).items()]
+    render.table(rows, [("name", "TASK"), ("kind", "KIND"), ("n_labels", "LABELS"), ("split_sizes", "SPLITS"),
+                        ("description", "DATA")])
+
+
+@task_app.command("add")
+def task_add(
+    name: str = typer.Argument(..., metavar="NAME", help="Task name: letters, digits, '.', '-', '_'."),
+    path: Path = typer.Argument(..., metavar="FILE", help="JSONL, one record a line: a \"prompt\" and an "
+                                                          "optional \"answer\", or chat \"messages\"; each with an "
+                                                          "optional \"split\" (default pool)."),
+    description: Optional[str] = typer.Option(None, "--description", "-d", metavar="TEXT",
+                                              help="What the task is."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", metavar="MODEL",
+                                        help="Also check that every prompt and answer fit this registered "
+                                             "model's context, as its tokenizer counts them."),
+    replace: bool = typer.Option(False, "--replace", help="Replace the data of a task of that name."),
+    as_json: bool = JsonOpt,
+    registry: Optional[Path] = RegistryOpt,
+) -> None:
+    """Register a generative task: prompts, an unlabeled pool, with optional reference
+    answers for `zoo eval`. Every line is checked first; a bad file registers nothing."""
+    from zoo.evaluate import add_prompt_task
+
+    info = add_prompt_task(open_registry(create=True), name, path, description=description, model=model,
+                           replace=replace)
+    if as_json:
+        render.emit_json(info)
+    else:
+        splits = ", ".join(f"{k} {v}" for k, v in info["splits"].items())
+        checked = info["metadata"].get("checked_against")
+        print(f"added task {info['name']} ({info['kind']}; {splits})"
+              + (f"; fits {checked}'s context of {info['metadata']['context']}" if checked else ""))
 
 
 @app.command("eval")
@@ -251,15 +288,25 @@ def eval_(name: str = typer.Argument(..., metavar="MODEL", help="A registry name
           task: list[str] = typer.Option([], "--task", "-t", metavar="TASK",
                                          help="Task (repeatable; default: the model's own)."),
           split: str = typer.Option("test", "--split", metavar="SPLIT", help="The task data's split."),
+          max_new_tokens: Optional[int] = typer.Option(
+              None, "--max-new-tokens", metavar="N", min=1,
+              help="Generative tasks: the most tokens a greedy answer may have (default: the longest reference "
+                   "answer's, with its end token)."),
           as_json: bool = JsonOpt, registry: Optional[Path] = RegistryOpt) -> None:
-    """Measure a model on a task's split and record the metric."""
-    from zoo.evaluate import evaluate
+    """Measure a model on a task's split and record the metric: accuracy on a
+    classification task; on a generative task, the exact match of greedy answers and the
+    reference answers' mean log-likelihood, per token (LOGLIK/TOK) and per answer."""
+    from zoo.evaluate import LOGLIK_ANSWER, LOGLIK_TOKEN, evaluate
 
-    results = evaluate(open_registry(), name, task or None, split=split)
+    results = evaluate(open_registry(), name, task or None, split=split, max_new_tokens=max_new_tokens)
     if as_json:
         render.emit_json(results)
-    else:
+    elif all(r["metric"] == "accuracy" for r in results):
         render.table(results, [("model", "MODEL"), ("task", "TASK"), ("split", "SPLIT"), ("value", "ACCURACY"),
+                               ("n", "N")])
+    else:
+        render.table(results, [("model", "MODEL"), ("task", "TASK"), ("split", "SPLIT"), ("metric", "METRIC"),
+                               ("value", "VALUE"), (LOGLIK_TOKEN, "LOGLIK/TOK"), (LOGLIK_ANSWER, "LOGLIK/ANSWER"),
                                ("n", "N")])
 
 

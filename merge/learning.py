@@ -19,6 +19,7 @@ from zoo.textgen import TextCodec
 from zoo.checkpoints.taskdata import task_info
 
 from zoo.merge.plan import Plan, read_input
+from zoo.merge.learned.generative import prompt_task_data
 from zoo.merge.learned.data import from_path, from_registry, from_task_file, is_generative_file, prompts_from
 from zoo.merge.learned.objectives import default_split, supervised
 from zoo.merge.learned.parity import Log, Teacher, TeacherFactory
@@ -33,6 +34,13 @@ if TYPE_CHECKING:
 
 
 def task_data(plan: Plan, registry: "Registry | None", objective: str, split: str | None) -> list[TaskData]:
+    """Each task's data for ``objective``: inputs (and labels) of a split, or, for
+    generative tasks, their prompts (``merge.learned.generative``)."""
+    prompts = task_prompts(plan, registry, split or default_split(objective, generative=True))
+    if prompts is not None:
+        names = [_task_name(spec, inp) or inp.label for spec, inp in zip(plan.recipe.models, plan.models)]
+        return prompt_task_data(names, prompts, text_codec(plan), objective,
+                                split or default_split(objective, generative=True))
     labelled = supervised(objective)
     split = split or default_split(objective)
     base_dir = next(iter(plan.base.ckpt.files.values())).parent if plan.base is not None else None
@@ -170,6 +178,10 @@ class PlanInputs:
 
     def codec(self) -> TextCodec:
         return text_codec(self.plan)
+
+    def task_names(self) -> list[str]:
+        """Each model's task: its ``task`` parameter, its registered task, or its label."""
+        return [_task_name(spec, inp) or inp.label for spec, inp in zip(self.plan.recipe.models, self.plan.models)]
 
     def parts(self) -> Parts:
         return read_parts(self.plan, self.device)

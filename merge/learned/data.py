@@ -27,7 +27,9 @@ LABEL_KEYS = ("labels", "label", "y")
 
 def is_generative_file(path: Path) -> bool:
     """Whether task data is a generative task's JSONL prompts (``{"prompt": ...}`` or
-    ``{"messages": ...}`` lines), rather than inputs and labels."""
+    ``{"messages": ...}`` lines), rather than inputs and labels (``{"text": ...}``
+    lines). The first line decides; one that is neither reads as texts, whose error
+    names both."""
     p = Path(path)
     if not p.is_file() or not is_prompt_file(p):
         return False
@@ -37,7 +39,7 @@ def is_generative_file(path: Path) -> bool:
         row = json.loads(first)
     except ValueError:
         return True  # read_prompts gives the line's error
-    return not (isinstance(row, dict) and "text" in row)
+    return isinstance(row, dict) and "text" not in row and bool({"prompt", "messages", "answer", "split"} & set(row))
 
 
 def prompts_from(path: str | Path, task: str, split: str) -> list[Prompt]:
@@ -100,7 +102,7 @@ def _texts(p: Path, task: str, base_dir: Path | None, labelled: bool, max_length
         except json.JSONDecodeError:
             raise ZooError(f"{p}:{i}: not a JSON object") from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise ZooError(f"{p}:{i}: each line needs a \"text\" string")
+            raise ZooError(f"{p}:{i}: each line needs a \"text\" string (a generative task's: a \"prompt\")")
         texts.append(row["text"])
         labels.append(row.get("label"))
     if base_dir is None or not any((base_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",

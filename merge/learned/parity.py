@@ -42,7 +42,7 @@ TeacherFactory = Callable[[], Teacher]
 Log = Callable[[str], None]
 
 TRAINABLE = ("coefficients", "mask", "params")
-VIEWS = ("auto", "shift", "noise", "drop", "none")
+VIEWS = ("auto", "shift", "noise", "drop", "none", "sample")  # sample: generated answers only
 CHUNK = 256  # examples per forward when labelling or measuring a whole pool
 
 
@@ -68,6 +68,8 @@ class ParitySettings:
     seed: int = 0
     autocast: bool = False  # bf16 forward (CUDA)
     pad_id: int = 0  # the token a dropped token becomes (view drop)
+    max_new_tokens: int = 32  # generative tasks: the longest answer a teacher or the merge gives
+    sample_temp: float = 1.0  # generative view sample: the second decode's temperature
 
     def __post_init__(self) -> None:
         if not 0 < self.tau <= 1:
@@ -464,3 +466,13 @@ def _check_labels(merger: Merger, forward: Forward, annotations: list[Annotation
             if classes != a.logits.shape[-1]:
                 raise ZooError(f"task {d.name!r}: its teacher predicts {a.logits.shape[-1]} labels but the merged "
                                f"model's head for it has {classes}; the teacher must share the head's label set")
+
+
+# The generative path (merge.learned.generative_parity) levels the same student with the
+# same optimiser set-up and batch cycling.
+Cycle = _Cycle
+
+
+def trainable(student: Student, s: ParitySettings, device) -> list[torch.Tensor]:
+    """What ``s.train`` names, switched to requires_grad (and the rest off)."""
+    return _trainable(student, s, device)

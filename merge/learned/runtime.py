@@ -110,10 +110,17 @@ class ModelForward:
         self.heads = [body.rename(h) for h in heads]
         self.head_name = _head_module(body.module, self.heads)
         self.shared = self.head_name is not None or not any(self.heads)
+        # a causal LM would build a key/value cache on every call; nothing reads it
+        self.extra = {"use_cache": False} if _takes(body.module, "use_cache") else {}
+
+    @property
+    def one_model(self) -> bool:
+        """Whether every task runs the same model (no task heads: a causal LM)."""
+        return not any(self.heads)
 
     def __call__(self, task: int, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = functional_call(self.body.module, {**self.body.rename(params), **self.heads[task]}, args=(),
-                              kwargs=batch, strict=False)
+                              kwargs={**batch, **self.extra}, strict=False)
         return _logits(out)
 
     def all(self, params: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]],
@@ -123,7 +130,7 @@ class ModelForward:
         if not self.shared or not _stackable(batches):
             return None
         sizes = [len(next(iter(b.values()))) for b in batches]
-        joint = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        joint = {**{k: torch.cat([b[k] for b in batches]) for k in batches[0]}, **self.extra}
         renamed = self.body.rename(params)
         if self.head_name is None:  # no heads: one model for every task
             out = _logits(functional_call(self.body.module, renamed, args=(), kwargs=joint, strict=False))
@@ -164,6 +171,15 @@ class ModelForward:
 def make_forward(body: Body, heads: list[dict[str, torch.Tensor]]) -> ModelForward:
     """forward(task, merged body, batch): the module with the merged body and task's head."""
     return ModelForward(body, heads)
+
+
+def _takes(module: nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _logits(out) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from zoo.errors import ZooError
 
 from zoo.merge.learned.merger import Mask, Merger
-from zoo.merge.learned.objectives import cross_entropy, entropy, supervised
+from zoo.merge.learned.objectives import cross_entropy, entropy, loss as objective_loss, supervised  # noqa: F401
 
 # forward(task index, merged parameters, batch of model inputs) -> logits. A forward may
 # also have ``all(params, batches, tasks) -> [logits per batch] | None``: the shared body
@@ -33,6 +33,10 @@ Forward = Callable[[int, dict[str, torch.Tensor], dict[str, torch.Tensor]], torc
 Report = Callable[[int, int, float, float], None]
 # the loss is read back from the device (a synchronisation) every this many steps
 LOG_EVERY = 10
+# refresh(forward, merged params, max new tokens, device) -> {task index: its data anew}:
+# generative tasks' teacher-forced greedy continuations by the current merge
+# (merge.learned.generative). One refresh may serve several tasks, and runs once for them.
+Refresh = Callable[[Any, dict[str, torch.Tensor], int, Any], dict[int, "TaskData"]]
 
 
 def forward_all(forward: Forward, params: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]],
@@ -48,11 +52,13 @@ def forward_all(forward: Forward, params: dict[str, torch.Tensor], batches: list
 @dataclass
 class TaskData:
     """One task's examples: model inputs (first dimension = examples) and, for the
-    supervised objective, labels."""
+    supervised objective, labels (a causal LM's: per token). ``refresh`` remakes them
+    from the current merge every ``Settings.refresh_every`` steps (generative entropy)."""
 
     name: str
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor | None = None
+    refresh: Refresh | None = None
 
     def __len__(self) -> int:
         return next(iter(self.inputs.values())).shape[0]
@@ -77,6 +83,8 @@ class Settings:
     inner_lr: float | None = None  # concrete_adamerging's inner coefficient steps
     stage1_order: str | None = None  # concrete_adamerging: reference | reset_first
     final_mask: str | None = None  # masked merges: relaxed | bernoulli, the draw the saved model folds in
+    max_new_tokens: int | None = None  # generative entropy: the greedy continuations' length
+    refresh_every: int | None = None  # generative entropy: steps between continuations by the current merge
     seed: int = 0
     autocast: bool = False  # bf16 forward (CUDA)
 
@@ -103,6 +111,7 @@ class Result:
     steps_done: int = 0
     rounds: list[dict[str, Any]] = field(default_factory=list)  # parity: per round and task
     offsets: dict[str, torch.Tensor] = field(default_factory=dict)  # parity: trained parameter offsets
+    refreshes: int = 0  # generative entropy: how many times the continuations were remade
 
     @property
     def steps_per_second(self) -> float:
@@ -113,12 +122,23 @@ class Batches:
     """Shuffled, cycled batches per task, from one seeded generator."""
 
     def __init__(self, data: list[TaskData], batch_size: int, generator: torch.Generator, device):
-        if sum(t.nbytes for d in data for t in d.inputs.values()) <= 1 << 30:  # small: move once
-            data = [TaskData(d.name, {k: v.to(device) for k, v in d.inputs.items()},
-                             d.labels.to(device) if d.labels is not None else None) for d in data]
+        self.small = sum(t.nbytes for d in data for t in d.inputs.values()) <= 1 << 30  # small: move once
+        if self.small:
+            data = [self.placed(d, device) for d in data]
         self.data, self.bs, self.gen, self.device = data, batch_size, generator, device
         self.order = [torch.empty(0, dtype=torch.long) for _ in data]
         self.pos = [0] * len(data)
+
+    @staticmethod
+    def placed(d: TaskData, device) -> TaskData:
+        return TaskData(d.name, {k: v.to(device) for k, v in d.inputs.items()},
+                        d.labels.to(device) if d.labels is not None else None, d.refresh)
+
+    def replace(self, t: int, d: TaskData) -> None:
+        """Task ``t``'s examples anew, as many as before: the shuffled order goes on."""
+        if len(d) != len(self.data[t]):
+            raise ZooError(f"task {d.name!r}: {len(d)} examples where there were {len(self.data[t])}")
+        self.data[t] = self.placed(d, self.device) if self.small else d
 
     def next(self, t: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         d = self.data[t]
@@ -152,7 +172,7 @@ def _loss(merger_params: dict[str, torch.Tensor], forward: Forward, batches: Bat
         logits = forward_all(forward, merger_params, [inputs for inputs, _ in drawn])
     total = None
     for out, (_, labels) in zip(logits, drawn):
-        loss = cross_entropy(out, labels) if supervised(objective) else entropy(out)
+        loss = objective_loss(objective, out, labels)
         total = loss if total is None else total + loss
     assert total is not None
     return total
@@ -187,10 +207,34 @@ class Loop:
         self.done = 0
         # steps whose loss is still on the device: (step, total, loss, extra)
         self.pending: list[tuple[int, int, torch.Tensor, dict[str, float]]] = []
+        self.refreshed = -1  # steps done when the data was last remade (refresh)
+        self.refreshes = 0
 
     def objective(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Σ over tasks of the objective on one batch each, left on the device."""
+        self.refresh(params)
         return _loss(params, self.forward, self.batches, self.s.objective, self.s.autocast)
+
+    def refresh(self, params: dict[str, torch.Tensor]) -> None:
+        """Remake the tasks that refresh (a generative task's continuations by the merge
+        ``params``) before the first step and every ``refresh_every`` steps after."""
+        every = self.s.refresh_every or 0
+        if self.done == self.refreshed or (self.refreshed >= 0 and (every < 1 or self.done % every)):
+            return
+        if not any(d.refresh is not None for d in self.batches.data):
+            return
+        self.refreshed = self.done
+        self.refreshes += 1
+        device = self.merger.base_flat.device
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.s.autocast else nullcontext()
+        refreshes: list[Refresh] = []
+        for d in self.batches.data:
+            if d.refresh is not None and not any(d.refresh is r for r in refreshes):
+                refreshes.append(d.refresh)
+        with torch.no_grad(), ctx:
+            for r in refreshes:
+                for t, fresh in r(self.forward, params, self.s.max_new_tokens or 0, device).items():
+                    self.batches.replace(t, fresh)
 
     def loss(self, params: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, float]:
         """The objective and its value (a one-line error where it is not finite). Reading
@@ -232,7 +276,7 @@ class Loop:
                 raise ZooError(f"the merged tensor {n} has NaN or infinite values; nothing was written")
         return Result(merged, merger.coefficients_list(), mask_bits and {n: b.cpu() for n, b in mask_bits.items()},
                       {n: x.cpu() for n, x in merger.logits_dict().items()} if mask_bits else None,
-                      self.history, seconds, self.done)
+                      self.history, seconds, self.done, refreshes=self.refreshes)
 
 
 def adam(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:

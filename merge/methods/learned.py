@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from zoo.errors import ZooError
 
+from zoo.merge.learned.generative import MAX_NEW_TOKENS, REFRESH_EVERY, is_generative
 from zoo.merge.learned.merger import Merger
 from zoo.merge.learned.objectives import OBJECTIVES, default_split, supervised
 from zoo.merge.learned.start import Start, StartSource
@@ -33,12 +34,16 @@ COMMON = {
     "lr": Param(1e-3, check_positive, "Adam learning rate"),
     "batch_size": Param(16, check_positive_int, "examples per task per step"),
     "split": Param(None, check_string, "which split of a registry task to learn from "
-                                       "(default: train for entropy, val for ce)"),
+                                       "(default: train for entropy, a generative task's pool; val for ce)"),
     "precision": Param("auto", check_choice("auto", "fp32", "bf16"),
                        "forward precision: auto = bf16 autocast on CUDA, fp32 on CPU"),
     "calibrate": Param(False, check_bool, "temperature-scale each head on its expert and labelled validation data "
                                           "before learning (uses labels)"),
     "calibration_split": Param(None, check_string, "split to calibrate on (default val)"),
+    "max_new_tokens": Param(MAX_NEW_TOKENS, check_positive_int,
+                            "generative tasks, entropy: new tokens of the merge's greedy continuations at most"),
+    "refresh_every": Param(REFRESH_EVERY, check_positive_int,
+                           "generative tasks, entropy: steps between continuations by the current merge"),
 }
 MODEL = {
     "task": Param(None, check_string, "the task this expert serves (default: its registered task)"),
@@ -94,11 +99,14 @@ class LearnedMethod(MergeMethod):
         parts.task_vectors = []  # the merger holds its own copy
         forward = parts.forward
         temps = None
+        generative = is_generative(data)
         if self.option(options, "calibrate"):
+            if generative:
+                raise ZooError("calibrate temperature-scales classifier heads; a causal LM's tasks have none")
             forward, temps = calibrated(forward, merger,
                                         inputs.task_data("ce", self.option(options, "calibration_split")))
         result = self.fit(merger, forward, data, s, inputs.report)
-        split = self.option(options, "split") or default_split(s.objective)
+        split = self.option(options, "split") or default_split(s.objective, generative)
         labels = [split] if supervised(s.objective) else []
         if temps is not None:
             labels.append(self.option(options, "calibration_split") or default_split("ce"))
@@ -110,6 +118,11 @@ class LearnedMethod(MergeMethod):
         if temps is not None:
             used["temperatures"] = temps  # fitted on labelled validation data
             used["calibration_split"] = self.option(options, "calibration_split") or default_split("ce")
+        if generative:  # what the tokens were: reference answers (ce) or the merge's own continuations
+            used["generative"] = True
+            if not supervised(s.objective):
+                used.update({"max_new_tokens": s.max_new_tokens, "refresh_every": s.refresh_every,
+                             "refreshes": result.refreshes})
         used.update(self.recorded(options, s))
         return result, used
 
@@ -120,11 +133,16 @@ class LearnedMethod(MergeMethod):
     def card_lines(self, learned):
         if not learned:
             return []
+        generative = learned.get("generative")
         if learned.get("supervised"):
             read = ", ".join(f"`{x}`" for x in learned.get("labels_read") or [learned["split"]])
-            what = ("cross-entropy on labelled data" if learned["objective"] == "ce"
+            what = ("token cross-entropy on reference answers" if generative and learned["objective"] == "ce"
+                    else "cross-entropy on labelled data" if learned["objective"] == "ce"
                     else "prediction entropy on unlabeled inputs, with heads temperature-calibrated on labels")
             kind = f"supervised: {what}; labels read from split {read}"
+        elif generative:
+            kind = ("label-free: next-token entropy over the merge's own greedy continuations of unlabeled "
+                    "prompts")
         else:
             kind = "label-free: prediction entropy on unlabeled inputs"
         return [f"Learned by running the model ({learned['steps']} steps) with objective "

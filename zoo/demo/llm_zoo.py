@@ -10,7 +10,8 @@ deterministic algorithms, and is cached under a key of its config, the library
 versions and the thread setting, as the classifier demo is.
 
 Its feasibility (experts against task arithmetic and TIES, build time) is measured by
-``bench/llm_demo_feasibility.py``. Not yet part of ``zoo demo``.
+``bench/llm_demo_feasibility.py``; ``zoo demo --llm`` (``zoo.demo.llm_tour``) registers,
+merges and measures it.
 """
 
 from __future__ import annotations

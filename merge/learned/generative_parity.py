@@ -1,0 +1,350 @@
+"""Parity distillation for generative experts (causal LMs), after MPA (Model Parity
+Aligner, arXiv 2509.16633, EMNLP 2025): the seed paper's own setting, a teacher's
+generated answers teaching a student without labels, adapted to levelling a merge
+against its experts.
+
+Per round, as for classifiers (``merge.learned.parity``):
+1. **Pseudo-annotate** (once, cached for the run): expert t answers its task's pool
+   greedily; the answer's mean token confidence, whether it ended, a second, sampled
+   decode at ``sample_temp`` (seeded), and the expert's token distributions on
+   its own answer (teacher-forced) are kept.
+2. **Identify** the parity set: prompts where the expert is reliable (the answer ended,
+   its confidence ≥ τ, and the sampled decode gives the same answer) and the merge's
+   greedy answer differs (``zoo.textgen.same_answer``).
+3. **Level**: token-level cross-entropy on the expert's answer (teacher-forced, the
+   prompt masked), plus kl_weight·T²·KL(expert ‖ merge) at T over the answer positions,
+   on the parity set; plus agree_weight·KL(expert ‖ merge) over the answer positions of
+   reliable prompts where the two agree, so they do not regress (also for a task whose
+   parity set is empty that round: with a whole answer at stake, a task left out of the
+   loss for a round loses agreement quickly).
+
+Why a sampled decode and not a perturbed prompt as the second view: for short checkable
+answers (sort, reverse, count) any edit of the prompt changes the right answer, so a
+changed answer would say nothing about the expert. A sample at temperature 1 repeats
+the greedy answer with probability ∏ p(token), the whole answer's probability, which
+catches answers that a high mean token confidence hides (one unsure token among sure
+ones).
+
+What trains is what classifier parity trains (coefficients, mask logits, parameter
+offsets), through the same ``Student``; ``keep: best`` picks the round with the least
+average disagreement with the experts on their reliable prompts (label-free).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from zoo.checkpoints.prompts import Prompt
+from zoo.errors import ZooError
+from zoo.textgen import TextCodec, generate, same_answer, scored, teacher_forced
+
+from zoo.merge.learned.merger import Merger, rescale
+from zoo.merge.learned.parity import (CHUNK, Cycle, Log, ParitySettings, Selection, Snapshot, Student,
+                                      TeacherFactory, trainable)
+from zoo.merge.learned.train import LOG_EVERY, Forward, Report, Result, forward_all
+
+GENERATIVE_VIEWS = ("auto", "sample", "none")  # auto: sample
+
+
+@dataclass
+class GenTask:
+    """One generative task as parity sees it: its pool's prompts as token ids, and the
+    labelled records measured each round (never trained on)."""
+
+    name: str
+    prompts: list[list[int]]
+    eval_prompts: list[list[int]] | None = None
+    eval_answers: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def gen_tasks(names: Sequence[str], pools: Sequence[Sequence[Prompt]], codec: TextCodec,
+              evals: Sequence[Sequence[Prompt] | None] | None = None) -> list[GenTask]:
+    """Tasks from prompt records: the pool's prompts (its answers are ignored: label-free),
+    and the eval records that have an answer."""
+    out = []
+    for i, (name, pool) in enumerate(zip(names, pools)):
+        ev = [p for p in (evals[i] or []) if p.answer is not None] if evals else []
+        out.append(GenTask(name, [codec.prompt_ids(p) for p in pool],
+                           [codec.prompt_ids(p) for p in ev] or None, [str(p.answer) for p in ev] or None))
+    return out
+
+
+# -- 1. pseudo-annotation ---------------------------------------------------------------------
+@dataclass
+class GenAnnotation:
+    """One task's pool as its expert answered it: computed once, reused every round."""
+
+    answers: list[tuple[int, ...]]  # greedy answer tokens, without the end token
+    texts: list[str]  # the same, decoded
+    ended: torch.Tensor  # bool [n]: the answer ended (an end token within the limits)
+    confidence: torch.Tensor  # [n]: mean probability of the chosen tokens
+    view_texts: list[str] | None  # the sampled decode's answers (None: no second view)
+    teacher: list[torch.Tensor] | None  # per prompt: log-probabilities [answer tokens + 1, vocabulary]
+
+    def digest(self) -> str:
+        """A fingerprint of the answers and confidences (rounded): two teachers that answer
+        alike have the same one."""
+        blob = "\n".join(f"{t!r}\t{int(e)}\t{c:.4f}" for t, e, c in
+                         zip(self.texts, self.ended.tolist(), self.confidence.tolist()))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def annotate(teacher, prompts: list[list[int]], codec: TextCodec, s: ParitySettings, generator: torch.Generator,
+             device, keep_distributions: bool) -> GenAnnotation:
+    """The expert's greedy answers on its pool, a sampled second decode, and (when a KL
+    term needs them) its token distributions on its own answers."""
+    greedy = generate(teacher, prompts, codec.eos_id, s.max_new_tokens, batch_size=CHUNK, context=codec.context,
+                      device=device)
+    texts = [codec.decode(g.tokens) for g in greedy]
+    view = None
+    if _view(s) == "sample":
+        sampled = generate(teacher, prompts, codec.eos_id, s.max_new_tokens, temperature=s.sample_temp,
+                           generator=generator, batch_size=CHUNK, context=codec.context, device=device)
+        view = [codec.decode(g.tokens) for g in sampled]
+    answers = [g.tokens for g in greedy]
+    dists = _distributions(teacher, prompts, answers, codec, device) if keep_distributions else None
+    return GenAnnotation(answers, texts, torch.tensor([g.ended for g in greedy]),
+                         torch.tensor([g.confidence for g in greedy], dtype=torch.float32), view, dists)
+
+
+def _view(s: ParitySettings) -> str:
+    if s.view not in GENERATIVE_VIEWS:
+        raise ZooError(f"view {s.view} does not apply to generated answers; set view to sample (a second, "
+                       "sampled decode) or none")
+    return "sample" if s.view == "auto" else s.view
+
+
+def _distributions(teacher, prompts: list[list[int]], answers: list[tuple[int, ...]], codec: TextCodec,
+                   device) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for i in range(0, len(prompts), CHUNK):
+        p, a = prompts[i:i + CHUNK], [list(x) + [codec.eos_id] for x in answers[i:i + CHUNK]]
+        batch = {k: v.to(device) for k, v in teacher_forced(p, a, codec.pad_id).items()}
+        logits, _, rows = scored(teacher({k: v for k, v in batch.items() if k != "labels"}), batch["labels"])
+        lp = logits.float().log_softmax(-1)
+        out += list(lp.split(torch.bincount(rows, minlength=len(p)).tolist()))
+    return out
+
+
+# -- 2. the parity set ---------------------------------------------------------------------------
+def generative_rule(confidence: torch.Tensor, ended: torch.Tensor, answers: Sequence[str],
+                    view_answers: Sequence[str] | None, student_answers: Sequence[str], tau: float) -> Selection:
+    """MPA's selection rule for generated answers: reliable = the expert's answer ended,
+    its mean token confidence ≥ τ and the second view gives the same answer (when there
+    is one); parity = reliable and the merge's greedy answer differs. Unreliable prompts
+    are dropped whether or not the merge agrees."""
+    reliable = ended.bool() & (confidence >= tau)
+    if view_answers is not None:
+        reliable = reliable & torch.tensor([same_answer(a, b) for a, b in zip(answers, view_answers)],
+                                           dtype=torch.bool)
+    agree = torch.tensor([same_answer(a, b) for a, b in zip(answers, student_answers)], dtype=torch.bool)
+    return Selection(reliable, agree)
+
+
+# -- 3. levelling --------------------------------------------------------------------------------
+def generative_loss(student: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, n_parity: int,
+                    teacher: torch.Tensor | None, s: ParitySettings) -> torch.Tensor:
+    """On the scored answer positions of a batch whose first ``n_parity`` rows are parity
+    prompts and the rest agreeing ones (``student``: the merge's logits [N, vocabulary],
+    ``target``: the expert's tokens, ``rows``: each position's row, ``teacher``: the
+    expert's log-probabilities there): token-level CE on the parity rows (+ kl_weight·T²·
+    KL(expert ‖ merge) at T), + agree_weight·KL(expert ‖ merge) on the agreeing rows;
+    each term a mean over its answer positions."""
+    student = student.float()
+    par = rows < n_parity
+    loss = F.cross_entropy(student[par], target[par]) if n_parity else student.new_zeros(())
+    if s.kl_weight > 0 and n_parity:
+        assert teacher is not None
+        t = s.kl_temperature
+        loss = loss + s.kl_weight * t * t * _kl(teacher[par] / t, student[par] / t)
+    agree = ~par
+    if s.agree_weight > 0 and bool(agree.any()):
+        assert teacher is not None
+        loss = loss + s.agree_weight * _kl(teacher[agree], student[agree])
+    return loss
+
+
+def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student), a mean over positions (rows)."""
+    return F.kl_div(student.log_softmax(dim=-1), teacher.log_softmax(dim=-1), log_target=True,
+                    reduction="batchmean")
+
+
+def distill_generative(merger: Merger, forward: Forward, teachers: list[TeacherFactory], tasks: list[GenTask],
+                       codec: TextCodec, s: ParitySettings, *, start_bits: dict[str, torch.Tensor] | None = None,
+                       start_offsets: dict[str, torch.Tensor] | None = None, report: Report | None = None,
+                       log: Log | None = None) -> tuple[Result, list[GenAnnotation]]:
+    """Level the merge ``merger`` describes against its generative experts, round by round.
+
+    ``forward(t, params, batch)`` runs the merged causal LM (logits [batch, positions,
+    vocabulary]); ``teachers[t]()`` builds task t's expert, which answers its pool once.
+    Returns the result (its ``rounds`` table: per round and task the pool, reliable and
+    parity counts, the disagreement on reliable prompts and on the whole pool, and exact
+    match on the eval records) and each task's annotation."""
+    if len(teachers) != len(tasks) or len(tasks) != merger.n_tasks:
+        raise ZooError(f"{merger.n_tasks} experts, {len(teachers)} teachers and prompts for {len(tasks)} tasks")
+    for task in tasks:
+        if not task.prompts:
+            raise ZooError(f"task {task.name!r} has no unlabeled prompts to distil on")
+    _view(s)
+    device = merger.base_flat.device
+    log = log or (lambda m: None)
+    report = report or (lambda *a: None)
+    gen = torch.Generator().manual_seed(s.seed)  # sampled decodes and batches
+    noise = torch.Generator(device=device).manual_seed(s.seed)  # mask draws
+    torch.manual_seed(s.seed)
+    t0 = time.perf_counter()
+
+    need = s.kl_weight > 0 or s.agree_weight > 0
+    annotations = []
+    for t, task in enumerate(tasks):
+        annotations.append(annotate(teachers[t](), task.prompts, codec, s, gen, device, need))
+
+    student = Student(merger, rescale({n: b.to(device) for n, b in start_bits.items()}) if start_bits else None,
+                      start_bits, {n: x.to(device, torch.float32) for n, x in (start_offsets or {}).items()})
+    opt = torch.optim.Adam(trainable(student, s, device), lr=s.lr, betas=(0.9, 0.999))
+
+    table: list[dict] = []
+    history: list[dict[str, float]] = []
+    done, total = 0, s.rounds * s.steps
+    best: tuple[float, int, Snapshot] | None = None
+    for r in range(s.rounds + 1):
+        selections = _identify(student, forward, annotations, tasks, codec, s, device)
+        rows = _rows(r, tasks, selections, student, forward, codec, s, device)
+        table += rows
+        disagreement = sum(x["disagreement"] for x in rows) / len(rows)
+        if s.keep == "last" or best is None or disagreement < best[0]:
+            best = (disagreement, r, student.snapshot())
+        if r == s.rounds:
+            break
+        active = [t for t, sel in enumerate(selections) if bool(sel.parity.any())]
+        for t, sel in enumerate(selections):
+            if t not in active:
+                log(f"round {r + 1}: task {tasks[t].name!r} has an empty parity set "
+                    f"({int(sel.reliable.sum())} reliable prompts, all agreeing); only kept from regressing")
+        if not active:
+            log(f"round {r + 1}: no task has a parity set left; stopping after {r} round(s)")
+            break
+        # a task without a parity set still keeps its agreeing prompts from regressing
+        kept = [t for t, sel in enumerate(selections)
+                if t in active or (s.agree_weight > 0 and bool(sel.agreeing.any()))]
+        cycles = {t: (Cycle(selections[t].parity.nonzero().squeeze(1), s.batch_size, gen),
+                      Cycle(selections[t].agreeing.nonzero().squeeze(1), s.batch_size, gen)) for t in kept}
+        pending: list[torch.Tensor] = []
+        for step in range(s.steps):
+            pending.append(_step(student, forward, annotations, tasks, cycles, codec, s, opt, noise, device))
+            done += 1
+            if step == 0 or (step + 1) % LOG_EVERY == 0 or step + 1 == s.steps:
+                first = step + 1 - len(pending)
+                for i, value in enumerate(torch.stack(pending).tolist()):
+                    if not math.isfinite(value):
+                        raise ZooError(f"the parity loss became {value} at round {r + 1}, step {first + i + 1}; "
+                                       "nothing was written. Try a lower lr")
+                    history.append({"round": r + 1, "step": done - len(pending) + i + 1, "loss": value})
+                pending = []
+                report(done, total, history[-1]["loss"], done / max(time.perf_counter() - t0, 1e-9))
+        if "mask" in s.train:  # the current model: one binary draw of the learned mask
+            student.mask_bits = merger.draw_bits(noise)
+            student.mask = rescale(student.mask_bits)
+
+    assert best is not None
+    student.restore(best[2])
+    for row in table:
+        row["kept"] = row["round"] == best[1]
+    with torch.no_grad():
+        merged = {n: t.detach().float().cpu() for n, t in student.params().items()}
+    for n, t in merged.items():
+        if not torch.isfinite(t).all():
+            raise ZooError(f"the merged tensor {n} has NaN or infinite values; nothing was written")
+    result = Result(merged, merger.coefficients_list(),
+                    {n: b.cpu() for n, b in student.mask_bits.items()} if student.mask_bits else None,
+                    {n: x.cpu() for n, x in merger.logits_dict().items()} if student.mask_bits else None,
+                    history, time.perf_counter() - t0, done, table,
+                    {n: d.detach().cpu() for n, d in student.offsets.items()})
+    return result, annotations
+
+
+def _step(student: Student, forward: Forward, annotations: list[GenAnnotation], tasks: list[GenTask],
+          cycles: dict[int, tuple[Cycle, Cycle]], codec: TextCodec, s: ParitySettings, opt: torch.optim.Optimizer,
+          noise: torch.Generator, device) -> torch.Tensor:
+    """One Adam step on every active task's parity batch (and agreeing batch). All the
+    batches are right-padded to one length, so the body runs once over all of them (a
+    causal LM's real tokens never attend to the padding after them)."""
+    params = student.params(student.merger.sample(noise) if "mask" in s.train else None)
+    picked = []
+    for t, (parity, agreeing) in cycles.items():
+        par = parity.next()
+        idx = torch.cat([par, agreeing.next() if s.agree_weight > 0 else par[:0]]).tolist()
+        a = annotations[t]
+        picked.append((t, idx, len(par), [tasks[t].prompts[i] for i in idx],
+                       [list(a.answers[i]) + [codec.eos_id] for i in idx]))
+    length = max(len(p) + len(x) for _, _, _, ps, xs in picked for p, x in zip(ps, xs))
+    batches = [{k: v.to(device) for k, v in teacher_forced(ps, xs, codec.pad_id, length).items()}
+               for _, _, _, ps, xs in picked]
+    with torch.autocast("cuda", dtype=torch.bfloat16) if s.autocast else nullcontext():
+        logits = forward_all(forward, params, [{k: v for k, v in b.items() if k != "labels"} for b in batches],
+                             [t for t, *_ in picked])
+    loss = None
+    for (t, idx, n_parity, _, _), out, batch in zip(picked, logits, batches):
+        pred, target, rows = scored(out, batch["labels"])
+        teacher = annotations[t].teacher
+        dist = torch.cat([teacher[i] for i in idx]) if teacher is not None else None
+        term = generative_loss(pred, target, rows, n_parity, dist, s)
+        loss = term if loss is None else loss + term
+    assert loss is not None
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def answers_of(student: Student, forward: Forward, t: int, prompts: list[list[int]], codec: TextCodec,
+               s: ParitySettings, device) -> list[str]:
+    """The current merge's greedy answers to ``prompts`` (task t's forward)."""
+    params = student.params()
+    gens = generate(lambda b: forward(t, params, b), prompts, codec.eos_id, s.max_new_tokens, batch_size=CHUNK,
+                    context=codec.context, device=device)
+    return [codec.decode(g.tokens) for g in gens]
+
+
+def _identify(student: Student, forward: Forward, annotations: list[GenAnnotation], tasks: list[GenTask],
+              codec: TextCodec, s: ParitySettings, device) -> list[Selection]:
+    out = []
+    for t, (a, task) in enumerate(zip(annotations, tasks)):
+        mine = answers_of(student, forward, t, task.prompts, codec, s, device)
+        out.append(generative_rule(a.confidence, a.ended, a.texts, a.view_texts, mine, s.tau))
+    return out
+
+
+def _rows(r: int, tasks: list[GenTask], selections: list[Selection], student: Student, forward: Forward,
+          codec: TextCodec, s: ParitySettings, device) -> list[dict]:
+    rows = []
+    for t, (task, sel) in enumerate(zip(tasks, selections)):
+        em = None
+        if task.eval_prompts and task.eval_answers:
+            mine = answers_of(student, forward, t, task.eval_prompts, codec, s, device)
+            em = sum(same_answer(a, b) for a, b in zip(mine, task.eval_answers)) / len(mine)
+        reliable = int(sel.reliable.sum())
+        rows.append({"round": r, "task": task.name, "pool": len(task), "reliable": reliable,
+                     "parity": int(sel.parity.sum()),
+                     "disagreement": int(sel.parity.sum()) / reliable if reliable else 0.0,
+                     "pool_disagreement": float((~sel.agree).float().mean()), "exact_match": em,
+                     "accuracy": None})  # a classifier's column, so the same table prints
+    return rows
+
+
+__all__ = ["GENERATIVE_VIEWS", "GenAnnotation", "GenTask", "annotate", "answers_of", "distill_generative",
+           "gen_tasks", "generative_loss", "generative_rule"]

@@ -1,0 +1,219 @@
+"""Parity distillation for generative experts (causal LMs): the parity-set rule's four
+cases on generated answers, the loss against its formula, the cached teacher
+distributions, a tiny run whose disagreement falls, a MergeLock-protected teacher,
+determinism, and bad input. On a tiny seeded Llama zoo (``zoo.demo.llm_zoo``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoo.merge as merge
+from zoo import open_checkpoint
+from zoo.checkpoints.prompts import Prompt, read_prompts, write_task_prompts
+from zoo.demo.llm_zoo import LLM_QUICK, llm_zoo
+from zoo.errors import ZooError
+from zoo.merge.learned.generative_parity import annotate, generative_loss, generative_rule
+from zoo.merge.methods import get_method
+from zoo.textgen import TextCodec, generate, scored, teacher_forced
+
+# trained a little longer than LLM_QUICK, so the experts answer differently from their merge
+CFG = dataclasses.replace(LLM_QUICK, base_steps=200, expert_steps=60)
+TASKS = list(CFG.tasks)
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory) -> Path:
+    folder, _ = llm_zoo(CFG, cache=tmp_path_factory.mktemp("llm-cache"), log=lambda _: None)
+    return folder
+
+
+@pytest.fixture
+def zoo_reg(llm, registry, tmp_path):
+    """The tiny zoo registered: base, one expert per task, each task's prompt splits."""
+    registry.add(llm / "base", "base", "base")
+    for t in TASKS:
+        rows = {s: read_prompts(llm / "tasks" / t / f"{s}.jsonl") for s in ("pool", "val", "test")}
+        write_task_prompts(tmp_path / f"{t}.jsonl", rows)
+        registry.add_task(t, data=tmp_path / f"{t}.jsonl")
+        registry.add(llm / "experts" / t, t, "expert", base="base", tasks=[t])
+    return registry
+
+
+def recipe(models=None, **params):
+    params = {"tau": 0.1, "view": "none", "rounds": 2, "steps": 10, "lr": 0.05, "max_new_tokens": 12, **params}
+    return merge.from_dict({"merge_method": "parity", "base_model": "base", "seed": params.pop("seed", 0),
+                            "models": models or [{"model": t} for t in TASKS], "parameters": params})
+
+
+def settings(**options):
+    return get_method("parity").settings(options)
+
+
+def weights(registry, name):
+    ck = open_checkpoint(registry.model_dir(name))
+    return {n: ck.read_tensor(n) for n in ck.tensors}
+
+
+def mean(rows, key):
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def lm_of(folder: Path):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder).eval()
+    return model, lambda b: model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits
+
+
+# -- the rule and the loss ----------------------------------------------------------------------
+def test_parity_rule_on_all_four_cases_of_generated_answers(llm):
+    """The expert's generated answers, reliable or not, against a merge that agrees or not."""
+    _, teacher = lm_of(llm / "experts" / "rev")
+    codec = TextCodec.from_folder(llm / "base", context=CFG.context)
+    prompts = [codec.prompt_ids(Prompt(p)) for p in ("rev:abc=", "rev:hello=", "up:dog=", "add:12+34=")]
+    s = settings(view="sample", tau=0.5)
+    a = annotate(teacher, prompts, codec, s, torch.Generator().manual_seed(0), "cpu", False)
+    greedy = generate(teacher, prompts, codec.eos_id, s.max_new_tokens)
+    assert a.texts == [codec.decode(g.tokens) for g in greedy]
+    assert a.confidence.tolist() == pytest.approx([g.confidence for g in greedy])
+    # sample 0 reliable+disagree, 1 reliable+agree, 2 unreliable (confidence)+disagree,
+    # 3 unreliable (confidence)+agree, 4 unreliable (the sampled view differs)+disagree,
+    # 5 unreliable (the answer never ended)+agree
+    answers = [a.texts[0], a.texts[1], "x", "y", "z", "w"]
+    view = [answers[0], " " + answers[1] + " ", "x", "y", "other", "w"]  # white space does not count
+    confidence = torch.tensor([0.95, 0.99, 0.3, 0.4, 0.97, 0.99])
+    ended = torch.tensor([True, True, True, True, True, False])
+    student = [answers[0] + "!", answers[1], "not x", "y", "not z", "w"]
+    sel = generative_rule(confidence, ended, answers, view, student, tau=0.9)
+    assert sel.reliable.tolist() == [True, True, False, False, False, False]
+    assert sel.agree.tolist() == [False, True, False, True, False, True]
+    assert sel.parity.tolist() == [True, False, False, False, False, False]
+    assert sel.agreeing.tolist() == [False, True, False, False, False, False]
+    # without a second view, confidence and an ended answer decide
+    assert generative_rule(confidence, ended, answers, None, student, 0.9).parity.tolist() == \
+        [True, False, False, False, True, False]
+    # the expert as the merge: it agrees with itself everywhere, no parity set
+    same = generative_rule(a.confidence, a.ended, a.texts, a.view_texts, a.texts, 0.0)
+    assert sel.parity.any() and not same.parity.any() and same.agree.all()
+
+
+def test_loss_is_token_ce_plus_scaled_kl_plus_agreeing_kl():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(9, 7, generator=g), torch.randn(9, 7, generator=g).log_softmax(-1)
+    target = torch.randint(0, 7, (9,), generator=g)
+    rows = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3])  # rows 0, 1 are parity prompts; 2, 3 agreeing
+    s = settings(kl_weight=0.5, kl_temperature=2.0, agree_weight=0.1)
+
+    def kl(p_logits, q_logits):  # KL(p ‖ q), mean over positions
+        p = p_logits.softmax(-1)
+        return (p * (p_logits.log_softmax(-1) - q_logits.log_softmax(-1))).sum(-1).mean()
+
+    par, agr = slice(0, 5), slice(5, 9)
+    expect = (F.cross_entropy(student[par], target[par]) + 0.5 * 4 * kl(teacher[par] / 2, student[par] / 2)
+              + 0.1 * kl(teacher[agr], student[agr]))
+    torch.testing.assert_close(generative_loss(student, target, rows, 2, teacher, s), expect)
+    plain = settings(kl_weight=0.0, agree_weight=0.0)
+    torch.testing.assert_close(generative_loss(student, target, rows, 2, None, plain),
+                               F.cross_entropy(student[par], target[par]))
+
+
+def test_teacher_distributions_are_the_teachers_own_on_its_answers(llm):
+    model, teacher = lm_of(llm / "experts" / "upper")
+    codec = TextCodec.from_folder(llm / "base", context=CFG.context)
+    prompts = [codec.prompt_ids(Prompt(p)) for p in ("up:abc=", "up:hello=", "up:q=")]
+    a = annotate(teacher, prompts, codec, settings(view="none"), torch.Generator(), "cpu", True)
+    assert a.view_texts is None
+    for p, ans, dist in zip(prompts, a.answers, a.teacher):
+        batch = teacher_forced([p], [list(ans) + [codec.eos_id]], codec.pad_id)
+        with torch.no_grad():
+            logits, target, _ = scored(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+        assert dist.shape == (len(ans) + 1, logits.shape[-1])
+        torch.testing.assert_close(dist, logits.log_softmax(-1), rtol=1e-4, atol=1e-5)
+
+
+# -- through the registry --------------------------------------------------------------------------
+def test_disagreement_falls_and_the_lineage_and_metrics_say_so(zoo_reg):
+    info = merge.run(recipe(train="params", params=".", rounds=3, steps=60, lr=0.001), "p", registry=zoo_reg)
+    rows = info["parity"]
+    start, end = [r for r in rows if r["round"] == 0], [r for r in rows if r["kept"]]
+    assert mean(start, "disagreement") > 0.2
+    # these tiny experts are unsure (mean token confidence 0.2-0.5), so rounds overshoot
+    assert mean(end, "disagreement") < 0.6 * mean(start, "disagreement")
+    by_round = {r: mean([x for x in rows if x["round"] == r], "disagreement") for r in range(4)}
+    assert end[0]["round"] == min(by_round, key=by_round.get)  # keep: best, label-free
+    assert all(r["pool"] == CFG.pool_size for r in rows)
+    shown = zoo_reg.show("p")
+    learned = shown["recipe"]["learned"]
+    assert learned["objective"] == "parity" and learned["generative"] and learned["supervised"] is False
+    assert learned["teachers"] == [f"{t}@1" for t in TASKS] and learned["split"] == "pool"
+    assert learned["tasks"] == TASKS and len(learned["teacher_answers"]) == len(TASKS)
+    assert learned["table"] == rows and learned["offset_tensors"]
+    metrics = {(m["task"], m["metric"]): m for m in shown["metrics"]}
+    for r in end:
+        assert metrics[r["task"], "parity_set"]["value"] == r["parity"]
+        assert metrics[r["task"], "disagreement"]["value"] == pytest.approx(r["disagreement"])
+        assert metrics[r["task"], "exact_match"]["split"] == "test"
+    # the saved checkpoint is plain, and answers as the table's last measurement says
+    codec = TextCodec.from_folder(zoo_reg.model_dir("p"), context=CFG.context)
+    _, fn = lm_of(zoo_reg.model_dir("p"))
+    for r in end:
+        test = read_prompts(zoo_reg.task_data(r["task"]), split="test")
+        got = [codec.decode(g.tokens) for g in generate(fn, [codec.prompt_ids(p) for p in test], codec.eos_id, 12,
+                                                          context=CFG.context)]
+        assert sum(a == p.answer for a, p in zip(got, test)) / len(test) == pytest.approx(r["exact_match"])
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(zoo_reg):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        merge.run(recipe(seed=seed, batch_size=4, rounds=1, steps=5, keep="last"), name, registry=zoo_reg)
+    a, b, c = (weights(zoo_reg, n) for n in "abc")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+def test_a_protected_teacher_teaches_as_the_original(zoo_reg):
+    """MergeLock keeps the function: the protected expert's answers (greedy and sampled),
+    reliability and parity sets are the original's, and with the answer-token loss alone
+    the merge is the same bytes (the KL terms see distributions that differ by float
+    rounding)."""
+    from zoo.protect.run import protect
+
+    protect("upper", "upper-locked", registry=zoo_reg, seed=3)
+    codec = TextCodec.from_folder(zoo_reg.model_dir("base"), context=CFG.context)
+    prompts = [codec.prompt_ids(p) for p in read_prompts(zoo_reg.task_data("upper"), split="pool")]
+    seen = []
+    for name in ("upper", "upper-locked"):
+        _, fn = lm_of(zoo_reg.model_dir(name))
+        seen.append(annotate(fn, prompts, codec, settings(view="sample", max_new_tokens=12),
+                             torch.Generator().manual_seed(0), "cpu", True))
+    assert seen[0].texts == seen[1].texts and seen[0].view_texts == seen[1].view_texts
+    torch.testing.assert_close(seen[1].confidence, seen[0].confidence, rtol=1e-4, atol=1e-5)
+    models = [{"model": "add"}, {"model": "rev"}, {"model": "upper", "parameters": {"teacher": "upper-locked"}}]
+    for loss in ({"agree_weight": 0.0}, {"agree_weight": 0.1, "kl_weight": 0.5}):
+        tag = "hard" if loss["agree_weight"] == 0 else "kl"
+        opts = {"rounds": 2, "steps": 8, **loss}
+        plain = merge.run(recipe(**opts), f"{tag}-plain", registry=zoo_reg)
+        locked = merge.run(recipe(models=models, **opts), f"{tag}-locked", registry=zoo_reg)
+        assert [(r["reliable"], r["parity"]) for r in locked["parity"]] == \
+            [(r["reliable"], r["parity"]) for r in plain["parity"]]
+        assert sum(r["parity"] for r in plain["parity"] if r["task"] == "upper") > 0
+        learned = [zoo_reg.show(n)["recipe"]["learned"] for n in (f"{tag}-plain", f"{tag}-locked")]
+        assert learned[0]["teacher_answers"] == learned[1]["teacher_answers"]
+        a, b = weights(zoo_reg, f"{tag}-plain"), weights(zoo_reg, f"{tag}-locked")
+        if tag == "hard":
+            assert all(torch.equal(a[n], b[n]) for n in a)
+        else:
+            for n in a:
+                torch.testing.assert_close(b[n], a[n], rtol=1e-3, atol=1e-4)
+    assert zoo_reg.show("hard-locked")["recipe"]["learned"]["teachers"] == ["add@1", "rev@1", "upper-locked@1"]
+
+
+def test_a_view_for_images_is_refused_on_prompts(zoo_reg):
+    with pytest.raises(ZooError, match="view shift does not apply to generated answers"):
+        merge.run(recipe(view="shift"), "p", registry=zoo_reg)
+    assert not zoo_reg.has("p")
