@@ -24,6 +24,9 @@ def moe(
                              help="Seed of the random gate modes and of noise_scale (mergekit's --random-seed)."),
     hidden_dtype: str = typer.Option("bfloat16", "--hidden-dtype", metavar="DTYPE",
                                      help="dtype the base runs in for the hidden gate modes (mergekit: bfloat16)."),
+    prompts_from_tasks: int = typer.Option(0, "--prompts-from-tasks", metavar="N",
+                                           help="An expert without positive_prompts takes the first N prompts of "
+                                                "each of its registered generative tasks' pools."),
     allow_all_same: bool = typer.Option(False, "--allow-all-same",
                                         help="Allow every expert to be the same model (only useful if you will "
                                              "train the MoE further)."),
@@ -44,10 +47,11 @@ def moe(
     from zoo.merge.moe import MoeOptions, build, load
 
     options = MoeOptions(device=device, seed=seed, hidden_dtype=hidden_dtype, allow_all_same=allow_all_same,
-                         shard_bytes=shard_size)
+                         shard_bytes=shard_size, prompts_from_tasks=prompts_from_tasks)
     options.check()
     cfg = load(config)
-    cfg.check(allow_all_same)  # before a registry is created for a command that cannot run
+    if not prompts_from_tasks:
+        cfg.check(allow_all_same)  # before a registry is created for a command that cannot run
     reg = registry_for(out)
     with render.progress_bars() as progress:
         info = build(cfg, options, out=out, out_dir=out_dir, registry=reg, progress=progress)

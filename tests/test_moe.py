@@ -242,6 +242,36 @@ def test_registered_moe_has_every_parent_and_the_pinned_config(family, registry,
     assert code == 0 and "built MixtralForCausalLM" in out and (tmp_path / "f" / "config.json").is_file()
 
 
+def test_prompts_from_the_experts_registered_tasks(family, registry, zoo_cli, tmp_path):
+    """Experts without prompts in the config take them from their registered generative
+    tasks' pools (JSONL); the lineage keeps the prompts used, and routing still works."""
+    from zoo.checkpoints.prompts import FORMAT, Prompt, write_prompts
+
+    registry.add(family["base"], "b", "base")
+    for task in TASKS:
+        write_prompts(tmp_path / f"{task}.jsonl", [Prompt(p) for p in prompts(task, 12, 5)])
+        registry.add_task(task, data=tmp_path / f"{task}.jsonl", data_format=FORMAT)
+        registry.add(family[task], f"e-{task}", "expert", base="b", tasks=[task])
+    cfg = {"base_model": "b", "gate_mode": "hidden", "dtype": "float32",
+           "experts": [{"source_model": f"e-{t}"} for t in TASKS]}
+    cfg["experts"][2]["positive_prompts"] = ["ABC"]  # the config's own prompts win
+    path = write(cfg, tmp_path / "moe.yml")
+    code, _, err = zoo_cli("--registry", registry.path, "moe", path, "--out", "mix")
+    assert code == 1 and "expert 0 (e-digits) has no positive_prompts" in err
+    code, out, err = zoo_cli("--registry", registry.path, "moe", path, "--out", "mix", "--prompts-from-tasks", "8")
+    assert code == 0, err
+    experts = registry.show("mix")["recipe"]["config"]["experts"]
+    assert experts[0]["positive_prompts"] == prompts("digits", 12, 5)[:8]
+    assert experts[2]["positive_prompts"] == ["ABC"]
+    shares = top1_shares(registry.model_dir("mix"))
+    assert shares["digits"] >= ROUTING_BAR and shares["lower"] >= ROUTING_BAR, shares
+    registry.add(family["base"], "plain", "expert", base="b")
+    cfg["experts"][1] = {"source_model": "plain"}
+    code, _, err = zoo_cli("--registry", registry.path, "moe", write(cfg, tmp_path / "m2.yml"), "--out-dir",
+                           tmp_path / "x", "--prompts-from-tasks", "8")
+    assert code == 1 and "plain has no positive_prompts and none of its registered tasks" in err
+
+
 # -- refusals -----------------------------------------------------------------------------
 
 def _bad_cases(family: dict[str, Path], tmp: Path) -> list[tuple[object, str]]:

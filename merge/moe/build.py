@@ -4,6 +4,7 @@ base and every expert as parents."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from zoo.checkpoints.compat import compare
+from zoo.checkpoints.prompts import FORMAT as PROMPTS_FORMAT
+from zoo.checkpoints.prompts import read_prompts
 from zoo.checkpoints.reader import Checkpoint
 from zoo.checkpoints.writer import DEFAULT_SHARD_BYTES, OutTensor, ShardWriter, plan_shards, tensor_bytes, write_file
 from zoo.errors import IncompatibleModels, ZooError
 from zoo.merge.moe import layouts, router
-from zoo.merge.moe.config import MoeConfig
+from zoo.merge.moe.config import ExpertSpec, MoeConfig
 from zoo.progress import no_progress
 from zoo.registry import card
 from zoo.registry.destination import Destination
@@ -45,8 +48,14 @@ class MoeOptions:
     hidden_dtype: str = "bfloat16"  # the base's dtype for hidden states (mergekit loads it in bfloat16)
     allow_all_same: bool = False  # mergekit's --i-understand-this-is-not-useful-without-training
     shard_bytes: int = DEFAULT_SHARD_BYTES
+    # An expert without positive_prompts takes up to this many from each of its registered
+    # tasks' prompt pools (0: never; the config's prompts always win).
+    prompts_from_tasks: int = 0
 
     def check(self) -> None:
+        if isinstance(self.prompts_from_tasks, bool) or not isinstance(self.prompts_from_tasks, int) \
+                or self.prompts_from_tasks < 0:
+            raise ZooError(f"--prompts-from-tasks must be a whole number >= 0, not {self.prompts_from_tasks!r}")
         if self.hidden_dtype not in TORCH_DTYPES:
             raise ZooError(f"--hidden-dtype must be one of {', '.join(TORCH_DTYPES)}, not {self.hidden_dtype!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -84,6 +93,39 @@ def open_inputs(config: MoeConfig, registry: "Registry | None") -> list[Input]:
     return [_open("base", config.base_model, registry, cache),
             *[_open("expert", e.source_model, registry, cache) for e in config.experts],
             *[_open("shared_expert", e.source_model, registry, cache) for e in config.shared_experts]]
+
+
+def with_task_prompts(config: MoeConfig, registry: "Registry | None", count: int) -> MoeConfig:
+    """Each expert without positive_prompts gets the first ``count`` prompts of each of
+    its registered tasks' prompt pools (generative tasks, JSONL); the config's own
+    prompts are left as they are. The prompts used go into the lineage's config."""
+    if count <= 0:
+        return config
+    if registry is None:
+        raise ZooError("--prompts-from-tasks reads the experts' registered tasks; it needs a registry")
+
+    def filled(spec: ExpertSpec) -> ExpertSpec:
+        if spec.positive_prompts:
+            return spec
+        if not registry.has(spec.source_model):
+            raise ZooError(f"{spec.source_model} has no positive_prompts and is not registered, so it has no tasks "
+                           "to take prompts from")
+        pool: list[str] = []
+        for task in registry.show(spec.source_model).get("tasks") or []:
+            if registry.task(task).get("data_format") == PROMPTS_FORMAT:
+                pool += [p.prompt for p in read_prompts(registry.task_data(task))[:count]]
+        if not pool:
+            raise ZooError(f"{spec.source_model} has no positive_prompts and none of its registered tasks has a "
+                           f"prompt pool ({PROMPTS_FORMAT}); give it positive_prompts")
+        return dataclasses.replace(spec, positive_prompts=tuple(pool))
+
+    experts, shared = tuple(map(filled, config.experts)), tuple(map(filled, config.shared_experts))
+    source = dict(config.source)
+    for key, specs in (("experts", experts), ("shared_experts", shared)):
+        if specs:
+            source[key] = [{**e, "positive_prompts": list(s.positive_prompts)}
+                           for e, s in zip(config.source[key], specs)]
+    return dataclasses.replace(config, experts=experts, shared_experts=shared, source=source)
 
 
 def check_inputs(inputs: list[Input]) -> str:
@@ -126,6 +168,7 @@ def build(config: MoeConfig, options: MoeOptions = MoeOptions(), *, out: str | N
     every model pinned; with ``out_dir`` it is written to that new folder. Returns what
     was made: where, the layout, the experts and the gate mode."""
     options.check()
+    config = with_task_prompts(config, registry, options.prompts_from_tasks)
     config.check(options.allow_all_same)
     dest = Destination.check(out, out_dir, registry, shard_bytes=options.shard_bytes)
     inputs = open_inputs(config, registry)
