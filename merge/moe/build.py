@@ -153,11 +153,15 @@ def _out_dtype(config: MoeConfig, base_config: Any) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
-def _base_config(ckpt: Checkpoint) -> Any:
+def _base_config(ckpt: Checkpoint, label: str) -> Any:
     import transformers
 
     with router.linked_folder({"config.json": ckpt.files["config.json"]}) as folder:
-        return transformers.AutoConfig.from_pretrained(folder)
+        try:
+            return transformers.AutoConfig.from_pretrained(folder)
+        except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+            raise ZooError(f"transformers cannot read {label}'s config.json: {' '.join(str(e).split())[:200]}") \
+                from None
 
 
 def build(config: MoeConfig, options: MoeOptions = MoeOptions(), *, out: str | None = None,
@@ -180,7 +184,7 @@ def build(config: MoeConfig, options: MoeOptions = MoeOptions(), *, out: str | N
     model_type = check_inputs(inputs)
     layout = layouts.choose(config, model_type)
     base = inputs[0]
-    base_cfg = _base_config(base.ckpt)
+    base_cfg = _base_config(base.ckpt, base.ref)
     out_dtype = _out_dtype(config, base_cfg)
     plan = layout.plan({n: t.shape for n, t in base.ckpt.tensors.items()}, len(config.experts),
                        len(config.shared_experts))
