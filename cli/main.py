@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from zoo.cli import demo, extract, hub, merge, protect, registry, render
+from zoo.cli import demo, extract, hub, merge, moe, protect, registry, render
 from zoo.cli.options import REGISTRY_HELP, STORE_HELP, State
 from zoo.errors import ZooError
 
@@ -42,7 +42,7 @@ def _root(registry: Optional[str] = typer.Option(None, "--registry", metavar="PA
     State.store = store
 
 
-for group in (registry.app, merge.app, extract.app, protect.app, hub.app, demo.app):
+for group in (registry.app, merge.app, extract.app, moe.app, protect.app, hub.app, demo.app):
     app.add_typer(group)
 app.add_typer(hub.token_app, name="token")
 app.add_typer(hub.user_app, name="user")
