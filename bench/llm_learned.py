@@ -159,7 +159,7 @@ def main() -> None:
             cost["refreshes"] = learned["refreshes"]
         val_accs = score(merged, "val")
         rows[name] = {"key": name, **row(LABELS[key] + (f" {overrides[key]}" if overrides.get(key) else ""),
-                                         score(merged, "test"), method=method, parameters=params,
+                                         score(merged, "test"), merge_method=method, parameters=params,
                                          val_avg=round(sum(val_accs.values()) / len(tasks), 2), cost=cost)}
         print(f"{name}: test avg {rows[name]['avg']:.1f}, val avg {rows[name]['val_avg']:.1f}, "
               f"{cost['steps_per_second']} steps/s, {cost['peak_anon_mib']} MiB", file=sys.stderr, flush=True)
