@@ -327,3 +327,25 @@ def test_in_memory_merge_says_it_needs_the_pipeline():
     sd = {"w": torch.zeros(2, 2)}
     with pytest.raises(ZooError, match="statistics collected by running them"):
         merge_state_dicts("fisher", sd, [sd, sd])
+
+
+# -- parity from the best data-free merge ------------------------------------------------------
+def test_a_tsv_merge_rebuilds_as_a_parity_start(registry, tiny):
+    """TSV-M's merge as per-task directions (each task's block of the whitened matrix)
+    with their coefficients: sum_t w_t d_t is the registered merge's task vector."""
+    from zoo.merge.starts import resolve_start
+
+    merge.run(merge.from_dict({"merge_method": "tsv", "base_model": "base", "parameters": {"alpha": 1.3},
+                               "models": [{"model": f"e{i}"} for i in range(3)]}), "t", registry=registry, device="cpu")
+    base = weights(registry, "base")
+    merged = weights(registry, "t")
+    names = [n for n in merged if not n.startswith("classifier")]
+    tvs = [{n: weights(registry, f"e{i}")[n] - base[n] for n in names} for i in range(3)]
+    refs = [m["model"] for m in registry.show("t")["recipe"]["models"]]
+    start = resolve_start("t", {}, refs, registry.show("t")["recipe"]["base_model"], registry, tvs)
+    assert start.record["method"] == "tsv"
+    for n in names:
+        rebuilt = base[n] + sum(w * d[n] for w, d in zip(start.weights[n], start.directions))
+        torch.testing.assert_close(rebuilt, merged[n], rtol=1e-5, atol=1e-6)
+    matrix = next(n for n in names if merged[n].dim() == 2)
+    assert start.weights[matrix] == [1.3] * 3 and not torch.equal(start.directions[0][matrix], tvs[0][matrix])
