@@ -26,7 +26,15 @@ Then ``.venv/bin/python bench/fusionbench_compare.py --fusionbench VENV/bin/pyth
 5. why, per weight matrix: how much of each task matrix's energy its top r/T
    singular values hold (what TSV keeps), stable ranks, and the sum's spectrum.
 
-Results go to bench/results/fusionbench_compare.json.
+With ``--data-aware``, only RegMean and Fisher merging instead (``data_aware``): zoo's
+merges, whose statistics zoo collects on each expert's first 256 train inputs, against
+FusionBench's ``regmean_merging`` / ``fisher_merging`` collecting their own statistics
+on the same experts and inputs, and against its merge formulas fed zoo's statistics;
+RegMean's ratio and Fisher's normalisation chosen on validation; the merged tensors,
+per-task test accuracy, and RegMean's least-squares objective and conditioning.
+
+Results go to bench/results/fusionbench_compare.json (``--data-aware`` adds its key
+and keeps the rest).
 """
 
 from __future__ import annotations
