@@ -21,8 +21,6 @@ from zoo.merge.methods.regmean import regmean_solve, shrink, solve_spd
 from zoo.merge.state_dicts import merge_state_dicts
 from zoo.merge.statistics import FORMAT, Settings
 
-from conftest import LABELS  # noqa: F401  (the tiny fixture's experts)
-
 
 def recipe(method: str, n: int = 3, **params):
     return merge.from_dict({"merge_method": method, "base_model": "base", "parameters": params,
