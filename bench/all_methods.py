@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--best", default=None, help="with --scales: the best data-free method on validation")
     ap.add_argument("--val", default=None, help="with --scales: METHOD=VAL_AVG,... the sweep's validation averages")
     ap.add_argument("--result", default="all_methods")
+    ap.add_argument("--parity-schedule", default="3x100", help="ROUNDSxSTEPS (default: parity_demo's 3x100)")
     ap.add_argument("--combine", default=None, help="result files whose rows join all_methods.json")
     args = ap.parse_args()
     if args.combine:
@@ -150,11 +151,15 @@ def main() -> None:
                   {}))
     specs.append(("concrete_ta", "Concrete TA, entropy", "concrete_ta",
                   LEARNED["concrete-ta-entropy"]["parameters"], {}))
-    specs.append(("parity-ta", "parity from task arithmetic", "parity", {**PARITY, "start": "all-task_arithmetic"}, {}))
+    rounds, steps = (int(x) for x in args.parity_schedule.split("x"))
+    parity = {**PARITY, "rounds": rounds, "steps": steps}
+    specs.append(("parity-ta", "parity from task arithmetic", "parity", {**parity, "start": "all-task_arithmetic"}, {}))
     specs.append((f"parity-{best}", f"parity from {LABEL[best]} (the best data-free on validation)", "parity",
-                  {**PARITY, "start": f"all-{best}"}, {}))
+                  {**parity, "start": f"all-{best}"}, {}))
     only = set(args.only.split(",")) if args.only else None
-    needed = set(DATA_FREE) if only is None or any(k.startswith("parity") for k in only) else set()
+    # a parity row needs its start merge registered first
+    needed = set(DATA_FREE) if only is None else \
+        {"task_arithmetic" if k == "parity-ta" else k.removeprefix("parity-") for k in only if k.startswith("parity-")}
 
     rows = [{"key": "experts", "method": "individual experts", **{t: demo.accuracy[t] for t in tasks}}]
     rows[0]["avg"] = sum(rows[0][t] for t in tasks) / len(tasks)
