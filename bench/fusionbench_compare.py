@@ -26,7 +26,15 @@ Then ``.venv/bin/python bench/fusionbench_compare.py --fusionbench VENV/bin/pyth
 5. why, per weight matrix: how much of each task matrix's energy its top r/T
    singular values hold (what TSV keeps), stable ranks, and the sum's spectrum.
 
-Results go to bench/results/fusionbench_compare.json.
+With ``--data-aware``, only RegMean and Fisher merging instead (``data_aware``): zoo's
+merges, whose statistics zoo collects on each expert's first 256 train inputs, against
+FusionBench's ``regmean_merging`` / ``fisher_merging`` collecting their own statistics
+on the same experts and inputs, and against its merge formulas fed zoo's statistics;
+RegMean's ratio and Fisher's normalisation chosen on validation; the merged tensors,
+per-task test accuracy, and RegMean's least-squares objective and conditioning.
+
+Results go to bench/results/fusionbench_compare.json (``--data-aware`` adds its key
+and keeps the rest).
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import save
+from common import RESULTS, save
 from safetensors.torch import load_file, save_file
 
 from zoo import Registry
@@ -139,11 +147,147 @@ def spectra(base: dict, experts: list[dict]) -> dict:
     return {"mean": avg, "matrices": rows}
 
 
+REGMEAN_GRID = [0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 1.0]  # reduce_non_diagonal_ratio, chosen on validation
+DATA_DEFAULTS = {"regmean": {"reduce_non_diagonal_ratio": 0.1, "num_regmean_examples": 256},
+                 "fisher": {"normalize_fisher_weight": True, "minimal_fisher_weight": 1e-6,
+                            "num_fisher_examples": 256}}
+
+
+def least_squares(merged: dict, flat: dict, stats: dict, t: int, ratio: float) -> dict:
+    """What RegMean minimises, per linear weight: sum_i tr((W - W_i) G~_i (W - W_i)^T)
+    with the shrunk per-token Grams, for the merged W (float64); and the condition
+    number of sum_i G~_i, which decides how well a float32 inverse can find it."""
+    out = {}
+    for key in sorted({k.split("/", 1)[1] for k in stats}):
+        grams = [stats[f"e{i}/{key}"].double() for i in range(t)]
+        grams = [g * ratio + torch.diag(g.diagonal() * (1 - ratio)) for g in grams]
+        w = merged[key].double()
+        f = sum(float(torch.trace((w - flat[f"e{i}/{key}"].double()) @ g @ (w - flat[f"e{i}/{key}"].double()).T))
+                for i, g in enumerate(grams))
+        out[key] = {"objective": f, "condition_number": float(torch.linalg.cond(sum(grams)))}
+    objective = sum(v["objective"] for v in out.values())
+    return {"objective_sum": objective, "max_condition_number": max(v["condition_number"] for v in out.values()),
+            "per_tensor": out}
+
+
+def data_aware(args, reg: Registry, res, tasks: list[str], base: dict, body: list[str], evaluate, work: Path) -> None:
+    """RegMean and Fisher: zoo's merges (statistics collected by zoo, stored on the
+    experts), against FusionBench's ``regmean_merging`` / ``fisher_merging`` collecting
+    their own statistics with their own hooks on the same experts and the same inputs,
+    and against FusionBench's merge formulas fed zoo's statistics."""
+    import zoo.merge as merge
+    from zoo.merge.learned.runtime import build_body
+
+    experts = [res.experts[t] for t in tasks]
+    # the checkpoint's tensor names -> the module's (transformers 5 renames ViT's on load)
+    to_module = build_body(reg.checkpoint(res.base), torch.device("cpu")).to_module
+
+    def zoo_run(method: str, params: dict, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+        recipe = merge.from_dict({"merge_method": method, "base_model": res.base, "parameters": params,
+                                  "models": [{"model": e} for e in experts]})
+        t0 = time.perf_counter()
+        merge.run(recipe, name, registry=reg, device="cpu")
+        seconds = time.perf_counter() - t0
+        folder = reg.model_dir(name)
+        sd = {k: v for f in sorted(folder.glob("model*.safetensors")) for k, v in load_file(str(f)).items()}
+        sd = {to_module.get(k, k): v for k, v in sd.items()}
+        return {k: sd[k].float() for k in body}, {**reg.show(name)["recipe"]["statistics"], "seconds": seconds}
+
+    # hyperparameters on validation: RegMean's ratio over a grid, Fisher's normalisation on or off
+    sweeps: dict[str, dict[str, float]] = {"regmean": {}, "fisher": {}}
+    merges, records = {}, {}
+    for r in REGMEAN_GRID:
+        key = f"regmean@{r}"
+        merges[key], records[key] = zoo_run("regmean", {"reduce_non_diagonal_ratio": r}, f"rm-{r}")
+        sweeps["regmean"][str(r)] = evaluate(merges[key], "val")["avg"]
+        print(f"{key}: val {sweeps['regmean'][str(r)]:.1f} ({records[key]['seconds']:.1f} s)", flush=True)
+    for norm in (True, False):
+        key = f"fisher@normalize={str(norm).lower()}"
+        merges[key], records[key] = zoo_run("fisher", {"normalize_fisher_weight": norm}, f"fm-{norm}")
+        sweeps["fisher"][str(norm).lower()] = evaluate(merges[key], "val")["avg"]
+        print(f"{key}: val {sweeps['fisher'][str(norm).lower()]:.1f} ({records[key]['seconds']:.1f} s)", flush=True)
+    ratio = max(REGMEAN_GRID, key=lambda r: (sweeps["regmean"][str(r)], -abs(r - 0.1)))
+    norm = sweeps["fisher"]["true"] >= sweeps["fisher"]["false"]
+    chosen = {"regmean": {**DATA_DEFAULTS["regmean"], "reduce_non_diagonal_ratio": ratio},
+              "fisher": {**DATA_DEFAULTS["fisher"], "normalize_fisher_weight": norm}}
+
+    # FusionBench's side: the experts as Hugging Face folders, their first 256 train inputs
+    fdir = work / "data-aware"
+    fdir.mkdir()
+    flat = {f"base/{k}": v.contiguous() for k, v in base.items()}
+    for i, e in enumerate(experts):
+        sd = load_model(reg, e).state_dict()
+        flat.update({f"e{i}/{k}": sd[k].float().contiguous() for k in body})
+    save_file(flat, str(fdir / "models.safetensors"))
+    data = {f"e{i}": load_split(reg.task_data(t), "train")[0][:256].contiguous() for i, t in enumerate(tasks)}
+    save_file(data, str(fdir / "data.safetensors"))
+    folders = [str(reg.model_dir(e)) for e in experts]
+    jobs, zoo_keys, all_stats = [], {}, {}
+    for method, settings in (("regmean", [DATA_DEFAULTS["regmean"], chosen["regmean"]]),
+                             ("fisher", [DATA_DEFAULTS["fisher"], chosen["fisher"]])):
+        for params in {json.dumps(p, sort_keys=True): p for p in settings}.values():
+            key = (f"regmean@{params['reduce_non_diagonal_ratio']}" if method == "regmean"
+                   else f"fisher@normalize={str(params['normalize_fisher_weight']).lower()}")
+            stats = {}
+            for i, (e, entry) in enumerate(zip(experts, records[key]["experts"])):
+                stats.update({f"e{i}/{to_module.get(k, k)}": v
+                              for k, v in load_file(str(reg.artifact(e, entry["artifact"]))).items()})
+            save_file(stats, str(fdir / f"{key}.stats.safetensors"))
+            all_stats[key] = stats
+            for source in ("own", "given"):
+                job_id = f"{key}:{source}"
+                zoo_keys[job_id] = key
+                jobs.append({"id": job_id, "method": method, "params": params, "statistics": source,
+                             "experts": folders, "data": str(fdir / "data.safetensors"),
+                             "stats": str(fdir / f"{key}.stats.safetensors")})
+    (fdir / "jobs.json").write_text(json.dumps(jobs))
+    proc = subprocess.run([args.fusionbench, str(HERE / "fusionbench_side.py"), str(fdir / "models.safetensors"),
+                           str(fdir / "jobs.json"), str(fdir)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        sys.exit(f"FusionBench failed:\n{proc.stderr[-4000:]}")
+    fb_info = json.loads((fdir / "fusionbench.json").read_text())
+    comparisons, rows, conditioning = {}, {}, {}
+    for job in jobs:
+        key = zoo_keys[job["id"]]
+        fb = load_file(str(fdir / f"{job['id']}.safetensors"))
+        comparisons[f"demo/{job['id']}"] = compare(merges[key], fb, base)
+        if job["statistics"] == "own":
+            rows[f"{key} (FusionBench, its own statistics)"] = evaluate(fb, "test")
+        else:
+            rows[f"{key} (FusionBench's formula on zoo's statistics)"] = evaluate(fb, "test")
+        rows.setdefault(f"{key} (zoo)", evaluate(merges[key], "test"))
+        if job["method"] == "regmean":
+            conditioning.setdefault(key, {"zoo": least_squares(merges[key], flat, all_stats[key], len(experts),
+                                                               job["params"]["reduce_non_diagonal_ratio"])})
+            conditioning[key][f"fusionbench {job['statistics']} statistics"] = least_squares(
+                fb, flat, all_stats[key], len(experts), job["params"]["reduce_non_diagonal_ratio"])
+
+    out = RESULTS / "fusionbench_compare.json"
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result.pop("machine", None)
+    result.pop("date", None)
+    result["data_aware"] = {
+        "fusionbench": fb_info, "tasks": tasks, "defaults": DATA_DEFAULTS, "chosen_on_val": chosen,
+        "regmean_grid": REGMEAN_GRID, "val_sweeps_avg_percent": sweeps,
+        "examples_per_expert": 256, "batch_size": 32, "split": "train (the first 256 examples, in order)",
+        "test_accuracy_percent": rows, "tensor_comparison": comparisons, "regmean_least_squares": conditioning,
+        "zoo_statistics": {k: {kk: vv for kk, vv in v.items() if kk != "tensors"} | {"tensors": {
+            kk: vv for kk, vv in v["tensors"].items() if kk != "mean_tensors"}} for k, v in records.items()},
+    }
+    save("fusionbench_compare", result)
+    print("| method | " + " | ".join(tasks) + " | **avg** |")
+    for name, accs in rows.items():
+        print(f"| {name} | " + " | ".join(f"{accs[t]:.1f}" for t in tasks) + f" | **{accs['avg']:.1f}** |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fusionbench", required=True, help="python of FusionBench's venv")
     ap.add_argument("--cache", default=None, help="demo cache (default: the user's)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--data-aware", action="store_true",
+                    help="only RegMean and Fisher; their results join the saved JSON's other methods")
     args = ap.parse_args()
     # one thread, both sides: on a shared 2-core machine two threads contending for busy
     # cores make each small SVD 20x slower; the results do not depend on it
@@ -178,6 +322,9 @@ def main() -> None:
             out[t] = 100 * accuracy(probe, x, y, data[t]["input"])
         out["avg"] = sum(out[t] for t in tasks) / len(tasks)
         return out
+
+    if args.data_aware:
+        return data_aware(args, reg, res, tasks, base, body, evaluate, work)
 
     # 2. hyperparameters on validation: merges are base + scale * delta, so one merge
     # at scale 1 gives every point of the sweep

@@ -53,7 +53,8 @@ STATS_WHOLE_ELEMS = 1 << 24
 
 def execute(plan: Plan, folder: Path, *, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_BYTES,
             progress: ProgressFactory = no_progress, label: str = "model",
-            chunk_elems: int | None = None, merged: "dict[str, torch.Tensor] | None" = None) -> dict[str, str]:
+            chunk_elems: int | None = None, merged: "dict[str, torch.Tensor] | None" = None,
+            model_stats: dict[str, Any] | None = None) -> dict[str, str]:
     """Write the merged model into ``folder`` (which must exist and be empty).
 
     Tensors are copied, merged whole, or (for elementwise methods) streamed in pieces
@@ -64,11 +65,15 @@ def execute(plan: Plan, folder: Path, *, device: str = "auto", shard_bytes: int 
     a streamed tensor's own statistics passes (TIES' thresholds). Returns the sha256 of every
     file written, keyed by its name in the folder. ``merged`` gives merged tensors
     already computed (a learned merge's), written in place of the method's.
+    ``model_stats`` reaches every tensor's merge as ``ctx.stats`` (a data-aware merge's
+    per-expert statistics, ``merge.statistics``), in place of the method's own passes.
     """
     dev = pick_device(device)
     keep_freed_memory()
     chunk = chunk_elems or (CUDA_CHUNK_ELEMS if dev.type == "cuda" else CHUNK_ELEMS)
-    model_stats, bufs = (None, None) if merged is not None else _model_stats(plan, dev, chunk, progress, label)
+    bufs = None
+    if merged is None and model_stats is None:
+        model_stats, bufs = _model_stats(plan, dev, chunk, progress, label)
     advance = progress(f"merging {label}", nbytes_total(plan), len(plan.steps))
     shards = plan_shards([s.out for s in plan.steps], shard_bytes)
     writer = ShardWriter(folder, shards)

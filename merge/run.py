@@ -52,7 +52,7 @@ def model_card(name: str, plan: Plan, recipe: dict[str, Any]) -> str:
         *[f"- `{m.ref or m.label}`" for m in plan.models], "",
         "## Recipe", "", "```yaml", body.rstrip(), "```", "",
     ]
-    lines += plan.method.card_lines(recipe.get("learned"))
+    lines += plan.method.card_lines(recipe.get("learned") if plan.method.learned else recipe.get("statistics"))
     if plan.heads and any(plan.heads.values()):
         lines += ["Each expert's task head is kept unmerged in `task_heads.safetensors`.", ""]
     return card.render(front, name, lines)
@@ -89,6 +89,11 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
         recipe_d["learned"] = {**used, "coefficients": result.coefficients,
                                "final_loss": result.history[-1]["loss"] if result.history else None}
         plan.method.pin(recipe_d, used)  # e.g. parity: the start and the teachers at their versions
+    statistics = None
+    if plan.method.statistics is not None:  # regmean, fisher: each expert's statistics on its task data
+        from zoo.merge.statistics import collect_for
+
+        statistics, recipe_d["statistics"] = collect_for(plan, registry, engine.pick_device(device), log)
     with dest.workspace(".merge") as folder:
         mask_tmp = folder.with_name(folder.name + ".mask.safetensors")
         offsets_tmp = folder.with_name(folder.name + ".offsets.safetensors")
@@ -103,7 +108,8 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
                 save_file({n: t.contiguous() for n, t in result.offsets.items()}, str(offsets_tmp))
                 artifacts["offsets"] = offsets_tmp
             digests = engine.execute(plan, folder, device=device, shard_bytes=shard_bytes,
-                                     progress=progress or no_progress, label=name, merged=learned)
+                                     progress=progress or no_progress, label=name, merged=learned,
+                                     model_stats=None if statistics is None else {"statistics": statistics})
             digests.update(copy_sidecars((plan.base if plan.base is not None else plan.models[0]).ckpt, folder))
             digests.update(_carry_tokenizer(plan, folder, digests))
             digests.update(_update_config(plan, folder))

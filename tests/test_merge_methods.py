@@ -338,7 +338,7 @@ def test_every_method_documents_itself():
                                "slerp", "model_stock", "tsv", "iso_c", "iso_cts", "adamerging", "concrete_ta",
                                "concrete_adamerging", "parity", "breadcrumbs_ties", "della", "della_linear", "sce",
                                "nuslerp", "multislerp", "karcher", "arcee_fusion", "nearswap", "ram",
-                               "ramplus_tl", "passthrough"]
+                               "ramplus_tl", "passthrough", "regmean", "fisher"]
     for name, m in M.METHODS.items():
         assert m.name == name and M.get_method(name) is m
         assert m.summary and "\n" not in m.summary, name

@@ -45,9 +45,11 @@ from zoo.merge.methods.arcee_fusion import ArceeFusion  # noqa: E402
 from zoo.merge.methods.nearswap import NearSwap  # noqa: E402
 from zoo.merge.methods.ram import Ram, RamPlusTL  # noqa: E402
 from zoo.merge.methods.passthrough import Passthrough  # noqa: E402
+from zoo.merge.methods.regmean import RegMean  # noqa: E402
+from zoo.merge.methods.fisher import Fisher  # noqa: E402
 
 __all__ = ["METHODS", "AdaMerging", "ArceeFusion", "Breadcrumbs", "BreadcrumbsTies", "ConcreteAdaMerging",
-           "ConcreteTA", "DareLinear", "DareTies", "DellaLinear", "DellaTies", "IsoC", "IsoCTS", "Karcher", "Linear",
+           "ConcreteTA", "DareLinear", "DareTies", "DellaLinear", "DellaTies", "Fisher", "IsoC", "IsoCTS", "Karcher", "Linear",
            "MergeMethod", "ModelStock", "MultiSlerp", "NearSwap", "NuSlerp", "Param", "ParamDoc", "Parity", "Passthrough", "Ram",
-           "RamPlusTL", "Sce", "Slerp", "StatsCollector", "TaskArithmetic", "TaskSingularVectors", "TensorContext",
+           "RamPlusTL", "RegMean", "Sce", "Slerp", "StatsCollector", "TaskArithmetic", "TaskSingularVectors", "TensorContext",
            "Ties", "check_count", "describe", "get_method", "rebuildable", "register", "slices", "validate_params"]

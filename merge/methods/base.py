@@ -89,6 +89,11 @@ class MergeMethod:
     # True when a merge it made can be rebuilt as coefficients over task vectors
     # (as_start), so parity distillation can start from it.
     rebuildable: ClassVar[bool] = False
+    # The per-expert statistics a data-aware merge weighs the experts with ("gram":
+    # RegMean's input Gram matrices, "fisher": the diagonal Fisher); each expert is run
+    # on its task's data first (zoo.merge.statistics) and merge() finds them in
+    # ctx.stats["statistics"]. None: the method needs no data.
+    statistics: ClassVar[str | None] = None
 
     @property
     def summary(self) -> str:

@@ -363,6 +363,32 @@ class Registry:
             raise StorageError(f"the {key!r} artifact of {ref} is missing from the store ({p})")
         return p
 
+    def attach_artifact(self, ref: str, key: str, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Add a lineage artifact to a model already registered (a data-aware merge's
+        statistics of an expert): the file goes into the store, its entry into the
+        model's recipe (one with only ``artifacts`` where it had none). A key it already
+        has is kept as it is. Returns the entry."""
+        with self.db.store_lock(exclusive=False), HeldInterrupts() as held, self.store.staging() as staged:
+            tmp, digest, size = self.store.stage(Path(path))
+            staged.append(tmp)
+            held.check()
+            with self.db.write() as s:
+                m = self._resolve(s, ref)
+                recipe = dict(m.recipe.recipe) if m.recipe else {}
+                arts = dict(recipe.get("artifacts") or {})
+                if key in arts:
+                    return arts[key]
+                arts[key] = {"sha256": digest, "size": size, "file": f"{key}{Path(path).suffix}"}
+                recipe["artifacts"] = arts
+                if m.recipe is not None:
+                    m.recipe.recipe = recipe  # a new dict, so the JSON column sees the change
+                else:
+                    m.recipe = Recipe(method="artifacts", recipe=recipe)
+                s.flush()
+                held.check()  # the last moment to back out
+                self.store.seal(tmp, digest, Path(path))
+                return arts[key]
+
     # -- protection keys -----------------------------------------------------------
     @property
     def keys_dir(self) -> Path:
