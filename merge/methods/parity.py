@@ -103,6 +103,19 @@ class Parity(LearnedMethod):
         train = tuple(x.strip() for x in str(self.option(options, "train")).split(","))
         return ParitySettings(**values, train=train, seed=seed, autocast=autocast, pad_id=pad_id)
 
+    def _start(self, inputs, parts, s: ParitySettings):
+        """The start merge as a trainable ``Merger``: its directions, coefficients and mask."""
+        options = inputs.options
+        start = inputs.start(self.option(options, "start"), parts.task_vectors)
+        mask = start.mask or (self.option(options, "mask") if "mask" in s.train else None)
+        merger = Merger(parts.base, start.directions, coefficients=self.option(options, "coefficients"), mask=mask,
+                        temperature=s.temperature, device=inputs.device)
+        merger.set_coefficients(start.coefficient_matrix(merger.names))
+        if start.mask_logits:
+            merger.set_logits(start.mask_logits)
+        start.directions = []  # the merger holds its own copy
+        return start, mask, merger
+
     def learn(self, inputs):
         """Rebuild the start merge, label each task's pool with its teacher, and level
         the merge round by round."""
@@ -117,15 +130,8 @@ class Parity(LearnedMethod):
         data = inputs.task_data("entropy", split)
         evals = inputs.eval_data(self.option(options, "eval_split"))
         parts = inputs.parts()
-        start = inputs.start(self.option(options, "start"), parts.task_vectors)
-        mask = start.mask or (self.option(options, "mask") if "mask" in s.train else None)
-        merger = Merger(parts.base, start.directions, coefficients=self.option(options, "coefficients"), mask=mask,
-                        temperature=s.temperature, device=inputs.device)
-        merger.set_coefficients(start.coefficient_matrix(merger.names))
-        if start.mask_logits:
-            merger.set_logits(start.mask_logits)
+        start, mask, merger = self._start(inputs, parts, s)
         teachers, sources = inputs.teachers(parts)
-        start.directions = []  # the merger holds its own copy
         result = distill(merger, parts.forward, teachers, data, s, start_bits=start.mask_bits,
                          start_offsets=start.offsets, eval_data=evals, report=inputs.report, log=inputs.log)
         # Label-free unless the start read labels (the eval split is only measured, never used).
@@ -159,15 +165,8 @@ class Parity(LearnedMethod):
         names = inputs.task_names()
         tasks = gen_tasks(names, pools, codec, evals)
         parts = inputs.parts()
-        start = inputs.start(self.option(options, "start"), parts.task_vectors)
-        mask = start.mask or (self.option(options, "mask") if "mask" in s.train else None)
-        merger = Merger(parts.base, start.directions, coefficients=self.option(options, "coefficients"), mask=mask,
-                        temperature=s.temperature, device=inputs.device)
-        merger.set_coefficients(start.coefficient_matrix(merger.names))
-        if start.mask_logits:
-            merger.set_logits(start.mask_logits)
+        start, mask, merger = self._start(inputs, parts, s)
         teachers, sources = inputs.teachers(parts)
-        start.directions = []  # the merger holds its own copy
         result, annotations = distill_generative(merger, parts.forward, teachers, tasks, codec, s,
                                                  start_bits=start.mask_bits, start_offsets=start.offsets,
                                                  report=inputs.report, log=inputs.log)
