@@ -19,6 +19,7 @@ again as a text file per expert (``models[].parameters.data``). Results: bench/r
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 import time
@@ -81,16 +82,21 @@ def main() -> None:
 
     keep(row("experts", "experts (each on its own task)", {t: score(experts[t], "test", [t])[t] for t in tasks}))
 
-    for method, grid in DATA_FREE.items():
+    # a diagnostic beside the defaults: TSV-M and Iso-C with every 2-D tensor SVD'd (the
+    # embeddings and lm_head too, as FusionBench), not given task arithmetic at scale / T
+    runs = [(m, m, {}, g, "") for m, g in DATA_FREE.items()] + \
+        [(f"{m}-svd-all", m, {"exclude_keys": "$^"}, SVD_GRID, ", exclude_keys $^ (every 2-D tensor SVD'd)")
+         for m in ("tsv", "iso_c")]
+    for key, method, params, grid, note in runs:
         # task arithmetic's weight is per model; the SVD merges' scale is global
-        unit, seconds = (run(f"all-{method}", method, {}, {"weight": 1.0}) if method == "task_arithmetic"
-                         else run(f"all-{method}", method, {}))
+        unit, seconds = (run(f"all-{key}", method, {}, {"weight": 1.0}) if method == "task_arithmetic"
+                         else run(f"all-{key}", method, params))
         delta = {k: unit[k] - base[k] for k in base}
         curve, best, since = {}, None, 0
         for s in grid:
             accs = score({k: base[k] + s * delta[k] for k in base}, "val")
             curve[s] = round(sum(accs.values()) / len(tasks), 2)
-            print(f"  {method} {s}: val {curve[s]:.1f}", file=sys.stderr, flush=True)
+            print(f"  {key} {s}: val {curve[s]:.1f}", file=sys.stderr, flush=True)
             if best is None or curve[s] > curve[best]:
                 best, since = s, 0
             else:
@@ -98,8 +104,8 @@ def main() -> None:
                 if since >= PATIENCE:
                     break
         scale_name = {"task_arithmetic": "weight", "tsv": "alpha"}.get(method, "scaling_factor")
-        keep(row(method, f"{LABEL[method]} ({scale_name} {best}, on val)",
-                 score({k: base[k] + best * delta[k] for k in base}, "test"), merge_method=method,
+        keep(row(key, f"{LABEL[method]} ({scale_name} {best}, on val{note})",
+                 score({k: base[k] + best * delta[k] for k in base}, "test"), merge_method=method, parameters=params,
                  scale=best, scale_name=scale_name, val_avg_by_scale={str(k): v for k, v in curve.items()},
                  val_avg=curve[best], merge_wall_s_at_scale_1=round(seconds, 2)))
 
@@ -135,7 +141,6 @@ def main() -> None:
 
     # why: the spectra of the matrices the SVD merges SVD (not the embeddings, lm_head)
     from fusionbench_compare import spectra
-    import re
     mats = [k for k, v in base.items() if v.dim() == 2 and not re.search(EXCLUDE_DEFAULT, k)]
     sp = spectra({k: base[k] for k in mats}, [{k: experts[t][k] for k in mats} for t in tasks])
     result["spectra"] = sp
