@@ -37,8 +37,10 @@ from torch import nn
 
 from zoo.checkpoints.reader import Checkpoint, open_safetensors
 from zoo.errors import NotFound, ZooError
+from zoo.textgen import TextCodec, teacher_forced
 
-from zoo.merge.learned.data import from_path, from_registry
+from zoo.checkpoints.prompts import DEFAULT_SPLIT, FORMAT as PROMPTS_FORMAT
+from zoo.merge.learned.data import from_path, from_registry, is_generative_file, prompts_from
 from zoo.merge.learned.runtime import build_body, make_forward
 from zoo.merge.learned.train import TaskData
 from zoo.merge.plan import Plan, read_input
@@ -135,13 +137,31 @@ def data_source(plan: Plan, registry: "Registry | None", index: int, split: str,
         if not path.exists():
             raise NotFound(f"data for {inp.label}: {path} does not exist")
         name = task or inp.label
+        if is_generative_file(path):
+            return DataSource(name, _hash_path(path), lambda: prompt_data(path, name, base_dir, split))
         return DataSource(name, _hash_path(path), lambda: from_path(path, name, base_dir, split, False))
     if task is not None and registry is not None:
         info = registry.task(task)
         if info.get("data_sha256"):
+            if info.get("data_format") == PROMPTS_FORMAT:
+                return DataSource(task, info["data_sha256"],
+                                  lambda: prompt_data(registry.task_data(task), task, base_dir, split))
             return DataSource(task, info["data_sha256"], lambda: from_registry(registry, task, split, False))
     raise ZooError(f"{inp.label} has no task data: {method} runs each expert on its own task's inputs; register its "
                    "task with data, or set models[].parameters.data to a file")
+
+
+def prompt_data(path: Path, task: str, base_dir: Path | None, split: str) -> TaskData:
+    """A generative task's prompts as model inputs: each prompt tokenised as the base's
+    tokenizer does, right-padded, with its attention mask (the statistics skip the pad
+    positions). A task's unlabeled split is its ``pool``: ``train`` reads it."""
+    if base_dir is None:
+        raise ZooError(f"task {task!r} is prompts, which need the base model's tokenizer")
+    rows = prompts_from(path, task, DEFAULT_SPLIT if split == "train" else split)
+    codec = TextCodec.from_folder(base_dir)
+    ids = [codec.prompt_ids(r) for r in rows]
+    batch = teacher_forced(ids, [[] for _ in ids], codec.pad_id)
+    return TaskData(task, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
 
 
 def _hash_path(path: Path) -> str:
@@ -279,9 +299,14 @@ def collect_grams(forward: "ModelForward", params: dict[str, torch.Tensor], data
     sums: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
 
+    mask: list[torch.Tensor | None] = [None]  # the batch's attention mask: pad positions are not inputs
+
     def hook(name: str):
         def record(module, args, output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            x = args[0].detach()
+            m = mask[0]
+            x = x[m.bool()] if m is not None and x.dim() == 3 and x.shape[:2] == m.shape else x
+            x = x.reshape(-1, x.shape[-1]).double()
             if name in sums:
                 sums[name].addmm_(x.T, x)
             else:
@@ -299,6 +324,7 @@ def collect_grams(forward: "ModelForward", params: dict[str, torch.Tensor], data
     try:
         with torch.no_grad():
             for batch, _ in _batches(data, n, batch_size, device):
+                mask[0] = batch.get("attention_mask")
                 forward(0, params, batch)
     finally:
         for h in handles:

@@ -279,3 +279,31 @@ def test_mixed_generative_and_labelled_tasks_are_refused(lms, registry, tmp_path
 
 def test_calibrate_is_refused_for_causal_lms(lms, registry) -> None:
     refused(registry, recipe("adamerging", calibrate=True, steps=1), "classifier heads")
+
+
+# -- data-aware merges read a generative task's prompts -------------------------------------------
+
+
+def test_regmean_grams_of_a_registered_generative_task(lms, registry) -> None:
+    """RegMean's statistics of a causal-LM expert come from its registered prompt pool:
+    the per-token mean Gram of each linear layer's inputs over the prompts' real tokens
+    (pads skipped), as each prompt run alone through transformers gives it."""
+    from zoo.checkpoints.prompts import read_prompts
+    from zoo.merge.statistics import collect_for
+
+    plan = make_plan(recipe("regmean", num_regmean_examples=12), registry)
+    stats, record = collect_for(plan, registry, torch.device("cpu"))
+    assert record["experts"][0]["task"] == "add" and record["experts"][0]["examples"] == 12
+    name = "model.layers.0.mlp.down_proj.weight"
+    ours = stats.tensors(name)[0]
+    model = hf_model(lms / "add")
+    seen: list[torch.Tensor] = []
+    handle = model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda mod, args, out: seen.append(args[0][0].double()))
+    with torch.no_grad():
+        for row in read_prompts(registry.task_data("add"), split="pool"):
+            model(input_ids=torch.tensor([token_ids(lms, row.prompt)]))
+    handle.remove()
+    x = torch.cat(seen)
+    ref = (x.T @ x / x.shape[0]).float()
+    assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-6)

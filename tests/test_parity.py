@@ -243,7 +243,7 @@ def test_a_start_with_other_experts_is_refused(registry, tiny):
     merge.run(recipe(rounds=1, steps=1, models=[{"model": "e0"}, {"model": "e1"}]), "two", registry=registry)
     with pytest.raises(ZooError, match="list the same base and experts"):
         merge.run(recipe("two"), "p", registry=registry)
-    with pytest.raises(ZooError, match="neither task_arithmetic, ties nor a registered merge"):
+    with pytest.raises(ZooError, match="neither task_arithmetic, ties, tsv nor a registered merge"):
         merge.run(recipe("nothing-here"), "p", registry=registry)
 
 
