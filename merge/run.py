@@ -82,6 +82,7 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
     recipe_d = resolved_recipe(plan)
     learned, artifacts = None, {}
     if plan.method.learned:
+        from zoo.merge.learned.distributed import current
         from zoo.merge.learning import learn_from_plan
 
         result, used = learn_from_plan(plan, registry, engine.pick_device(device), report, log)
@@ -89,6 +90,9 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
         recipe_d["learned"] = {**used, "coefficients": result.coefficients,
                                "final_loss": result.history[-1]["loss"] if result.history else None}
         plan.method.pin(recipe_d, used)  # e.g. parity: the start and the teachers at their versions
+        sync = current()
+        if not sync.writes:  # across processes (torch.distributed) rank 0 alone writes and registers
+            return {"rank": sync.rank, "steps": result.steps_done}
     with dest.workspace(".merge") as folder:
         mask_tmp = folder.with_name(folder.name + ".mask.safetensors")
         offsets_tmp = folder.with_name(folder.name + ".offsets.safetensors")
