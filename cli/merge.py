@@ -149,8 +149,8 @@ def merge(
                        "for the learned methods")
     if nproc is not None and nproc > 1 and distributed.launched() == 1:
         code = distributed.launch(sys.argv[1:], nproc)  # each process runs this command
-        if code:
-            raise typer.Exit(code)
+        if code:  # rank 0 has said why (typer.Exit(130) would make the entry point say it again)
+            sys.exit(code)
         return
     reg = registry_for(out)
     with distributed.session(device, nproc) as sync:

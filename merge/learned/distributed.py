@@ -36,8 +36,12 @@ from zoo.errors import ZooError
 PEER_STOPPED = 3
 # How long a collective waits for the other processes (rank 0 writing the result included).
 TIMEOUT = datetime.timedelta(hours=2)
+# After Ctrl-C, how long every process gets to clean up and stop.
+INTERRUPTED = 30.0
+# How a launcher tells a process that another one failed: it stops, cleaning up, silently.
+STOP = signal.SIGUSR1
 # After the first process fails, how long the others get to stop on their own.
-GRACE = 10.0
+GRACE = 3.0
 
 
 class PeerStopped(SystemExit):
@@ -127,6 +131,10 @@ class Sync:
             raise PeerStopped() from e
 
 
+def _stop(signum, frame) -> None:
+    raise PeerStopped()
+
+
 _session: Sync | None = None  # the one ``session`` opened in this process
 
 
@@ -175,11 +183,13 @@ def session(device: str, nproc: int | None = None) -> Iterator[Sync]:
                            "start at most one process per GPU")
         torch.cuda.set_device(local)
     _session = Sync(int(os.environ["RANK"]), world, "nccl" if cuda else "gloo")
+    previous = signal.signal(STOP, _stop)
     try:
         yield _session
         _session.barrier()  # the others wait until rank 0 has written and registered the result
     finally:
         _session = None
+        signal.signal(STOP, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -240,48 +250,55 @@ def launch(argv: Sequence[str], nproc: int, threads: int | None = None) -> int:
             finally:
                 if err is not None:
                     err.close()
-        interrupted = False
         try:
-            codes = _wait(procs)
-        except KeyboardInterrupt:
-            interrupted = True
+            codes = _wait(procs, GRACE)
+        except KeyboardInterrupt:  # Ctrl-C reaches this process alone (the others have their own session)
             for p in procs:
                 if p.poll() is None:
                     p.send_signal(signal.SIGINT)
-            codes = _wait(procs)
-        if interrupted or 130 in codes:
-            if codes[0] not in (130,):  # rank 0 has not said so itself
-                raise KeyboardInterrupt
+            codes = _wait(procs, INTERRUPTED)
+            if codes[0] != 130:  # rank 0 has not said so itself
+                raise
             return 130
-        if all(c == 0 for c in codes):
-            return 0
-        first = next((r for r, c in enumerate(codes) if c not in (0, PEER_STOPPED)), 0)
-        if first == 0 and codes[0] not in (0, PEER_STOPPED):
-            return codes[0]  # rank 0 printed its own error
-        raise ProcessFailed(f"process {first} of {nproc}: {_last_line(logs[first])}")
+        return _outcome(codes, logs)
+
+
+def _outcome(codes: list[int], logs: list[Path]) -> int:
+    """Rank 0's exit status when it failed first and said so itself, or all went well;
+    else the first failed process's error, as one line (``ProcessFailed``)."""
+    if all(c == 0 for c in codes):
+        return 0
+    n = len(codes)
+    first = next((r for r, c in enumerate(codes) if c not in (0, PEER_STOPPED)), None)
+    if first is None:
+        raise ProcessFailed(f"the {n} processes stopped without saying why; nothing was written")
+    if codes[first] < 0:
+        raise ProcessFailed(f"process {first} of {n} was killed (signal {-codes[first]}); nothing was written")
+    if first == 0:
+        return codes[0]  # rank 0 printed its own error
+    raise ProcessFailed(f"process {first} of {n}: {_last_line(logs[first])}")
 
 
 class ProcessFailed(ZooError):
     """One of ``--nproc``'s processes failed; its message is the one reported."""
 
 
-def _wait(procs: list[subprocess.Popen]) -> list[int]:
-    """Wait for every process; once one has failed, the others get ``GRACE`` seconds to
-    stop on their own (they see the broken connection), then Ctrl-C, then a kill."""
+def _wait(procs: list[subprocess.Popen], grace: float) -> list[int]:
+    """Every process's exit status. Once one has failed the others get ``grace`` seconds
+    to stop on their own (a broken connection tells them), then ``STOP``, then a kill;
+    those stopped so count as ``PEER_STOPPED``."""
     failed_at = None
-    signalled = False
+    stopped: set[int] = set()
     while True:
         codes = [p.poll() for p in procs]
         if all(c is not None for c in codes):
-            return [int(c) for c in codes]  # type: ignore[arg-type]
+            return [PEER_STOPPED if r in stopped else int(c) for r, c in enumerate(codes)]  # type: ignore[arg-type]
         if failed_at is None and any(c not in (None, 0) for c in codes):
             failed_at = time.monotonic()
-        if failed_at is not None:
-            waited = time.monotonic() - failed_at
-            for p in procs:
-                if p.poll() is None and waited > GRACE and not signalled:
-                    p.send_signal(signal.SIGINT)
-                elif p.poll() is None and waited > 2 * GRACE:
-                    p.kill()
-            signalled = signalled or waited > GRACE
+        if failed_at is not None and time.monotonic() - failed_at > grace:
+            for r, p in enumerate(procs):
+                if p.poll() is None:
+                    p.send_signal(STOP) if r not in stopped else p.kill()
+                    stopped.add(r)
+            failed_at = time.monotonic()  # a kill after another grace
         time.sleep(0.05)
