@@ -271,9 +271,9 @@ def _outcome(codes: list[int], logs: list[Path]) -> int:
     n = len(codes)
     first = next((r for r, c in enumerate(codes) if c not in (0, PEER_STOPPED)), None)
     if first is None:
-        raise ProcessFailed(f"the {n} processes stopped without saying why; nothing was written")
+        raise ProcessFailed(f"the {n} processes stopped without saying why")
     if codes[first] < 0:
-        raise ProcessFailed(f"process {first} of {n} was killed (signal {-codes[first]}); nothing was written")
+        raise ProcessFailed(f"process {first} of {n} was killed (signal {-codes[first]})")
     if first == 0:
         return codes[0]  # rank 0 printed its own error
     raise ProcessFailed(f"process {first} of {n}: {_last_line(logs[first])}")
