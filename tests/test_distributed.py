@@ -124,6 +124,67 @@ def test_parity_loss_shares_sum_to_the_whole(n_parity, n_agree, world):
     torch.testing.assert_close(grad, expect, rtol=1e-5, atol=1e-7)
 
 
+# -- two real processes on a toy merge: every method's loop ---------------------------------------
+TOY_SETTINGS = {"adamerging": {"coefficients": "layer"}, "concrete_ta": {},
+                "concrete_adamerging": {"stage2_steps": 4}, "parity": {}}
+
+
+def _toy_fit(method: str):
+    """``method`` learned on the toy merge (parity: distilled, training coefficients and
+    the mask), in whatever process group is running."""
+    from zoo.merge.learned.parity import distill
+    from zoo.merge.state_dicts import learn_merge
+
+    base, tvs, data, forward = _toy()
+    if method != "parity":
+        experts = [{k: base[k] + tv[k] for k in base} for tv in tvs]
+        return learn_merge(torch.nn.Module(), base, experts, [{}] * 3, data, method, forward=forward, steps=6,
+                           lr=0.01, batch_size=16, **TOY_SETTINGS[method])
+    s = get_method("parity").settings({"tau": 0.05, "view": "none", "rounds": 2, "steps": 5, "lr": 0.01,
+                                       "keep": "last", "train": "coefficients,mask", "batch_size": 5})
+    merger = Merger(base, tvs, coefficients="layer", mask=".*")
+    teachers = [lambda t=t: (lambda batch: forward(t, {k: base[k] + tvs[t][k] for k in base}, batch))
+                for t in range(3)]
+    return distill(merger, forward, teachers, data, s)
+
+
+def _toy_rank(rank: int, world: int, port: int, out: str, method: str) -> None:
+    from zoo.merge.learned.distributed import session
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with session("cpu") as sync:
+        result = _toy_fit(method)
+    torch.save({"coefficients": result.coefficients, "merged": result.merged, "steps": result.steps_done,
+                "losses": [h["loss"] for h in result.history], "world": sync.world}, f"{out}.{rank}")
+
+
+@pytest.mark.parametrize("method", list(TOY_SETTINGS))
+def test_every_learned_loop_in_two_processes_is_one_process(method, tmp_path):
+    """AdaMerging, both Concrete loops and parity (coefficients and mask, with parity sets
+    smaller than a batch) in two gloo processes: both ranks end with the same bits, and
+    those are one process's up to rounding (tiny sums here: within 1e-5)."""
+    import torch.multiprocessing as mp
+
+    from zoo.merge.learned.distributed import free_port
+
+    torch.manual_seed(0)
+    alone = _toy_fit(method)
+    out = str(tmp_path / "result")
+    mp.spawn(_toy_rank, args=(2, free_port(), out, method), nprocs=2)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    assert ranks[0]["world"] == 2
+    for n in ranks[0]["merged"]:  # every process took the same steps
+        assert torch.equal(ranks[0]["merged"][n], ranks[1]["merged"][n])
+    two = ranks[0]
+    assert two["steps"] == alone.steps_done
+    assert two["losses"] == pytest.approx([h["loss"] for h in alone.history], rel=1e-5)
+    torch.testing.assert_close(torch.tensor(two["coefficients"]), torch.tensor(alone.coefficients), rtol=0, atol=1e-5)
+    for n, t in alone.merged.items():
+        torch.testing.assert_close(two["merged"][n], t, rtol=0, atol=1e-5)
+
+
 # -- two real processes -------------------------------------------------------------------------
 def _env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("ZOO_REGISTRY", "RANK", "WORLD_SIZE", "LOCAL_RANK")}

@@ -166,6 +166,8 @@ def session(device: str, nproc: int | None = None) -> Iterator[Sync]:
     result."""
     global _session
     world = launched()
+    if nproc is not None and nproc < 1:
+        raise ZooError("--nproc must be at least 1")
     if nproc is not None and nproc > 1 and world != nproc:
         raise ZooError(f"--nproc {nproc}, but the launcher started {world} process(es); give one of them")
     if world == 1:
@@ -195,7 +197,7 @@ def session(device: str, nproc: int | None = None) -> Iterator[Sync]:
 
 
 # -- --nproc: start the processes here ----------------------------------------------------------
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -233,7 +235,7 @@ def launch(argv: Sequence[str], nproc: int, threads: int | None = None) -> int:
     if nproc < 1:
         raise ZooError("--nproc must be at least 1")
     per = threads or max(1, (os.cpu_count() or 1) // nproc)
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="zoo-nproc-") as tmp:
         logs = [Path(tmp) / f"rank{r}.err" for r in range(nproc)]
         procs: list[subprocess.Popen] = []
