@@ -71,6 +71,8 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
     steps/s)`` follows them and ``log`` gets their notices (parity: a task with an empty
     parity set). A parity merge's per-round table comes back under ``parity``, and the
     method's measured values (``method.metrics``) are recorded as the model's metrics.
+    Across processes (``merge.learned.distributed``) rank 0 alone writes and registers;
+    the others return ``{"rank": N, "steps": ...}``.
     """
     dest = Destination.check(out, out_dir, registry, shard_bytes)
     plan = make_plan(recipe, registry)
