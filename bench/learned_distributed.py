@@ -14,7 +14,7 @@ first and the last step (setup, the first step and writing the model left out), 
 wall-clock steps per second and in steps per CPU-second summed over the processes.
 Rank 0's merged weights are compared with the one-process run's.
 
-    .venv/bin/python bench/learned_distributed.py [--steps 41] [--repeats 2]
+    .venv/bin/python bench/learned_distributed.py [--steps 41] [--repeats 2] [--layouts 1x1,1x2,2x1]
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=41, help="steps per run (the rate is over all but the first)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="of 1x1, 1x2, 2x1 (2x1 and 1x1 needed)")
     ap.add_argument("--result", default="learned_distributed")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
@@ -134,11 +135,12 @@ def main() -> None:
     (work / "demo.json").write_text(json.dumps({"base": demo.base, "experts": list(demo.experts.values())}))
     rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip()
-    runs: dict[str, dict[str, list[dict]]] = {m: {x: [] for x in LAYOUTS} for m in args.methods.split(",")}
+    layouts = args.layouts.split(",")
+    runs: dict[str, dict[str, list[dict]]] = {m: {x: [] for x in layouts} for m in args.methods.split(",")}
     load: list[float] = []
     for repeat in range(args.repeats):
         for method in runs:
-            for layout in LAYOUTS:
+            for layout in layouts:
                 row = run_one(args, work, method, layout, repeat)
                 runs[method][layout].append(row)
                 load.append(os.getloadavg()[0])
@@ -147,35 +149,33 @@ def main() -> None:
                       flush=True)
     table = []
     for method, by in runs.items():
-        best = {x: max(r["steps_per_second"] for r in by[x]) for x in LAYOUTS}
-        cpu = {x: max(r["steps_per_cpu_second"] for r in by[x]) for x in LAYOUTS}
-        one, two = by["1x2"][0], by["2x1"][0]
+        best = {x: max(r["steps_per_second"] for r in by[x]) for x in layouts}
+        cpu = {x: max(r["steps_per_cpu_second"] for r in by[x]) for x in layouts}
+        one, two = by["1x1"][0], by["2x1"][0]
         common = sorted(set(one["losses"]) & set(two["losses"]), key=int)
         table.append({
             "method": METHODS[method][0], "key": method,
-            **{f"steps_per_second_{x}": best[x] for x in LAYOUTS},
-            **{f"steps_per_cpu_second_{x}": cpu[x] for x in LAYOUTS},
-            "speedup_2x1_vs_1x1": best["2x1"] / best["1x1"], "speedup_2x1_vs_1x2": best["2x1"] / best["1x2"],
-            "max_rss_mib_per_process": {x: max(r["max_rss_mib_per_process"] for r in by[x]) for x in LAYOUTS},
-            "max_weight_difference_2x1_vs_1x2": weights_difference(Path(one["out"]), Path(two["out"])),
-            "max_weight_difference_1x1_vs_1x2": weights_difference(Path(by["1x1"][0]["out"]), Path(one["out"])),
-            "max_loss_difference_2x1_vs_1x2": max(abs(one["losses"][s] - two["losses"][s]) for s in common),
-            "all_rates": {x: [r["steps_per_second"] for r in by[x]] for x in LAYOUTS},
-            "all_cpu_rates": {x: [r["steps_per_cpu_second"] for r in by[x]] for x in LAYOUTS},
+            **{f"steps_per_second_{x}": best[x] for x in layouts},
+            **{f"steps_per_cpu_second_{x}": cpu[x] for x in layouts},
+            "speedup_2x1_vs_1x1": best["2x1"] / best["1x1"],
+            "cpu_per_step_2x1_vs_1x1": cpu["1x1"] / cpu["2x1"],
+            "max_rss_mib_per_process": {x: max(r["max_rss_mib_per_process"] for r in by[x]) for x in layouts},
+            "max_weight_difference_2x1_vs_1x1": weights_difference(Path(one["out"]), Path(two["out"])),
+            "max_loss_difference_2x1_vs_1x1": max(abs(one["losses"][s] - two["losses"][s]) for s in common),
+            "all_rates": {x: [r["steps_per_second"] for r in by[x]] for x in layouts},
+            "all_cpu_rates": {x: [r["steps_per_cpu_second"] for r in by[x]] for x in layouts},
         })
     save(args.result, {"commit": rev, "steps": args.steps, "repeats": args.repeats, "tasks": len(demo.experts),
-                       "batch_per_task": 16, "layouts": {x: {"processes": p, "threads_each": t}
-                                                         for x, (p, t) in LAYOUTS.items()},
+                       "batch_per_task": 16, "layouts": {x: {"processes": LAYOUTS[x][0], "threads_each": LAYOUTS[x][1]}
+                                                         for x in layouts},
                        "load_average_1min_after_each_run": load, "rows": table})
-    print("\n| method | 1x1 (steps/s) | 1x2 | 2x1 | 2x1 / 1x1 | 1x1 (steps/CPU-s) | 1x2 | 2x1 | "
-          "max weight difference 2x1 vs 1x2 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| method | 1x1 (steps/s) | 2x1 (steps/s) | 2x1 / 1x1 | 1x1 (steps/CPU-s) | 2x1 (steps/CPU-s) | "
+          "max weight difference |")
+    print("|---|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['method']} | {r['steps_per_second_1x1']:.2f} | {r['steps_per_second_1x2']:.2f} | "
-              f"{r['steps_per_second_2x1']:.2f} | {r['speedup_2x1_vs_1x1']:.2f}x | "
-              f"{r['steps_per_cpu_second_1x1']:.2f} | {r['steps_per_cpu_second_1x2']:.2f} | "
-              f"{r['steps_per_cpu_second_2x1']:.2f} | {r['max_weight_difference_2x1_vs_1x2']:.1e} |")
-
+        print(f"| {r['method']} | {r['steps_per_second_1x1']:.2f} | {r['steps_per_second_2x1']:.2f} | "
+              f"{r['speedup_2x1_vs_1x1']:.2f}x | {r['steps_per_cpu_second_1x1']:.2f} | "
+              f"{r['steps_per_cpu_second_2x1']:.2f} | {r['max_weight_difference_2x1_vs_1x1']:.1e} |")
 
 if __name__ == "__main__":
     main()
