@@ -115,6 +115,10 @@ def merge(
     lr: Optional[float] = typer.Option(None, "--lr", metavar="RATE", help="Learned merges: learning rate."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", metavar="N",
                                              help="Learned merges: examples per task per step."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", metavar="K",
+                                        help="Learned merges: run as K processes on this machine, each step's "
+                                             "batches split between them (gloo on the CPU, NCCL on CUDA: one "
+                                             "GPU each). Under torchrun, leave it out."),
     as_json: bool = JsonOpt,
     registry: Optional[Path] = RegistryOpt,
 ) -> None:
@@ -137,10 +141,27 @@ def merge(
     else:
         raise ZooError("give a recipe file, or --method with --base and the models to merge "
                        "(`zoo merge --help` lists the methods)")
+    from zoo.merge.learned import distributed
+
+    method_ = merge_api.METHODS.get(rec.merge_method)
+    if (nproc is not None or distributed.launched() > 1) and method_ is not None and not method_.learned:
+        raise ZooError(f"{rec.merge_method} merges tensor by tensor in one process; --nproc and torchrun are "
+                       "for the learned methods")
+    if nproc is not None and nproc > 1 and distributed.launched() == 1:
+        code = distributed.launch(sys.argv[1:], nproc)  # each process runs this command
+        if code:  # rank 0 has said why (typer.Exit(130) would make the entry point say it again)
+            sys.exit(code)
+        return
     reg = registry_for(out)
-    with render.progress_bars() as progress, render.training_bar(f"learning {out or out_dir}") as report:
-        info = merge_api.run(rec, out, registry=reg, out_dir=out_dir, device=device, shard_bytes=shard_size,
-                             progress=progress, report=report, log=lambda m: print(m, file=sys.stderr))
+    with distributed.session(device, nproc) as sync:
+        shown = sync.writes  # the other processes stay quiet: rank 0 speaks for the run
+        with render.progress_bars(shown) as progress, \
+                render.training_bar(f"learning {out or out_dir}", shown) as report:
+            info = merge_api.run(rec, out, registry=reg, out_dir=out_dir, device=device, shard_bytes=shard_size,
+                                 progress=progress, report=report,
+                                 log=(lambda m: print(m, file=sys.stderr)) if shown else None)
+    if not shown:
+        return
     if as_json:
         render.emit_json(info)
         return

@@ -11,15 +11,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from zoo.checkpoints.compat import compare
-from zoo.checkpoints.prompts import Prompt
+from zoo.checkpoints.prompts import DEFAULT_SPLIT, Prompt
 from zoo.checkpoints.heads import is_head
-from zoo.errors import IncompatibleModels, ZooError
+from zoo.errors import IncompatibleModels, PromptDataError, ZooError
 from zoo.registry.resolve import open_model
 from zoo.textgen import TextCodec
 from zoo.checkpoints.taskdata import task_info
 
 from zoo.merge.plan import Plan, read_input
 from zoo.merge.learned.generative import prompt_task_data
+from zoo.merge.learned.distributed import current
 from zoo.merge.learned.data import from_path, from_registry, from_task_file, is_generative_file, prompts_from
 from zoo.merge.learned.objectives import default_split, supervised
 from zoo.merge.learned.parity import Log, Teacher, TeacherFactory
@@ -201,7 +202,19 @@ def learn_from_plan(plan: Plan, registry: "Registry | None", device: torch.devic
                     report: Report | None = None, log: Log | None = None) -> tuple[Result, dict[str, Any]]:
     """Run the plan's learned merge (its method's ``learn``); returns the result and
     what to record in the lineage."""
-    return plan.method.learn(PlanInputs(plan, registry, device, report, log))
+    inputs = PlanInputs(plan, registry, device, report, log)
+    if current().world > 1 and _generative(inputs):
+        # their losses are means over answer tokens, which a split by rows does not weigh right
+        raise ZooError("learned merges over generative tasks run in one process for now; run it without "
+                       "--nproc or torchrun")
+    return plan.method.learn(inputs)
+
+
+def _generative(inputs: PlanInputs) -> bool:
+    try:
+        return inputs.prompts(DEFAULT_SPLIT) is not None
+    except PromptDataError:  # prompts without a pool split are prompts all the same
+        return True
 
 
 def _teachers(plan: Plan, registry: "Registry | None", parts: Parts,

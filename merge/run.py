@@ -71,6 +71,8 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
     steps/s)`` follows them and ``log`` gets their notices (parity: a task with an empty
     parity set). A parity merge's per-round table comes back under ``parity``, and the
     method's measured values (``method.metrics``) are recorded as the model's metrics.
+    Across processes (``merge.learned.distributed``) rank 0 alone writes and registers;
+    the others return ``{"rank": N, "steps": ...}``.
     """
     dest = Destination.check(out, out_dir, registry, shard_bytes)
     plan = make_plan(recipe, registry)
@@ -82,6 +84,7 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
     recipe_d = resolved_recipe(plan)
     learned, artifacts = None, {}
     if plan.method.learned:
+        from zoo.merge.learned.distributed import current
         from zoo.merge.learning import learn_from_plan
 
         result, used = learn_from_plan(plan, registry, engine.pick_device(device), report, log)
@@ -89,6 +92,9 @@ def run(recipe: Recipe, out: str | None = None, *, registry: "Registry | None" =
         recipe_d["learned"] = {**used, "coefficients": result.coefficients,
                                "final_loss": result.history[-1]["loss"] if result.history else None}
         plan.method.pin(recipe_d, used)  # e.g. parity: the start and the teachers at their versions
+        sync = current()
+        if not sync.writes:  # across processes (torch.distributed) rank 0 alone writes and registers
+            return {"rank": sync.rank, "steps": result.steps_done}
     statistics = None
     if plan.method.statistics is not None:  # regmean, fisher: each expert's statistics on its task data
         from zoo.merge.statistics import collect_for

@@ -307,3 +307,14 @@ def test_regmean_grams_of_a_registered_generative_task(lms, registry) -> None:
     x = torch.cat(seen)
     ref = (x.T @ x / x.shape[0]).float()
     assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_generative_learned_merges_refuse_several_processes(lms, registry, monkeypatch) -> None:
+    import types
+
+    import zoo.merge.learning as learning
+
+    monkeypatch.setattr(learning, "current", lambda: types.SimpleNamespace(world=2, rank=0))
+    plan = make_plan(recipe("adamerging", objective="entropy", steps=1), registry)
+    with pytest.raises(ZooError, match="generative tasks run in one process for now"):
+        learn_from_plan(plan, registry, torch.device("cpu"))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from zoo.errors import ZooError
 
+from zoo.merge.learned.distributed import current
 from zoo.merge.learned.merger import Mask, MaskSample, Merger, rescale
 from zoo.merge.learned.train import LOG_EVERY, Forward, Report, Result, TaskData, forward_all
 
@@ -199,18 +200,25 @@ def parity_rule(confidence: torch.Tensor, pred: torch.Tensor, view_pred: torch.T
 
 
 # -- 3. levelling --------------------------------------------------------------------------------
-def parity_loss(student: torch.Tensor, teacher: torch.Tensor, n_parity: int, s: ParitySettings) -> torch.Tensor:
+def parity_loss(student: torch.Tensor, teacher: torch.Tensor, n_parity: int, s: ParitySettings,
+                shares: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """On a batch whose first ``n_parity`` rows are parity samples and the rest agreeing
     ones: CE to the expert's label (+ kl_weight·T²·KL at T) on the first, agree_weight·KL
-    on the rest. KL is KL(expert ‖ merged)."""
+    on the rest. KL is KL(expert ‖ merged). ``shares`` weigh the two means: across
+    processes, this process's fraction of the parity rows and of the agreeing rows."""
     student, teacher = student.float(), teacher.float()
     sp, tp = student[:n_parity], teacher[:n_parity]
-    loss = F.cross_entropy(sp, tp.argmax(dim=-1))
-    if s.kl_weight > 0:
+    if n_parity == 0:  # across processes, a share with agreeing rows only
+        loss = student.new_zeros(())
+    else:
+        loss = F.cross_entropy(sp, tp.argmax(dim=-1))
+    if s.kl_weight > 0 and n_parity:
         t = s.kl_temperature
         loss = loss + s.kl_weight * t * t * _kl(tp / t, sp / t)
+    if shares[0] != 1.0:
+        loss = loss * shares[0]
     if student.shape[0] > n_parity and s.agree_weight > 0:
-        loss = loss + s.agree_weight * _kl(teacher[n_parity:], student[n_parity:])
+        loss = loss + shares[1] * s.agree_weight * _kl(teacher[n_parity:], student[n_parity:])
     return loss
 
 
@@ -406,22 +414,34 @@ def _step(student: Student, forward: Forward, annotations: list[Annotation], dat
     run once over all of them; the loss, left on the device (a step with a loss that is
     not finite moves the merge too, but the caller stops at the next read-back)."""
     params = student.params(student.merger.sample(noise) if "mask" in s.train else None)
+    sync = current()  # across processes: every one draws the same rows and takes its share
     tasks, batches, picked = [], [], []
     for t, (parity, agreeing) in cycles.items():
         par = parity.next()
-        idx = torch.cat([par, agreeing.next() if s.agree_weight > 0 else par[:0]])
+        agree = agreeing.next() if s.agree_weight > 0 else par[:0]
+        mine_p, mine_a = par[sync.share(len(par), empty=True)], agree[sync.share(len(agree), empty=True)]
+        if len(mine_p) + len(mine_a) == 0:
+            continue
+        idx = torch.cat([mine_p, mine_a])
         tasks.append(t)
         batches.append({k: v[idx].to(device) for k, v in data[t].inputs.items()})
-        picked.append((idx, len(par)))
+        picked.append((idx, len(mine_p), (sync.fraction(len(mine_p), len(par)),
+                                          sync.fraction(len(mine_a), len(agree)))))
+    if not tasks:  # this process's share of this step is empty: the others' gradients still count
+        opt.zero_grad(set_to_none=True)
+        loss = sync.reduce(opt, None)
+        opt.step()
+        return loss
     with torch.autocast("cuda", dtype=torch.bfloat16) if s.autocast else nullcontext():
         logits = forward_all(forward, params, batches, tasks)
     loss = None
-    for t, out, (idx, n_parity) in zip(tasks, logits, picked):
-        term = parity_loss(out, annotations[t].logits[idx.to(device)], n_parity, s)
+    for t, out, (idx, n_parity, shares) in zip(tasks, logits, picked):
+        term = parity_loss(out, annotations[t].logits[idx.to(device)], n_parity, s, shares)
         loss = term if loss is None else loss + term
     assert loss is not None
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    loss = sync.reduce(opt, loss)
     opt.step()
     return loss.detach()
 

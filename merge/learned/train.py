@@ -21,6 +21,7 @@ import torch
 
 from zoo.errors import ZooError
 
+from zoo.merge.learned.distributed import current
 from zoo.merge.learned.merger import Mask, Merger
 from zoo.merge.learned.objectives import cross_entropy, entropy, loss as objective_loss, supervised  # noqa: F401
 
@@ -128,6 +129,8 @@ class Batches:
         self.data, self.bs, self.gen, self.device = data, batch_size, generator, device
         self.order = [torch.empty(0, dtype=torch.long) for _ in data]
         self.pos = [0] * len(data)
+        self.sync = current()  # across processes: each draws the same batch and takes its rows
+        self.rows = [(0, 0)] * len(data)  # per task: (this process's rows, the batch's) at the last draw
 
     @staticmethod
     def placed(d: TaskData, device) -> TaskData:
@@ -145,7 +148,10 @@ class Batches:
         if self.pos[t] + self.bs > len(self.order[t]):
             self.order[t] = torch.randperm(len(d), generator=self.gen)
             self.pos[t] = 0
-        idx = self.order[t][self.pos[t]:self.pos[t] + self.bs].to(next(iter(d.inputs.values())).device)
+        idx = self.order[t][self.pos[t]:self.pos[t] + self.bs]
+        mine = idx[self.sync.share(len(idx))]
+        self.rows[t] = (len(mine), len(idx))
+        idx = mine.to(next(iter(d.inputs.values())).device)
         self.pos[t] += self.bs
         inputs = {k: v[idx].to(self.device, non_blocking=True) for k, v in d.inputs.items()}
         labels = d.labels[idx].to(self.device) if d.labels is not None else None
@@ -171,8 +177,9 @@ def _loss(merger_params: dict[str, torch.Tensor], forward: Forward, batches: Bat
     with ctx:
         logits = forward_all(forward, merger_params, [inputs for inputs, _ in drawn])
     total = None
-    for out, (_, labels) in zip(logits, drawn):
+    for t, (out, (_, labels)) in enumerate(zip(logits, drawn)):
         loss = objective_loss(objective, out, labels)
+        loss = batches.sync.weigh(loss, *batches.rows[t])
         total = loss if total is None else total + loss
     assert total is not None
     return total
@@ -202,6 +209,7 @@ class Loop:
         torch.manual_seed(s.seed)
         self.batches = Batches(data, s.batch_size, gen, device)
         self.report = report or (lambda *a: None)
+        self.sync = self.batches.sync  # the loops call sync.reduce(opt, loss) after each backward
         self.history: list[dict[str, float]] = []
         self.t0 = time.perf_counter()
         self.done = 0

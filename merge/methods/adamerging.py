@@ -60,6 +60,7 @@ class AdaMerging(LearnedMethod):
             loss = loop.objective(merger.merged())
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            loss = loop.sync.reduce(opt, loss)
             opt.step()
             loop.tick(step, s.steps, loss)
         return loop.result()

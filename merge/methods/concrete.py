@@ -65,6 +65,7 @@ class ConcreteTA(ConcreteMethod):
             loss = loop.objective(merger.merged(merger.sample(loop.noise)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            loss = loop.sync.reduce(opt, loss)
             opt.step()
             loop.tick(step, s.steps, loss)
         drawn = merger.draw_final(s.final_mask or "relaxed", loop.noise)
@@ -108,6 +109,7 @@ class ConcreteAdaMerging(ConcreteMethod):
             loss_w = loop.objective(merger.merged(sample.detach()))
             inner.zero_grad(set_to_none=True)
             loss_w.backward()
+            loop.sync.reduce(inner, loss_w)
             if order == "reference":
                 merger.reset_coefficients()
             inner.step()
@@ -115,6 +117,7 @@ class ConcreteAdaMerging(ConcreteMethod):
             outer.zero_grad(set_to_none=True)
             merger.weights.grad = None
             loss_m.backward()
+            loss_m = loop.sync.reduce(outer, loss_m)
             outer.step()
             loop.tick(step, total, loss_m, stage=1)
         # Stage 2: freeze one mask draw; AdaMerging inside it from the initial coefficients.
@@ -126,6 +129,7 @@ class ConcreteAdaMerging(ConcreteMethod):
             loss = loop.objective(merger.merged(final_mask))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            loss = loop.sync.reduce(opt, loss)
             opt.step()
             loop.tick(step, total, loss, stage=2)
         return loop.result(final_mask, drawn)
