@@ -33,7 +33,6 @@ average disagreement with the experts on their reliable prompts (label-free).
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -48,8 +47,8 @@ from zoo.textgen import TextCodec, generate, same_answer, scored, teacher_forced
 
 from zoo.merge.learned.merger import Merger, rescale
 from zoo.merge.learned.parity import (CHUNK, Cycle, Log, ParitySettings, Selection, Snapshot, Student,
-                                      TeacherFactory, trainable)
-from zoo.merge.learned.train import LOG_EVERY, Forward, Report, Result, forward_all
+                                      TeacherFactory, finish, run_round, trainable)
+from zoo.merge.learned.train import Forward, Report, Result, forward_all
 
 GENERATIVE_VIEWS = ("auto", "sample", "none")  # auto: sample
 
@@ -242,38 +241,13 @@ def distill_generative(merger: Merger, forward: Forward, teachers: list[TeacherF
                 if t in active or (s.agree_weight > 0 and bool(sel.agreeing.any()))]
         cycles = {t: (Cycle(selections[t].parity.nonzero().squeeze(1), s.batch_size, gen),
                       Cycle(selections[t].agreeing.nonzero().squeeze(1), s.batch_size, gen)) for t in kept}
-        pending: list[torch.Tensor] = []
-        for step in range(s.steps):
-            pending.append(_step(student, forward, annotations, tasks, cycles, codec, s, opt, noise, device))
-            done += 1
-            if step == 0 or (step + 1) % LOG_EVERY == 0 or step + 1 == s.steps:
-                first = step + 1 - len(pending)
-                for i, value in enumerate(torch.stack(pending).tolist()):
-                    if not math.isfinite(value):
-                        raise ZooError(f"the parity loss became {value} at round {r + 1}, step {first + i + 1}; "
-                                       "nothing was written. Try a lower lr")
-                    history.append({"round": r + 1, "step": done - len(pending) + i + 1, "loss": value})
-                pending = []
-                report(done, total, history[-1]["loss"], done / max(time.perf_counter() - t0, 1e-9))
+        done = run_round(lambda: _step(student, forward, annotations, tasks, cycles, codec, s, opt, noise, device),
+                         s.steps, r, done, total, history, report, t0)
         if "mask" in s.train:  # the current model: one binary draw of the learned mask
             student.mask_bits = merger.draw_bits(noise)
             student.mask = rescale(student.mask_bits)
 
-    assert best is not None
-    student.restore(best[2])
-    for row in table:
-        row["kept"] = row["round"] == best[1]
-    with torch.no_grad():
-        merged = {n: t.detach().float().cpu() for n, t in student.params().items()}
-    for n, t in merged.items():
-        if not torch.isfinite(t).all():
-            raise ZooError(f"the merged tensor {n} has NaN or infinite values; nothing was written")
-    result = Result(merged, merger.coefficients_list(),
-                    {n: b.cpu() for n, b in student.mask_bits.items()} if student.mask_bits else None,
-                    {n: x.cpu() for n, x in merger.logits_dict().items()} if student.mask_bits else None,
-                    history, time.perf_counter() - t0, done, table,
-                    {n: d.detach().cpu() for n, d in student.offsets.items()})
-    return result, annotations
+    return finish(student, best, table, history, t0, done), annotations
 
 
 def _step(student: Student, forward: Forward, annotations: list[GenAnnotation], tasks: list[GenTask],

@@ -344,24 +344,40 @@ def distill(merger: Merger, forward: Forward, teachers: list[TeacherFactory], da
             break
         cycles = {t: (_Cycle(selections[t].parity.nonzero().squeeze(1).cpu(), s.batch_size, gen),
                       _Cycle(selections[t].agreeing.nonzero().squeeze(1).cpu(), s.batch_size, gen)) for t in active}
-        pending: list[torch.Tensor] = []  # losses not yet read back from the device
-        for step in range(s.steps):
-            pending.append(_step(student, forward, annotations, data, cycles, s, opt, noise, device))
-            done += 1
-            if step == 0 or (step + 1) % LOG_EVERY == 0 or step + 1 == s.steps:
-                first = step + 1 - len(pending)
-                for i, value in enumerate(torch.stack(pending).tolist()):
-                    if not math.isfinite(value):
-                        raise ZooError(f"the parity loss became {value} at round {r + 1}, step {first + i + 1}; "
-                                       "nothing was written. Try a lower lr")
-                    history.append({"round": r + 1, "step": done - len(pending) + i + 1, "loss": value})
-                pending = []
-                report(done, total, history[-1]["loss"], done / max(time.perf_counter() - t0, 1e-9))
+        done = run_round(lambda: _step(student, forward, annotations, data, cycles, s, opt, noise, device),
+                         s.steps, r, done, total, history, report, t0)
         if "mask" in s.train:  # the current model: one binary draw of the learned mask
             student.mask_bits = merger.draw_bits(noise)
             student.mask = rescale(student.mask_bits)
 
+    return finish(student, best, table, history, t0, done)
+
+
+def run_round(step: Callable[[], torch.Tensor], steps: int, r: int, done: int, total: int,
+              history: list[dict[str, float]], report: Report, t0: float) -> int:
+    """Round ``r``'s optimisation steps; the losses are read back from the device every
+    ``LOG_EVERY`` steps (not each step), checked and logged. Returns the steps done."""
+    pending: list[torch.Tensor] = []  # losses not yet read back from the device
+    for i_step in range(steps):
+        pending.append(step())
+        done += 1
+        if i_step == 0 or (i_step + 1) % LOG_EVERY == 0 or i_step + 1 == steps:
+            first = i_step + 1 - len(pending)
+            for i, value in enumerate(torch.stack(pending).tolist()):
+                if not math.isfinite(value):
+                    raise ZooError(f"the parity loss became {value} at round {r + 1}, step {first + i + 1}; "
+                                   "nothing was written. Try a lower lr")
+                history.append({"round": r + 1, "step": done - len(pending) + i + 1, "loss": value})
+            pending = []
+            report(done, total, history[-1]["loss"], done / max(time.perf_counter() - t0, 1e-9))
+    return done
+
+
+def finish(student: Student, best: "tuple[float, int, Snapshot] | None", table: list[dict],
+           history: list[dict[str, float]], t0: float, done: int) -> Result:
+    """The kept round's model as the result (refused if any tensor is not finite)."""
     assert best is not None
+    merger = student.merger
     student.restore(best[2])
     for row in table:
         row["kept"] = row["round"] == best[1]
@@ -370,12 +386,11 @@ def distill(merger: Merger, forward: Forward, teachers: list[TeacherFactory], da
     for n, t in merged.items():
         if not torch.isfinite(t).all():
             raise ZooError(f"the merged tensor {n} has NaN or infinite values; nothing was written")
-    result = Result(merged, merger.coefficients_list(),
-                    {n: b.cpu() for n, b in student.mask_bits.items()} if student.mask_bits else None,
-                    {n: x.cpu() for n, x in merger.logits_dict().items()} if student.mask_bits else None,
-                    history, time.perf_counter() - t0, done, table,
-                    {n: d.detach().cpu() for n, d in student.offsets.items()})
-    return result
+    return Result(merged, merger.coefficients_list(),
+                  {n: b.cpu() for n, b in student.mask_bits.items()} if student.mask_bits else None,
+                  {n: x.cpu() for n, x in merger.logits_dict().items()} if student.mask_bits else None,
+                  history, time.perf_counter() - t0, done, table,
+                  {n: d.detach().cpu() for n, d in student.offsets.items()})
 
 
 def _trainable(student: Student, s: ParitySettings, device) -> list[torch.Tensor]:
