@@ -118,6 +118,29 @@ def reliability(folder: Path, tasks: list[str], data, codec: TextCodec, temperat
     return out
 
 
+def grown_pool(task: str, splits: dict, size: int) -> list:
+    """The task's pool, then fresh prompts of the task (seeded, distinct, never a val or
+    test prompt) without answers, up to ``size``: more unlabeled data, nothing else."""
+    import random
+
+    from zoo.checkpoints.prompts import Prompt
+    from zoo.demo.llm_tasks import sample
+
+    seen = {p.prompt for rows in splits.values() for p in rows}
+    rng = random.Random(f"{task}/grown-pool")
+    pool = list(splits["pool"])
+    tries = 0
+    while len(pool) < size:
+        tries += 1
+        if tries > 100 * size:
+            raise SystemExit(f"task {task} has too few distinct prompts for a pool of {size}")
+        p = sample(task, rng).prompt
+        if p not in seen:
+            seen.add(p)
+            pool.append(Prompt(p))
+    return pool
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE parity parameter (JSON values)")
@@ -126,6 +149,9 @@ def main() -> None:
     ap.add_argument("--eval-split", default="val", help="measured each round (val while tuning)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reliability", action="store_true", help="only measure the reliability rule on val")
+    ap.add_argument("--pool-size", type=int, default=None,
+                    help="grow each task's unlabeled pool to this many prompts: fresh seeded prompts of the "
+                         "task, none of them a val or test prompt, without their answers")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = dict(DEFAULTS)
@@ -144,6 +170,9 @@ def main() -> None:
                 .split("λ=")[1].split(" ")[0])
     codec = TextCodec.from_folder(folder / "base", context=LLM_FULL.context)
     data = {t: {s: read_prompts(folder / "tasks" / t / f"{s}.jsonl") for s in ("pool", "val", "test")} for t in tasks}
+    if args.pool_size:
+        for t in tasks:
+            data[t]["pool"] = grown_pool(t, data[t], args.pool_size)
 
     if args.reliability:
         path = RESULTS / f"{NAME}.json"
@@ -199,7 +228,7 @@ def main() -> None:
               for k, v in by_round.items()}
     experts_avg = sum(expert_test.values()) / len(tasks)
     run = {
-        "parameters": params, "ta_lambda": lam,
+        "parameters": params, "ta_lambda": lam, "pool_size": len(data[tasks[0]]["pool"]),
         "test_exact_match_percent": {
             "experts (each on its own task)": {**{t: round(v, 2) for t, v in expert_test.items()},
                                                "avg": round(experts_avg, 2)},
