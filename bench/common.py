@@ -12,6 +12,18 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def weights_difference(a: Path, b: Path) -> float:
+    """The largest absolute difference between two model folders' tensors (same names)."""
+    from safetensors.torch import load_file
+
+    worst = 0.0
+    for f in sorted(a.glob("*.safetensors")):
+        x, y = load_file(str(f)), load_file(str(b / f.name))
+        for n, t in x.items():
+            worst = max(worst, float((t.float() - y[n].float()).abs().max()) if t.numel() else 0.0)
+    return worst
+
+
 def save(name: str, result: dict[str, Any]) -> Path:
     """Write ``bench/results/<name>.json`` with the machine and date, and print it."""
     result = {**result, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),

@@ -74,17 +74,6 @@ def worker(args) -> None:
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def weights_difference(a: Path, b: Path) -> float:
-    from safetensors.torch import load_file
-
-    worst = 0.0
-    for f in sorted(a.glob("*.safetensors")):
-        x, y = load_file(str(f)), load_file(str(b / f.name))
-        for n, t in x.items():
-            worst = max(worst, float((t.float() - y[n].float()).abs().max()) if t.numel() else 0.0)
-    return worst
-
-
 def run_one(args, work: Path, method: str, layout: str, repeat: int) -> dict:
     procs, threads = LAYOUTS[layout]
     out = work / f"{method}-{layout}-{repeat}"
@@ -124,7 +113,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from common import save
+    from common import save, weights_difference
 
     from zoo import Registry
     from zoo.demo.build import FULL, run_demo
