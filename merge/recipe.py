@@ -386,17 +386,23 @@ def _dtype_name(value: Any) -> str | None:
 
 def load(path: str | Path) -> Recipe:
     """Read a YAML (or JSON) recipe file."""
+    return from_dict(read_yaml(path, "recipe"))
+
+
+def read_yaml(path: str | Path, what: str = "", error: type[ZooError] = ZooError) -> Any:
+    """A YAML file's data, read as recipes are (``RecipeLoader``); ``error`` with one line
+    for a file that cannot be read, is not UTF-8 or is not YAML (``what`` names the file)."""
+    label = f"{what} {path}" if what else str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
-        raise ZooError(f"cannot read recipe {path}: {e.strerror or e}") from None
+        raise error(f"cannot read {label}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        raise ZooError(f"recipe {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
+        raise error(f"{label} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
     try:
-        data = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader)
+        return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
-        raise ZooError(f"{path}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
-    return from_dict(data)
+        raise error(f"{path}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
 
 
 class RecipeLoader(yaml.SafeLoader):

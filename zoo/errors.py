@@ -33,6 +33,10 @@ class PromptDataError(ZooError):
     """A generative task file that cannot be used: unreadable, malformed, empty or too long."""
 
 
+class MoeConfigError(ZooError):
+    """A mergekit-moe config that cannot be built: bad YAML, an unknown key, a bad value."""
+
+
 class IncompatibleModels(ZooError):
     """Models that cannot be combined: shapes, vocabulary or layout differ."""
 

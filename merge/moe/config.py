@@ -8,9 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from zoo.errors import ZooError
+from zoo.errors import MoeConfigError
 
 # mergekit's gate modes: hidden states of the prompts (``hidden`` is the last token's,
 # as ``hidden_last``; ``hidden_avg`` the mean over each prompt's tokens), the mean of
@@ -21,10 +19,6 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
 CONFIG_KEYS = ("base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts",
                "architecture")
-
-
-class MoeConfigError(ZooError):
-    """A mergekit-moe config that cannot be built: bad YAML, an unknown key, a bad value."""
 
 
 @dataclass(frozen=True)
@@ -179,17 +173,7 @@ def from_dict(data: Any) -> MoeConfig:
 
 
 def load(path: str | Path) -> MoeConfig:
-    """Read a mergekit-moe YAML file."""
-    from zoo.merge.recipe import RecipeLoader  # YAML 1.2 numbers and no duplicate keys, as recipes
+    """Read a mergekit-moe YAML file (YAML 1.2 numbers and no duplicate keys, as recipes)."""
+    from zoo.merge.recipe import read_yaml
 
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise MoeConfigError(f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise MoeConfigError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
-    try:
-        data = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as e:
-        raise MoeConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
-    return from_dict(data)
+    return from_dict(read_yaml(path, error=MoeConfigError))
