@@ -35,16 +35,17 @@ def save(name: str, result: dict[str, Any]) -> Path:
     return out
 
 
-def _tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (children started by any of each process's threads)."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
         out.append(p)
-        try:
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                todo += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
     return out
 
 
@@ -72,7 +73,7 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     peak_anon = peak_file = 0
     while proc.poll() is None:
-        samples = [_rss(p) for p in _tree(proc.pid)]
+        samples = [_rss(p) for p in process_tree(proc.pid)]
         peak_anon = max(peak_anon, sum(s[0] for s in samples))
         peak_file = max(peak_file, sum(s[1] for s in samples))
         time.sleep(0.02)

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bench.common import save  # noqa: E402
+from bench.common import process_tree as tree, save  # noqa: E402
 
 REQUEST_TIMEOUT = 60.0
 LFS_THRESHOLD = 64 * 1024
@@ -64,19 +64,6 @@ def cpu_of(pids: list[int]) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / ticks
     return total
-
-
-def tree(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
-    return out
 
 
 def pg_sessions(url: str) -> int:
