@@ -200,9 +200,11 @@ def greedy(model, prompts: Sequence[str], max_new_tokens: int, batch_size: int =
 
 
 def exact_match(model, rows: Sequence[Prompt], max_new_tokens: int = 10) -> float:
-    """The share (0-1) of prompts whose greedy answer equals the reference exactly."""
+    """The share (0-1) of prompts whose greedy answer equals the reference (``same_answer``)."""
+    from zoo.textgen import same_answer
+
     answers = greedy(model, [r.prompt for r in rows], max_new_tokens)
-    return sum(a == r.answer for a, r in zip(answers, rows)) / len(rows)
+    return sum(same_answer(a, r.answer or "") for a, r in zip(answers, rows)) / len(rows)
 
 
 @dataclass
