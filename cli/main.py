@@ -114,6 +114,18 @@ def main() -> None:
         raise
 
 
+def entry() -> None:
+    """The ``zoo`` program: ``main``, then Ctrl-C ignored while the interpreter shuts
+    down. The command's outcome is decided by then; a Ctrl-C could only interrupt the
+    atexit callbacks and print a traceback after a finished command."""
+    import signal
+
+    try:
+        main()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run() -> None:
     try:
         rv = app(standalone_mode=False)
@@ -150,4 +162,4 @@ def _run() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -52,7 +52,7 @@ def test_the_wheel_holds_only_zoo_and_every_module(wheel):
     missing = source_files() - set(names)
     assert not missing, f"modules the wheel lacks (add their packages to pyproject): {sorted(missing)[:5]}"
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "zoo = zoo.cli.main:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "zoo = zoo.cli.main:entry" in zipfile.ZipFile(wheel).read(entry).decode()
 
 
 def test_the_installed_wheel_imports_from_site_packages(wheel, tmp_path):
