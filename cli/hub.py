@@ -62,6 +62,12 @@ def push(
     no_protect: bool = typer.Option(False, "--no-protect", help="Push an expert's or a merge's weights "
                                                                 "unprotected (by default they are MergeLock-"
                                                                 "protected first)."),
+    seed: Optional[int] = typer.Option(None, "--seed", metavar="N",
+                                       help="Key seed of the protection made now, for reproducible output (default: "
+                                            "128 random bits; a small seed can be guessed)."),
+    max_cond: Optional[float] = typer.Option(None, "--max-cond", metavar="X",
+                                             help="Bound on each transform's condition number in the protection made "
+                                                  "now (default 1000 for float32, 30 for bf16/fp16)."),
     endpoint: Optional[str] = EndpointOpt,
     as_json: bool = JsonOpt,
     registry: Optional[Path] = RegistryOpt,
@@ -71,7 +77,8 @@ def push(
 
     with render.progress_bars() as progress:
         info = publish(open_registry(), name, repo, protect_weights=not no_protect, private=private,
-                       branch=revision, endpoint=endpoint, progress=progress)
+                       branch=revision, endpoint=endpoint, protect_seed=seed, protect_max_cond=max_cond,
+                       progress=progress)
     if as_json:
         render.emit_json(info)
         return

@@ -14,7 +14,7 @@ import httpx2
 import pytest
 
 from tests.conftest import db_dump, store_listing
-from tests.test_hub import LFS, _auth
+from tests.test_hub import LFS, SEED as PROTECT_SEED, _auth
 from zoo.errors import ZooError
 from zoo.hub.accounts import Accounts
 from zoo.hub.server import ServeSettings, running
@@ -247,8 +247,11 @@ def test_a_refused_push_protects_nothing_and_leaves_nothing(team, tiny, registry
         assert re.search(said, err), err
     assert (db_dump(registry.path), store_listing(registry.path)) == before  # no e0-locked, no key
     monkeypatch.setenv("HF_TOKEN", team.tokens["alice"])
-    code, out, err = zoo_cli("--registry", registry.path, "push", "e0", "lab/e0", "--endpoint", team.url)
+    # a seeded key: the protection's verification gate is then the same on every run
+    code, out, err = zoo_cli("--registry", registry.path, "push", "e0", "lab/e0", "--endpoint", team.url,
+                             "--seed", str(PROTECT_SEED))
     assert code == 0 and "pushed e0-locked@1" in out, err
+    assert Registry(registry.path).key("e0-locked")["seed"] == f"{PROTECT_SEED:x}"  # the key push made
 
 
 def test_a_damaged_blob_is_never_served_as_whole(team, tmp_path, zoo_cli):

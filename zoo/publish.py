@@ -37,7 +37,8 @@ def protected_copy(registry: Registry, ref: str) -> str | None:
     return None
 
 
-def _protect_for_push(registry: Registry, ref: str, progress: ProgressFactory) -> tuple[str, bool]:
+def _protect_for_push(registry: Registry, ref: str, progress: ProgressFactory, seed: int | None,
+                      max_cond: float | None) -> tuple[str, bool]:
     """The protected model to push for ``ref``: (its ref, whether it was made now)."""
     have = protected_copy(registry, ref)
     if have is not None:
@@ -47,7 +48,8 @@ def _protect_for_push(registry: Registry, ref: str, progress: ProgressFactory) -
     if registry.has(name):
         name = f"{model['name']}-v{model['version']}-locked"
     try:
-        out = protect(model["ref"], name, registry=registry, verify=True, progress=progress)
+        out = protect(model["ref"], name, registry=registry, seed=seed, max_cond=max_cond, verify=True,
+                      progress=progress)
     except ZooError as e:
         raise ZooError(f"cannot protect {model['ref']} before pushing it ({e}); pass --no-protect to push its "
                        "weights unprotected") from None
@@ -80,6 +82,8 @@ def publish(
     branch: str | None = None,
     endpoint: str | None = None,
     token: str | None = None,
+    protect_seed: int | None = None,
+    protect_max_cond: float | None = None,
     progress: ProgressFactory = no_progress,
 ) -> dict[str, Any]:
     """Push ``ref`` to ``repo_id`` in one commit; experts and merges protected first.
@@ -87,7 +91,10 @@ def publish(
     The token's right to push to ``repo_id`` is checked before anything is protected.
     Returns the push's commit, with ``pushed`` (the ref whose files went up) and
     ``protected_now`` when protection made a new registered model. An expert or a
-    merge is pushed unprotected only with ``protect_weights=False``.
+    merge is pushed unprotected only with ``protect_weights=False``. ``protect_seed``
+    and ``protect_max_cond`` are the protection's key seed and condition bound
+    (``zoo.protect.protect``'s ``seed`` and ``max_cond``), used only when a protected
+    copy is made now.
     """
     check_repo_id(repo_id)  # before protecting: a push that cannot go anywhere leaves nothing behind
     model = registry.show(ref)
@@ -95,7 +102,7 @@ def publish(
     check_push(repo_id, endpoint=endpoint, token=token)
     pushed, made = model["ref"], False
     if model["kind"] in PROTECTABLE and protect_weights:
-        pushed, made = _protect_for_push(registry, model["ref"], progress)
+        pushed, made = _protect_for_push(registry, model["ref"], progress, protect_seed, protect_max_cond)
     card = hub_card(registry, pushed, title=repo_id.split("/")[-1])
     folder = stage(registry, pushed, card)
     try:
