@@ -173,18 +173,20 @@ def merge(
 
 def print_parity(rows: list[dict[str, Any]]) -> None:
     """A parity merge's table: per round (0 = the start) and task, the parity set, the
-    disagreement with the expert on the pool, and accuracy where it was measured; the
-    round whose merge was kept is marked."""
+    disagreement with the expert on the pool, and accuracy (classifiers) or exact match
+    (generative tasks) where it was measured; the round whose merge was kept is marked."""
+    metric, header = ("exact_match", "EXACT MATCH %") if any("exact_match" in x for x in rows) \
+        else ("accuracy", "ACCURACY %")
     table = []
     for r in sorted({x["round"] for x in rows}):
         these = [x for x in rows if x["round"] == r]
-        accs = [x["accuracy"] for x in these if x["accuracy"] is not None]
+        scores = [x[metric] for x in these if x.get(metric) is not None]
         for x in these + [{"task": "avg", "pool": sum(x["pool"] for x in these),
                            "reliable": sum(x["reliable"] for x in these), "parity": sum(x["parity"] for x in these),
                            "disagreement": sum(x["disagreement"] for x in these) / len(these),
-                           "accuracy": sum(accs) / len(accs) if len(accs) == len(these) else None}]:
+                           metric: sum(scores) / len(scores) if len(scores) == len(these) else None}]:
             table.append({"round": f"{r}{' kept' if these[0]['kept'] else ''}", "task": x["task"], "pool": x["pool"],
                           "reliable": x["reliable"], "parity": x["parity"], "dis": f"{100 * x['disagreement']:.1f}",
-                          "acc": "" if x["accuracy"] is None else f"{100 * x['accuracy']:.1f}"})
+                          "score": "" if x.get(metric) is None else f"{100 * x[metric]:.1f}"})
     render.table(table, [("round", "ROUND"), ("task", "TASK"), ("pool", "POOL"), ("reliable", "RELIABLE"),
-                         ("parity", "PARITY SET"), ("dis", "DISAGREE %"), ("acc", "ACCURACY %")])
+                         ("parity", "PARITY SET"), ("dis", "DISAGREE %"), ("score", header)])

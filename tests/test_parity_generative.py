@@ -217,3 +217,35 @@ def test_a_view_for_images_is_refused_on_prompts(zoo_reg):
     with pytest.raises(ZooError, match="view shift does not apply to generated answers"):
         merge.run(recipe(view="shift"), "p", registry=zoo_reg)
     assert not zoo_reg.has("p")
+
+
+def test_zoo_merge_prints_the_rounds_exact_match(zoo_reg, zoo_cli, tmp_path):
+    """The CLI's parity table gives generative tasks an exact-match column (the task's
+    answered split), and every cell is the number the lineage records."""
+    import yaml
+
+    spec = {"merge_method": "parity", "base_model": "base", "models": [{"model": t} for t in TASKS],
+            "parameters": {"tau": 0.1, "view": "none", "rounds": 1, "steps": 5, "lr": 0.05, "max_new_tokens": 12}}
+    (tmp_path / "p.yml").write_text(yaml.safe_dump(spec))
+    code, out, err = zoo_cli("--registry", zoo_reg.path, "merge", tmp_path / "p.yml", "--out", "cli-p")
+    assert code == 0, err
+    header, *lines = out.splitlines()
+    assert header.split()[-3:] == ["EXACT", "MATCH", "%"] and "ACCURACY" not in header
+    printed = {}
+    for ln in lines[:-1]:  # the last line says what was merged
+        cells = ln.split()
+        kept = cells[1] == "kept"
+        rnd, (task, pool, reliable, parity, dis, em) = int(cells[0]), cells[2 if kept else 1:]
+        printed[rnd, task] = (kept, int(pool), int(reliable), int(parity), float(dis), float(em))
+    table = zoo_reg.show("cli-p")["recipe"]["learned"]["table"]
+    for r in range(2):
+        rows = [x for x in table if x["round"] == r]
+        rows.append({"task": "avg", "kept": rows[0]["kept"], "pool": sum(x["pool"] for x in rows),
+                     "reliable": sum(x["reliable"] for x in rows), "parity": sum(x["parity"] for x in rows),
+                     "disagreement": mean(rows, "disagreement"), "exact_match": mean(rows, "exact_match")})
+        for x in rows:
+            kept, pool, reliable, parity, dis, em = printed.pop((r, x["task"]))
+            assert (kept, pool, reliable, parity) == (x["kept"], x["pool"], x["reliable"], x["parity"])
+            assert dis == pytest.approx(100 * x["disagreement"], abs=0.051)
+            assert em == pytest.approx(100 * x["exact_match"], abs=0.051)
+    assert not printed
