@@ -37,12 +37,14 @@ RUNS = {
     "adamerging-ce": ("adamerging", {"objective": "ce"}),
     "concrete_ta-entropy": ("concrete_ta", {"objective": "entropy"}),
     "concrete_ta-ce": ("concrete_ta", {"objective": "ce"}),
+    "concrete_adamerging-ce": ("concrete_adamerging", {"objective": "ce"}),
 }
 LABELS = {
     "adamerging-entropy": "AdaMerging, layer-wise, entropy (label-free)",
     "adamerging-ce": "AdaMerging, layer-wise, ce (supervised, val answers)",
     "concrete_ta-entropy": "Concrete TA, entropy (label-free)",
     "concrete_ta-ce": "Concrete TA, ce (supervised, val answers)",
+    "concrete_adamerging-ce": "Concrete AdaMerging, ce (supervised, val answers)",
 }
 
 
@@ -138,7 +140,11 @@ def main() -> None:
     for item in args.set:
         key, kv = item.split(":", 1)
         k, v = kv.split("=", 1)
-        overrides.setdefault(key, {})[k] = json.loads(v) if v[:1] in "0123456789-[{tf" else v
+        try:
+            value = json.loads(v)
+        except json.JSONDecodeError:  # a bare word: a string
+            value = v
+        overrides.setdefault(key, {})[k] = value
     keys = args.only.split(",") if args.only else list(RUNS)
     for key in keys:
         method, params = RUNS[key]
