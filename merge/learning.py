@@ -25,6 +25,7 @@ from zoo.merge.learned.data import from_path, from_registry, from_task_file, is_
 from zoo.merge.learned.objectives import default_split, supervised
 from zoo.merge.learned.parity import Log, Teacher, TeacherFactory
 from zoo.merge.starts import resolve_start
+from zoo.merge.teacher_answers import RegistryDecodes
 from zoo.merge.learned.inputs import Parts
 from zoo.merge.learned.runtime import build_body, make_forward
 from zoo.merge.learned.start import Start
@@ -189,6 +190,15 @@ class PlanInputs:
 
     def teachers(self, parts: Parts) -> tuple[list[TeacherFactory], list[str]]:
         return _teachers(self.plan, self.registry, parts, self.device)
+
+    def decode_cache(self, sources: list[str], sizes: list[int]) -> RegistryDecodes | None:
+        """Where each registered teacher's decodes of its pool (``sizes[t]`` prompts)
+        are kept between runs (``merge.teacher_answers``); None without a registry."""
+        if self.registry is None:
+            return None
+        assert self.plan.base is not None
+        refs = [src if self.registry.has(src) else None for src in sources]
+        return RegistryDecodes(self.registry, refs, self.plan.base.ref, sizes)
 
     def start(self, spec: str, task_vectors: list[dict[str, torch.Tensor]]) -> Start:
         """The start ``spec`` names, over these task vectors (``merge.starts``)."""

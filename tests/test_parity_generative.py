@@ -249,3 +249,39 @@ def test_zoo_merge_prints_the_rounds_exact_match(zoo_reg, zoo_cli, tmp_path):
             assert dis == pytest.approx(100 * x["disagreement"], abs=0.051)
             assert em == pytest.approx(100 * x["exact_match"], abs=0.051)
     assert not printed
+
+
+def test_a_second_run_reads_the_experts_answers_back_and_gives_the_same_bytes(zoo_reg, monkeypatch):
+    """Each expert's decodes of its pool are kept as its lineage artifact: the same recipe
+    again decodes nothing for the experts (two decodes fewer per task: greedy and the
+    sampled view), restores the sampler's state, and writes the same bytes. Other decode
+    settings decode anew."""
+    import zoo.merge.learned.generative_parity as gp
+    from zoo.merge.teacher_answers import RegistryDecodes
+
+    calls = []
+    real = gp.generate
+    monkeypatch.setattr(gp, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    counts, learned = [], {}
+    for name, extra in (("a", {}), ("b", {}), ("c", {"max_new_tokens": 10})):
+        calls.clear()
+        merge.run(recipe(view="sample", rounds=1, steps=5, **extra), name, registry=zoo_reg)
+        counts.append(len(calls))
+        learned[name] = zoo_reg.show(name)["recipe"]["learned"]
+    assert learned["a"]["teacher_answers_reused"] == [False] * len(TASKS)
+    assert learned["b"]["teacher_answers_reused"] == [True] * len(TASKS)
+    assert learned["c"]["teacher_answers_reused"] == [False] * len(TASKS)
+    assert counts[0] - counts[1] == 2 * len(TASKS) and counts[2] == counts[0]
+    keys = learned["a"]["teacher_answer_artifacts"]
+    assert keys == learned["b"]["teacher_answer_artifacts"] and all(keys)
+    assert not set(keys) & set(learned["c"]["teacher_answer_artifacts"])
+    assert learned["a"]["teacher_answers"] == learned["b"]["teacher_answers"]
+    for t, key in zip(TASKS, keys):  # kept on the expert that answered
+        assert zoo_reg.artifact(f"{t}@1", key).is_file()
+    a, b = weights(zoo_reg, "a"), weights(zoo_reg, "b")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    # a kept set that does not fit the pool is refused in one line, not misread
+    monkeypatch.setattr("zoo.merge.teacher_answers.artifact_key", lambda *_: keys[0])
+    cache = RegistryDecodes(zoo_reg, [f"{TASKS[0]}@1"], "base@1", [CFG.pool_size + 1])
+    with pytest.raises(ZooError, match=r"does not hold \d+ answers"):
+        cache.get(0, "any")

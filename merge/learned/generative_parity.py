@@ -4,10 +4,13 @@ generated answers teaching a student without labels, adapted to levelling a merg
 against its experts.
 
 Per round, as for classifiers (``merge.learned.parity``):
-1. **Pseudo-annotate** (once, cached for the run): expert t answers its task's pool
-   greedily; the answer's mean token confidence, whether it ended, a second, sampled
-   decode at ``sample_temp`` (seeded), and the expert's token distributions on
-   its own answer (teacher-forced) are kept.
+1. **Pseudo-annotate** (once per run): expert t answers its task's pool greedily; the
+   answer's mean token confidence, whether it ended, a second, sampled decode at
+   ``sample_temp`` (seeded), and the expert's token distributions on its own answer
+   (teacher-forced) are kept. The decodes, the costly part, can be kept across runs
+   (``DecodeCache``; ``merge.teacher_answers`` stores them as lineage artifacts of the
+   expert): a later run with the same prompts and decode settings reads them back and
+   draws what a fresh run draws.
 2. **Identify** the parity set: prompts where the expert is reliable (the answer ended,
    its confidence ≥ τ, and the sampled decode gives the same answer) and the merge's
    greedy answer differs (``zoo.textgen.same_answer``).
@@ -34,9 +37,11 @@ from __future__ import annotations
 
 import hashlib
 import time
+import json
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +56,7 @@ from zoo.merge.learned.parity import (CHUNK, Cycle, Log, ParitySettings, Selecti
 from zoo.merge.learned.train import Forward, Report, Result, forward_all
 
 GENERATIVE_VIEWS = ("auto", "sample", "none")  # auto: sample
+DECODES_VERSION = 1  # bump when what decides an expert's decodes changes, so old ones are not reused
 
 
 @dataclass
@@ -81,6 +87,30 @@ def gen_tasks(names: Sequence[str], pools: Sequence[Sequence[Prompt]], codec: Te
 
 # -- 1. pseudo-annotation ---------------------------------------------------------------------
 @dataclass
+class Decodes:
+    """An expert's decodes of its pool, what annotation keeps of them besides the token
+    distributions: the greedy answers (tokens, without the end token), whether each
+    ended, its mean token confidence, the sampled second view's answers, and the
+    sampling generator's state after them (restored when they are reused, so the run
+    draws its batches as one that decodes anew)."""
+
+    greedy: list[tuple[int, ...]]
+    ended: torch.Tensor  # bool [n]
+    confidence: torch.Tensor  # float32 [n]
+    view: list[tuple[int, ...]] | None
+    state: torch.Tensor | None  # torch.Generator.get_state() after the sampled view; None without one
+
+
+class DecodeCache(Protocol):
+    """Where task t's expert's decodes are kept between runs, under ``key``
+    (``decodes_key``): ``get`` returns None where there are none."""
+
+    def get(self, t: int, key: str) -> Decodes | None: ...
+
+    def put(self, t: int, key: str, decodes: Decodes) -> None: ...
+
+
+@dataclass
 class GenAnnotation:
     """One task's pool as its expert answered it: computed once, reused every round."""
 
@@ -88,8 +118,11 @@ class GenAnnotation:
     texts: list[str]  # the same, decoded
     ended: torch.Tensor  # bool [n]: the answer ended (an end token within the limits)
     confidence: torch.Tensor  # [n]: mean probability of the chosen tokens
-    view_texts: list[str] | None  # the sampled decode's answers (None: no second view)
+    view_answers: list[tuple[int, ...]] | None  # the sampled decode's answer tokens (None: no second view)
+    view_texts: list[str] | None  # the same, decoded
     teacher: list[torch.Tensor] | None  # per prompt: log-probabilities [answer tokens + 1, vocabulary]
+    reused: bool = False  # the decodes came from a ``DecodeCache``
+    seconds: float = 0.0  # what annotating took (decodes, or reading them back, and distributions)
 
     def digest(self) -> str:
         """A fingerprint of the answers and confidences (rounded): two teachers that answer
@@ -98,24 +131,53 @@ class GenAnnotation:
                          zip(self.texts, self.ended.tolist(), self.confidence.tolist()))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def decodes(self, state: torch.Tensor | None) -> Decodes:
+        return Decodes(self.answers, self.ended, self.confidence, self.view_answers, state)
+
+
+def decodes_key(prompts: list[list[int]], codec: TextCodec, s: ParitySettings, generator: torch.Generator,
+                device) -> str:
+    """What decides an expert's decodes of these prompts besides the expert: the prompts'
+    tokens, the end token and context, the decode settings, the device kind and
+    precision, and for a sampled view the generator's state before it."""
+    view = _view(s)
+    blob = {"v": DECODES_VERSION, "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+            "eos": codec.eos_id, "context": codec.context, "max_new_tokens": s.max_new_tokens, "view": view,
+            "device": torch.device(device).type, "autocast": bool(s.autocast)}
+    if view == "sample":
+        blob["sample_temp"] = s.sample_temp
+        blob["state"] = hashlib.sha256(generator.get_state().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
 
 @torch.no_grad()
 def annotate(teacher, prompts: list[list[int]], codec: TextCodec, s: ParitySettings, generator: torch.Generator,
-             device, keep_distributions: bool) -> GenAnnotation:
+             device, keep_distributions: bool, decodes: Decodes | None = None) -> GenAnnotation:
     """The expert's greedy answers on its pool, a sampled second decode, and (when a KL
-    term needs them) its token distributions on its own answers."""
-    greedy = generate(teacher, prompts, codec.eos_id, s.max_new_tokens, batch_size=CHUNK, context=codec.context,
-                      device=device)
-    texts = [codec.decode(g.tokens) for g in greedy]
-    view = None
-    if _view(s) == "sample":
-        sampled = generate(teacher, prompts, codec.eos_id, s.max_new_tokens, temperature=s.sample_temp,
-                           generator=generator, batch_size=CHUNK, context=codec.context, device=device)
-        view = [codec.decode(g.tokens) for g in sampled]
-    answers = [g.tokens for g in greedy]
+    term needs them) its token distributions on its own answers. With ``decodes`` (kept
+    from an earlier run) nothing is decoded and the generator takes their state;
+    ``teacher`` is then only run for the distributions (and may be None without them)."""
+    view = _view(s) == "sample"
+    if decodes is not None:
+        if decodes.state is not None:
+            generator.set_state(decodes.state)
+        answers, ended, confidence, view_answers = (decodes.greedy, decodes.ended, decodes.confidence,
+                                                    decodes.view if view else None)
+    else:
+        greedy = generate(teacher, prompts, codec.eos_id, s.max_new_tokens, batch_size=CHUNK, context=codec.context,
+                          device=device)
+        answers = [g.tokens for g in greedy]
+        ended = torch.tensor([g.ended for g in greedy])
+        confidence = torch.tensor([g.confidence for g in greedy], dtype=torch.float32)
+        view_answers = None
+        if view:
+            sampled = generate(teacher, prompts, codec.eos_id, s.max_new_tokens, temperature=s.sample_temp,
+                               generator=generator, batch_size=CHUNK, context=codec.context, device=device)
+            view_answers = [g.tokens for g in sampled]
     dists = _distributions(teacher, prompts, answers, codec, device) if keep_distributions else None
-    return GenAnnotation(answers, texts, torch.tensor([g.ended for g in greedy]),
-                         torch.tensor([g.confidence for g in greedy], dtype=torch.float32), view, dists)
+    return GenAnnotation(answers, [codec.decode(a) for a in answers], ended, confidence, view_answers,
+                         [codec.decode(a) for a in view_answers] if view_answers is not None else None, dists,
+                         reused=decodes is not None)
 
 
 def _view(s: ParitySettings) -> str:
@@ -184,14 +246,15 @@ def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
 def distill_generative(merger: Merger, forward: Forward, teachers: list[TeacherFactory], tasks: list[GenTask],
                        codec: TextCodec, s: ParitySettings, *, start_bits: dict[str, torch.Tensor] | None = None,
                        start_offsets: dict[str, torch.Tensor] | None = None, report: Report | None = None,
-                       log: Log | None = None) -> tuple[Result, list[GenAnnotation]]:
+                       log: Log | None = None, cache: DecodeCache | None = None) -> tuple[Result, list[GenAnnotation]]:
     """Level the merge ``merger`` describes against its generative experts, round by round.
 
     ``forward(t, params, batch)`` runs the merged causal LM (logits [batch, positions,
     vocabulary]); ``teachers[t]()`` builds task t's expert, which answers its pool once.
     Returns the result (its ``rounds`` table: per round and task the pool, reliable and
     parity counts, the disagreement on reliable prompts and on the whole pool, and exact
-    match on the eval records) and each task's annotation."""
+    match on the eval records) and each task's annotation. ``cache`` keeps each
+    expert's decodes between runs."""
     if len(teachers) != len(tasks) or len(tasks) != merger.n_tasks:
         raise ZooError(f"{merger.n_tasks} experts, {len(teachers)} teachers and prompts for {len(tasks)} tasks")
     for task in tasks:
@@ -209,7 +272,16 @@ def distill_generative(merger: Merger, forward: Forward, teachers: list[TeacherF
     need = s.kl_weight > 0 or s.agree_weight > 0
     annotations = []
     for t, task in enumerate(tasks):
-        annotations.append(annotate(teachers[t](), task.prompts, codec, s, gen, device, need))
+        started = time.perf_counter()
+        key = decodes_key(task.prompts, codec, s, gen, device) if cache is not None else ""
+        kept = cache.get(t, key) if cache is not None else None
+        teacher = teachers[t]() if kept is None or need else None
+        annotations.append(annotate(teacher, task.prompts, codec, s, gen, device, need, decodes=kept))
+        if cache is not None and kept is None:
+            cache.put(t, key, annotations[-1].decodes(gen.get_state() if _view(s) == "sample" else None))
+        annotations[-1].seconds = time.perf_counter() - started
+        if kept is not None:
+            log(f"task {task.name!r}: its expert's answers to the {len(task)} pool prompts read back, not decoded")
 
     student = Student(merger, rescale({n: b.to(device) for n, b in start_bits.items()}) if start_bits else None,
                       start_bits, {n: x.to(device, torch.float32) for n, x in (start_offsets or {}).items()})
@@ -320,5 +392,5 @@ def _rows(r: int, tasks: list[GenTask], selections: list[Selection], student: St
     return rows
 
 
-__all__ = ["GENERATIVE_VIEWS", "GenAnnotation", "GenTask", "annotate", "answers_of", "distill_generative",
+__all__ = ["GENERATIVE_VIEWS", "DecodeCache", "Decodes", "GenAnnotation", "GenTask", "annotate", "decodes_key", "answers_of", "distill_generative",
            "gen_tasks", "generative_loss", "generative_rule"]

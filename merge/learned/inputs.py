@@ -13,6 +13,7 @@ import torch
 from zoo.checkpoints.prompts import Prompt
 from zoo.textgen import TextCodec
 
+from zoo.merge.learned.generative_parity import DecodeCache
 from zoo.merge.learned.parity import Log, TeacherFactory
 from zoo.merge.learned.runtime import Body
 from zoo.merge.learned.start import Start
@@ -64,5 +65,7 @@ class LearnInputs(Protocol):
     def parts(self) -> Parts: ...
 
     def teachers(self, parts: Parts) -> tuple[list[TeacherFactory], list[str]]: ...
+
+    def decode_cache(self, sources: list[str], sizes: list[int]) -> DecodeCache | None: ...
 
     def start(self, spec: str, task_vectors: list[dict[str, torch.Tensor]]) -> Start: ...

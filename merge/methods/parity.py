@@ -167,12 +167,16 @@ class Parity(LearnedMethod):
         parts = inputs.parts()
         start, mask, merger = self._start(inputs, parts, s)
         teachers, sources = inputs.teachers(parts)
+        cache = inputs.decode_cache(sources, [len(t) for t in tasks])
         result, annotations = distill_generative(merger, parts.forward, teachers, tasks, codec, s,
                                                  start_bits=start.mask_bits, start_offsets=start.offsets,
-                                                 report=inputs.report, log=inputs.log)
+                                                 report=inputs.report, log=inputs.log, cache=cache)
         used = {"objective": "parity", "generative": True, "supervised": bool(start.record.get("supervised")),
                 "split": split, "start": start.record, "teachers": sources,
-                "teacher_answers": [a.digest() for a in annotations], "tau": s.tau,
+                "teacher_answers": [a.digest() for a in annotations],
+                "teacher_answer_artifacts": list(cache.keys) if cache is not None else [None] * len(tasks),
+                "teacher_answers_reused": [a.reused for a in annotations],
+                "teacher_seconds": [round(a.seconds, 3) for a in annotations], "tau": s.tau,
                 "view": "none" if s.view == "none" else "sample", "sample_temp": s.sample_temp,
                 "max_new_tokens": s.max_new_tokens, "train": list(s.train), "coefficient_scope": merger.mode,
                 "rounds": s.rounds, "steps": result.steps_done, "seconds": round(result.seconds, 3),
