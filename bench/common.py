@@ -24,6 +24,30 @@ def weights_difference(a: Path, b: Path) -> float:
     return worst
 
 
+def grown_pool(task: str, splits: dict, size: int, *, labelled: bool = False) -> list:
+    """An LLM demo task's pool, then fresh prompts of the task (seeded, distinct, never a
+    prompt of any split) up to ``size``: more data, nothing else. Without answers
+    (unlabeled) unless ``labelled``."""
+    import random
+
+    from zoo.checkpoints.prompts import Prompt
+    from zoo.demo.llm_tasks import sample
+
+    seen = {p.prompt for rows in splits.values() for p in rows}
+    rng = random.Random(f"{task}/grown-pool")
+    pool = list(splits["pool"])
+    tries = 0
+    while len(pool) < size:
+        tries += 1
+        if tries > 100 * size:
+            raise SystemExit(f"task {task} has too few distinct prompts for a pool of {size}")
+        p = sample(task, rng)
+        if p.prompt not in seen:
+            seen.add(p.prompt)
+            pool.append(p if labelled else Prompt(p.prompt))
+    return pool
+
+
 def save(name: str, result: dict[str, Any]) -> Path:
     """Write ``bench/results/<name>.json`` with the machine and date, and print it."""
     result = {**result, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, run_measured, save  # noqa: E402
+from common import RESULTS, grown_pool, run_measured, save  # noqa: E402
 
 NAME = "llm_learned"
 LAMBDAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
@@ -48,8 +48,10 @@ LABELS = {
 }
 
 
-def setup(work: Path):
-    """The cached zoo, registered: base, one expert per task, each task with its splits."""
+def setup(work: Path, train_size: int | None = None):
+    """The cached zoo, registered: base, one expert per task, each task with its splits.
+    With ``train_size``, each task's pool grows to that many prompts with answers (fresh,
+    seeded, never a val or test prompt): more labelled data for ``ce`` with ``split: pool``."""
     from zoo import Registry
     from zoo.checkpoints.prompts import read_prompts, write_task_prompts
     from zoo.demo.llm_zoo import LLM_FULL, llm_zoo
@@ -63,8 +65,10 @@ def setup(work: Path):
         reg.add(folder / "base", "llm-base", "base")
         for t in tasks:
             data = work / f"{t}.jsonl"
-            write_task_prompts(data, {s: read_prompts(folder / "tasks" / t / f"{s}.jsonl")
-                                      for s in ("pool", "val", "test")})
+            splits = {s: read_prompts(folder / "tasks" / t / f"{s}.jsonl") for s in ("pool", "val", "test")}
+            if train_size:
+                splits["pool"] = grown_pool(t, splits, train_size, labelled=True)
+            write_task_prompts(data, splits)
             reg.add_task(t, data=data)
             reg.add(folder / "experts" / t, f"llm-{t}", tasks=[t], base="llm-base")
     return reg, folder, tasks
@@ -89,6 +93,8 @@ def main() -> None:
     ap.add_argument("--work", default=None)
     ap.add_argument("--skip-baselines", action="store_true", help="no base, experts or task arithmetic rows")
     ap.add_argument("--collect", default=None, help="comma-separated result names: their rows into --result")
+    ap.add_argument("--train-size", type=int, default=None,
+                    help="grow each task's pool to this many prompts with answers (a new --work registry)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--params", default="{}", help=argparse.SUPPRESS)
     ap.add_argument("--name", default=None, help=argparse.SUPPRESS)
@@ -108,7 +114,8 @@ def main() -> None:
     from zoo.demo.llm_zoo import exact_match
     from zoo.merge.state_dicts import task_arithmetic
 
-    reg, folder, tasks = setup(work)
+    reg, folder, tasks = setup(work, args.train_size)
+    pool_size = len(read_prompts(reg.task_data(tasks[0]), split="pool"))  # what ce with split: pool learns from
     data = {t: {s: read_prompts(folder / "tasks" / t / f"{s}.jsonl") for s in ("val", "test")} for t in tasks}
     model = LlamaForCausalLM.from_pretrained(folder / "base").eval()
     base = {k: v.clone() for k, v in model.state_dict().items()}
@@ -150,6 +157,7 @@ def main() -> None:
         method, params = RUNS[key]
         params = {**params, **overrides.get(key, {})}
         name = key if not overrides.get(key) else key + "-" + "-".join(f"{k}{v}" for k, v in overrides[key].items())
+        name += f"-train{args.train_size}" if args.train_size else ""
         c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         measured = run_measured([sys.executable, __file__, "--work", str(work), "--one", key, "--name", name,
                                  "--params", json.dumps(params)])
@@ -166,6 +174,7 @@ def main() -> None:
         val_accs = score(merged, "val")
         rows[name] = {"key": name, **row(LABELS[key] + (f" {overrides[key]}" if overrides.get(key) else ""),
                                          score(merged, "test"), merge_method=method, parameters=params,
+                                         pool_size=pool_size,
                                          val_avg=round(sum(val_accs.values()) / len(tasks), 2), cost=cost)}
         print(f"{name}: test avg {rows[name]['avg']:.1f}, val avg {rows[name]['val_avg']:.1f}, "
               f"{cost['steps_per_second']} steps/s, {cost['peak_anon_mib']} MiB", file=sys.stderr, flush=True)

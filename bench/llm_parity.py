@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, save
+from common import RESULTS, grown_pool, save
 
 import zoo.merge as merge
 from zoo.checkpoints.prompts import read_prompts, write_task_prompts
@@ -116,29 +116,6 @@ def reliability(folder: Path, tasks: list[str], data, codec: TextCodec, temperat
                                         if n else None}
         out[t] = row
     return out
-
-
-def grown_pool(task: str, splits: dict, size: int) -> list:
-    """The task's pool, then fresh prompts of the task (seeded, distinct, never a val or
-    test prompt) without answers, up to ``size``: more unlabeled data, nothing else."""
-    import random
-
-    from zoo.checkpoints.prompts import Prompt
-    from zoo.demo.llm_tasks import sample
-
-    seen = {p.prompt for rows in splits.values() for p in rows}
-    rng = random.Random(f"{task}/grown-pool")
-    pool = list(splits["pool"])
-    tries = 0
-    while len(pool) < size:
-        tries += 1
-        if tries > 100 * size:
-            raise SystemExit(f"task {task} has too few distinct prompts for a pool of {size}")
-        p = sample(task, rng).prompt
-        if p not in seen:
-            seen.add(p)
-            pool.append(Prompt(p))
-    return pool
 
 
 def main() -> None:
