@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 
 from zoo.cli import render
-from zoo.cli.options import EndpointOpt, JsonOpt, RegistryOpt, Typer, open_registry, registry_location
+from zoo.cli.options import EndpointOpt, JsonOpt, KeySeedOpt, MaxCondOpt, RegistryOpt, Typer, open_registry, \
+    registry_location
 
 app = Typer()
 token_app = Typer(no_args_is_help=True, help="Tokens of `zoo serve`'s users.")
@@ -62,17 +63,17 @@ def push(
     no_protect: bool = typer.Option(False, "--no-protect", help="Push an expert's or a merge's weights "
                                                                 "unprotected (by default they are MergeLock-"
                                                                 "protected first)."),
-    seed: Optional[int] = typer.Option(None, "--seed", metavar="N",
-                                       help="Key seed of the protection made now, for reproducible output (default: "
-                                            "128 random bits; a small seed can be guessed)."),
-    max_cond: Optional[float] = typer.Option(None, "--max-cond", metavar="X",
-                                             help="Bound on each transform's condition number in the protection made "
-                                                  "now (default 1000 for float32, 30 for bf16/fp16)."),
+    seed: Optional[int] = KeySeedOpt,
+    max_cond: Optional[float] = MaxCondOpt,
     endpoint: Optional[str] = EndpointOpt,
     as_json: bool = JsonOpt,
     registry: Optional[Path] = RegistryOpt,
 ) -> None:
-    """Publish a model to a Hub in one commit, MergeLock-protected unless --no-protect."""
+    """Publish a model to a Hub in one commit, MergeLock-protected unless --no-protect.
+
+    --seed and --max-cond set the key of a protection made now; a protected copy of
+    this version made before is reused as it is.
+    """
     from zoo.publish import publish
 
     with render.progress_bars() as progress:

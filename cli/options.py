@@ -95,6 +95,13 @@ EndpointOpt = typer.Option(None, "--endpoint", metavar="URL",
                            help="Hub URL (default: $HF_ENDPOINT, else huggingface.co). The token comes from "
                                 "$HF_TOKEN or `hf auth login`.")
 ShardSizeOpt = typer.Option(DEFAULT_SHARD_BYTES, "--shard-size", metavar="BYTES", help="Bytes per output shard.")
+# MergeLock's key, for `zoo protect` and the protection `zoo push` makes
+KeySeedOpt = typer.Option(None, "--seed", metavar="N",
+                          help="MergeLock key seed, for reproducible output (default: 128 random bits; a small seed "
+                               "can be guessed).")
+MaxCondOpt = typer.Option(None, "--max-cond", metavar="X",
+                          help="Bound on each MergeLock transform's condition number (default 1000 for float32, 30 "
+                               "for bf16/fp16).")
 
 
 def registry_location() -> "Location":

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from zoo.cli import render
-from zoo.cli.options import JsonOpt, RegistryOpt, ShardSizeOpt, Typer, open_registry, registry_for
+from zoo.cli.options import JsonOpt, KeySeedOpt, MaxCondOpt, RegistryOpt, ShardSizeOpt, Typer, open_registry, \
+    registry_for
 
 app = Typer()
 key_app = Typer(no_args_is_help=True, help="Move protection keys between machines.")
@@ -23,12 +24,8 @@ def protect(
                                            help="Write it to this new folder instead."),
     key_file: Optional[Path] = typer.Option(None, "--key-file", metavar="PATH",
                                             help="Where to write the key (default: registry.keys/NAME@1.key)."),
-    seed: Optional[int] = typer.Option(None, "--seed", metavar="N",
-                                       help="Key seed, for reproducible output (default: 128 random bits; a small "
-                                            "seed can be guessed)."),
-    max_cond: Optional[float] = typer.Option(None, "--max-cond", metavar="X",
-                                             help="Bound on each transform's condition number "
-                                                  "(default 1000 for float32, 30 for bf16/fp16)."),
+    seed: Optional[int] = KeySeedOpt,
+    max_cond: Optional[float] = MaxCondOpt,
     verify: bool = typer.Option(False, "--verify", help="Run both models with transformers and refuse a result "
                                                         "whose outputs differ past the tolerance."),
     shard_size: int = ShardSizeOpt,
