@@ -47,17 +47,37 @@ def task_data(plan: Plan, registry: "Registry | None", objective: str, split: st
     split = split or default_split(objective)
     base_dir = next(iter(plan.base.ckpt.files.values())).parent if plan.base is not None else None
     data = []
-    for spec, inp in zip(plan.recipe.models, plan.models):
-        params = spec.parameters
-        task = _task_name(spec, inp)
-        if params.get("data"):
-            data.append(from_path(params["data"], task or inp.label, base_dir, split, labelled))
-        elif task is not None and registry is not None:
-            data.append(from_registry(registry, task, split, labelled))
+    for i in range(len(plan.models)):
+        src = task_source(plan, registry, i)
+        if src.path is not None:
+            data.append(from_path(src.path, src.name, base_dir, split, labelled))
         else:
-            raise ZooError(f"{inp.label} has no task data: register its task with data, or set "
-                           "models[].parameters.data to a file")
+            assert registry is not None and src.task is not None
+            data.append(from_registry(registry, src.task, split, labelled))
     return data
+
+
+@dataclass(frozen=True)
+class TaskSource:
+    """Where model ``i``'s task data is: its ``parameters.data`` file or folder, else
+    its task (``parameters.task`` or its registered one) in the registry."""
+
+    name: str  # the task's name, or the model's label where it has none
+    task: str | None  # the registry task, when the data is the registered task's
+    path: Path | None  # parameters.data; None: the registered task's data
+
+
+def task_source(plan: Plan, registry: "Registry | None", i: int, why: str = "") -> TaskSource:
+    """Model ``i``'s task data, found the one way every data-reading merge finds it;
+    ``why`` says in the error what the data is for."""
+    spec, inp = plan.recipe.models[i], plan.models[i]
+    task = _task_name(spec, inp)
+    if spec.parameters.get("data"):
+        return TaskSource(task or inp.label, task, Path(spec.parameters["data"]))
+    if task is not None and registry is not None:
+        return TaskSource(task, task, None)
+    raise ZooError(f"{inp.label} has no task data{why}: register its task with data, or set "
+                   "models[].parameters.data to a file")
 
 
 def task_prompts(plan: Plan, registry: "Registry | None", split: str) -> list[list[Prompt]] | None:
@@ -65,15 +85,10 @@ def task_prompts(plan: Plan, registry: "Registry | None", split: str) -> list[li
     of ``split``; None when the tasks are not generative (inputs and labels). A merge's
     tasks are all generative or none is."""
     found: list[list[Prompt] | None] = []
-    for spec, inp in zip(plan.recipe.models, plan.models):
-        task = _task_name(spec, inp)
-        path = spec.parameters.get("data")
-        if path is None and task is not None and registry is not None:
-            path = registry.task_data(task)
-        if path is None:
-            raise ZooError(f"{inp.label} has no task data: register its task with data, or set "
-                           "models[].parameters.data to a file")
-        found.append(prompts_from(path, task or inp.label, split) if is_generative_file(Path(path)) else None)
+    for i in range(len(plan.models)):
+        src = task_source(plan, registry, i)
+        path = src.path if src.path is not None else registry.task_data(src.task)  # type: ignore[union-attr,arg-type]
+        found.append(prompts_from(path, src.name, split) if is_generative_file(Path(path)) else None)
     if all(f is None for f in found):
         return None
     if any(f is None for f in found):

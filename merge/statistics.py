@@ -43,6 +43,7 @@ from zoo.checkpoints.prompts import DEFAULT_SPLIT, FORMAT as PROMPTS_FORMAT
 from zoo.merge.learned.data import from_path, from_registry, is_generative_file, prompts_from
 from zoo.merge.learned.runtime import build_body, make_forward
 from zoo.merge.learned.train import TaskData
+from zoo.merge.learning import task_source
 from zoo.merge.plan import Plan, read_input
 
 if TYPE_CHECKING:
@@ -129,26 +130,24 @@ def data_source(plan: Plan, registry: "Registry | None", index: int, split: str,
     """Expert ``index``'s task data, as the learned merges find it: ``parameters.data``
     (a file or folder), else its task (``parameters.task`` or its registered one) in
     the registry."""
-    spec, inp = plan.recipe.models[index], plan.models[index]
-    task = spec.parameters.get("task") or (inp.tasks[0] if inp.tasks else None)
+    why = f" ({method} runs each expert on its own task's inputs)"
+    src = task_source(plan, registry, index, why)
     base_dir = next(iter(plan.base.ckpt.files.values())).parent if plan.base is not None else None
-    if spec.parameters.get("data"):
-        path = Path(spec.parameters["data"])
+    path, name, task = src.path, src.name, src.task
+    if path is not None:
         if not path.exists():
-            raise NotFound(f"data for {inp.label}: {path} does not exist")
-        name = task or inp.label
+            raise NotFound(f"data for {plan.models[index].label}: {path} does not exist")
         if is_generative_file(path):
             return DataSource(name, _hash_path(path), lambda: prompt_data(path, name, base_dir, split))
         return DataSource(name, _hash_path(path), lambda: from_path(path, name, base_dir, split, False))
-    if task is not None and registry is not None:
-        info = registry.task(task)
-        if info.get("data_sha256"):
-            if info.get("data_format") == PROMPTS_FORMAT:
-                return DataSource(task, info["data_sha256"],
-                                  lambda: prompt_data(registry.task_data(task), task, base_dir, split))
-            return DataSource(task, info["data_sha256"], lambda: from_registry(registry, task, split, False))
-    raise ZooError(f"{inp.label} has no task data: {method} runs each expert on its own task's inputs; register its "
-                   "task with data, or set models[].parameters.data to a file")
+    assert registry is not None and task is not None
+    info = registry.task(task)
+    if not info.get("data_sha256"):
+        raise ZooError(f"{plan.models[index].label} has no task data{why}: its task {task!r} is registered "
+                       "without data; register it with data, or set models[].parameters.data to a file")
+    if info.get("data_format") == PROMPTS_FORMAT:
+        return DataSource(task, info["data_sha256"], lambda: prompt_data(registry.task_data(task), task, base_dir, split))
+    return DataSource(task, info["data_sha256"], lambda: from_registry(registry, task, split, False))
 
 
 def prompt_data(path: Path, task: str, base_dir: Path | None, split: str) -> TaskData:
