@@ -309,12 +309,59 @@ def test_regmean_grams_of_a_registered_generative_task(lms, registry) -> None:
     assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-6)
 
 
-def test_generative_learned_merges_refuse_several_processes(lms, registry, monkeypatch) -> None:
+def test_generative_parity_refuses_several_processes(lms, registry, monkeypatch) -> None:
     import types
 
     import zoo.merge.learning as learning
 
     monkeypatch.setattr(learning, "current", lambda: types.SimpleNamespace(world=2, rank=0))
-    plan = make_plan(recipe("adamerging", objective="entropy", steps=1), registry)
-    with pytest.raises(ZooError, match="generative tasks run in one process for now"):
+    plan = make_plan(recipe("parity", steps=1, rounds=1, max_new_tokens=NEW), registry)
+    with pytest.raises(ZooError, match="parity over generative tasks runs in one process for now"):
         learn_from_plan(plan, registry, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("objective", ["ce", "entropy"])
+def test_processes_weigh_a_causal_lm_loss_by_their_scored_tokens(lms, registry, monkeypatch, objective) -> None:
+    """Across processes each takes some rows of every batch; a causal LM's loss is a mean
+    over scored tokens, and rows have answers of different lengths, so each process's
+    loss counts by its share of the tokens: the summed gradients are one process's."""
+    from zoo.merge.learned.distributed import Sync
+    from zoo.merge.learned.merger import Merger
+    from zoo.merge.learned.train import Loop
+
+    options = {"objective": objective, "batch_size": 8, "max_new_tokens": NEW}
+    plan = make_plan(recipe("adamerging", **options), registry)
+    inputs = PlanInputs(plan, registry, torch.device("cpu"))
+    data, parts = inputs.task_data(objective, None), inputs.parts()
+    s = get_method("adamerging").settings(options)
+
+    def grads(sync: Sync) -> tuple[torch.Tensor, float, list[int]]:
+        monkeypatch.setattr("zoo.merge.learned.train.current", lambda: sync)
+        merger = Merger(parts.base, parts.task_vectors, coefficients="layer", init=0.3)
+        loop = Loop(merger, parts.forward, data, s)
+        loss = loop.objective(merger.merged())  # entropy: the merge's continuations first
+        loss.backward()
+        scored = [int(n) for d in loop.batches.data for n in (d.labels[:, 1:] != -100).sum(dim=1)]
+        return merger.weights.grad.clone(), float(loss.detach()), scored
+
+    alone, loss, scored = grads(Sync())
+    assert len(set(scored)) > 1  # rows of different lengths: a share by rows would weigh them wrong
+    for world in (2, 3):
+        shares = [grads(Sync(r, world)) for r in range(world)]
+        torch.testing.assert_close(sum(g for g, _, _ in shares), alone, rtol=1e-4, atol=1e-7)
+        assert sum(x for _, x, _ in shares) == pytest.approx(loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["ce", "entropy"])
+def test_two_processes_learn_a_generative_adamerging_as_one(lms, registry, tmp_path, objective) -> None:
+    from tests.test_distributed import _recipe, _run, _same_as_one_process, _zoo
+
+    spec = {"merge_method": "adamerging", "base_model": "base", "seed": 0,
+            "models": [{"model": f"e{i}"} for i in range(len(TASKS))],
+            "parameters": {"objective": objective, "steps": 4, "batch_size": 8, "lr": 0.01, "max_new_tokens": NEW,
+                           "refresh_every": 2}}
+    merge.run(merge.from_dict(spec), "one", registry=registry)
+    done = _run(_zoo(tmp_path, "merge", str(_recipe(tmp_path, spec, objective)), "--out", "two", "--device", "cpu",
+                     "--nproc", "2"), tmp_path)
+    assert done.returncode == 0, done.stderr
+    _same_as_one_process(registry, "one", "two")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from zoo.errors import ZooError
+from zoo.textgen import IGNORE
 
 from zoo.merge.learned.distributed import current
 from zoo.merge.learned.merger import Mask, Merger
@@ -130,7 +131,9 @@ class Batches:
         self.order = [torch.empty(0, dtype=torch.long) for _ in data]
         self.pos = [0] * len(data)
         self.sync = current()  # across processes: each draws the same batch and takes its rows
-        self.rows = [(0, 0)] * len(data)  # per task: (this process's rows, the batch's) at the last draw
+        # per task, at the last draw: (this process's rows, the batch's); its scored tokens and the
+        # batch's for a causal LM's token labels across processes
+        self.rows = [(0, 0)] * len(data)
 
     @staticmethod
     def placed(d: TaskData, device) -> TaskData:
@@ -149,8 +152,13 @@ class Batches:
             self.order[t] = torch.randperm(len(d), generator=self.gen)
             self.pos[t] = 0
         idx = self.order[t][self.pos[t]:self.pos[t] + self.bs]
-        mine = idx[self.sync.share(len(idx))]
+        part = self.sync.share(len(idx))
+        mine = idx[part]
         self.rows[t] = (len(mine), len(idx))
+        if self.sync.world > 1 and d.labels is not None and d.labels.dim() == 2:
+            # a causal LM's loss is a mean over scored tokens, so a process's share is its tokens'
+            scored = (d.labels[idx.to(d.labels.device)][:, 1:] != IGNORE).sum(dim=1).cpu()
+            self.rows[t] = (int(scored[part].sum()), int(scored.sum()))
         idx = mine.to(next(iter(d.inputs.values())).device)
         self.pos[t] += self.bs
         inputs = {k: v[idx].to(self.device, non_blocking=True) for k, v in d.inputs.items()}
