@@ -11,16 +11,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from zoo.checkpoints.compat import compare
-from zoo.checkpoints.prompts import DEFAULT_SPLIT, Prompt
+from zoo.checkpoints.prompts import Prompt
 from zoo.checkpoints.heads import is_head
-from zoo.errors import IncompatibleModels, PromptDataError, ZooError
+from zoo.errors import IncompatibleModels, ZooError
 from zoo.registry.resolve import open_model
 from zoo.textgen import TextCodec
 from zoo.checkpoints.taskdata import task_info
 
 from zoo.merge.plan import Plan, read_input
 from zoo.merge.learned.generative import prompt_task_data
-from zoo.merge.learned.distributed import current
 from zoo.merge.learned.data import from_path, from_registry, from_task_file, is_generative_file, prompts_from
 from zoo.merge.learned.objectives import default_split, supervised
 from zoo.merge.learned.parity import Log, Teacher, TeacherFactory
@@ -228,18 +227,7 @@ def learn_from_plan(plan: Plan, registry: "Registry | None", device: torch.devic
     """Run the plan's learned merge (its method's ``learn``); returns the result and
     what to record in the lineage."""
     inputs = PlanInputs(plan, registry, device, report, log)
-    if current().world > 1 and plan.method.name == "parity" and _generative(inputs):
-        # its rounds decode and weigh answers in one process's loop, not shared across processes
-        raise ZooError("parity over generative tasks runs in one process for now; run it without --nproc or "
-                       "torchrun (AdaMerging and the Concrete merges run across processes)")
     return plan.method.learn(inputs)
-
-
-def _generative(inputs: PlanInputs) -> bool:
-    try:
-        return inputs.prompts(DEFAULT_SPLIT) is not None
-    except PromptDataError:  # prompts without a pool split are prompts all the same
-        return True
 
 
 def _teachers(plan: Plan, registry: "Registry | None", parts: Parts,

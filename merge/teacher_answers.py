@@ -23,6 +23,7 @@ import torch
 from zoo.checkpoints.reader import open_safetensors
 from zoo.errors import NotFound, ZooError
 
+from zoo.merge.learned.distributed import current
 from zoo.merge.learned.generative_parity import Decodes
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class RegistryDecodes:
 
     def put(self, t: int, key: str, decodes: Decodes) -> None:
         ref = self.teachers[t]
-        if ref is None:
+        if ref is None or not current().writes:  # across processes, rank 0 alone writes
             return
         from safetensors.torch import save_file
 

@@ -35,6 +35,7 @@ from zoo import open_checkpoint
 from zoo.errors import ZooError
 from zoo.merge.learned.distributed import Sync
 from zoo.merge.learned.merger import Merger
+from zoo.merge.learned.generative_parity import generative_loss
 from zoo.merge.learned.parity import parity_loss
 from zoo.merge.learned.train import Loop, Settings, TaskData
 from zoo.merge.methods import get_method
@@ -118,6 +119,40 @@ def test_parity_loss_shares_sum_to_the_whole(n_parity, n_agree, world):
             continue
         loss = parity_loss(student[idx], teacher[idx], len(par), s,
                            (sync.fraction(len(par), n_parity), sync.fraction(len(agree), n_agree)))
+        total += float(loss.detach())
+        grad += torch.autograd.grad(loss, student)[0]
+    assert total == pytest.approx(float(whole.detach()), rel=1e-6)
+    torch.testing.assert_close(grad, expect, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("n_parity,n_agree,world", [(5, 7, 2), (1, 6, 2), (3, 2, 4), (6, 0, 3)])
+def test_generative_parity_loss_shares_sum_to_the_whole(n_parity, n_agree, world):
+    """The same over generated answers, whose terms are means over answer positions and
+    whose rows have answers of different lengths: each process weighs a term by its share
+    of that term's positions, and the losses and gradients sum to the whole."""
+    s = get_method("parity").settings({"kl_weight": 0.5, "agree_weight": 1.0})
+    g = torch.Generator().manual_seed(n_parity + 10 * n_agree)
+    n = n_parity + n_agree
+    lengths = torch.randint(1, 6, (n,), generator=g)  # scored positions per row: the answer and its end
+    rows = torch.repeat_interleave(torch.arange(n), lengths)
+    student = torch.randn(len(rows), 7, generator=g).requires_grad_(True)
+    target = torch.randint(0, 7, (len(rows),), generator=g)
+    teacher = torch.randn(len(rows), 7, generator=g).log_softmax(dim=-1)
+    whole = generative_loss(student, target, rows, n_parity, teacher, s)
+    (expect,) = torch.autograd.grad(whole, student)
+    total, grad = 0.0, torch.zeros_like(student)
+    for r in range(world):
+        sync = Sync(r, world)
+        par = torch.arange(n_parity)[sync.share(n_parity, empty=True)]
+        agree = n_parity + torch.arange(n_agree)[sync.share(n_agree, empty=True)]
+        idx = torch.cat([par, agree])
+        if len(idx) == 0:
+            continue
+        at = torch.cat([(rows == i).nonzero().squeeze(1) for i in idx.tolist()])  # their positions, in order
+        mine = torch.repeat_interleave(torch.arange(len(idx)), lengths[idx])
+        shares = (sync.fraction(int(lengths[par].sum()), int(lengths[:n_parity].sum())),
+                  sync.fraction(int(lengths[agree].sum()), int(lengths[n_parity:].sum())))
+        loss = generative_loss(student[at], target[at], mine, len(par), teacher[at], s, shares)
         total += float(loss.detach())
         grad += torch.autograd.grad(loss, student)[0]
     assert total == pytest.approx(float(whole.detach()), rel=1e-6)

@@ -309,17 +309,6 @@ def test_regmean_grams_of_a_registered_generative_task(lms, registry) -> None:
     assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-6)
 
 
-def test_generative_parity_refuses_several_processes(lms, registry, monkeypatch) -> None:
-    import types
-
-    import zoo.merge.learning as learning
-
-    monkeypatch.setattr(learning, "current", lambda: types.SimpleNamespace(world=2, rank=0))
-    plan = make_plan(recipe("parity", steps=1, rounds=1, max_new_tokens=NEW), registry)
-    with pytest.raises(ZooError, match="parity over generative tasks runs in one process for now"):
-        learn_from_plan(plan, registry, torch.device("cpu"))
-
-
 @pytest.mark.parametrize("objective", ["ce", "entropy"])
 def test_processes_weigh_a_causal_lm_loss_by_their_scored_tokens(lms, registry, monkeypatch, objective) -> None:
     """Across processes each takes some rows of every batch; a causal LM's loss is a mean
@@ -352,16 +341,24 @@ def test_processes_weigh_a_causal_lm_loss_by_their_scored_tokens(lms, registry, 
         assert sum(x for _, x, _ in shares) == pytest.approx(loss, rel=1e-5)
 
 
-@pytest.mark.parametrize("objective", ["ce", "entropy"])
-def test_two_processes_learn_a_generative_adamerging_as_one(lms, registry, tmp_path, objective) -> None:
+@pytest.mark.parametrize("method,objective", [("adamerging", "ce"), ("adamerging", "entropy"), ("parity", None)])
+def test_two_processes_learn_a_generative_merge_as_one(lms, registry, tmp_path, method, objective) -> None:
     from tests.test_distributed import _recipe, _run, _same_as_one_process, _zoo
 
-    spec = {"merge_method": "adamerging", "base_model": "base", "seed": 0,
-            "models": [{"model": f"e{i}"} for i in range(len(TASKS))],
-            "parameters": {"objective": objective, "steps": 4, "batch_size": 8, "lr": 0.01, "max_new_tokens": NEW,
-                           "refresh_every": 2}}
+    params = {"objective": objective, "steps": 4, "batch_size": 8, "lr": 0.01, "max_new_tokens": NEW,
+              "refresh_every": 2}
+    if method == "parity":  # every prompt reliable, offsets on the norms: rows of both kinds each step
+        params = {"steps": 4, "rounds": 2, "batch_size": 4, "lr": 0.01, "max_new_tokens": NEW, "tau": 0.01, "keep": "last",
+                  "view": "none", "train": "coefficients,params", "params": "norm"}
+    spec = {"merge_method": method, "base_model": "base", "seed": 0,
+            "models": [{"model": f"e{i}"} for i in range(len(TASKS))], "parameters": params}
     merge.run(merge.from_dict(spec), "one", registry=registry)
-    done = _run(_zoo(tmp_path, "merge", str(_recipe(tmp_path, spec, objective)), "--out", "two", "--device", "cpu",
+    done = _run(_zoo(tmp_path, "merge", str(_recipe(tmp_path, spec, method)), "--out", "two", "--device", "cpu",
                      "--nproc", "2"), tmp_path)
     assert done.returncode == 0, done.stderr
     _same_as_one_process(registry, "one", "two")
+    learned = registry.show("one")["recipe"]["learned"]
+    assert learned["steps"] > 0
+    if method == "parity":  # both kinds of rows trained, and split across the two processes
+        first = [r for r in learned["table"] if r["round"] == 0]
+        assert sum(r["parity"] for r in first) >= 2 and sum(r["reliable"] - r["parity"] for r in first) >= 2

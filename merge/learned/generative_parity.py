@@ -50,6 +50,7 @@ from zoo.checkpoints.prompts import Prompt
 from zoo.errors import ZooError
 from zoo.textgen import TextCodec, generate, same_answer, scored, teacher_forced
 
+from zoo.merge.learned.distributed import current
 from zoo.merge.learned.merger import Merger, rescale
 from zoo.merge.learned.parity import (CHUNK, Cycle, Log, ParitySettings, Selection, Snapshot, Student,
                                       TeacherFactory, finish, run_round, trainable)
@@ -216,13 +217,16 @@ def generative_rule(confidence: torch.Tensor, ended: torch.Tensor, answers: Sequ
 
 # -- 3. levelling --------------------------------------------------------------------------------
 def generative_loss(student: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, n_parity: int,
-                    teacher: torch.Tensor | None, s: ParitySettings) -> torch.Tensor:
+                    teacher: torch.Tensor | None, s: ParitySettings,
+                    shares: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """On the scored answer positions of a batch whose first ``n_parity`` rows are parity
     prompts and the rest agreeing ones (``student``: the merge's logits [N, vocabulary],
     ``target``: the expert's tokens, ``rows``: each position's row, ``teacher``: the
     expert's log-probabilities there): token-level CE on the parity rows (+ kl_weight·T²·
     KL(expert ‖ merge) at T), + agree_weight·KL(expert ‖ merge) on the agreeing rows;
-    each term a mean over its answer positions."""
+    each term a mean over its answer positions. ``shares`` weigh the two means: across
+    processes, this process's fraction of the step's parity positions and of its
+    agreeing positions."""
     student = student.float()
     par = rows < n_parity
     loss = F.cross_entropy(student[par], target[par]) if n_parity else student.new_zeros(())
@@ -230,10 +234,12 @@ def generative_loss(student: torch.Tensor, target: torch.Tensor, rows: torch.Ten
         assert teacher is not None
         t = s.kl_temperature
         loss = loss + s.kl_weight * t * t * _kl(teacher[par] / t, student[par] / t)
+    if shares[0] != 1.0:
+        loss = loss * shares[0]
     agree = ~par
     if s.agree_weight > 0 and bool(agree.any()):
         assert teacher is not None
-        loss = loss + s.agree_weight * _kl(teacher[agree], student[agree])
+        loss = loss + shares[1] * s.agree_weight * _kl(teacher[agree], student[agree])
     return loss
 
 
@@ -329,29 +335,44 @@ def _step(student: Student, forward: Forward, annotations: list[GenAnnotation], 
     batches are right-padded to one length, so the body runs once over all of them (a
     causal LM's real tokens never attend to the padding after them)."""
     params = student.params(student.merger.sample(noise) if "mask" in s.train else None)
+    sync = current()  # across processes: every one draws the same rows and takes its share
     picked = []
     for t, (parity, agreeing) in cycles.items():
         par = parity.next()
-        idx = torch.cat([par, agreeing.next() if s.agree_weight > 0 else par[:0]]).tolist()
+        agree = agreeing.next() if s.agree_weight > 0 else par[:0]
+        mine_p, mine_a = par[sync.share(len(par), empty=True)], agree[sync.share(len(agree), empty=True)]
+        if len(mine_p) + len(mine_a) == 0:
+            continue
         a = annotations[t]
-        picked.append((t, idx, len(par), [tasks[t].prompts[i] for i in idx],
-                       [list(a.answers[i]) + [codec.eos_id] for i in idx]))
-    length = max(len(p) + len(x) for _, _, _, ps, xs in picked for p, x in zip(ps, xs))
+
+        def positions(rows: torch.Tensor, a: GenAnnotation = a) -> int:  # scored: the answer and its end
+            return sum(len(a.answers[i]) + 1 for i in rows.tolist())
+        shares = (sync.fraction(positions(mine_p), positions(par)), sync.fraction(positions(mine_a), positions(agree)))
+        idx = torch.cat([mine_p, mine_a]).tolist()
+        picked.append((t, idx, len(mine_p), [tasks[t].prompts[i] for i in idx],
+                       [list(a.answers[i]) + [codec.eos_id] for i in idx], shares))
+    if not picked:  # this process's share of this step is empty: the others' gradients still count
+        opt.zero_grad(set_to_none=True)
+        loss = sync.reduce(opt, None)
+        opt.step()
+        return loss
+    length = max(len(p) + len(x) for _, _, _, ps, xs, _ in picked for p, x in zip(ps, xs))
     batches = [{k: v.to(device) for k, v in teacher_forced(ps, xs, codec.pad_id, length).items()}
-               for _, _, _, ps, xs in picked]
+               for _, _, _, ps, xs, _ in picked]
     with torch.autocast("cuda", dtype=torch.bfloat16) if s.autocast else nullcontext():
         logits = forward_all(forward, params, [{k: v for k, v in b.items() if k != "labels"} for b in batches],
                              [t for t, *_ in picked])
     loss = None
-    for (t, idx, n_parity, _, _), out, batch in zip(picked, logits, batches):
+    for (t, idx, n_parity, _, _, shares), out, batch in zip(picked, logits, batches):
         pred, target, rows = scored(out, batch["labels"])
         teacher = annotations[t].teacher
         dist = torch.cat([teacher[i] for i in idx]) if teacher is not None else None
-        term = generative_loss(pred, target, rows, n_parity, dist, s)
+        term = generative_loss(pred, target, rows, n_parity, dist, s, shares)
         loss = term if loss is None else loss + term
     assert loss is not None
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    loss = sync.reduce(opt, loss)
     opt.step()
     return loss.detach()
 
