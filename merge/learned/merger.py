@@ -26,7 +26,7 @@ from zoo.errors import ZooError
 
 COEFFICIENTS = ("fixed", "task", "layer")
 # the mask folded into the saved model: one relaxed draw (fusion_bench's default) or one binary draw
-FINAL_MASKS = ("relaxed", "bernoulli", "threshold")
+FINAL_MASKS = ("relaxed", "bernoulli")
 
 
 @dataclass
@@ -203,20 +203,11 @@ class Merger(nn.Module):
         m = torch.sigmoid((x + (u.log() - (-u).log1p())) / self.temperature)
         return {n: v.clone() for n, v in self.views(m, masked_only=True).items()}
 
-    def threshold_bits(self) -> dict[str, torch.Tensor]:
-        """Each element kept where its keep probability σ(logit) exceeds ½: the mask's
-        mode, binary and without noise (the thresholding fusion_bench's Concrete notes
-        describe)."""
-        bits = (self.logit_flat.detach() > 0).to(torch.float32)
-        return {n: v.clone() for n, v in self.views(bits, masked_only=True).items()}
-
     def draw_final(self, kind: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """The mask folded into the saved model: ``relaxed`` (the reference's default),
-        ``bernoulli`` (one binary draw) or ``threshold`` (the binary mode, no draw)."""
+        """The mask folded into the saved model: ``relaxed`` (the reference's default)
+        or ``bernoulli`` (binary)."""
         if kind not in FINAL_MASKS:
             raise ZooError(f"final_mask must be one of {', '.join(FINAL_MASKS)}, not {kind!r}")
-        if kind == "threshold":
-            return self.threshold_bits()
         return self.draw_relaxed(generator) if kind == "relaxed" else self.draw_bits(generator)
 
     def logits_dict(self) -> dict[str, torch.Tensor]:

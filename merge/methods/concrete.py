@@ -18,8 +18,7 @@ CONCRETE_REFERENCE = ('Tang et al., "Concrete Subspace Learning based Interferen
 # The mask the saved model folds in: fusion_bench's ``eval_mask_type`` (default continuous).
 FINAL_MASK = {"final_mask": Param("relaxed", check_choice(*FINAL_MASKS),
                                   "the mask draw folded into the saved model: relaxed (one RelaxedBernoulli draw at "
-                                  "temperature, fusion_bench's default), bernoulli (one binary draw) or threshold "
-                                  "(kept where the keep probability exceeds ½: the binary mode, no draw)")}
+                                  "temperature, fusion_bench's default) or bernoulli (one binary draw)")}
 # Concrete AdaMerging's stage-1 inner step: where its gradient is taken.
 STAGE1_ORDERS = ("reference", "reset_first")
 
