@@ -24,7 +24,7 @@ from zoo.merge.learned.data import from_path, from_registry, from_task_file, is_
 from zoo.merge.learned.objectives import default_split, supervised
 from zoo.merge.learned.parity import Log, Teacher, TeacherFactory
 from zoo.merge.starts import resolve_start
-from zoo.merge.teacher_answers import RegistryDecodes
+from zoo.merge.teacher_answers import Expect, RegistryDecodes
 from zoo.merge.learned.inputs import Parts
 from zoo.merge.learned.runtime import build_body, make_forward
 from zoo.merge.learned.start import Start
@@ -67,8 +67,9 @@ class TaskSource:
 
 
 def task_source(plan: Plan, registry: "Registry | None", i: int, why: str = "") -> TaskSource:
-    """Model ``i``'s task data, found the one way every data-reading merge finds it;
-    ``why`` says in the error what the data is for."""
+    """Model ``i``'s task data, found the one way the learned merges and the data-aware
+    statistics find it; ``why`` says in the error what the data is for. (``eval_data``
+    reads only the registered task's split: measured, never trained on.)"""
     spec, inp = plan.recipe.models[i], plan.models[i]
     task = _task_name(spec, inp)
     if spec.parameters.get("data"):
@@ -205,14 +206,18 @@ class PlanInputs:
     def teachers(self, parts: Parts) -> tuple[list[TeacherFactory], list[str]]:
         return _teachers(self.plan, self.registry, parts, self.device)
 
-    def decode_cache(self, sources: list[str], sizes: list[int]) -> RegistryDecodes | None:
-        """Where each registered teacher's decodes of its pool (``sizes[t]`` prompts)
-        are kept between runs (``merge.teacher_answers``); None without a registry."""
-        if self.registry is None:
-            return None
+    def decode_cache(self, sources: list[str], sizes: list[int], max_new_tokens: int,
+                     sampled: bool) -> RegistryDecodes | None:
+        """Where each registered teacher's decodes of its pool (``sizes[t]`` prompts) are
+        kept between runs (``merge.teacher_answers``); None without a registry or a
+        registered base (an expert teaches as base + its task vector)."""
         assert self.plan.base is not None
+        if self.registry is None or self.plan.base.ref is None:
+            return None
         refs = [src if self.registry.has(src) else None for src in sources]
-        return RegistryDecodes(self.registry, refs, self.plan.base.ref, sizes)
+        vocabulary = (self.plan.base.ckpt.config or {}).get("vocab_size")
+        expect = Expect(sizes, max_new_tokens, sampled, int(vocabulary) if vocabulary else None)
+        return RegistryDecodes(self.registry, refs, self.plan.base.ref, expect, self.log)
 
     def start(self, spec: str, task_vectors: list[dict[str, torch.Tensor]]) -> Start:
         """The start ``spec`` names, over these task vectors (``merge.starts``)."""

@@ -407,6 +407,9 @@ def test_publish_refuses_what_it_cannot_protect(hub, registry, tmp_path, zoo_cli
         with pytest.raises(RepositoryNotFoundError):
             hub.api().model_info("team/nexp")  # refused before anything was created
         code, out, err = zoo_cli("--registry", registry.path, "push", "nexp", "team/nexp", "--endpoint", hub.url,
+                                 "--no-protect", "--seed", "7")  # a key for a protection that is not made
+        assert code == 1 and err.count("\n") == 1 and "--no-protect makes none" in err
+        code, out, err = zoo_cli("--registry", registry.path, "push", "nexp", "team/nexp", "--endpoint", hub.url,
                                  "--no-protect")
         assert code == 0 and "pushed nexp@1 (unprotected" in out
     finally:

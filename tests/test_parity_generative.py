@@ -257,7 +257,7 @@ def test_a_second_run_reads_the_experts_answers_back_and_gives_the_same_bytes(zo
     sampled view), restores the sampler's state, and writes the same bytes. Other decode
     settings decode anew."""
     import zoo.merge.learned.generative_parity as gp
-    from zoo.merge.teacher_answers import RegistryDecodes
+    from zoo.merge.teacher_answers import Expect, RegistryDecodes
 
     calls = []
     real = gp.generate
@@ -280,8 +280,52 @@ def test_a_second_run_reads_the_experts_answers_back_and_gives_the_same_bytes(zo
         assert zoo_reg.artifact(f"{t}@1", key).is_file()
     a, b = weights(zoo_reg, "a"), weights(zoo_reg, "b")
     assert all(torch.equal(a[n], b[n]) for n in a)
-    # a kept set that does not fit the pool is refused in one line, not misread
+    # a kept set that does not fit the run is logged and decoded anew, never misread
     monkeypatch.setattr("zoo.merge.teacher_answers.artifact_key", lambda *_: keys[0])
-    cache = RegistryDecodes(zoo_reg, [f"{TASKS[0]}@1"], "base@1", [CFG.pool_size + 1])
-    with pytest.raises(ZooError, match=r"does not hold \d+ answers"):
-        cache.get(0, "any")
+    said = []
+    cache = RegistryDecodes(zoo_reg, [f"{TASKS[0]}@1"], "base@1", Expect([CFG.pool_size + 1], 12, True, None),
+                            said.append)
+    assert cache.get(0, "any") is None and cache.keys == [None]
+    assert len(said) == 1 and f"{keys[0]}" in said[0] and "does not hold" in said[0] and "decoding" in said[0]
+
+
+def _kept(path, **tensors):
+    from safetensors.torch import save_file
+
+    from zoo.merge.teacher_answers import FORMAT
+
+    meta = tensors.pop("meta", {"format": FORMAT})
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"meta": {"format": "other"}}, "not zoo's teacher answers"),
+    ({"greedy.lengths": None}, "no 'greedy.lengths'"),
+    ({"greedy.lengths": torch.tensor([1.0, 1.0, 0.0])}, "torch.float32"),
+    ({"greedy.tokens": torch.tensor([[5, 6]])}, "2 dimensions"),
+    ({"greedy.lengths": torch.tensor([1, 1, 1])}, "does not hold 3 answers"),
+    ({"greedy.lengths": torch.tensor([2, 0, 0])}, "longer than max_new_tokens"),
+    ({"greedy.tokens": torch.tensor([5, 99])}, "outside the vocabulary"),
+    ({"greedy.tokens": torch.tensor([-1, 6])}, "outside the vocabulary"),
+    ({"confidence": torch.tensor([0.5, 2.0, 0.1])}, "not a probability"),
+    ({"ended": torch.tensor([1, 0], dtype=torch.uint8)}, "not 3 values"),
+    ({"view.tokens": None, "view.lengths": None}, "no 'view.tokens'"),
+    ({"state": torch.zeros(7, dtype=torch.uint8)}, "not a torch generator's"),
+    ({"state": None}, "no 'state'"),
+])
+def test_a_kept_set_that_does_not_fit_is_unusable(tmp_path, change, why):
+    """Every tensor of a kept set is checked before it is used (a hostile or damaged
+    file), each misfit said in one line."""
+    from zoo.merge.teacher_answers import Expect, Unusable, read_decodes
+
+    good = {"greedy.tokens": torch.tensor([5, 6]), "greedy.lengths": torch.tensor([1, 1, 0]),
+            "ended": torch.tensor([1, 1, 0], dtype=torch.uint8), "confidence": torch.tensor([0.9, 0.5, 0.1]),
+            "view.tokens": torch.tensor([5]), "view.lengths": torch.tensor([1, 0, 0]),
+            "state": torch.Generator().get_state()}
+    expect = Expect([3], 1, True, 50)
+    kept = read_decodes(_kept(tmp_path / "good.safetensors", **good), 3, expect)
+    assert kept.greedy == [(5,), (6,), ()] and kept.view == [(5,), (), ()] and kept.ended.tolist() == [True, True, False]
+    bad = {k: v for k, v in {**good, **change}.items() if v is not None}
+    with pytest.raises(Unusable, match=why):
+        read_decodes(_kept(tmp_path / "bad.safetensors", **bad), 3, expect)

@@ -97,6 +97,9 @@ def publish(
     copy is made now.
     """
     check_repo_id(repo_id)  # before protecting: a push that cannot go anywhere leaves nothing behind
+    if not protect_weights and (protect_seed is not None or protect_max_cond is not None):
+        raise ZooError("--seed and --max-cond set the key of the protection made at push, and --no-protect "
+                       "makes none; drop one or the other")
     model = registry.show(ref)
     # who may push where is asked first: a refused push protects nothing and leaves nothing
     check_push(repo_id, endpoint=endpoint, token=token)

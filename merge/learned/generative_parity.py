@@ -57,7 +57,7 @@ from zoo.merge.learned.parity import (CHUNK, Cycle, Log, ParitySettings, Selecti
 from zoo.merge.learned.train import Forward, Report, Result, forward_all
 
 GENERATIVE_VIEWS = ("auto", "sample", "none")  # auto: sample
-DECODES_VERSION = 1  # bump when what decides an expert's decodes changes, so old ones are not reused
+DECODES_VERSION = 2  # bump when what decides an expert's decodes changes, so old ones are not reused
 
 
 @dataclass
@@ -139,12 +139,20 @@ class GenAnnotation:
 def decodes_key(prompts: list[list[int]], codec: TextCodec, s: ParitySettings, generator: torch.Generator,
                 device) -> str:
     """What decides an expert's decodes of these prompts besides the expert: the prompts'
-    tokens, the end token and context, the decode settings, the device kind and
-    precision, and for a sampled view the generator's state before it."""
+    tokens, the end token and context, the decode settings and batching, the device
+    (its kind, and a GPU's model) and the torch and transformers versions, and for a
+    sampled view the generator's state before it. (Decoding runs in float32, never
+    under autocast.)"""
+    import transformers
+
     view = _view(s)
+    device = torch.device(device)
     blob = {"v": DECODES_VERSION, "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
             "eos": codec.eos_id, "context": codec.context, "max_new_tokens": s.max_new_tokens, "view": view,
-            "device": torch.device(device).type, "autocast": bool(s.autocast)}
+            "chunk": CHUNK, "device": device.type, "torch": torch.__version__,
+            "transformers": transformers.__version__}
+    if device.type == "cuda":
+        blob["gpu"] = torch.cuda.get_device_name(device)
     if view == "sample":
         blob["sample_temp"] = s.sample_temp
         blob["state"] = hashlib.sha256(generator.get_state().numpy().tobytes()).hexdigest()

@@ -134,6 +134,7 @@ class Batches:
         # per task, at the last draw: (this process's rows, the batch's); its scored tokens and the
         # batch's for a causal LM's token labels across processes
         self.rows = [(0, 0)] * len(data)
+        self.scored = [self.scored_per_row(d) for d in data]
 
     @staticmethod
     def placed(d: TaskData, device) -> TaskData:
@@ -145,6 +146,14 @@ class Batches:
         if len(d) != len(self.data[t]):
             raise ZooError(f"task {d.name!r}: {len(d)} examples where there were {len(self.data[t])}")
         self.data[t] = self.placed(d, self.device) if self.small else d
+        self.scored[t] = self.scored_per_row(d)
+
+    def scored_per_row(self, d: TaskData) -> torch.Tensor | None:
+        """Across processes, each row's scored tokens where the labels are a causal LM's
+        (on the CPU, read once here rather than waiting for the device every step)."""
+        if self.sync.world == 1 or d.labels is None or d.labels.dim() != 2:
+            return None
+        return (d.labels[:, 1:] != IGNORE).sum(dim=1).cpu()
 
     def next(self, t: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         d = self.data[t]
@@ -155,9 +164,9 @@ class Batches:
         part = self.sync.share(len(idx))
         mine = idx[part]
         self.rows[t] = (len(mine), len(idx))
-        if self.sync.world > 1 and d.labels is not None and d.labels.dim() == 2:
-            # a causal LM's loss is a mean over scored tokens, so a process's share is its tokens'
-            scored = (d.labels[idx.to(d.labels.device)][:, 1:] != IGNORE).sum(dim=1).cpu()
+        scored = self.scored[t]
+        if scored is not None:  # a causal LM's loss is a mean over scored tokens: a process's share is its tokens'
+            scored = scored[idx]
             self.rows[t] = (int(scored[part].sum()), int(scored.sum()))
         idx = mine.to(next(iter(d.inputs.values())).device)
         self.pos[t] += self.bs

@@ -167,7 +167,7 @@ class Parity(LearnedMethod):
         parts = inputs.parts()
         start, mask, merger = self._start(inputs, parts, s)
         teachers, sources = inputs.teachers(parts)
-        cache = inputs.decode_cache(sources, [len(t) for t in tasks])
+        cache = inputs.decode_cache(sources, [len(t) for t in tasks], s.max_new_tokens, s.view != "none")
         result, annotations = distill_generative(merger, parts.forward, teachers, tasks, codec, s,
                                                  start_bits=start.mask_bits, start_offsets=start.offsets,
                                                  report=inputs.report, log=inputs.log, cache=cache)
