@@ -98,6 +98,26 @@ def test_the_processes_gradients_sum_to_one_process(monkeypatch, objective, worl
     assert sum(x for _, x in parts) == pytest.approx(loss, rel=1e-6)
 
 
+def _shares_sum_to_the_whole(student: torch.Tensor, whole: torch.Tensor, n_parity: int, n_agree: int, world: int,
+                             part) -> None:
+    """Each process takes its share of the parity rows and of the agreeing rows;
+    ``part(sync, parity rows, agreeing rows)`` is its loss. Their losses and gradients
+    (over ``student``) must sum to the ``whole`` batch's."""
+    (expect,) = torch.autograd.grad(whole, student, retain_graph=True)
+    total, grad = 0.0, torch.zeros_like(student)
+    for r in range(world):
+        sync = Sync(r, world)
+        par = torch.arange(n_parity)[sync.share(n_parity, empty=True)]
+        agree = n_parity + torch.arange(n_agree)[sync.share(n_agree, empty=True)]
+        if len(par) + len(agree) == 0:
+            continue
+        loss = part(sync, par, agree)
+        total += float(loss.detach())
+        grad += torch.autograd.grad(loss, student)[0]
+    assert total == pytest.approx(float(whole.detach()), rel=1e-6)
+    torch.testing.assert_close(grad, expect, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("n_parity,n_agree,world", [(5, 7, 2), (1, 16, 2), (3, 2, 4), (16, 0, 3)])
 def test_parity_loss_shares_sum_to_the_whole(n_parity, n_agree, world):
     """Parity's loss has two means (parity rows, agreeing rows): each weighted by the
@@ -107,22 +127,12 @@ def test_parity_loss_shares_sum_to_the_whole(n_parity, n_agree, world):
     g = torch.Generator().manual_seed(n_parity)
     student = torch.randn(n_parity + n_agree, 4, generator=g).requires_grad_(True)
     teacher = torch.randn(n_parity + n_agree, 4, generator=g)
-    whole = parity_loss(student, teacher, n_parity, s)
-    (expect,) = torch.autograd.grad(whole, student)
-    total, grad = 0.0, torch.zeros_like(student)
-    for r in range(world):
-        sync = Sync(r, world)
-        par = torch.arange(n_parity)[sync.share(n_parity, empty=True)]
-        agree = n_parity + torch.arange(n_agree)[sync.share(n_agree, empty=True)]
+
+    def part(sync, par, agree):
         idx = torch.cat([par, agree])
-        if len(idx) == 0:
-            continue
-        loss = parity_loss(student[idx], teacher[idx], len(par), s,
+        return parity_loss(student[idx], teacher[idx], len(par), s,
                            (sync.fraction(len(par), n_parity), sync.fraction(len(agree), n_agree)))
-        total += float(loss.detach())
-        grad += torch.autograd.grad(loss, student)[0]
-    assert total == pytest.approx(float(whole.detach()), rel=1e-6)
-    torch.testing.assert_close(grad, expect, rtol=1e-5, atol=1e-7)
+    _shares_sum_to_the_whole(student, parity_loss(student, teacher, n_parity, s), n_parity, n_agree, world, part)
 
 
 @pytest.mark.parametrize("n_parity,n_agree,world", [(5, 7, 2), (1, 6, 2), (3, 2, 4), (6, 0, 3)])
@@ -138,25 +148,16 @@ def test_generative_parity_loss_shares_sum_to_the_whole(n_parity, n_agree, world
     student = torch.randn(len(rows), 7, generator=g).requires_grad_(True)
     target = torch.randint(0, 7, (len(rows),), generator=g)
     teacher = torch.randn(len(rows), 7, generator=g).log_softmax(dim=-1)
-    whole = generative_loss(student, target, rows, n_parity, teacher, s)
-    (expect,) = torch.autograd.grad(whole, student)
-    total, grad = 0.0, torch.zeros_like(student)
-    for r in range(world):
-        sync = Sync(r, world)
-        par = torch.arange(n_parity)[sync.share(n_parity, empty=True)]
-        agree = n_parity + torch.arange(n_agree)[sync.share(n_agree, empty=True)]
+
+    def part(sync, par, agree):
         idx = torch.cat([par, agree])
-        if len(idx) == 0:
-            continue
         at = torch.cat([(rows == i).nonzero().squeeze(1) for i in idx.tolist()])  # their positions, in order
         mine = torch.repeat_interleave(torch.arange(len(idx)), lengths[idx])
         shares = (sync.fraction(int(lengths[par].sum()), int(lengths[:n_parity].sum())),
                   sync.fraction(int(lengths[agree].sum()), int(lengths[n_parity:].sum())))
-        loss = generative_loss(student[at], target[at], mine, len(par), teacher[at], s, shares)
-        total += float(loss.detach())
-        grad += torch.autograd.grad(loss, student)[0]
-    assert total == pytest.approx(float(whole.detach()), rel=1e-6)
-    torch.testing.assert_close(grad, expect, rtol=1e-5, atol=1e-7)
+        return generative_loss(student[at], target[at], mine, len(par), teacher[at], s, shares)
+    whole = generative_loss(student, target, rows, n_parity, teacher, s)
+    _shares_sum_to_the_whole(student, whole, n_parity, n_agree, world, part)
 
 
 # -- two real processes on a toy merge: every method's loop ---------------------------------------
