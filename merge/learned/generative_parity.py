@@ -51,9 +51,9 @@ from zoo.errors import ZooError
 from zoo.textgen import TextCodec, generate, same_answer, scored, teacher_forced
 
 from zoo.merge.learned.distributed import current
-from zoo.merge.learned.merger import Merger, rescale
-from zoo.merge.learned.parity import (CHUNK, Cycle, Log, ParitySettings, Selection, Snapshot, Student,
-                                      TeacherFactory, finish, run_round, trainable)
+from zoo.merge.learned.merger import Merger
+from zoo.merge.learned.parity import (CHUNK, Cycle, Log, ParitySettings, Selection, Student, TeacherFactory,
+                                      level)
 from zoo.merge.learned.train import Forward, Report, Result, forward_all
 
 GENERATIVE_VIEWS = ("auto", "sample", "none")  # auto: sample
@@ -297,43 +297,14 @@ def distill_generative(merger: Merger, forward: Forward, teachers: list[TeacherF
         if kept is not None:
             log(f"task {task.name!r}: its expert's answers to the {len(task)} pool prompts read back, not decoded")
 
-    student = Student(merger, rescale({n: b.to(device) for n, b in start_bits.items()}) if start_bits else None,
-                      start_bits, {n: x.to(device, torch.float32) for n, x in (start_offsets or {}).items()})
-    opt = torch.optim.Adam(trainable(student, s, device), lr=s.lr, betas=(0.9, 0.999))
-
-    table: list[dict] = []
-    history: list[dict[str, float]] = []
-    done, total = 0, s.rounds * s.steps
-    best: tuple[float, int, Snapshot] | None = None
-    for r in range(s.rounds + 1):
-        selections = _identify(student, forward, annotations, tasks, codec, s, device)
-        rows = _rows(r, tasks, selections, student, forward, codec, s, device)
-        table += rows
-        disagreement = sum(x["disagreement"] for x in rows) / len(rows)
-        if s.keep == "last" or best is None or disagreement < best[0]:
-            best = (disagreement, r, student.snapshot())
-        if r == s.rounds:
-            break
-        active = [t for t, sel in enumerate(selections) if bool(sel.parity.any())]
-        for t, sel in enumerate(selections):
-            if t not in active:
-                log(f"round {r + 1}: task {tasks[t].name!r} has an empty parity set "
-                    f"({int(sel.reliable.sum())} reliable prompts, all agreeing); only kept from regressing")
-        if not active:
-            log(f"round {r + 1}: no task has a parity set left; stopping after {r} round(s)")
-            break
-        # a task without a parity set still keeps its agreeing prompts from regressing
-        kept = [t for t, sel in enumerate(selections)
-                if t in active or (s.agree_weight > 0 and bool(sel.agreeing.any()))]
-        cycles = {t: (Cycle(selections[t].parity.nonzero().squeeze(1), s.batch_size, gen),
-                      Cycle(selections[t].agreeing.nonzero().squeeze(1), s.batch_size, gen)) for t in kept}
-        done = run_round(lambda: _step(student, forward, annotations, tasks, cycles, codec, s, opt, noise, device),
-                         s.steps, r, done, total, history, report, t0)
-        if "mask" in s.train:  # the current model: one binary draw of the learned mask
-            student.mask_bits = merger.draw_bits(noise)
-            student.mask = rescale(student.mask_bits)
-
-    return finish(student, best, table, history, t0, done), annotations
+    result = level(merger, s, start_bits, start_offsets, [task.name for task in tasks],
+                   identify=lambda student: _identify(student, forward, annotations, tasks, codec, s, device),
+                   measure=lambda r, student, selections: _rows(r, tasks, selections, student, forward, codec, s,
+                                                                device),
+                   step=lambda student, cycles, opt: _step(student, forward, annotations, tasks, cycles, codec, s,
+                                                           opt, noise, device),
+                   keep_agreeing=True, gen=gen, noise=noise, report=report, log=log, t0=t0)
+    return result, annotations
 
 
 def _step(student: Student, forward: Forward, annotations: list[GenAnnotation], tasks: list[GenTask],

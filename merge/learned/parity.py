@@ -227,7 +227,7 @@ def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
                     reduction="batchmean")
 
 
-class _Cycle:
+class Cycle:
     """Shuffled, cycled batches of one index set, from a seeded generator."""
 
     def __init__(self, indices: torch.Tensor, size: int, generator: torch.Generator):
@@ -317,17 +317,44 @@ def distill(merger: Merger, forward: Forward, teachers: list[TeacherFactory], da
     annotations = [annotate(teachers[t](), d, s, gen, device) for t, d in enumerate(data)]
     _check_labels(merger, forward, annotations, data, device)
 
+    return level(merger, s, start_bits, start_offsets, [d.name for d in data],
+                 identify=lambda student: _identify(student, forward, annotations, data, s, device),
+                 measure=lambda r, student, selections: _rows(r, data, selections, annotations, student, forward,
+                                                              eval_data, device),
+                 step=lambda student, cycles, opt: _step(student, forward, annotations, data, cycles, s, opt, noise,
+                                                         device),
+                 keep_agreeing=False, gen=gen, noise=noise, report=report, log=log, t0=t0)
+
+
+# What a round of ``level`` calls: identify(student) -> each task's Selection;
+# measure(round, student, selections) -> the table's rows; step(student, cycles, optimiser) -> the loss.
+Identify = Callable[["Student"], "list[Selection]"]
+Measure = Callable[[int, "Student", "list[Selection]"], list[dict]]
+Step = Callable[["Student", "dict[int, tuple[Cycle, Cycle]]", torch.optim.Optimizer], torch.Tensor]
+
+
+def level(merger: Merger, s: ParitySettings, start_bits: dict[str, torch.Tensor] | None,
+          start_offsets: dict[str, torch.Tensor] | None, names: list[str], *, identify: Identify, measure: Measure,
+          step: Step, keep_agreeing: bool, gen: torch.Generator, noise: torch.Generator, report: Report, log: Log,
+          t0: float) -> Result:
+    """The rounds every parity distillation runs, classifier or generative: per round,
+    identify the parity sets and measure (round 0 is the start), keep the best round so
+    far by the average disagreement (label-free), then ``s.steps`` steps over each
+    task's parity and agreeing rows. A task with an empty parity set is skipped, or with
+    ``keep_agreeing`` still trained on its agreeing rows so they do not regress. Stops
+    early when no task has a parity set left; returns the kept round's model."""
+    device = merger.base_flat.device
     student = Student(merger, rescale({n: b.to(device) for n, b in start_bits.items()}) if start_bits else None,
                       start_bits, {n: x.to(device, torch.float32) for n, x in (start_offsets or {}).items()})
-    opt = torch.optim.Adam(_trainable(student, s, device), lr=s.lr, betas=(0.9, 0.999))
-
+    opt = torch.optim.Adam(trainable(student, s, device), lr=s.lr, betas=(0.9, 0.999))
+    unit = "prompts" if keep_agreeing else "samples"
     table: list[dict] = []
     history: list[dict[str, float]] = []
     done, total = 0, s.rounds * s.steps
     best: tuple[float, int, Snapshot] | None = None
     for r in range(s.rounds + 1):
-        selections = _identify(student, forward, annotations, data, s, device)
-        rows = _rows(r, data, selections, annotations, student, forward, eval_data, device)
+        selections = identify(student)
+        rows = measure(r, student, selections)
         table += rows
         disagreement = sum(x["disagreement"] for x in rows) / len(rows)
         if s.keep == "last" or best is None or disagreement < best[0]:
@@ -337,19 +364,20 @@ def distill(merger: Merger, forward: Forward, teachers: list[TeacherFactory], da
         active = [t for t, sel in enumerate(selections) if bool(sel.parity.any())]
         for t, sel in enumerate(selections):
             if t not in active:
-                log(f"round {r + 1}: task {data[t].name!r} has an empty parity set "
-                    f"({int(sel.reliable.sum())} reliable samples, all agreeing); skipped")
+                log(f"round {r + 1}: task {names[t]!r} has an empty parity set "
+                    f"({int(sel.reliable.sum())} reliable {unit}, all agreeing); "
+                    f"{'only kept from regressing' if keep_agreeing else 'skipped'}")
         if not active:
             log(f"round {r + 1}: no task has a parity set left; stopping after {r} round(s)")
             break
-        cycles = {t: (_Cycle(selections[t].parity.nonzero().squeeze(1).cpu(), s.batch_size, gen),
-                      _Cycle(selections[t].agreeing.nonzero().squeeze(1).cpu(), s.batch_size, gen)) for t in active}
-        done = run_round(lambda: _step(student, forward, annotations, data, cycles, s, opt, noise, device),
-                         s.steps, r, done, total, history, report, t0)
+        kept = [t for t, sel in enumerate(selections)
+                if t in active or (keep_agreeing and s.agree_weight > 0 and bool(sel.agreeing.any()))]
+        cycles = {t: (Cycle(selections[t].parity.nonzero().squeeze(1).cpu(), s.batch_size, gen),
+                      Cycle(selections[t].agreeing.nonzero().squeeze(1).cpu(), s.batch_size, gen)) for t in kept}
+        done = run_round(lambda: step(student, cycles, opt), s.steps, r, done, total, history, report, t0)
         if "mask" in s.train:  # the current model: one binary draw of the learned mask
             student.mask_bits = merger.draw_bits(noise)
             student.mask = rescale(student.mask_bits)
-
     return finish(student, best, table, history, t0, done)
 
 
@@ -393,7 +421,7 @@ def finish(student: Student, best: "tuple[float, int, Snapshot] | None", table: 
                   {n: d.detach().cpu() for n, d in student.offsets.items()})
 
 
-def _trainable(student: Student, s: ParitySettings, device) -> list[torch.Tensor]:
+def trainable(student: Student, s: ParitySettings, device) -> list[torch.Tensor]:
     """What ``s.train`` names, switched to requires_grad (and the rest off)."""
     merger = student.merger
     out: list[torch.Tensor] = []
@@ -423,7 +451,7 @@ def _trainable(student: Student, s: ParitySettings, device) -> list[torch.Tensor
 
 
 def _step(student: Student, forward: Forward, annotations: list[Annotation], data: list[TaskData],
-          cycles: dict[int, tuple[_Cycle, _Cycle]], s: ParitySettings, opt: torch.optim.Optimizer,
+          cycles: dict[int, tuple[Cycle, Cycle]], s: ParitySettings, opt: torch.optim.Optimizer,
           noise: torch.Generator, device) -> torch.Tensor:
     """One Adam step on every active task's parity batch (and agreeing batch), the body
     run once over all of them; the loss, left on the device (a step with a loss that is
@@ -501,13 +529,3 @@ def _check_labels(merger: Merger, forward: Forward, annotations: list[Annotation
             if classes != a.logits.shape[-1]:
                 raise ZooError(f"task {d.name!r}: its teacher predicts {a.logits.shape[-1]} labels but the merged "
                                f"model's head for it has {classes}; the teacher must share the head's label set")
-
-
-# The generative path (merge.learned.generative_parity) levels the same student with the
-# same optimiser set-up and batch cycling.
-Cycle = _Cycle
-
-
-def trainable(student: Student, s: ParitySettings, device) -> list[torch.Tensor]:
-    """What ``s.train`` names, switched to requires_grad (and the rest off)."""
-    return _trainable(student, s, device)
