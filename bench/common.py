@@ -48,6 +48,57 @@ def grown_pool(task: str, splits: dict, size: int, *, labelled: bool = False) ->
     return pool
 
 
+def git_rev() -> str:
+    """The repository's current commit, short."""
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(RESULTS.parents[1]), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+
+
+def demo_zoo(work: Path) -> int:
+    """The classifier demo zoo registered in ``work`` (its ``registry.db``, and
+    ``demo.json`` naming the base and experts) by the ``zoo`` this process imports;
+    returns how many experts."""
+    import sys
+
+    from zoo import Registry
+    from zoo.demo.build import FULL, run_demo
+
+    work.mkdir(parents=True, exist_ok=True)
+    demo = run_demo(Registry(work / "registry.db", create=True), FULL, log=lambda m: print(m, file=sys.stderr))
+    (work / "demo.json").write_text(json.dumps({"base": demo.base, "experts": list(demo.experts.values())}))
+    return len(demo.experts)
+
+
+def timed_demo_merge(spec: dict[str, Any], steps: int, registry: Path, demo: Path, out_dir: Path) -> dict[str, Any]:
+    """A learned merge (``spec``: merge_method and parameters) of ``demo_zoo``'s experts
+    in this process, timed between the progress reports of its first and last step
+    (setup, the first step and writing left out): the steps timed, their wall and CPU
+    seconds, the whole run's wall seconds, the losses by step and the peak memory."""
+    import resource
+
+    import zoo.merge as merge
+    from zoo import Registry
+
+    info = json.loads(demo.read_text())
+    recipe = merge.from_dict({"merge_method": spec["merge_method"], "base_model": info["base"], "seed": 0,
+                              "parameters": {**spec["parameters"], "steps": steps},
+                              "models": [{"model": e} for e in info["experts"]]})
+    reports: list[tuple[int, float, float, float]] = []
+
+    def report(step: int, total: int, loss: float, rate: float) -> None:
+        reports.append((step, loss, time.perf_counter(), time.process_time()))
+
+    t0 = time.perf_counter()
+    merge.run(recipe, None, registry=Registry(registry), out_dir=out_dir, device="cpu", report=report)
+    wall = time.perf_counter() - t0
+    (s0, _, t_first, c_first), (s1, _, t_last, c_last) = reports[0], reports[-1]
+    return {"timed_steps": s1 - s0, "seconds": t_last - t_first, "cpu_seconds": c_last - c_first,
+            "wall_seconds": wall, "losses": {s: loss for s, loss, _, _ in reports},
+            "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def save(name: str, result: dict[str, Any]) -> Path:
     """Write ``bench/results/<name>.json`` with the machine and date, and print it."""
     result = {**result, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),

@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,31 +45,15 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    import zoo.merge as merge
-    from zoo import Registry
     from zoo.merge.learned.distributed import session
 
-    reg = Registry(Path(args.registry))
-    spec = METHODS[args.method][1]
-    info = json.loads(Path(args.demo).read_text())
-    recipe = merge.from_dict({"merge_method": spec["merge_method"], "base_model": info["base"], "seed": 0,
-                              "parameters": {**spec["parameters"], "steps": args.steps},
-                              "models": [{"model": e} for e in info["experts"]]})
-    reports: list[tuple[int, float, float, float]] = []
-
-    def report(step: int, steps: int, loss: float, rate: float) -> None:
-        reports.append((step, loss, time.perf_counter(), time.process_time()))
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import timed_demo_merge
 
     out = Path(args.out)
-    t0 = time.perf_counter()
     with session("cpu") as sync:
-        merge.run(recipe, None, registry=reg, out_dir=out / "model", device="cpu", report=report)
-    wall = time.perf_counter() - t0
-    (s0, _, t_first, c_first), (s1, _, t_last, c_last) = reports[0], reports[-1]
-    (out / f"rank{sync.rank}.json").write_text(json.dumps({
-        "rank": sync.rank, "world": sync.world, "timed_steps": s1 - s0, "seconds": t_last - t_first,
-        "cpu_seconds": c_last - c_first, "wall_seconds": wall, "losses": {s: loss for s, loss, _, _ in reports},
-        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        t = timed_demo_merge(METHODS[args.method][1], args.steps, Path(args.registry), Path(args.demo), out / "model")
+    (out / f"rank{sync.rank}.json").write_text(json.dumps({"rank": sync.rank, "world": sync.world, **t}))
 
 
 def run_one(args, work: Path, method: str, layout: str, repeat: int) -> dict:
@@ -113,17 +95,11 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from common import save, weights_difference
-
-    from zoo import Registry
-    from zoo.demo.build import FULL, run_demo
+    from common import demo_zoo, git_rev, save, weights_difference
 
     work = Path(tempfile.mkdtemp(prefix="zoo-learned-distributed-"))
-    reg = Registry(work / "registry.db", create=True)
-    demo = run_demo(reg, FULL, log=lambda m: print(m, file=sys.stderr))
-    (work / "demo.json").write_text(json.dumps({"base": demo.base, "experts": list(demo.experts.values())}))
-    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
+    n_tasks = demo_zoo(work)
+    rev = git_rev()
     layouts = args.layouts.split(",")
     runs: dict[str, dict[str, list[dict]]] = {m: {x: [] for x in layouts} for m in args.methods.split(",")}
     load: list[float] = []
@@ -154,7 +130,7 @@ def main() -> None:
             "all_rates": {x: [r["steps_per_second"] for r in by[x]] for x in layouts},
             "all_cpu_rates": {x: [r["steps_per_cpu_second"] for r in by[x]] for x in layouts},
         })
-    save(args.result, {"commit": rev, "steps": args.steps, "repeats": args.repeats, "tasks": len(demo.experts),
+    save(args.result, {"commit": rev, "steps": args.steps, "repeats": args.repeats, "tasks": n_tasks,
                        "batch_per_task": 16, "layouts": {x: {"processes": LAYOUTS[x][0], "threads_each": LAYOUTS[x][1]}
                                                          for x in layouts},
                        "load_average_1min_after_each_run": load, "rows": table})

@@ -25,13 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
-import time
+import tarfile
 from io import BytesIO
 from pathlib import Path
 
@@ -69,27 +67,13 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     import zoo.merge as merge
-    from zoo import Registry
 
-    reg = Registry(Path(args.registry))
-    spec = METHODS[args.method][1]
-    info = json.loads(Path(args.demo).read_text())
-    recipe = merge.from_dict({"merge_method": spec["merge_method"], "base_model": info["base"], "seed": 0,
-                              "parameters": {**spec["parameters"], "steps": args.steps},
-                              "models": [{"model": e} for e in info["experts"]]})
-    reports: list[tuple[int, float, float, float]] = []
+    from common import timed_demo_merge
 
-    def report(step: int, steps: int, loss: float, rate: float) -> None:
-        reports.append((step, loss, time.perf_counter(), time.process_time()))
-
-    t0 = time.perf_counter()
-    merge.run(recipe, None, registry=reg, out_dir=Path(args.out), device="cpu", report=report)
-    wall = time.perf_counter() - t0
-    (s0, _, t_first, c_first), (s1, _, t_last, c_last) = reports[0], reports[-1]
-    print(json.dumps({"package": str(Path(merge.__file__).parent), "steps_per_second": (s1 - s0) / (t_last - t_first),
-                      "steps_per_cpu_second": (s1 - s0) / (c_last - c_first), "timed_steps": s1 - s0,
-                      "wall_seconds": wall, "losses": {s: loss for s, loss, _, _ in reports},
-                      "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    t = timed_demo_merge(METHODS[args.method][1], args.steps, Path(args.registry), Path(args.demo), Path(args.out))
+    print(json.dumps({"package": str(Path(merge.__file__).parent), "steps_per_second": t["timed_steps"] / t["seconds"],
+                      "steps_per_cpu_second": t["timed_steps"] / t["cpu_seconds"], "timed_steps": t["timed_steps"],
+                      "wall_seconds": t["wall_seconds"], "losses": t["losses"], "max_rss_mib": t["max_rss_mib"]}))
 
 
 def main() -> None:
@@ -105,25 +89,27 @@ def main() -> None:
     ap.add_argument("--registry", help=argparse.SUPPRESS)
     ap.add_argument("--demo", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--setup", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import demo_zoo, git_rev, save, weights_difference
+
     if args.worker:
         worker(args)
         return
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from common import save, weights_difference
-
-    from zoo import Registry
-    from zoo.demo.build import FULL, run_demo
+    if args.setup:  # the demo zoo in a registry of this process's zoo (each version reads only its own schema)
+        demo_zoo(Path(args.out))
+        return
 
     work = Path(tempfile.mkdtemp(prefix="zoo-learned-speed-"))
-    reg = Registry(work / "registry.db", create=True)
-    demo = run_demo(reg, FULL, log=lambda m: print(m, file=sys.stderr))
-    (work / "demo.json").write_text(json.dumps({"base": demo.base, "experts": list(demo.experts.values())}))
     before = export(args.before, work / "before")
-    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
+    rev = git_rev()
     versions = {"before": before, "after": None}
+    n_tasks = demo_zoo(work / "after-zoo")
+    setup = subprocess.run([sys.executable, __file__, "--setup", "--out", str(work / "before-zoo")],
+                           env={**os.environ, "PYTHONPATH": str(before)}, capture_output=True, text=True)
+    if setup.returncode != 0:
+        raise SystemExit(f"the demo zoo for {args.before} failed:\n{setup.stderr[-3000:]}")
     runs: dict[str, dict[str, list[dict]]] = {m: {v: [] for v in versions} for m in args.methods.split(",")}
     for repeat in range(args.repeats):
         for method in runs:
@@ -133,8 +119,8 @@ def main() -> None:
                 if pkg is not None:
                     env["PYTHONPATH"] = str(pkg)
                 cmd = [sys.executable, __file__, "--worker", "--method", method, "--steps", str(args.steps),
-                       "--threads", str(args.threads), "--registry", str(work / "registry.db"),
-                       "--demo", str(work / "demo.json"), "--out", str(out)]
+                       "--threads", str(args.threads), "--registry", str(work / f"{version}-zoo" / "registry.db"),
+                       "--demo", str(work / f"{version}-zoo" / "demo.json"), "--out", str(out)]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise SystemExit(f"{method} ({version}) failed:\n{proc.stderr[-3000:]}")
@@ -163,7 +149,7 @@ def main() -> None:
             "all_cpu_rates": {v: [r["steps_per_cpu_second"] for r in by[v]] for v in versions},
         })
     save(args.result, {"before": args.before, "after": rev, "steps": args.steps, "threads": args.threads,
-                       "repeats": args.repeats, "tasks": len(demo.experts), "batch_per_task": 16,
+                       "repeats": args.repeats, "tasks": n_tasks, "batch_per_task": 16,
                        "load_average_at_end": os.getloadavg(), "rows": table})
     print("\n| method | before (steps/s) | after (steps/s) | speedup | before (steps/CPU-s) | after (steps/CPU-s) "
           "| speedup | max weight difference |")
