@@ -68,6 +68,18 @@ TIES = {"density": 0.2}  # with normalize false (dis-sum) and trim global: Fusio
 DEFAULTS = {"task_arithmetic": 0.3, "ties": 0.3, "tsv": 1.0, "iso_c": 1.0, "iso_cts": 1.0}
 
 
+
+def run_fusionbench(python: str, fdir: Path, jobs: list[dict]) -> dict:
+    """FusionBench's side of the comparison (``fusionbench_side.py``, in its own venv's
+    ``python``) over ``fdir``'s models.safetensors: the jobs' merges and what it reports."""
+    (fdir / "jobs.json").write_text(json.dumps(jobs))
+    proc = subprocess.run([python, str(HERE / "fusionbench_side.py"), str(fdir / "models.safetensors"),
+                           str(fdir / "jobs.json"), str(fdir)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        sys.exit(f"FusionBench failed:\n{proc.stderr[-4000:]}")
+    return json.loads((fdir / "fusionbench.json").read_text())
+
 def zoo_merge(method: str, base: dict, experts: list[dict], scale: float) -> dict[str, torch.Tensor]:
     """zoo's merge at ``scale`` (TA/TIES: each model's weight; TSV: alpha; Iso: scaling_factor)."""
     if method == "task_arithmetic":
@@ -240,13 +252,7 @@ def data_aware(args, reg: Registry, res, tasks: list[str], base: dict, body: lis
                 jobs.append({"id": job_id, "method": method, "params": params, "statistics": source,
                              "experts": folders, "data": str(fdir / "data.safetensors"),
                              "stats": str(fdir / f"{key}.stats.safetensors")})
-    (fdir / "jobs.json").write_text(json.dumps(jobs))
-    proc = subprocess.run([args.fusionbench, str(HERE / "fusionbench_side.py"), str(fdir / "models.safetensors"),
-                           str(fdir / "jobs.json"), str(fdir)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if proc.returncode:
-        sys.exit(f"FusionBench failed:\n{proc.stderr[-4000:]}")
-    fb_info = json.loads((fdir / "fusionbench.json").read_text())
+    fb_info = run_fusionbench(args.fusionbench, fdir, jobs)
     comparisons, rows, conditioning = {}, {}, {}
     for job in jobs:
         key = zoo_keys[job["id"]]
@@ -362,13 +368,7 @@ def main() -> None:
         save_file(flat, str(fdir / "models.safetensors"))
         settings = {m: sorted({DEFAULTS[m], chosen[m]}) if family == "demo" else [DEFAULTS[m]] for m in DEFAULTS}
         jobs = [fb_job(f"{m}@{s}", m, s, exc) for m, ss in settings.items() for s in ss]
-        (fdir / "jobs.json").write_text(json.dumps(jobs))
-        proc = subprocess.run([args.fusionbench, str(HERE / "fusionbench_side.py"), str(fdir / "models.safetensors"),
-                               str(fdir / "jobs.json"), str(fdir)], capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if proc.returncode:
-            sys.exit(f"FusionBench failed:\n{proc.stderr[-4000:]}")
-        fb_info[family] = json.loads((fdir / "fusionbench.json").read_text())
+        fb_info[family] = run_fusionbench(args.fusionbench, fdir, jobs)
         for job in jobs:
             m, s = job["id"].split("@")
             z = zoo_merge(m, b, es, float(s))
