@@ -269,7 +269,8 @@ def data_aware(args, reg: Registry, res, tasks: list[str], base: dict, body: lis
             conditioning[key][f"fusionbench {job['statistics']} statistics"] = least_squares(
                 fb, flat, all_stats[key], len(experts), job["params"]["reduce_non_diagonal_ratio"])
 
-    out = RESULTS / "fusionbench_compare.json"
+    name = "fusionbench_compare" + ("_quick" if args.quick else "")  # a quick run never overwrites the full one
+    out = RESULTS / f"{name}.json"
     result = json.loads(out.read_text()) if out.exists() else {}
     result.pop("machine", None)
     result.pop("date", None)
@@ -281,7 +282,7 @@ def data_aware(args, reg: Registry, res, tasks: list[str], base: dict, body: lis
         "zoo_statistics": {k: {kk: vv for kk, vv in v.items() if kk != "tensors"} | {"tensors": {
             kk: vv for kk, vv in v["tensors"].items() if kk != "mean_tensors"}} for k, v in records.items()},
     }
-    save("fusionbench_compare", result)
+    save(name, result)
     print("| method | " + " | ".join(tasks) + " | **avg** |")
     for name, accs in rows.items():
         print(f"| {name} | " + " | ".join(f"{accs[t]:.1f}" for t in tasks) + f" | **{accs['avg']:.1f}** |")
