@@ -7,8 +7,8 @@ import torch
 
 from zoo.merge.methods.base import MergeMethod, register
 from zoo.merge.methods.learned import MODEL
-from zoo.merge.methods.params import Param, check_bool, check_positive_int, check_string, check_number
-from zoo.merge.methods.regmean import mean, statistics_card, statistics_of
+from zoo.merge.methods.params import Param, check_bool, check_positive_int, check_number
+from zoo.merge.methods.regmean import STATISTICS_SPLIT, mean, statistics_card, statistics_of
 
 
 def check_floor(v) -> str | None:
@@ -37,7 +37,7 @@ class Fisher(MergeMethod):
         "minimal_fisher_weight": Param(1e-6, check_floor, "added to every Fisher entry (so an entry no expert "
                                                           "moves gets the plain mean)"),
         "normalize_fisher_weight": Param(True, check_bool, "weigh each expert by 1 / the L2 norm of its Fisher"),
-        "split": Param("train", check_string, "the split of a registry task the statistics are collected on"),
+        **STATISTICS_SPLIT,
     }
     model_parameters = MODEL
 

@@ -21,6 +21,11 @@ RIDGE = 1e-6
 RIDGE_TRIES = 7
 
 
+# Where a data-aware merge's statistics come from (RegMean's and Fisher's one setting in common).
+STATISTICS_SPLIT = {"split": Param("train", check_string,
+                                   "the split of a registry task the statistics are collected on")}
+
+
 @register
 class RegMean(MergeMethod):
     """RegMean: each linear weight fits every expert's outputs on its own inputs (closed form); the mean elsewhere.
@@ -41,7 +46,7 @@ class RegMean(MergeMethod):
                                                             "(1: exact least squares; FusionBench's CLIP config: 0.95)"),
         "num_regmean_examples": Param(256, check_positive_int, "examples of each expert's task pool its Gram "
                                                                "matrices are collected on"),
-        "split": Param("train", check_string, "the split of a registry task the statistics are collected on"),
+        **STATISTICS_SPLIT,
     }
     model_parameters = MODEL
 
